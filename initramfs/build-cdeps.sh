@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Build the C libraries vaultguard links statically: tpm2-tss (ESAPI, no FAPI, no
+# dlopen), lvm2's libdevmapper and libcryptsetup 2.7 (kernel-keyring linking).
+# Debian ships none of them as static archives, so they come from Debian's source
+# packages. Idempotent: the prefix carries a stamp of this script; a second run with
+# the same script is a no-op.
+#
+# Usage: initramfs/build-cdeps.sh [PREFIX]   (default: <repo>/.cdeps)
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+prefix=${1:-${VG_CDEPS:-$repo/.cdeps}}
+stamp="$prefix/.stamp"
+want=$(sha256sum "$0" | cut -c1-16)
+
+if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
+    echo "cdeps: $prefix is up to date"
+    exit 0
+fi
+
+CRYPTSETUP_VER=2:2.7.5-2
+LVM2_VER=2.03.16-2
+TSS_VER=4.1.3-1.2
+
+# Debian's deb-src entries (bookworm for lvm2, trixie for tpm2-tss and cryptsetup 2.7).
+src_list=/etc/apt/sources.list.d/vaultguard-src.sources
+if [[ ! -f $src_list ]]; then
+    cat >"$src_list" <<'SRC'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    apt-get update -qq
+fi
+
+build_pkgs=(autoconf-archive autoconf automake libtool gettext autopoint pkg-config
+    libssl-dev libjson-c-dev uuid-dev libaio-dev libltdl-dev dpkg-dev)
+missing=()
+for p in "${build_pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+work=$(mktemp -d /tmp/vg-cdeps.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+apt-get source -qq --download-only "cryptsetup=$CRYPTSETUP_VER" "lvm2=$LVM2_VER" "tpm2-tss=$TSS_VER" 2>/dev/null
+
+rm -rf "$prefix"
+mkdir -p "$prefix"
+jobs=$(nproc)
+export CFLAGS="-O2 -fPIC -ffunction-sections -fdata-sections -fstack-protector-strong -D_FORTIFY_SOURCE=2"
+export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
+
+echo "cdeps: lvm2 (libdevmapper)"
+tar xf lvm2_*.orig.tar.xz
+(
+    cd LVM2.*/ 2>/dev/null || cd lvm2-*/
+    ./configure -q --prefix="$prefix" --enable-static_link --disable-selinux \
+        --disable-udev_sync --disable-udev_rules --disable-readline --disable-blkid_wiping \
+        --with-thin=none --with-cache=none --disable-nls --enable-pkgconfig >/dev/null
+    make -s -j"$jobs" device-mapper >/dev/null
+    make -s install_device-mapper >/dev/null
+    make -s -C libdm install_pkgconfig >/dev/null
+)
+# Our devmapper.pc (udev disabled) must shadow Debian's, which drags in -ludev.
+test -f "$prefix/lib/pkgconfig/devmapper.pc"
+
+echo "cdeps: tpm2-tss"
+tar xf tpm2-tss_*.orig.tar.gz
+(
+    cd tpm2-tss-*/
+    echo "${TSS_VER%-*}" >VERSION
+    sed -i '/git describe/d' bootstrap
+    ./bootstrap >/dev/null
+    ./configure -q --prefix="$prefix" --enable-static --disable-shared --enable-nodl \
+        --disable-fapi --disable-policy --with-crypto=ossl --disable-unit \
+        --disable-integration --disable-doxygen-doc --disable-tcti-mssim \
+        --disable-tcti-cmd --disable-tcti-pcap --disable-tcti-libtpms \
+        --disable-tcti-spi-helper --disable-tcti-spi-ltt2go --disable-tcti-spi-ftdi \
+        --disable-tcti-i2c-helper --disable-tcti-i2c-ftdi \
+        --disable-tcti-spidev --disable-log-file --with-maxloglevel=error >/dev/null
+    make -s -j"$jobs" >/dev/null
+    make -s install >/dev/null
+)
+
+echo "cdeps: cryptsetup (libcryptsetup)"
+tar xf cryptsetup_*.orig.tar.gz
+(
+    cd cryptsetup-*/
+    [[ -x configure ]] || ./autogen.sh >/dev/null 2>&1
+    ./configure -q --prefix="$prefix" --disable-shared --enable-static \
+        --with-crypto_backend=openssl --disable-ssh-token --disable-udev \
+        --disable-selinux --disable-asciidoc --disable-nls --disable-cryptsetup \
+        --disable-veritysetup --disable-integritysetup --disable-external-tokens \
+        --disable-blkid --disable-hw-opal --disable-fips >/dev/null
+    make -s -j"$jobs" libcryptsetup.la >/dev/null 2>&1
+    make -s install-libLTLIBRARIES install-includeHEADERS install-pkgconfigDATA >/dev/null
+)
+
+# rustc refuses glibc's libm.a/libdl.a/librt.a linker scripts when a static .pc lists
+# them: drop those flags (the Rust std already links libm/libdl/librt as needed).
+for pc in "$prefix"/lib/pkgconfig/*.pc; do
+    sed -i -E 's/(^|[[:space:]])-l(m|dl|rt|pthread)([[:space:]]|$)/ /g; s/(^|[[:space:]])-l(m|dl|rt|pthread)([[:space:]]|$)/ /g' "$pc"
+done
+rm -rf "$prefix"/lib/*.la "$prefix"/lib/*.so* "$prefix"/lib/udev
+
+echo "$want" >"$stamp"
+echo "cdeps: installed into $prefix"

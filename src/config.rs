@@ -1,0 +1,619 @@
+//! Configuration: `/etc/vaultguard/config.json` plus `rd.vaultguard.*` kernel
+//! command-line overrides (SPEC §4).
+//!
+//! Every key is optional and defaults to the value the specification names. Unknown
+//! keys are rejected with their full name, so a typo never silently falls back to a
+//! default. This module only parses and validates; it never touches devices.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Where the configuration lives unless `--config` says otherwise.
+pub const DEFAULT_PATH: &str = "/etc/vaultguard/config.json";
+
+/// Commands of the control socket that can be authorised separately.
+pub const CONTROL_COMMANDS: [&str; 4] = ["status", "lock", "unlock", "keepalive"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub vault: VaultConfig,
+    pub tpm: TpmConfig,
+    pub auth: AuthConfig,
+    pub control: ControlConfig,
+    pub audit: AuditConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VaultConfig {
+    /// The LUKS2 block device (a path, or `UUID=<luks uuid>`). No default: a wrong
+    /// guess could open someone else's volume.
+    pub device: Option<String>,
+    /// dm-crypt mapping name (`/dev/mapper/<name>`).
+    pub name: String,
+    /// Where the opened vault is mounted after boot.
+    pub mount: PathBuf,
+    /// Filesystem type for the mount (`auto` probes ext4, xfs, btrfs).
+    pub fstype: String,
+    /// Minutes of inactivity before the supervisor locks the vault; 0 disables.
+    pub auto_lock_timeout: u64,
+    /// Seconds; accepted for compatibility with the appliance's polling watchdog. The
+    /// supervisor is event-driven and does not poll.
+    pub check_interval: u64,
+    /// systemd units stopped before a lock and started after an unlock.
+    pub services: Vec<String>,
+    /// A file whose mtime counts as activity (watched with inotify).
+    pub activity_file: Option<PathBuf>,
+    /// Extra copy of the state for readers of the appliance's old path.
+    pub state_compat_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TpmConfig {
+    /// PCRs the sealed secret is bound to at enrolment.
+    pub pcrs: Vec<u32>,
+    /// PCR bank: `sha256` or `sha1`.
+    pub bank: String,
+    /// The PCR extended after unlock so that the secret cannot be unsealed twice in
+    /// one boot (bound to zeros at enrolment).
+    pub phase_pcr: u32,
+    /// TCTI: `device:/dev/tpmrm0`, or `swtpm:host=127.0.0.1,port=2321` for tests.
+    pub tcti: String,
+    /// Seconds to wait for the TPM device to appear before falling back.
+    pub timeout: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub max_failed_attempts: u32,
+    /// Seconds of lockout after `max_failed_attempts` failures.
+    pub lockout_duration: u64,
+    /// Seconds of lockout once lockouts repeat.
+    pub escalated_lockout: u64,
+    /// Passphrase tries at the boot prompt before giving up.
+    pub boot_tries: u32,
+    /// Root-only file that carries the lockout across restarts.
+    pub state_path: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+    /// Per command, who may run it. Root is always allowed.
+    pub allow: BTreeMap<String, Allow>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Allow {
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    pub path: PathBuf,
+}
+
+impl Default for VaultConfig {
+    fn default() -> Self {
+        VaultConfig {
+            device: None,
+            name: "secure-ai-vault".into(),
+            mount: "/var/lib/secure-ai".into(),
+            fstype: "auto".into(),
+            auto_lock_timeout: 30,
+            check_interval: 30,
+            services: Vec::new(),
+            activity_file: None,
+            state_compat_path: None,
+        }
+    }
+}
+
+impl Default for TpmConfig {
+    fn default() -> Self {
+        TpmConfig {
+            pcrs: vec![0, 2, 4, 7],
+            bank: "sha256".into(),
+            phase_pcr: 15,
+            tcti: "device:/dev/tpmrm0".into(),
+            timeout: 10,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            max_failed_attempts: 5,
+            lockout_duration: 60,
+            escalated_lockout: 900,
+            boot_tries: 3,
+            state_path: "/var/lib/vaultguard/lockout.json".into(),
+        }
+    }
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        // Root only until the operator names who else may speak to the vault.
+        let allow = CONTROL_COMMANDS
+            .iter()
+            .map(|c| (c.to_string(), Allow::default()))
+            .collect();
+        ControlConfig {
+            socket: "/run/vaultguard/control.sock".into(),
+            allow,
+        }
+    }
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            path: "/var/log/vaultguard/audit.jsonl".into(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            vault: VaultConfig::default(),
+            tpm: TpmConfig::default(),
+            auth: AuthConfig::default(),
+            control: ControlConfig::default(),
+            audit: AuditConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum ConfigError {
+    Read { path: PathBuf, err: std::io::Error },
+    Parse { path: String, msg: String },
+    UnknownField { field: String },
+    Invalid { field: String, msg: String },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Read { path, err } => {
+                write!(f, "cannot read configuration {}: {err}", path.display())
+            }
+            ConfigError::Parse { path, msg } => write!(f, "configuration {path}: {msg}"),
+            ConfigError::UnknownField { field } => write!(
+                f,
+                "unknown configuration key `{field}` (check its spelling against the README)"
+            ),
+            ConfigError::Invalid { field, msg } => write!(f, "configuration `{field}`: {msg}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Load from `path`. A missing file at the default path means "all defaults"; a
+    /// missing file that the operator named explicitly is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::from_json(&text, &path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                Ok(Config::default())
+            }
+            Err(err) => Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                err,
+            }),
+        }
+    }
+
+    pub fn from_json(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| ConfigError::Parse {
+                path: origin.to_string(),
+                msg: e.to_string(),
+            })?;
+        // serde's own message for an unknown field lacks the section; find it first
+        // so the operator is told `vault.auto_lock_timout`, not just the leaf.
+        if let Some(field) = first_unknown_field(&value) {
+            return Err(ConfigError::UnknownField { field });
+        }
+        let cfg: Config = serde_json::from_value(value).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            msg: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &str, msg: String| ConfigError::Invalid {
+            field: field.into(),
+            msg,
+        };
+        if !valid_mapping_name(&self.vault.name) {
+            return Err(invalid(
+                "vault.name",
+                format!(
+                    "`{}` is not a usable dm name (1-127 characters from A-Za-z0-9._-)",
+                    self.vault.name
+                ),
+            ));
+        }
+        if !self.vault.mount.is_absolute() {
+            return Err(invalid("vault.mount", "must be an absolute path".into()));
+        }
+        if self.tpm.pcrs.is_empty() {
+            return Err(invalid("tpm.pcrs", "needs at least one PCR".into()));
+        }
+        for &p in &self.tpm.pcrs {
+            if p > 23 {
+                return Err(invalid(
+                    "tpm.pcrs",
+                    format!("PCR {p} does not exist (0-23)"),
+                ));
+            }
+        }
+        if self.tpm.phase_pcr > 23 {
+            return Err(invalid(
+                "tpm.phase_pcr",
+                format!("PCR {} does not exist (0-23)", self.tpm.phase_pcr),
+            ));
+        }
+        if self.tpm.pcrs.contains(&self.tpm.phase_pcr) {
+            return Err(invalid(
+                "tpm.pcrs",
+                format!(
+                    "PCR {} is the phase PCR; it is bound to zeros automatically",
+                    self.tpm.phase_pcr
+                ),
+            ));
+        }
+        if !matches!(self.tpm.bank.as_str(), "sha256" | "sha1") {
+            return Err(invalid(
+                "tpm.bank",
+                format!("`{}`: use sha256 or sha1", self.tpm.bank),
+            ));
+        }
+        if self.auth.max_failed_attempts == 0 {
+            return Err(invalid(
+                "auth.max_failed_attempts",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.auth.escalated_lockout < self.auth.lockout_duration {
+            return Err(invalid(
+                "auth.escalated_lockout",
+                "must not be shorter than auth.lockout_duration".into(),
+            ));
+        }
+        if self.auth.boot_tries == 0 {
+            return Err(invalid("auth.boot_tries", "must be at least 1".into()));
+        }
+        for cmd in self.control.allow.keys() {
+            if !CONTROL_COMMANDS.contains(&cmd.as_str()) {
+                return Err(ConfigError::UnknownField {
+                    field: format!("control.allow.{cmd}"),
+                });
+            }
+        }
+        for s in &self.vault.services {
+            if s.is_empty() || s.starts_with('-') || s.contains(char::is_whitespace) {
+                return Err(invalid(
+                    "vault.services",
+                    format!("`{s}` is not a unit name"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Apply `rd.vaultguard.*` options from a kernel command line. Returns warnings
+    /// for options that were ignored: a typo on the command line must not stop the
+    /// boot, but the operator sees it on the console.
+    pub fn apply_cmdline(&mut self, cmdline: &str) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for word in split_cmdline(cmdline) {
+            let Some(rest) = word.strip_prefix("rd.vaultguard.") else {
+                continue;
+            };
+            let (key, value) = match rest.split_once('=') {
+                Some((k, v)) => (k, v),
+                None => (rest, "1"),
+            };
+            let mut next = self.clone();
+            match next.set(key, value).and_then(|()| next.validate()) {
+                Ok(()) => *self = next,
+                Err(e) => warnings.push(format!("ignoring rd.vaultguard.{key}: {e}")),
+            }
+        }
+        warnings
+    }
+
+    /// Set one key by its dotted name (or a short alias). Used by the command line.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+        let full = match key {
+            "device" | "name" | "mount" | "fstype" => format!("vault.{key}"),
+            "pcrs" | "bank" | "phase_pcr" | "tcti" => format!("tpm.{key}"),
+            "tpm_timeout" => "tpm.timeout".into(),
+            "tries" => "auth.boot_tries".into(),
+            _ => key.to_string(),
+        };
+        let bad = |msg: String| ConfigError::Invalid {
+            field: full.clone(),
+            msg,
+        };
+        let num = |v: &str| {
+            v.parse::<u64>()
+                .map_err(|_| bad(format!("`{v}` is not a number")))
+        };
+        match full.as_str() {
+            "vault.device" => self.vault.device = Some(value.into()),
+            "vault.name" => self.vault.name = value.into(),
+            "vault.mount" => self.vault.mount = value.into(),
+            "vault.fstype" => self.vault.fstype = value.into(),
+            "vault.auto_lock_timeout" => self.vault.auto_lock_timeout = num(value)?,
+            "tpm.pcrs" => self.tpm.pcrs = parse_pcr_list(value).map_err(bad)?,
+            "tpm.bank" => self.tpm.bank = value.into(),
+            "tpm.phase_pcr" => {
+                self.tpm.phase_pcr =
+                    u32::try_from(num(value)?).map_err(|_| bad("out of range".into()))?
+            }
+            "tpm.tcti" => self.tpm.tcti = value.into(),
+            "tpm.timeout" => self.tpm.timeout = num(value)?,
+            "auth.boot_tries" => {
+                self.auth.boot_tries =
+                    u32::try_from(num(value)?).map_err(|_| bad("out of range".into()))?
+            }
+            "audit.path" => self.audit.path = value.into(),
+            _ => return Err(ConfigError::UnknownField { field: full }),
+        }
+        Ok(())
+    }
+}
+
+/// `0,2,4,7` or systemd's `0+2+4+7`.
+pub fn parse_pcr_list(s: &str) -> Result<Vec<u32>, String> {
+    let mut out = Vec::new();
+    for part in s.split([',', '+']).map(str::trim).filter(|p| !p.is_empty()) {
+        let n: u32 = part
+            .parse()
+            .map_err(|_| format!("`{part}` is not a PCR number"))?;
+        if n > 23 {
+            return Err(format!("PCR {n} does not exist (0-23)"));
+        }
+        if !out.contains(&n) {
+            out.push(n);
+        }
+    }
+    if out.is_empty() {
+        return Err("no PCR given".into());
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+fn valid_mapping_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 128
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Kernel command line words, honouring double quotes as the kernel does.
+fn split_cmdline(s: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in s.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            c if c.is_whitespace() && !quoted => {
+                if !cur.is_empty() {
+                    words.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        words.push(cur);
+    }
+    words
+}
+
+/// The dotted name of the first key that the schema does not know.
+fn first_unknown_field(value: &serde_json::Value) -> Option<String> {
+    let known = serde_json::to_value(Config::default()).ok()?;
+    walk_unknown(value, &known, "")
+}
+
+fn walk_unknown(
+    value: &serde_json::Value,
+    known: &serde_json::Value,
+    prefix: &str,
+) -> Option<String> {
+    let (serde_json::Value::Object(v), serde_json::Value::Object(k)) = (value, known) else {
+        return None;
+    };
+    for (key, child) in v {
+        let name = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        // `control.allow` is a map keyed by command; its keys are checked by validate().
+        if name == "control.allow" {
+            if let serde_json::Value::Object(cmds) = child {
+                for (cmd, entry) in cmds {
+                    let allow = serde_json::to_value(Allow::default()).ok()?;
+                    if let Some(f) = walk_unknown(entry, &allow, &format!("{name}.{cmd}")) {
+                        return Some(f);
+                    }
+                }
+            }
+            continue;
+        }
+        match k.get(key) {
+            None => return Some(name),
+            Some(sub) => {
+                if let Some(f) = walk_unknown(child, sub, &name) {
+                    return Some(f);
+                }
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let c = Config::from_json("{}", "test").unwrap();
+        assert_eq!(c.vault.name, "secure-ai-vault");
+        assert_eq!(c.vault.mount, PathBuf::from("/var/lib/secure-ai"));
+        assert_eq!(c.vault.auto_lock_timeout, 30);
+        assert_eq!(c.tpm.pcrs, vec![0, 2, 4, 7]);
+        assert_eq!(c.tpm.bank, "sha256");
+        assert_eq!(c.tpm.phase_pcr, 15);
+        assert_eq!(c.auth.max_failed_attempts, 5);
+        assert_eq!(c.auth.lockout_duration, 60);
+        assert_eq!(c.auth.escalated_lockout, 900);
+        assert_eq!(
+            c.control.socket,
+            PathBuf::from("/run/vaultguard/control.sock")
+        );
+        assert!(c.vault.device.is_none());
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let text = r#"{
+            "vault": {"device": "/dev/vdb", "name": "v", "mount": "/srv/v", "auto_lock_timeout": 0,
+                      "check_interval": 30, "services": ["ollama.service"]},
+            "tpm": {"pcrs": [7], "bank": "sha1", "phase_pcr": 14},
+            "auth": {"max_failed_attempts": 3, "lockout_duration": 10, "escalated_lockout": 20},
+            "control": {"socket": "/tmp/s", "allow": {"status": {"uids": [1000], "gids": [27]}}},
+            "audit": {"path": "/tmp/a"}
+        }"#;
+        let c = Config::from_json(text, "test").unwrap();
+        assert_eq!(c.vault.device.as_deref(), Some("/dev/vdb"));
+        assert_eq!(c.vault.auto_lock_timeout, 0);
+        assert_eq!(c.vault.services, vec!["ollama.service"]);
+        assert_eq!(c.tpm.pcrs, vec![7]);
+        assert_eq!(c.tpm.phase_pcr, 14);
+        assert_eq!(c.control.allow["status"].uids, vec![1000]);
+        assert_eq!(c.control.allow["status"].gids, vec![27]);
+        // a partial section keeps the other defaults
+        assert_eq!(c.vault.fstype, "auto");
+    }
+
+    #[test]
+    fn unknown_fields_are_named_with_their_section() {
+        let e = Config::from_json(r#"{"vault": {"auto_lock_timout": 5}}"#, "t").unwrap_err();
+        assert!(e.to_string().contains("`vault.auto_lock_timout`"), "{e}");
+        let e = Config::from_json(r#"{"vaults": {}}"#, "t").unwrap_err();
+        assert!(e.to_string().contains("`vaults`"), "{e}");
+        let e = Config::from_json(r#"{"control": {"allow": {"status": {"uid": [1]}}}}"#, "t")
+            .unwrap_err();
+        assert!(e.to_string().contains("`control.allow.status.uid`"), "{e}");
+        let e = Config::from_json(r#"{"control": {"allow": {"reboot": {}}}}"#, "t").unwrap_err();
+        assert!(e.to_string().contains("`control.allow.reboot`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_and_values_are_refused() {
+        let e = Config::from_json(r#"{"vault": {"auto_lock_timeout": "5"}}"#, "t").unwrap_err();
+        assert!(e.to_string().contains("invalid type"), "{e}");
+        for (text, field) in [
+            (r#"{"tpm": {"pcrs": [24]}}"#, "tpm.pcrs"),
+            (r#"{"tpm": {"pcrs": []}}"#, "tpm.pcrs"),
+            (r#"{"tpm": {"pcrs": [7, 15]}}"#, "tpm.pcrs"),
+            (r#"{"tpm": {"bank": "md5"}}"#, "tpm.bank"),
+            (r#"{"vault": {"name": "a/b"}}"#, "vault.name"),
+            (r#"{"vault": {"mount": "relative"}}"#, "vault.mount"),
+            (
+                r#"{"auth": {"max_failed_attempts": 0}}"#,
+                "auth.max_failed_attempts",
+            ),
+            (
+                r#"{"auth": {"lockout_duration": 100, "escalated_lockout": 10}}"#,
+                "auth.escalated_lockout",
+            ),
+            (r#"{"vault": {"services": ["--now"]}}"#, "vault.services"),
+        ] {
+            let e = Config::from_json(text, "t").unwrap_err();
+            assert!(e.to_string().contains(field), "{text}: {e}");
+        }
+        let e = Config::from_json("{", "t").unwrap_err();
+        assert!(e.to_string().contains("EOF"), "{e}");
+    }
+
+    #[test]
+    fn missing_default_file_is_defaults_but_named_file_must_exist() {
+        let p = Path::new("/nonexistent/vaultguard.json");
+        assert_eq!(Config::load(p, false).unwrap(), Config::default());
+        assert!(Config::load(p, true)
+            .unwrap_err()
+            .to_string()
+            .contains("/nonexistent"));
+    }
+
+    #[test]
+    fn cmdline_overrides() {
+        let mut c = Config::default();
+        let w = c.apply_cmdline(
+            "BOOT_IMAGE=/vmlinuz quiet rd.vaultguard.device=/dev/vda rd.vaultguard.pcrs=0+7 \
+             rd.vaultguard.tpm.bank=sha1 rd.vaultguard.name=\"vault2\" rd.vaultguard.vault.mount=/mnt/v \
+             rd.vaultguard.tries=5 rd.vaultguard.tcti=swtpm:host=127.0.0.1,port=2321",
+        );
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(c.vault.device.as_deref(), Some("/dev/vda"));
+        assert_eq!(c.tpm.pcrs, vec![0, 7]);
+        assert_eq!(c.tpm.bank, "sha1");
+        assert_eq!(c.vault.name, "vault2");
+        assert_eq!(c.vault.mount, PathBuf::from("/mnt/v"));
+        assert_eq!(c.auth.boot_tries, 5);
+        assert_eq!(c.tpm.tcti, "swtpm:host=127.0.0.1,port=2321");
+    }
+
+    #[test]
+    fn bad_cmdline_options_warn_and_keep_the_value() {
+        let mut c = Config::default();
+        let w = c.apply_cmdline(
+            "rd.vaultguard.pcrs=0,99 rd.vaultguard.colour=blue rd.vaultguard.bank=md5",
+        );
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w[0].contains("PCR 99"), "{w:?}");
+        assert!(w[1].contains("`colour`"), "{w:?}");
+        assert!(w[2].contains("tpm.bank"), "{w:?}");
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn pcr_lists() {
+        assert_eq!(parse_pcr_list("7,0,2,4").unwrap(), vec![0, 2, 4, 7]);
+        assert_eq!(parse_pcr_list("0+7+7").unwrap(), vec![0, 7]);
+        assert!(parse_pcr_list("").is_err());
+        assert!(parse_pcr_list("a").is_err());
+        assert!(parse_pcr_list("24").is_err());
+    }
+}

@@ -1,0 +1,9 @@
+//! vaultguard: the boot-time guard of an encrypted AI vault.
+//!
+//! In the initramfs it unseals a TPM2 PCR-sealed key, opens the LUKS2 vault with it
+//! through the kernel keyring and falls back to a passphrase; after boot it supervises
+//! idle time, locks the vault and serves a small JSON control socket. `main.rs` only
+//! dispatches; each module below owns one real thing.
+
+pub mod cli;
+pub mod config;
