@@ -16,7 +16,7 @@ pub const DEFAULT_PATH: &str = "/etc/vaultguard/config.json";
 /// Commands of the control socket that can be authorised separately.
 pub const CONTROL_COMMANDS: [&str; 4] = ["status", "lock", "unlock", "keepalive"];
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub vault: VaultConfig,
@@ -160,18 +160,6 @@ impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig {
             path: "/var/log/vaultguard/audit.jsonl".into(),
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            vault: VaultConfig::default(),
-            tpm: TpmConfig::default(),
-            auth: AuthConfig::default(),
-            control: ControlConfig::default(),
-            audit: AuditConfig::default(),
         }
     }
 }
