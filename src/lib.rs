@@ -7,4 +7,8 @@
 
 pub mod cli;
 pub mod config;
+pub mod encoding;
+pub mod keyring;
+pub mod luks;
 pub mod secret;
+pub mod tpm;

@@ -1,0 +1,314 @@
+//! The LUKS2 edge (libcryptsetup): header, tokens, keyslots, activation.
+//!
+//! Activation always goes through the volume key: it is fetched once (one KDF run)
+//! into an mlock'ed buffer, handed to libcryptsetup, which passes it to dm-crypt
+//! through the kernel keyring (the dm table names a `logon` key, never the hex key),
+//! and the same buffer keys the phase-PCR measurement. This module never decides
+//! *whether* to open a vault and never prints key material: libcryptsetup's own log
+//! lines are captured for error messages, and those never contain keys.
+
+pub mod token;
+
+use crate::secret::SecretBytes;
+use libcryptsetup_rs::consts::flags::{CryptActivate, CryptDeactivate, CryptPbkdf, CryptVolumeKey};
+use libcryptsetup_rs::consts::vals::{CryptKdf, CryptStatusInfo, EncryptionFormat, KeyslotInfo};
+use libcryptsetup_rs::{CryptDevice, CryptInit, CryptPbkdfType, LibcryptErr, TokenInput};
+use std::ffi::CStr;
+use std::fmt;
+use std::os::raw::{c_char, c_int, c_void};
+use std::path::Path;
+use std::sync::Mutex;
+use token::{TokenError, Tpm2Token};
+
+#[derive(Debug)]
+pub enum LuksError {
+    /// The device is not there or not LUKS2.
+    Open { device: String, msg: String },
+    /// No keyslot accepts this passphrase.
+    WrongPassphrase,
+    /// Something else in libcryptsetup or the kernel failed.
+    Op { what: &'static str, msg: String },
+}
+
+impl LuksError {
+    pub fn is_wrong_passphrase(&self) -> bool {
+        matches!(self, LuksError::WrongPassphrase)
+    }
+}
+
+impl fmt::Display for LuksError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LuksError::Open { device, msg } => {
+                write!(f, "cannot open LUKS2 device {device}: {msg}")
+            }
+            LuksError::WrongPassphrase => write!(f, "no keyslot accepts this passphrase"),
+            LuksError::Op { what, msg } => write!(f, "{what} failed: {msg}"),
+        }
+    }
+}
+
+impl std::error::Error for LuksError {}
+
+/// The last error line libcryptsetup logged on this process (it has no per-call
+/// error strings, only errno).
+static LAST_LOG: Mutex<Option<String>> = Mutex::new(None);
+
+unsafe extern "C" fn log_callback(level: c_int, msg: *const c_char, _usr: *mut c_void) {
+    if msg.is_null() || level != libcryptsetup_rs_sys::CRYPT_LOG_ERROR as c_int {
+        return;
+    }
+    // SAFETY: libcryptsetup passes a NUL-terminated string valid for this call.
+    let text = unsafe { CStr::from_ptr(msg) }
+        .to_string_lossy()
+        .trim()
+        .to_string();
+    if let Ok(mut last) = LAST_LOG.lock() {
+        *last = Some(text);
+    }
+}
+
+/// Route libcryptsetup's log into `LAST_LOG` instead of stderr, so that messages
+/// reach the operator once, inside our error, and external token plugins (which a
+/// static binary could not load anyway) are never looked for.
+pub fn init_library() {
+    libcryptsetup_rs::set_log_callback::<()>(Some(log_callback), None);
+    // SAFETY: plain library call without arguments.
+    unsafe { libcryptsetup_rs_sys::crypt_token_external_disable() };
+}
+
+fn op(what: &'static str) -> impl FnOnce(LibcryptErr) -> LuksError {
+    move |e| LuksError::Op {
+        what,
+        msg: describe(&e),
+    }
+}
+
+fn describe(e: &LibcryptErr) -> String {
+    let last = LAST_LOG.lock().ok().and_then(|mut l| l.take());
+    let base = match e {
+        LibcryptErr::IOError(io) => io.to_string(),
+        other => format!("{other:?}"),
+    };
+    match last {
+        Some(l) => format!("{l} ({base})"),
+        None => base,
+    }
+}
+
+fn errno(e: &LibcryptErr) -> Option<i32> {
+    match e {
+        LibcryptErr::IOError(io) => io.raw_os_error(),
+        _ => None,
+    }
+}
+
+pub struct Vault {
+    dev: CryptDevice,
+    device: String,
+}
+
+impl Vault {
+    pub fn open(device: &str) -> Result<Vault, LuksError> {
+        let open_err = |e: LibcryptErr| LuksError::Open {
+            device: device.to_string(),
+            msg: describe(&e),
+        };
+        let mut dev = CryptInit::init(Path::new(device)).map_err(open_err)?;
+        dev.context_handle()
+            .load::<()>(Some(EncryptionFormat::Luks2), None)
+            .map_err(|e| LuksError::Open {
+                device: device.to_string(),
+                msg: format!("not a LUKS2 volume ({})", describe(&e)),
+            })?;
+        Ok(Vault {
+            dev,
+            device: device.to_string(),
+        })
+    }
+
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    pub fn uuid(&mut self) -> Result<String, LuksError> {
+        self.dev
+            .status_handle()
+            .get_uuid()
+            .map(|u| u.hyphenated().to_string())
+            .map_err(op("reading the LUKS UUID"))
+    }
+
+    /// All `systemd-tpm2` tokens, each parsed or with the reason it is unusable.
+    pub fn tpm2_tokens(&mut self) -> Vec<(u32, Result<Tpm2Token, TokenError>)> {
+        let mut out = Vec::new();
+        for id in 0..32u32 {
+            let Ok(json) = self.dev.token_handle().json_get(id) else {
+                continue;
+            };
+            match Tpm2Token::from_json(&json) {
+                Err(TokenError::NotTpm2) => {}
+                parsed => out.push((id, parsed)),
+            }
+        }
+        out
+    }
+
+    pub fn active_keyslots(&mut self) -> Vec<u32> {
+        (0..32u32)
+            .filter(|&s| {
+                matches!(
+                    self.dev.keyslot_handle().status(s),
+                    Ok(KeyslotInfo::Active) | Ok(KeyslotInfo::ActiveLast)
+                )
+            })
+            .collect()
+    }
+
+    /// Fetch the volume key with a passphrase (from `keyslot` or any slot). Returns
+    /// the key and the keyslot that opened.
+    pub fn volume_key(
+        &mut self,
+        keyslot: Option<u32>,
+        passphrase: &[u8],
+    ) -> Result<(SecretBytes, u32), LuksError> {
+        let size = self.dev.status_handle().get_volume_key_size();
+        if size <= 0 {
+            return Err(LuksError::Op {
+                what: "reading the volume key size",
+                msg: format!("libcryptsetup returned {size}"),
+            });
+        }
+        let mut vk = SecretBytes::zeroed(size as usize);
+        match self
+            .dev
+            .volume_key_handle()
+            .get(keyslot, vk.as_mut_bytes(), Some(passphrase))
+        {
+            Ok((slot, len)) => {
+                vk.truncate(len);
+                Ok((vk, slot as u32))
+            }
+            Err(e) if errno(&e) == Some(libc_eperm()) || errno(&e) == Some(libc_enoent()) => {
+                let _ = LAST_LOG.lock().map(|mut l| l.take());
+                Err(LuksError::WrongPassphrase)
+            }
+            Err(e) => Err(op("unlocking a keyslot")(e)),
+        }
+    }
+
+    /// Add a keyslot for `passphrase` holding `vk`. `minimal_kdf` is for
+    /// high-entropy passphrases (the TPM secret, a recovery key), where key
+    /// stretching adds nothing but boot time.
+    pub fn add_keyslot(
+        &mut self,
+        vk: &SecretBytes,
+        passphrase: &[u8],
+        minimal_kdf: bool,
+    ) -> Result<u32, LuksError> {
+        if minimal_kdf {
+            let pbkdf = CryptPbkdfType {
+                type_: CryptKdf::Pbkdf2,
+                hash: Some("sha512".into()),
+                time_ms: 0,
+                iterations: 1000,
+                max_memory_kb: 0,
+                parallel_threads: 0,
+                flags: CryptPbkdf::NO_BENCHMARK,
+            };
+            self.dev
+                .settings_handle()
+                .set_pbkdf_type(&pbkdf)
+                .map_err(op("setting the keyslot KDF"))?;
+        }
+        let slot = self
+            .dev
+            .keyslot_handle()
+            .add_by_key(
+                None,
+                Some(libcryptsetup_rs::Either::Left(vk.as_bytes())),
+                passphrase,
+                CryptVolumeKey::empty(),
+            )
+            .map_err(op("adding a keyslot"));
+        if minimal_kdf {
+            // Back to the library default for anything added later in this context.
+            if let Ok(default) = libcryptsetup_rs::CryptSettingsHandle::get_pbkdf_default(
+                &libcryptsetup_rs::consts::vals::LuksType::Luks2,
+            ) {
+                let _ = self.dev.settings_handle().set_pbkdf_type(&default);
+            }
+        }
+        slot
+    }
+
+    pub fn destroy_keyslot(&mut self, slot: u32) -> Result<(), LuksError> {
+        self.dev
+            .keyslot_handle()
+            .destroy(slot)
+            .map_err(op("removing a keyslot"))
+    }
+
+    pub fn add_token(&mut self, json: &serde_json::Value) -> Result<u32, LuksError> {
+        self.dev
+            .token_handle()
+            .json_set(TokenInput::AddToken(json))
+            .map_err(op("writing the LUKS2 token"))
+    }
+
+    pub fn remove_token(&mut self, id: u32) -> Result<(), LuksError> {
+        self.dev
+            .token_handle()
+            .json_set(TokenInput::RemoveToken(id))
+            .map(|_| ())
+            .map_err(op("removing a LUKS2 token"))
+    }
+
+    /// Create the dm-crypt mapping `name` from the volume key. libcryptsetup loads
+    /// the key into the kernel keyring and the dm table references it there.
+    pub fn activate(
+        &mut self,
+        name: &str,
+        vk: &SecretBytes,
+        flags: CryptActivate,
+    ) -> Result<(), LuksError> {
+        self.dev
+            .activate_handle()
+            .activate_by_volume_key(Some(name), Some(vk.as_bytes()), flags)
+            .map_err(op("activating the mapping"))
+    }
+}
+
+fn libc_eperm() -> i32 {
+    rustix::io::Errno::PERM.raw_os_error()
+}
+
+fn libc_enoent() -> i32 {
+    rustix::io::Errno::NOENT.raw_os_error()
+}
+
+/// Is the mapping `name` present?
+pub fn is_active(name: &str) -> Result<bool, LuksError> {
+    match libcryptsetup_rs::status(None, name) {
+        Ok(CryptStatusInfo::Active) | Ok(CryptStatusInfo::Busy) => Ok(true),
+        Ok(_) => Ok(false),
+        Err(e) => Err(op("querying the mapping")(e)),
+    }
+}
+
+/// Remove the mapping `name`. dm-crypt wipes its copy of the key on removal.
+pub fn close(name: &str) -> Result<(), LuksError> {
+    let mut dev =
+        CryptInit::init_by_name_and_header(name, None).map_err(op("finding the mapping"))?;
+    dev.activate_handle()
+        .deactivate(name, CryptDeactivate::empty())
+        .map_err(op("closing the mapping"))
+}
+
+/// Open `device` as `name` with a passphrase (the supervisor's unlock path, and the
+/// boot fallback).
+pub fn open_with_passphrase(device: &str, name: &str, passphrase: &[u8]) -> Result<(), LuksError> {
+    let mut vault = Vault::open(device)?;
+    let (vk, _) = vault.volume_key(None, passphrase)?;
+    vault.activate(name, &vk, CryptActivate::empty())
+}

@@ -1,0 +1,434 @@
+//! The `systemd-tpm2` LUKS2 token: parse, validate, write.
+//!
+//! One token format, the ecosystem's: what systemd-cryptenroll writes is read here
+//! and what is written here is what systemd-cryptsetup reads. vaultguard adds one
+//! field systemd ignores, `vaultguard_pcr_values` (the enrolled PCR values, which
+//! are not secret), so that a refusal can name the PCR that changed. Parsing is
+//! strict: a malformed or tampered token is refused with the field named.
+
+use crate::encoding::{base64_decode, base64_encode, hex_decode, hex_encode};
+use crate::tpm::policy::Bank;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::fmt;
+
+pub const TOKEN_TYPE: &str = "systemd-tpm2";
+const PCR_VALUES_FIELD: &str = "vaultguard_pcr_values";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrimaryAlg {
+    Ecc,
+    Rsa,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tpm2Token {
+    pub keyslots: Vec<u32>,
+    /// Marshalled TPM2B_PRIVATE followed by TPM2B_PUBLIC.
+    pub blob: Vec<u8>,
+    pub pcrs: Vec<u32>,
+    pub bank: Bank,
+    pub primary_alg: PrimaryAlg,
+    pub policy_hash: Vec<u8>,
+    pub pin: bool,
+    pub salt: Option<Vec<u8>>,
+    /// Serialized ESYS_TR of the SRK (absent in enrolments by systemd < 254).
+    pub srk: Option<Vec<u8>>,
+    pub pcr_values: Option<BTreeMap<u32, Vec<u8>>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenError {
+    NotTpm2,
+    Field { field: &'static str, msg: String },
+    Unsupported(String),
+}
+
+impl fmt::Display for TokenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenError::NotTpm2 => write!(f, "not a systemd-tpm2 token"),
+            TokenError::Field { field, msg } => write!(f, "token field `{field}`: {msg}"),
+            TokenError::Unsupported(what) => write!(f, "unsupported token feature: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for TokenError {}
+
+fn field(field: &'static str, msg: impl Into<String>) -> TokenError {
+    TokenError::Field {
+        field,
+        msg: msg.into(),
+    }
+}
+
+/// systemd ≥ 255 may write one-element arrays where older versions wrote strings.
+fn single_string<'a>(v: &'a Value, name: &'static str) -> Result<&'a str, TokenError> {
+    match v {
+        Value::String(s) => Ok(s),
+        Value::Array(a) if a.len() == 1 => {
+            a[0].as_str().ok_or_else(|| field(name, "is not a string"))
+        }
+        Value::Array(a) if a.len() > 1 => Err(TokenError::Unsupported(format!(
+            "`{name}` with {} shards (signed PCR policy combined with pcrlock)",
+            a.len()
+        ))),
+        _ => Err(field(name, "is not a string")),
+    }
+}
+
+fn parse_pcr_array(v: &Value, name: &'static str) -> Result<Vec<u32>, TokenError> {
+    let arr = v.as_array().ok_or_else(|| field(name, "is not an array"))?;
+    let mut out = Vec::with_capacity(arr.len());
+    for e in arr {
+        let n = e
+            .as_u64()
+            .ok_or_else(|| field(name, "holds a non-integer"))?;
+        if n > 23 {
+            return Err(field(name, format!("PCR {n} out of range")));
+        }
+        if !out.contains(&(n as u32)) {
+            out.push(n as u32);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+impl Tpm2Token {
+    pub fn from_json(v: &Value) -> Result<Tpm2Token, TokenError> {
+        let obj = v.as_object().ok_or(TokenError::NotTpm2)?;
+        if obj.get("type").and_then(Value::as_str) != Some(TOKEN_TYPE) {
+            return Err(TokenError::NotTpm2);
+        }
+        let keyslots = obj
+            .get("keyslots")
+            .and_then(Value::as_array)
+            .ok_or_else(|| field("keyslots", "missing or not an array"))?
+            .iter()
+            .map(|k| {
+                k.as_str()
+                    .and_then(|s| s.parse::<u32>().ok())
+                    .ok_or_else(|| field("keyslots", "entries must be keyslot numbers as strings"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if keyslots.is_empty() {
+            return Err(field("keyslots", "is empty"));
+        }
+
+        let blob = obj
+            .get("tpm2-blob")
+            .ok_or_else(|| field("tpm2-blob", "missing"))?;
+        let blob =
+            base64_decode(single_string(blob, "tpm2-blob")?).map_err(|e| field("tpm2-blob", e))?;
+        if blob.len() < 4 {
+            return Err(field("tpm2-blob", "too short"));
+        }
+
+        let pcrs = parse_pcr_array(
+            obj.get("tpm2-pcrs")
+                .ok_or_else(|| field("tpm2-pcrs", "missing"))?,
+            "tpm2-pcrs",
+        )?;
+
+        let bank = match obj.get("tpm2-pcr-bank") {
+            None => Bank::Sha256, // systemd < 250 always used sha256
+            Some(b) => {
+                let s = b
+                    .as_str()
+                    .ok_or_else(|| field("tpm2-pcr-bank", "is not a string"))?;
+                Bank::from_name(s)
+                    .ok_or_else(|| field("tpm2-pcr-bank", format!("unknown bank `{s}`")))?
+            }
+        };
+        let primary_alg = match obj.get("tpm2-primary-alg").map(|a| a.as_str()) {
+            None => PrimaryAlg::Ecc, // systemd < 250 always used ECC
+            Some(Some("ecc")) => PrimaryAlg::Ecc,
+            Some(Some("rsa")) => PrimaryAlg::Rsa,
+            Some(_) => return Err(field("tpm2-primary-alg", "must be `ecc` or `rsa`")),
+        };
+
+        let hash = obj
+            .get("tpm2-policy-hash")
+            .ok_or_else(|| field("tpm2-policy-hash", "missing"))?;
+        let policy_hash = hex_decode(single_string(hash, "tpm2-policy-hash")?)
+            .map_err(|e| field("tpm2-policy-hash", e))?;
+        if policy_hash.len() != 32 {
+            return Err(field(
+                "tpm2-policy-hash",
+                format!(
+                    "is {} bytes, a SHA-256 policy digest is 32",
+                    policy_hash.len()
+                ),
+            ));
+        }
+
+        let pin = match obj.get("tpm2-pin") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(field("tpm2-pin", "is not a boolean")),
+        };
+        let salt = match obj.get("tpm2_salt") {
+            None => None,
+            Some(s) => {
+                let s = s
+                    .as_str()
+                    .ok_or_else(|| field("tpm2_salt", "is not a string"))?;
+                let salt = base64_decode(s).map_err(|e| field("tpm2_salt", e))?;
+                if salt.is_empty() {
+                    return Err(field("tpm2_salt", "is empty"));
+                }
+                Some(salt)
+            }
+        };
+        if salt.is_some() && !pin {
+            return Err(field("tpm2_salt", "present although `tpm2-pin` is false"));
+        }
+        let srk = match obj.get("tpm2_srk") {
+            None => None,
+            Some(s) => {
+                let s = s
+                    .as_str()
+                    .ok_or_else(|| field("tpm2_srk", "is not a string"))?;
+                Some(base64_decode(s).map_err(|e| field("tpm2_srk", e))?)
+            }
+        };
+
+        for (key, what) in [
+            ("tpm2_pubkey_pcrs", "signed PCR policies (tpm2_pubkey_pcrs)"),
+            ("tpm2_pubkey", "signed PCR policies (tpm2_pubkey)"),
+        ] {
+            if obj
+                .get(key)
+                .is_some_and(|v| !v.is_null() && v != &Value::Array(vec![]))
+            {
+                return Err(TokenError::Unsupported(what.into()));
+            }
+        }
+        if obj.get("tpm2_pcrlock").and_then(Value::as_bool) == Some(true) {
+            return Err(TokenError::Unsupported(
+                "pcrlock policies (tpm2_pcrlock)".into(),
+            ));
+        }
+
+        let pcr_values = match obj.get(PCR_VALUES_FIELD) {
+            None => None,
+            Some(m) => {
+                let m = m
+                    .as_object()
+                    .ok_or_else(|| field(PCR_VALUES_FIELD, "is not an object"))?;
+                let mut out = BTreeMap::new();
+                for (k, v) in m {
+                    let p: u32 = k.parse().ok().filter(|p| pcrs.contains(p)).ok_or_else(|| {
+                        field(PCR_VALUES_FIELD, format!("key `{k}` is not a bound PCR"))
+                    })?;
+                    let hexv = v
+                        .as_str()
+                        .ok_or_else(|| field(PCR_VALUES_FIELD, "values must be hex strings"))?;
+                    let bytes = hex_decode(hexv).map_err(|e| field(PCR_VALUES_FIELD, e))?;
+                    if bytes.len() != bank.digest_len() {
+                        return Err(field(
+                            PCR_VALUES_FIELD,
+                            format!("PCR {p} value has the wrong length"),
+                        ));
+                    }
+                    out.insert(p, bytes);
+                }
+                Some(out)
+            }
+        };
+
+        Ok(Tpm2Token {
+            keyslots,
+            blob,
+            pcrs,
+            bank,
+            primary_alg,
+            policy_hash,
+            pin,
+            salt,
+            srk,
+            pcr_values,
+        })
+    }
+
+    pub fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("type".into(), TOKEN_TYPE.into());
+        m.insert(
+            "keyslots".into(),
+            Value::Array(
+                self.keyslots
+                    .iter()
+                    .map(|k| Value::String(k.to_string()))
+                    .collect(),
+            ),
+        );
+        m.insert("tpm2-blob".into(), base64_encode(&self.blob).into());
+        m.insert(
+            "tpm2-pcrs".into(),
+            Value::Array(self.pcrs.iter().map(|&p| Value::from(p)).collect()),
+        );
+        m.insert("tpm2-pcr-bank".into(), self.bank.name().into());
+        m.insert(
+            "tpm2-primary-alg".into(),
+            match self.primary_alg {
+                PrimaryAlg::Ecc => "ecc",
+                PrimaryAlg::Rsa => "rsa",
+            }
+            .into(),
+        );
+        m.insert(
+            "tpm2-policy-hash".into(),
+            hex_encode(&self.policy_hash).into(),
+        );
+        m.insert("tpm2-pin".into(), self.pin.into());
+        if let Some(salt) = &self.salt {
+            m.insert("tpm2_salt".into(), base64_encode(salt).into());
+        }
+        if let Some(srk) = &self.srk {
+            m.insert("tpm2_srk".into(), base64_encode(srk).into());
+        }
+        if let Some(values) = &self.pcr_values {
+            let vm: Map<String, Value> = values
+                .iter()
+                .map(|(p, v)| (p.to_string(), Value::String(hex_encode(v))))
+                .collect();
+            m.insert(PCR_VALUES_FIELD.into(), Value::Object(vm));
+        }
+        Value::Object(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample() -> Tpm2Token {
+        Tpm2Token {
+            keyslots: vec![1],
+            blob: vec![0, 2, 0xaa, 0xbb, 0, 1, 0xcc],
+            pcrs: vec![0, 2, 4, 7, 15],
+            bank: Bank::Sha256,
+            primary_alg: PrimaryAlg::Ecc,
+            policy_hash: vec![0x5a; 32],
+            pin: true,
+            salt: Some(vec![9; 32]),
+            srk: Some(vec![0x81, 0, 0, 1, 0, 0]),
+            pcr_values: Some([(7, vec![1; 32]), (15, vec![0; 32])].into_iter().collect()),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let t = sample();
+        let j = t.to_json();
+        assert_eq!(j["type"], "systemd-tpm2");
+        assert_eq!(j["keyslots"], json!(["1"]));
+        assert_eq!(j["tpm2-pcrs"], json!([0, 2, 4, 7, 15]));
+        assert_eq!(j["tpm2-policy-hash"], "5a".repeat(32));
+        assert_eq!(j["tpm2-pin"], true);
+        assert_eq!(Tpm2Token::from_json(&j).unwrap(), t);
+    }
+
+    /// A token as systemd-cryptenroll 252 writes it (no salt, no SRK, no values).
+    #[test]
+    fn parses_a_systemd_252_token() {
+        let j = json!({
+            "type": "systemd-tpm2", "keyslots": ["2"], "tpm2-blob": "AAIBAgABAw==",
+            "tpm2-pcrs": [7], "tpm2-pcr-bank": "sha256", "tpm2-primary-alg": "ecc",
+            "tpm2-policy-hash": "00".repeat(32), "tpm2-pin": false
+        });
+        let t = Tpm2Token::from_json(&j).unwrap();
+        assert_eq!(t.keyslots, vec![2]);
+        assert_eq!(t.pcrs, vec![7]);
+        assert!(t.srk.is_none() && t.salt.is_none() && t.pcr_values.is_none());
+        // systemd < 250: no bank, no primary alg
+        let mut old = j.clone();
+        old.as_object_mut().unwrap().remove("tpm2-pcr-bank");
+        old.as_object_mut().unwrap().remove("tpm2-primary-alg");
+        let t = Tpm2Token::from_json(&old).unwrap();
+        assert_eq!((t.bank, t.primary_alg), (Bank::Sha256, PrimaryAlg::Ecc));
+        // systemd >= 255 writes one-element arrays
+        let mut new = j.clone();
+        new["tpm2-blob"] = json!(["AAIBAgABAw=="]);
+        new["tpm2-policy-hash"] = json!(["00".repeat(32)]);
+        assert_eq!(
+            Tpm2Token::from_json(&new).unwrap().blob,
+            vec![0, 2, 1, 2, 0, 1, 3]
+        );
+    }
+
+    #[test]
+    fn malformed_and_tampered_tokens_are_refused_with_the_field_named() {
+        let good = sample().to_json();
+        type Mutation = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("keyslots", Box::new(|j| j["keyslots"] = json!([]))),
+            ("keyslots", Box::new(|j| j["keyslots"] = json!([1]))),
+            (
+                "tpm2-blob",
+                Box::new(|j| j["tpm2-blob"] = json!("not base64!")),
+            ),
+            (
+                "tpm2-blob",
+                Box::new(|j| {
+                    j.as_object_mut().unwrap().remove("tpm2-blob");
+                }),
+            ),
+            ("tpm2-pcrs", Box::new(|j| j["tpm2-pcrs"] = json!([7, 24]))),
+            ("tpm2-pcrs", Box::new(|j| j["tpm2-pcrs"] = json!("7"))),
+            (
+                "tpm2-pcr-bank",
+                Box::new(|j| j["tpm2-pcr-bank"] = json!("md5")),
+            ),
+            (
+                "tpm2-primary-alg",
+                Box::new(|j| j["tpm2-primary-alg"] = json!("dsa")),
+            ),
+            (
+                "tpm2-policy-hash",
+                Box::new(|j| j["tpm2-policy-hash"] = json!("abcd")),
+            ),
+            (
+                "tpm2-policy-hash",
+                Box::new(|j| j["tpm2-policy-hash"] = json!("zz".repeat(32))),
+            ),
+            ("tpm2-pin", Box::new(|j| j["tpm2-pin"] = json!("yes"))),
+            ("tpm2_salt", Box::new(|j| j["tpm2-pin"] = json!(false))),
+            ("tpm2_srk", Box::new(|j| j["tpm2_srk"] = json!(17))),
+            (
+                "vaultguard_pcr_values",
+                Box::new(|j| j["vaultguard_pcr_values"] = json!({"3": "00"})),
+            ),
+            (
+                "vaultguard_pcr_values",
+                Box::new(|j| j["vaultguard_pcr_values"] = json!({"7": "00"})),
+            ),
+        ];
+        for (name, mutate) in cases {
+            let mut j = good.clone();
+            mutate(&mut j);
+            let e = Tpm2Token::from_json(&j).unwrap_err();
+            assert!(e.to_string().contains(name), "{name}: {e}");
+        }
+        assert_eq!(
+            Tpm2Token::from_json(&json!({"type": "luks2-keyring"})),
+            Err(TokenError::NotTpm2)
+        );
+        let mut signed = good.clone();
+        signed["tpm2_pubkey_pcrs"] = json!([11]);
+        assert!(matches!(
+            Tpm2Token::from_json(&signed),
+            Err(TokenError::Unsupported(_))
+        ));
+        let mut pcrlock = good;
+        pcrlock["tpm2_pcrlock"] = json!(true);
+        assert!(matches!(
+            Tpm2Token::from_json(&pcrlock),
+            Err(TokenError::Unsupported(_))
+        ));
+    }
+}

@@ -1,0 +1,197 @@
+//! Shared host-test fixtures: a software TPM (swtpm on loopback TCP, fresh copy of
+//! a pristine state per test), LUKS2 images in files, and temporary directories.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("vg-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// A manufactured TPM state with sha1 and sha256 PCR banks, as on most machines.
+fn pristine_state() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("vg-pristine-tpm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        run(Command::new("swtpm_setup")
+            .args([
+                "--tpm2",
+                "--pcr-banks",
+                "sha1,sha256",
+                "--overwrite",
+                "--tpmstate",
+            ])
+            .arg(&d)
+            .stdout(Stdio::null()));
+        d
+    })
+}
+
+pub struct Swtpm {
+    child: Child,
+    pub state: TempDir,
+    pub port: u16,
+}
+
+fn free_port_pair() -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        drop(l);
+        if p < 65000 && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+}
+
+impl Swtpm {
+    /// A fresh copy of the pristine TPM, listening on loopback.
+    pub fn start() -> Swtpm {
+        let state = TempDir::new("tpm");
+        for entry in std::fs::read_dir(pristine_state()).unwrap() {
+            let e = entry.unwrap();
+            std::fs::copy(e.path(), state.path().join(e.file_name())).unwrap();
+        }
+        Swtpm::start_in(state)
+    }
+
+    fn start_in(state: TempDir) -> Swtpm {
+        for _ in 0..5 {
+            let port = free_port_pair();
+            let child = Command::new("swtpm")
+                .args(["socket", "--tpm2", "--flags", "not-need-init", "--tpmstate"])
+                .arg(format!("dir={}", state.path().display()))
+                .arg("--server")
+                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+                .arg("--ctrl")
+                .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("swtpm must be installed (qemu-tests/setup-host.sh)");
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(5) {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    let mut s = Swtpm { child, state, port };
+                    s.tool("tpm2_startup", &["-c"]);
+                    return s;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let mut c = child;
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        panic!("swtpm did not start");
+    }
+
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    /// Run a tpm2-tools command against this TPM; panics on failure.
+    pub fn tool(&mut self, tool: &str, args: &[&str]) -> Output {
+        run(Command::new(tool)
+            .args(args)
+            .env("TPM2TOOLS_TCTI", self.tcti()))
+    }
+
+    /// Same, returning the output whatever the status.
+    pub fn tool_status(&mut self, tool: &str, args: &[&str]) -> Output {
+        Command::new(tool)
+            .args(args)
+            .env("TPM2TOOLS_TCTI", self.tcti())
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A LUKS2 image in a file with `passphrase` in keyslot 0 (cheap KDF for tests).
+pub fn luks_image(dir: &Path, passphrase: &str) -> PathBuf {
+    let img = dir.join("vault.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(32 << 20).unwrap();
+    let mut child = Command::new("cryptsetup")
+        .args([
+            "luksFormat",
+            "--batch-mode",
+            "--type",
+            "luks2",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-file",
+            "-",
+        ])
+        .arg(&img)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(passphrase.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "luksFormat: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    img
+}
+
+/// The path of the built vaultguard binary (for CLI tests).
+pub fn vaultguard_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vaultguard"))
+}

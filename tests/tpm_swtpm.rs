@@ -1,0 +1,391 @@
+//! The TPM edge against a real (software) TPM 2.0: swtpm on loopback, a fresh
+//! pristine state per test.
+
+mod common;
+
+use common::{Swtpm, TempDir};
+use std::time::Duration;
+use vaultguard::luks::token::{PrimaryAlg, Tpm2Token};
+use vaultguard::tpm::policy::{self, Bank};
+use vaultguard::tpm::srk::{SerializedKey, SRK_HANDLE};
+use vaultguard::tpm::{SealRequest, Tpm, TpmError};
+
+fn open(sw: &Swtpm) -> Tpm {
+    Tpm::open(&sw.tcti(), Duration::from_secs(5)).expect("connect to swtpm")
+}
+
+fn token_from(sealed: &vaultguard::tpm::Sealed, pcrs: &[u32], pin: bool) -> Tpm2Token {
+    let mut all: Vec<u32> = pcrs.to_vec();
+    all.push(15);
+    all.sort_unstable();
+    Tpm2Token {
+        keyslots: vec![1],
+        blob: sealed.blob.clone(),
+        pcrs: all,
+        bank: Bank::Sha256,
+        primary_alg: PrimaryAlg::Ecc,
+        policy_hash: sealed.policy_hash.clone(),
+        pin,
+        salt: sealed.salt.clone(),
+        srk: Some(sealed.srk.clone()),
+        pcr_values: Some(sealed.pcr_values.iter().cloned().collect()),
+    }
+}
+
+fn seal(tpm: &mut Tpm, pcrs: &[u32], pin: Option<&[u8]>) -> vaultguard::tpm::Sealed {
+    tpm.seal(&SealRequest {
+        bank: Bank::Sha256,
+        pcrs,
+        phase_pcr: Some(15),
+        pin,
+    })
+    .expect("seal")
+}
+
+#[test]
+fn seal_then_unseal_returns_the_same_secret() {
+    let sw = Swtpm::start();
+    let mut tpm = open(&sw);
+    let sealed = seal(&mut tpm, &[0, 2, 4, 7], None);
+    assert_eq!(sealed.secret.len(), 32);
+    assert_eq!(
+        sealed
+            .pcr_values
+            .iter()
+            .map(|(p, _)| *p)
+            .collect::<Vec<_>>(),
+        vec![0, 2, 4, 7, 15]
+    );
+    let token = token_from(&sealed, &[0, 2, 4, 7], false);
+    // through the JSON the header stores
+    let token = Tpm2Token::from_json(&token.to_json()).unwrap();
+    let secret = tpm.unseal(&token, None).expect("unseal");
+    assert!(secret.ct_eq(sealed.secret.as_bytes()));
+    // a second TPM context (as a later boot would open) gets it too
+    drop(tpm);
+    let mut tpm = open(&sw);
+    assert!(tpm
+        .unseal(&token, None)
+        .unwrap()
+        .ct_eq(sealed.secret.as_bytes()));
+}
+
+#[test]
+fn policy_arithmetic_matches_the_tpm() {
+    let mut sw = Swtpm::start();
+    sw.tool(
+        "tpm2_pcrextend",
+        &["4:sha256=0101010101010101010101010101010101010101010101010101010101010101"],
+    );
+    let mut tpm = open(&sw);
+    for pin in [false, true] {
+        let pcrs = [0, 2, 4, 7, 15];
+        let live = tpm.read_pcrs(Bank::Sha256, &pcrs).unwrap();
+        let ours = policy::sealing_policy(Bank::Sha256, &live, pin);
+        let theirs = tpm.trial_policy(Bank::Sha256, &pcrs, pin).unwrap();
+        assert_eq!(ours, theirs, "pin={pin}");
+    }
+    let live = tpm.read_pcrs(Bank::Sha1, &[7, 9]).unwrap();
+    assert_eq!(
+        policy::sealing_policy(Bank::Sha1, &live, false),
+        tpm.trial_policy(Bank::Sha1, &[7, 9], false).unwrap()
+    );
+}
+
+#[test]
+fn extending_a_bound_pcr_is_refused_with_that_pcr_named() {
+    let mut sw = Swtpm::start();
+    let mut tpm = open(&sw);
+    let sealed = seal(&mut tpm, &[0, 2, 4, 7], None);
+    let token = token_from(&sealed, &[0, 2, 4, 7], false);
+    drop(tpm);
+    sw.tool(
+        "tpm2_pcrextend",
+        &["7:sha256=0000000000000000000000000000000000000000000000000000000000000007"],
+    );
+    let mut tpm = open(&sw);
+    let err = tpm.check_policy(&token, Some(15)).unwrap_err();
+    match &err {
+        TpmError::PcrMismatch { changed, .. } => assert_eq!(changed, &vec![7]),
+        other => panic!("unexpected {other}"),
+    }
+    assert!(err.to_string().contains("PCR 7 changed"), "{err}");
+    // and the TPM itself refuses too, without trusting our pre-check
+    assert!(matches!(
+        tpm.unseal(&token, None),
+        Err(TpmError::PcrMismatch { .. })
+    ));
+}
+
+#[test]
+fn pin_right_and_wrong() {
+    let sw = Swtpm::start();
+    let mut tpm = open(&sw);
+    let sealed = seal(&mut tpm, &[7], Some(b"2468"));
+    assert!(sealed.salt.as_ref().is_some_and(|s| s.len() == 32));
+    let token = token_from(&sealed, &[7], true);
+    let before = tpm.da_tries_left().unwrap();
+    match tpm.unseal(&token, Some(b"1111")) {
+        Err(TpmError::WrongPin {
+            tries_left: Some(n),
+        }) => assert_eq!(n, before - 1),
+        Err(e) => panic!("unexpected {e}"),
+        Ok(_) => panic!("wrong PIN unsealed"),
+    }
+    assert!(tpm
+        .unseal(&token, Some(b"2468"))
+        .unwrap()
+        .ct_eq(sealed.secret.as_bytes()));
+    assert!(matches!(
+        tpm.unseal(&token, None),
+        Err(TpmError::BadToken(_))
+    ));
+}
+
+#[test]
+fn da_lockout_is_reported_as_such() {
+    let mut sw = Swtpm::start();
+    sw.tool(
+        "tpm2_dictionarylockout",
+        &["-s", "-n", "2", "-t", "600", "-l", "600"],
+    );
+    let mut tpm = open(&sw);
+    let sealed = seal(&mut tpm, &[7], Some(b"2468"));
+    let token = token_from(&sealed, &[7], true);
+    for _ in 0..2 {
+        assert!(matches!(
+            tpm.unseal(&token, Some(b"0000")),
+            Err(TpmError::WrongPin { .. })
+        ));
+    }
+    assert!(tpm.in_lockout().unwrap());
+    let err = tpm.unseal(&token, Some(b"2468")).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TpmError::Lockout {
+                recovery_seconds: Some(600)
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("dictionary-attack lockout"));
+}
+
+#[test]
+fn objects_without_pin_are_noda() {
+    let mut sw = Swtpm::start();
+    sw.tool(
+        "tpm2_dictionarylockout",
+        &["-s", "-n", "1", "-t", "600", "-l", "600"],
+    );
+    let mut tpm = open(&sw);
+    let sealed = seal(&mut tpm, &[7], None);
+    let token = token_from(&sealed, &[7], false);
+    let (_, public) = vaultguard::tpm::split_blob(&token.blob).unwrap();
+    assert!(public.object_attributes().no_da());
+    assert!(
+        !public.object_attributes().user_with_auth(),
+        "policy-only authorisation"
+    );
+    let with_pin = seal(&mut tpm, &[7], Some(b"1"));
+    let (_, public) = vaultguard::tpm::split_blob(&with_pin.blob).unwrap();
+    assert!(
+        !public.object_attributes().no_da(),
+        "a PIN must be DA-protected"
+    );
+}
+
+#[test]
+fn latch_makes_a_second_unseal_impossible() {
+    let sw = Swtpm::start();
+    let mut tpm = open(&sw);
+    let sealed = seal(&mut tpm, &[0, 7], None);
+    let token = token_from(&sealed, &[0, 7], false);
+    let secret = tpm.unseal(&token, None).unwrap();
+    assert!(secret.ct_eq(sealed.secret.as_bytes()));
+    let vk = [0x42u8; 64];
+    let before = tpm.read_pcrs(Bank::Sha1, &[15]).unwrap();
+    tpm.latch(15, &vk, "secure-ai-vault", "uuid-1").unwrap();
+    // every active bank moved, to exactly the systemd measurement
+    for bank in [Bank::Sha256, Bank::Sha1] {
+        let now = tpm.read_pcrs(bank, &[15]).unwrap().remove(0).1;
+        let m = policy::latch_measurement(bank, &vk, "secure-ai-vault", "uuid-1");
+        assert_eq!(
+            now,
+            policy::pcr_after_extend(bank, &vec![0; bank.digest_len()], m.as_bytes())
+        );
+    }
+    assert_ne!(before, tpm.read_pcrs(Bank::Sha1, &[15]).unwrap());
+    let err = tpm.check_policy(&token, Some(15)).unwrap_err();
+    assert!(err.to_string().contains("already extended"), "{err}");
+    assert!(matches!(
+        tpm.unseal(&token, None),
+        Err(TpmError::PcrMismatch { .. })
+    ));
+}
+
+#[test]
+fn srk_is_the_standard_one_and_serializes_like_esys() {
+    let mut sw = Swtpm::start();
+    let mut tpm = open(&sw);
+    let sealed = seal(&mut tpm, &[7], None);
+    drop(tpm);
+    let dir = TempDir::new("srk");
+    let tr = dir.path().join("srk.tr");
+    sw.tool(
+        "tpm2_readpublic",
+        &["-c", "0x81000001", "-t", tr.to_str().unwrap()],
+    );
+    let esys = std::fs::read(&tr).unwrap();
+    assert_eq!(
+        vaultguard::encoding::hex_encode(&sealed.srk),
+        vaultguard::encoding::hex_encode(&esys),
+        "tpm2_srk must be byte-identical to Esys_TR_Serialize"
+    );
+    let k = SerializedKey::parse_srk(&esys).unwrap();
+    assert_eq!(k.handle, SRK_HANDLE);
+    // ECC P-256 with noDA: the TCG template
+    let out = sw.tool("tpm2_readpublic", &["-c", "0x81000001"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("value: ecc"), "{text}");
+    assert!(
+        text.to_lowercase().contains("nist p256") || text.to_lowercase().contains("nist_p256"),
+        "{text}"
+    );
+    assert!(
+        text.contains("noda") && text.contains("restricted|decrypt"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_swapped_srk_is_refused() {
+    let mut sw = Swtpm::start();
+    let mut tpm = open(&sw);
+    let sealed = seal(&mut tpm, &[7], None);
+    let token = token_from(&sealed, &[7], false);
+    drop(tpm);
+    let dir = TempDir::new("swap");
+    let ctx = dir.path().join("other.ctx");
+    // Another storage key at the same handle (different unique data → different key).
+    sw.tool("tpm2_evictcontrol", &["-C", "o", "-c", "0x81000001"]);
+    sw.tool(
+        "tpm2_createprimary",
+        &[
+            "-C",
+            "o",
+            "-g",
+            "sha256",
+            "-G",
+            "ecc256:aes128cfb",
+            "-u",
+            "/dev/null",
+            "-c",
+            ctx.to_str().unwrap(),
+        ],
+    );
+    sw.tool(
+        "tpm2_evictcontrol",
+        &["-C", "o", "-c", ctx.to_str().unwrap(), "0x81000001"],
+    );
+    let mut tpm = open(&sw);
+    let err = tpm.unseal(&token, None).unwrap_err();
+    assert!(matches!(err, TpmError::SrkMismatch), "{err}");
+    assert!(err
+        .to_string()
+        .contains("not the TPM the vault was enrolled with"));
+}
+
+#[test]
+fn a_cleared_tpm_is_refused_as_missing_srk() {
+    let mut sw = Swtpm::start();
+    let mut tpm = open(&sw);
+    let sealed = seal(&mut tpm, &[7], None);
+    let token = token_from(&sealed, &[7], false);
+    drop(tpm);
+    sw.tool("tpm2_clear", &["-c", "p"]);
+    let mut tpm = open(&sw);
+    assert!(matches!(
+        tpm.unseal(&token, None),
+        Err(TpmError::SrkMissing)
+    ));
+}
+
+#[test]
+fn foreign_or_unusable_persistent_handles_are_rejected() {
+    let mut sw = Swtpm::start();
+    let mut tpm = open(&sw);
+    let sealed = seal(&mut tpm, &[7], None);
+    let mut token = token_from(&sealed, &[7], false);
+    // a token pointing the session salt at another persistent key
+    let mut k = SerializedKey::parse_srk(&sealed.srk).unwrap();
+    k.handle = 0x8100_0002;
+    token.srk = Some(k.to_bytes());
+    let err = tpm.unseal(&token, None).unwrap_err();
+    assert!(err.to_string().contains("0x81000002"), "{err}");
+    token.srk = Some(vec![1, 2, 3]);
+    assert!(matches!(
+        tpm.unseal(&token, None),
+        Err(TpmError::BadToken(_))
+    ));
+    drop(tpm);
+
+    // a signing key squatting on the SRK handle is not used for sealing
+    let dir = TempDir::new("squat");
+    let ctx = dir.path().join("sign.ctx");
+    sw.tool("tpm2_evictcontrol", &["-C", "o", "-c", "0x81000001"]);
+    sw.tool(
+        "tpm2_createprimary",
+        &[
+            "-C",
+            "o",
+            "-G",
+            "ecc256:ecdsa-sha256",
+            "-a",
+            "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign",
+            "-c",
+            ctx.to_str().unwrap(),
+        ],
+    );
+    sw.tool(
+        "tpm2_evictcontrol",
+        &["-C", "o", "-c", ctx.to_str().unwrap(), "0x81000001"],
+    );
+    let mut tpm = open(&sw);
+    let err = tpm
+        .seal(&SealRequest {
+            bank: Bank::Sha256,
+            pcrs: &[7],
+            phase_pcr: Some(15),
+            pin: None,
+        })
+        .err()
+        .expect("sealing under a signing key must fail");
+    assert!(matches!(err, TpmError::SrkUnusable(_)), "{err}");
+}
+
+#[test]
+fn tampered_blobs_are_refused() {
+    let sw = Swtpm::start();
+    let mut tpm = open(&sw);
+    let sealed = seal(&mut tpm, &[7], None);
+    let good = token_from(&sealed, &[7], false);
+    let mut t = good.clone();
+    t.blob.push(0);
+    assert!(matches!(tpm.unseal(&t, None), Err(TpmError::BadToken(_))));
+    let mut t = good.clone();
+    t.blob.truncate(10);
+    assert!(matches!(tpm.unseal(&t, None), Err(TpmError::BadToken(_))));
+    // a flipped bit in the private part: the TPM's integrity check refuses it
+    let mut t = good.clone();
+    t.blob[10] ^= 1;
+    assert!(tpm.unseal(&t, None).is_err());
+    // a policy hash that does not match what the object was sealed with
+    let mut t = good;
+    t.policy_hash[0] ^= 1;
+    assert!(matches!(
+        tpm.check_policy(&t, Some(15)),
+        Err(TpmError::PcrMismatch { .. })
+    ));
+}
