@@ -24,6 +24,11 @@ pub struct Args {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand)]
 pub enum Command {
+    Unlock(UnlockCmd),
+    Attach(AttachCmd),
+    Detach(DetachCmd),
+    Enroll(EnrollCmd),
+    Reseal(ResealCmd),
     Config(ConfigCmd),
     Version(VersionCmd),
 }
@@ -37,3 +42,93 @@ pub struct ConfigCmd {}
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "version")]
 pub struct VersionCmd {}
+
+/// open the vault: TPM2 unseal, else key file, else passphrase; in the initramfs
+/// this is the boot unlock, after boot it asks the running supervisor
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "unlock")]
+pub struct UnlockCmd {
+    /// LUKS2 device (path or UUID=...), overrides vault.device
+    #[argh(option)]
+    pub device: Option<String>,
+    /// do not use the TPM; ask for the passphrase
+    #[argh(switch)]
+    pub no_tpm: bool,
+    /// never prompt (fail instead)
+    #[argh(switch)]
+    pub headless: bool,
+    /// try this key file before prompting
+    #[argh(option)]
+    pub key_file: Option<PathBuf>,
+    /// open locally even if a supervisor is running
+    #[argh(switch)]
+    pub local: bool,
+    /// print the supervisor's raw JSON response (client mode)
+    #[argh(switch)]
+    pub json: bool,
+}
+
+/// systemd-cryptsetup compatible: attach NAME DEVICE [KEYFILE] [OPTIONS]
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "attach")]
+pub struct AttachCmd {
+    /// mapping name
+    #[argh(positional)]
+    pub name: String,
+    /// LUKS2 device
+    #[argh(positional)]
+    pub device: String,
+    /// [KEYFILE] [OPTIONS]: key file (or - / none), then crypttab options
+    #[argh(positional)]
+    pub rest: Vec<String>,
+}
+
+/// systemd-cryptsetup compatible: detach NAME (close the mapping, revoke its keys)
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "detach")]
+pub struct DetachCmd {
+    /// mapping name
+    #[argh(positional)]
+    pub name: String,
+}
+
+/// seal a new secret to the TPM's current PCRs and add it as a LUKS2 keyslot with a
+/// systemd-tpm2 token (needs the existing passphrase, never removes it)
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "enroll")]
+pub struct EnrollCmd {
+    /// LUKS2 device (path or UUID=...), overrides vault.device
+    #[argh(option)]
+    pub device: Option<String>,
+    /// PCRs to bind, e.g. 0,2,4,7 (default tpm.pcrs); the phase PCR is added
+    #[argh(option)]
+    pub pcrs: Option<String>,
+    /// PCR bank: sha256 (default) or sha1
+    #[argh(option)]
+    pub bank: Option<String>,
+    /// also require a PIN (protected by the TPM's dictionary-attack lockout)
+    #[argh(switch)]
+    pub pin: bool,
+    /// also add a high-entropy recovery key and print it once
+    #[argh(switch)]
+    pub recovery_key: bool,
+}
+
+/// after a verified firmware/boot change: seal to the current PCRs; the new
+/// keyslot and token are written before the old ones are removed
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "reseal")]
+pub struct ResealCmd {
+    /// LUKS2 device (path or UUID=...), overrides vault.device
+    #[argh(option)]
+    pub device: Option<String>,
+    /// PCRs to bind (default tpm.pcrs); the phase PCR is added
+    #[argh(option)]
+    pub pcrs: Option<String>,
+    /// PCR bank: sha256 (default) or sha1
+    #[argh(option)]
+    pub bank: Option<String>,
+    /// require a PIN on the new enrolment
+    #[argh(switch)]
+    pub pin: bool,
+}

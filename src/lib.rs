@@ -5,10 +5,13 @@
 //! idle time, locks the vault and serves a small JSON control socket. `main.rs` only
 //! dispatches; each module below owns one real thing.
 
+pub mod audit;
+pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod encoding;
 pub mod keyring;
 pub mod luks;
+pub mod prompt;
 pub mod secret;
 pub mod tpm;

@@ -2,10 +2,19 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+use vaultguard::boot::commands;
 use vaultguard::cli::{Args, Command};
 use vaultguard::config::{self, Config};
 
 fn main() -> ExitCode {
+    // Secrets pass through this process: no core dumps, no ptrace by others.
+    vaultguard::secret::harden_process();
+    // tpm2-tss logs every TPM error response to stderr; vaultguard reports the
+    // ones that matter itself, in words.
+    if std::env::var_os("TSS2_LOG").is_none() {
+        std::env::set_var("TSS2_LOG", "all+NONE");
+    }
+    vaultguard::luks::init_library();
     let args: Args = argh::from_env();
     match run(args) {
         Ok(code) => code,
@@ -22,7 +31,13 @@ fn load_config(args: &Args) -> Result<Config, Box<dyn std::error::Error>> {
         None => (Path::new(config::DEFAULT_PATH), false),
     };
     let mut cfg = Config::load(path, explicit)?;
-    if let Some(cmdline) = &args.cmdline {
+    // In the initramfs the kernel command line applies without being asked for.
+    let cmdline = args.cmdline.clone().or_else(|| {
+        Path::new("/etc/initrd-release")
+            .exists()
+            .then(|| std::path::PathBuf::from("/proc/cmdline"))
+    });
+    if let Some(cmdline) = &cmdline {
         let text = std::fs::read_to_string(cmdline)
             .map_err(|e| format!("cannot read {}: {e}", cmdline.display()))?;
         for w in cfg.apply_cmdline(&text) {
@@ -34,6 +49,47 @@ fn load_config(args: &Args) -> Result<Config, Box<dyn std::error::Error>> {
 
 fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match &args.command {
+        Command::Unlock(c) => {
+            let cfg = load_config(&args)?;
+            commands::run_unlock(
+                &cfg,
+                c.device.as_deref(),
+                c.no_tpm,
+                c.headless,
+                c.key_file.clone(),
+            )?;
+        }
+        Command::Attach(c) => {
+            if c.rest.len() > 2 {
+                return Err("attach takes NAME DEVICE [KEYFILE] [OPTIONS]".into());
+            }
+            let cfg = load_config(&args)?;
+            let keyfile = c.rest.first().map(String::as_str);
+            let options = c.rest.get(1).map(String::as_str);
+            commands::run_attach(&cfg, &c.name, &c.device, keyfile, options)?;
+        }
+        Command::Detach(c) => commands::run_detach(&load_config(&args)?, &c.name)?,
+        Command::Enroll(c) => {
+            let cfg = load_config(&args)?;
+            commands::run_enroll(
+                &cfg,
+                c.device.as_deref(),
+                c.pcrs.as_deref(),
+                c.bank.as_deref(),
+                c.pin,
+                c.recovery_key,
+            )?;
+        }
+        Command::Reseal(c) => {
+            let cfg = load_config(&args)?;
+            commands::run_reseal(
+                &cfg,
+                c.device.as_deref(),
+                c.pcrs.as_deref(),
+                c.bank.as_deref(),
+                c.pin,
+            )?;
+        }
         Command::Config(_) => {
             let cfg = load_config(&args)?;
             println!("{}", serde_json::to_string_pretty(&cfg)?);

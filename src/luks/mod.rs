@@ -270,12 +270,43 @@ impl Vault {
         &mut self,
         name: &str,
         vk: &SecretBytes,
-        flags: CryptActivate,
+        flags: ActivateFlags,
     ) -> Result<(), LuksError> {
         self.dev
             .activate_handle()
-            .activate_by_volume_key(Some(name), Some(vk.as_bytes()), flags)
+            .activate_by_volume_key(Some(name), Some(vk.as_bytes()), flags.to_crypt())
             .map_err(op("activating the mapping"))
+    }
+}
+
+/// Activation options an operator can ask for (crypttab's names in brackets).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ActivateFlags {
+    /// Pass discards through (`discard`).
+    pub discard: bool,
+    /// Read-only mapping (`readonly`, `read-only`).
+    pub readonly: bool,
+    /// Bypass dm-crypt's queues (`no-read-workqueue`, `no-write-workqueue`).
+    pub no_read_workqueue: bool,
+    pub no_write_workqueue: bool,
+}
+
+impl ActivateFlags {
+    fn to_crypt(self) -> CryptActivate {
+        let mut f = CryptActivate::empty();
+        if self.discard {
+            f |= CryptActivate::ALLOW_DISCARDS;
+        }
+        if self.readonly {
+            f |= CryptActivate::READONLY;
+        }
+        if self.no_read_workqueue {
+            f |= CryptActivate::NO_READ_WORKQUEUE;
+        }
+        if self.no_write_workqueue {
+            f |= CryptActivate::NO_WRITE_WORKQUEUE;
+        }
+        f
     }
 }
 
@@ -310,5 +341,60 @@ pub fn close(name: &str) -> Result<(), LuksError> {
 pub fn open_with_passphrase(device: &str, name: &str, passphrase: &[u8]) -> Result<(), LuksError> {
     let mut vault = Vault::open(device)?;
     let (vk, _) = vault.volume_key(None, passphrase)?;
-    vault.activate(name, &vk, CryptActivate::empty())
+    vault.activate(name, &vk, ActivateFlags::default())
+}
+
+/// LUKS2 UUID from the first bytes of a device, if it carries a LUKS2 header.
+pub fn header_uuid(head: &[u8]) -> Option<String> {
+    const MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
+    if head.len() < 208 || &head[..6] != MAGIC || head[6..8] != [0, 2] {
+        return None;
+    }
+    let raw = &head[168..208];
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    std::str::from_utf8(&raw[..end]).ok().map(str::to_string)
+}
+
+/// Resolve `vault.device`: a path, or `UUID=<luks uuid>` found by scanning block
+/// devices (an initramfs may have no udev to make /dev/disk/by-uuid). Waits up to
+/// `timeout` for the device to appear.
+pub fn resolve_device(spec: &str, timeout: std::time::Duration) -> Result<String, LuksError> {
+    let start = std::time::Instant::now();
+    loop {
+        let found = match spec.strip_prefix("UUID=") {
+            None => Path::new(spec).exists().then(|| spec.to_string()),
+            Some(uuid) => find_by_uuid(uuid),
+        };
+        if let Some(dev) = found {
+            return Ok(dev);
+        }
+        if start.elapsed() >= timeout {
+            return Err(LuksError::Open {
+                device: spec.to_string(),
+                msg: format!("not found within {} s", timeout.as_secs()),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn find_by_uuid(uuid: &str) -> Option<String> {
+    let by_uuid = format!("/dev/disk/by-uuid/{uuid}");
+    if Path::new(&by_uuid).exists() {
+        return Some(by_uuid);
+    }
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/block")
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names.into_iter().map(|n| format!("/dev/{n}")).find(|dev| {
+        let mut head = [0u8; 4096];
+        std::fs::File::open(dev)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+            .ok()
+            .and_then(|()| header_uuid(&head))
+            .is_some_and(|u| u.eq_ignore_ascii_case(uuid))
+    })
 }

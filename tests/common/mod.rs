@@ -93,6 +93,17 @@ impl Swtpm {
         Swtpm::start_in(state)
     }
 
+    /// Power-cycle: the process restarts on the same state, as a reboot does
+    /// (PCRs reset, persistent objects and DA counters kept).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let state = std::mem::replace(&mut self.state, TempDir(PathBuf::new()));
+        let fresh = Swtpm::start_in(state);
+        let old = std::mem::replace(self, fresh);
+        drop(old);
+    }
+
     fn start_in(state: TempDir) -> Swtpm {
         for _ in 0..5 {
             let port = free_port_pair();

@@ -1,0 +1,778 @@
+//! The audit log: an append-only file of JSON lines chained by SHA-256.
+//!
+//! Every entry is one line holding `ts` (UTC, RFC 3339 with milliseconds), `event`,
+//! the caller's fields, `prev_hash` (the previous entry's `entry_hash`, 64 zeros for
+//! the first entry) and `entry_hash`:
+//!
+//! ```text
+//! {"ts":"2025-03-08T14:30:00.123Z","event":"lock","reason":"manual_lock","uid":0,"prev_hash":"…","entry_hash":"…"}
+//! ```
+//!
+//! **Canonical form.** `entry_hash` = lowercase hex SHA-256 over the entry *without*
+//! its `entry_hash` key, serialised as compact JSON (no whitespace) with object keys
+//! sorted by their UTF-8 bytes, strings escaped as serde_json escapes them and
+//! integers in decimal. Entries hold only strings, integers and booleans (no floats),
+//! so re-serialising a parsed line reproduces exactly the bytes that were hashed.
+//!
+//! Appends are whole-line single `write(2)`s on an `O_APPEND` descriptor under an
+//! exclusive `flock`, followed by `fsync`: concurrent writers (the boot unlock and the
+//! supervisor) cannot interleave or fork the chain, and the tail hash is re-read
+//! under the lock every time. A torn last line (power cut mid-write, never
+//! acknowledged) is cut off before the next append, which records how many bytes
+//! were dropped in a `torn_bytes` field so the repair itself is audited.
+//!
+//! This module never sees a secret: fields are `&str`, integers and booleans chosen
+//! by the caller, field names are restricted to `[a-z0-9_]`, and nothing here accepts
+//! a `SecretBytes`. Callers must pass plain facts (uid, reason, device), never input.
+//! Truncating whole lines off the end cannot be detected by a chain alone; that is
+//! what off-host log shipping is for.
+
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// `prev_hash` of the first entry.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Longest string value kept in an entry; longer values are cut (and marked) so that
+/// a caller passing an error message cannot bloat the log.
+pub const MAX_VALUE_LEN: usize = 512;
+
+/// Keys the log itself owns.
+const RESERVED: [&str; 5] = ["ts", "event", "prev_hash", "entry_hash", "torn_bytes"];
+
+/// One field value. Deliberately narrow: no bytes, no floats, no secret types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Value<'a> {
+    Str(&'a str),
+    UInt(u64),
+    Int(i64),
+    Bool(bool),
+}
+
+impl<'a> From<&'a str> for Value<'a> {
+    fn from(s: &'a str) -> Self {
+        Value::Str(s)
+    }
+}
+impl<'a> From<&'a String> for Value<'a> {
+    fn from(s: &'a String) -> Self {
+        Value::Str(s)
+    }
+}
+impl From<u64> for Value<'_> {
+    fn from(n: u64) -> Self {
+        Value::UInt(n)
+    }
+}
+impl From<u32> for Value<'_> {
+    fn from(n: u32) -> Self {
+        Value::UInt(n.into())
+    }
+}
+impl From<usize> for Value<'_> {
+    fn from(n: usize) -> Self {
+        Value::UInt(n as u64)
+    }
+}
+impl From<i64> for Value<'_> {
+    fn from(n: i64) -> Self {
+        Value::Int(n)
+    }
+}
+impl From<i32> for Value<'_> {
+    fn from(n: i32) -> Self {
+        Value::Int(n.into())
+    }
+}
+impl From<bool> for Value<'_> {
+    fn from(b: bool) -> Self {
+        Value::Bool(b)
+    }
+}
+
+#[derive(Debug)]
+pub enum AuditError {
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        err: io::Error,
+    },
+    BadName {
+        name: String,
+    },
+    Broken {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+}
+
+impl fmt::Display for AuditError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuditError::Io { path, op, err } => {
+                write!(f, "audit log {}: cannot {op}: {err}", path.display())
+            }
+            AuditError::BadName { name } => write!(
+                f,
+                "audit field or event name `{name}` is not allowed (use [a-z0-9_], not a reserved key)"
+            ),
+            AuditError::Broken { path, line, reason } => write!(
+                f,
+                "audit log {}: chain broken at line {line}: {reason}",
+                path.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for AuditError {}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> AuditError + 'a {
+    move |err| AuditError::Io {
+        path: path.to_path_buf(),
+        op,
+        err,
+    }
+}
+
+/// Append one entry to the log at `path` (created 0600, with its directory 0700, if
+/// missing). Returns the new entry's hash.
+///
+/// ```no_run
+/// vaultguard::audit::append(
+///     std::path::Path::new("/var/log/vaultguard/audit.jsonl"),
+///     "unlock_failed",
+///     &[("uid", 1000u32.into()), ("reason", "wrong_passphrase".into())],
+/// )
+/// .ok();
+/// ```
+pub fn append(
+    path: &Path,
+    event: &str,
+    fields: &[(&str, Value<'_>)],
+) -> Result<String, AuditError> {
+    append_at(path, now_ms(), event, fields)
+}
+
+/// [`append`] with an explicit timestamp (milliseconds since the Unix epoch).
+pub fn append_at(
+    path: &Path,
+    ts_ms: u64,
+    event: &str,
+    fields: &[(&str, Value<'_>)],
+) -> Result<String, AuditError> {
+    check_name(event, false)?;
+    for (k, _) in fields {
+        check_name(k, true)?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_err(path, "create its directory"))?;
+        }
+    }
+    let mut file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io_err(path, "open"))?;
+    // Held until `file` is closed at the end of this function.
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| io_err(path, "lock")(e.into()))?;
+
+    let tail = read_tail(&mut file).map_err(io_err(path, "read its last entry"))?;
+    let mut torn = 0u64;
+    if tail.torn > 0 {
+        let keep = file
+            .metadata()
+            .map_err(io_err(path, "stat"))?
+            .len()
+            .saturating_sub(tail.torn);
+        file.set_len(keep)
+            .map_err(io_err(path, "cut off a torn last line"))?;
+        torn = tail.torn;
+    }
+
+    let entry = build_entry(ts_ms, event, fields, torn, &tail.prev_hash);
+    let hash = entry_hash(&entry);
+    let mut line = render_line(&entry, &hash);
+    line.push('\n');
+    // One write: with O_APPEND the kernel places it atomically at the end.
+    file.write_all(line.as_bytes())
+        .map_err(io_err(path, "append"))?;
+    file.sync_data().map_err(io_err(path, "fsync"))?;
+    Ok(hash)
+}
+
+/// What [`verify`] found in an intact log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub entries: usize,
+    pub last_hash: String,
+}
+
+/// Check every link of the chain. The error names the first broken line (1-based).
+pub fn verify(path: &Path) -> Result<Verified, AuditError> {
+    let mut text = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut text))
+        .map_err(io_err(path, "read"))?;
+    verify_bytes(&text).map_err(|(line, reason)| AuditError::Broken {
+        path: path.to_path_buf(),
+        line,
+        reason,
+    })
+}
+
+/// [`verify`] over the log's bytes: `Err((line, reason))`.
+pub fn verify_bytes(text: &[u8]) -> Result<Verified, (usize, String)> {
+    let mut prev = GENESIS_HASH.to_string();
+    let mut entries = 0;
+    if text.is_empty() {
+        return Ok(Verified {
+            entries,
+            last_hash: prev,
+        });
+    }
+    let body = match text.strip_suffix(b"\n") {
+        Some(b) => b,
+        None => {
+            let n = text.split(|&b| b == b'\n').count();
+            return Err((n, "last line is not terminated (torn write)".into()));
+        }
+    };
+    for (i, raw) in body.split(|&b| b == b'\n').enumerate() {
+        let line_no = i + 1;
+        let (hash, claimed_prev) = check_line(raw).map_err(|r| (line_no, r))?;
+        if claimed_prev != prev {
+            return Err((
+                line_no,
+                format!(
+                    "prev_hash does not match the entry before it (line deleted, inserted or reordered; expected {}…, found {}…)",
+                    short(&prev),
+                    short(&claimed_prev)
+                ),
+            ));
+        }
+        prev = hash;
+        entries += 1;
+    }
+    Ok(Verified {
+        entries,
+        last_hash: prev,
+    })
+}
+
+/// Parse one line and check its own hash; returns (entry_hash, prev_hash).
+fn check_line(raw: &[u8]) -> Result<(String, String), String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(raw).map_err(|e| format!("not valid JSON ({e})"))?;
+    let serde_json::Value::Object(mut obj) = value else {
+        return Err("not a JSON object".into());
+    };
+    let Some(serde_json::Value::String(claimed)) = obj.remove("entry_hash") else {
+        return Err("entry_hash missing or not a string".into());
+    };
+    let prev = match obj.get("prev_hash") {
+        Some(serde_json::Value::String(p)) => p.clone(),
+        _ => return Err("prev_hash missing or not a string".into()),
+    };
+    for key in ["ts", "event"] {
+        if !matches!(obj.get(key), Some(serde_json::Value::String(_))) {
+            return Err(format!("{key} missing or not a string"));
+        }
+    }
+    let actual = hex(&Sha256::digest(
+        canonical(&serde_json::Value::Object(obj)).as_bytes(),
+    ));
+    if actual != claimed {
+        return Err("entry_hash does not match the entry's contents (entry edited)".into());
+    }
+    Ok((claimed, prev))
+}
+
+fn short(h: &str) -> &str {
+    h.get(..12).unwrap_or(h)
+}
+
+struct Tail {
+    prev_hash: String,
+    /// Bytes after the last newline (a torn write) to be cut off.
+    torn: u64,
+}
+
+/// Find the hash to chain onto by reading backwards from the end until the last
+/// complete line is in hand (entries are small, so this is normally one read).
+fn read_tail(file: &mut File) -> io::Result<Tail> {
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(Tail {
+            prev_hash: GENESIS_HASH.into(),
+            torn: 0,
+        });
+    }
+    let mut chunk = 4096u64;
+    loop {
+        let start = len.saturating_sub(chunk);
+        let mut buf = vec![0u8; (len - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut buf)?;
+        let torn = buf.iter().rev().take_while(|&&b| b != b'\n').count();
+        // If no newline at all in the file, everything is a torn first line.
+        if torn == buf.len() && start == 0 {
+            return Ok(Tail {
+                prev_hash: GENESIS_HASH.into(),
+                torn: torn as u64,
+            });
+        }
+        if torn < buf.len() {
+            let complete = &buf[..buf.len() - torn - 1];
+            let line_start = complete.iter().rposition(|&b| b == b'\n').map(|p| p + 1);
+            match line_start {
+                Some(s) => return Ok(tail_from_line(&complete[s..], torn)),
+                None if start == 0 => return Ok(tail_from_line(complete, torn)),
+                None => {}
+            }
+        }
+        chunk = chunk.saturating_mul(4);
+    }
+}
+
+fn tail_from_line(line: &[u8], torn: usize) -> Tail {
+    // A line that does not parse keeps the chain going from the hash of its raw
+    // bytes; `verify` reports that line anyway.
+    let prev_hash = serde_json::from_slice::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v.get("entry_hash")?.as_str().map(str::to_string))
+        .unwrap_or_else(|| hex(&Sha256::digest(line)));
+    Tail {
+        prev_hash,
+        torn: torn as u64,
+    }
+}
+
+fn check_name(name: &str, is_field: bool) -> Result<(), AuditError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !(is_field && RESERVED.contains(&name));
+    if ok {
+        Ok(())
+    } else {
+        Err(AuditError::BadName { name: name.into() })
+    }
+}
+
+/// The entry as an ordered list of (key, JSON value), without `entry_hash`.
+fn build_entry(
+    ts_ms: u64,
+    event: &str,
+    fields: &[(&str, Value<'_>)],
+    torn: u64,
+    prev: &str,
+) -> Vec<(String, serde_json::Value)> {
+    use serde_json::Value as J;
+    let mut e = vec![
+        ("ts".to_string(), J::String(rfc3339_ms(ts_ms))),
+        ("event".to_string(), J::String(event.into())),
+    ];
+    for (k, v) in fields {
+        if e.iter().any(|(have, _)| have == k) {
+            continue; // first one wins; a duplicate key would make the JSON ambiguous
+        }
+        let j = match *v {
+            Value::Str(s) => J::String(clip(s)),
+            Value::UInt(n) => J::from(n),
+            Value::Int(n) => J::from(n),
+            Value::Bool(b) => J::Bool(b),
+        };
+        e.push((k.to_string(), j));
+    }
+    if torn > 0 {
+        e.push(("torn_bytes".into(), J::from(torn)));
+    }
+    e.push(("prev_hash".into(), J::String(prev.into())));
+    e
+}
+
+fn clip(s: &str) -> String {
+    if s.len() <= MAX_VALUE_LEN {
+        return s.to_string();
+    }
+    let mut end = MAX_VALUE_LEN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn entry_hash(entry: &[(String, serde_json::Value)]) -> String {
+    let obj: serde_json::Map<String, serde_json::Value> = entry.iter().cloned().collect();
+    hex(&Sha256::digest(
+        canonical(&serde_json::Value::Object(obj)).as_bytes(),
+    ))
+}
+
+/// The line as written: keys in a readable order (the hash does not depend on it).
+fn render_line(entry: &[(String, serde_json::Value)], hash: &str) -> String {
+    let mut out = String::from("{");
+    for (k, v) in entry {
+        push_pair(&mut out, k, v);
+    }
+    push_pair(
+        &mut out,
+        "entry_hash",
+        &serde_json::Value::String(hash.into()),
+    );
+    out.push('}');
+    out
+}
+
+fn push_pair(out: &mut String, k: &str, v: &serde_json::Value) {
+    if out.len() > 1 {
+        out.push(',');
+    }
+    out.push_str(&serde_json::Value::String(k.into()).to_string());
+    out.push(':');
+    out.push_str(&canonical(v));
+}
+
+/// Compact JSON with object keys sorted bytewise, independent of whether serde_json
+/// was built with `preserve_order`.
+pub fn canonical(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    write_canonical(v, &mut out);
+    out
+}
+
+fn write_canonical(v: &serde_json::Value, out: &mut String) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            out.push('{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::String((*k).clone()).to_string());
+                out.push(':');
+                write_canonical(&map[k.as_str()], out);
+            }
+            out.push('}');
+        }
+        serde_json::Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `2025-03-08T14:30:00.123Z` from milliseconds since the epoch.
+pub fn rfc3339_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn tmp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "vg-audit-{}-{name}-{}",
+            std::process::id(),
+            now_ms()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("audit.jsonl")
+    }
+
+    fn write_log(path: &Path, n: usize) {
+        for i in 0..n {
+            append_at(
+                path,
+                1_741_444_200_000 + i as u64,
+                "test_event",
+                &[("n", (i as u64).into()), ("who", "op\"er\nator".into())],
+            )
+            .unwrap();
+        }
+    }
+
+    fn lines(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn rewrite(path: &Path, lines: &[String]) {
+        let mut s = lines.join("\n");
+        s.push('\n');
+        std::fs::write(path, s).unwrap();
+    }
+
+    fn broken_line(path: &Path) -> usize {
+        match verify(path) {
+            Err(AuditError::Broken { line, .. }) => line,
+            other => panic!("expected a broken chain, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(1_741_444_200_123), "2025-03-08T14:30:00.123Z");
+        assert_eq!(rfc3339_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn chain_links_and_verifies() {
+        let p = tmp("ok");
+        write_log(&p, 5);
+        let v = verify(&p).unwrap();
+        assert_eq!(v.entries, 5);
+        let ls = lines(&p);
+        let first: serde_json::Value = serde_json::from_str(&ls[0]).unwrap();
+        assert_eq!(first["prev_hash"], GENESIS_HASH);
+        assert_eq!(first["event"], "test_event");
+        assert_eq!(first["ts"], "2025-03-08T14:30:00.000Z");
+        assert_eq!(first["who"], "op\"er\nator");
+        let second: serde_json::Value = serde_json::from_str(&ls[1]).unwrap();
+        assert_eq!(second["prev_hash"], first["entry_hash"]);
+        assert_eq!(
+            v.last_hash,
+            serde_json::from_str::<serde_json::Value>(&ls[4]).unwrap()["entry_hash"]
+        );
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn hash_is_over_the_documented_canonical_form() {
+        let p = tmp("canon");
+        append_at(&p, 0, "e", &[("b", 2u64.into()), ("a", "x".into())]).unwrap();
+        let line = &lines(&p)[0];
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let expected_input = format!(
+            r#"{{"a":"x","b":2,"event":"e","prev_hash":"{GENESIS_HASH}","ts":"1970-01-01T00:00:00.000Z"}}"#
+        );
+        assert_eq!(
+            v["entry_hash"],
+            hex(&Sha256::digest(expected_input.as_bytes()))
+        );
+    }
+
+    #[test]
+    fn an_edited_line_is_named() {
+        let p = tmp("edit");
+        write_log(&p, 6);
+        let mut ls = lines(&p);
+        ls[3] = ls[3].replace("\"n\":3", "\"n\":9");
+        rewrite(&p, &ls);
+        assert_eq!(broken_line(&p), 4);
+        let msg = verify(&p).unwrap_err().to_string();
+        assert!(msg.contains("line 4") && msg.contains("edited"), "{msg}");
+    }
+
+    #[test]
+    fn a_deleted_line_is_named_at_its_successor() {
+        let p = tmp("delete");
+        write_log(&p, 6);
+        let mut ls = lines(&p);
+        ls.remove(2);
+        rewrite(&p, &ls);
+        assert_eq!(broken_line(&p), 3);
+        // Deleting the first line breaks the genesis link.
+        let mut ls = lines(&p);
+        ls.remove(0);
+        rewrite(&p, &ls);
+        assert_eq!(broken_line(&p), 1);
+    }
+
+    #[test]
+    fn reordered_lines_are_named() {
+        let p = tmp("reorder");
+        write_log(&p, 6);
+        let mut ls = lines(&p);
+        ls.swap(1, 4);
+        rewrite(&p, &ls);
+        assert_eq!(broken_line(&p), 2);
+    }
+
+    #[test]
+    fn a_recomputed_hash_still_breaks_the_next_link() {
+        // An attacker who edits a line and fixes its entry_hash breaks the next
+        // line's prev_hash instead.
+        let p = tmp("forge");
+        write_log(&p, 4);
+        let mut ls = lines(&p);
+        let mut v: serde_json::Value = serde_json::from_str(&ls[1]).unwrap();
+        v["who"] = "mallory".into();
+        v.as_object_mut().unwrap().remove("entry_hash");
+        let h = hex(&Sha256::digest(canonical(&v).as_bytes()));
+        v["entry_hash"] = h.into();
+        ls[1] = v.to_string();
+        rewrite(&p, &ls);
+        assert_eq!(broken_line(&p), 3);
+    }
+
+    #[test]
+    fn garbage_and_missing_fields_are_named() {
+        let p = tmp("garbage");
+        write_log(&p, 3);
+        let mut ls = lines(&p);
+        ls[1] = "not json".into();
+        rewrite(&p, &ls);
+        assert_eq!(broken_line(&p), 2);
+        let mut ls = lines(&p);
+        ls[1] = "{}".into();
+        rewrite(&p, &ls);
+        assert_eq!(broken_line(&p), 2);
+        let mut ls = lines(&p);
+        ls.insert(0, String::new());
+        rewrite(&p, &ls);
+        assert_eq!(broken_line(&p), 1);
+    }
+
+    #[test]
+    fn torn_tail_is_reported_then_repaired_by_the_next_append() {
+        let p = tmp("torn");
+        write_log(&p, 3);
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"{\"ts\":\"2025-").unwrap();
+        drop(f);
+        assert_eq!(broken_line(&p), 4);
+        append_at(&p, 5, "after_crash", &[]).unwrap();
+        let v = verify(&p).unwrap();
+        assert_eq!(v.entries, 4);
+        let last: serde_json::Value = serde_json::from_str(&lines(&p)[3]).unwrap();
+        assert_eq!(last["event"], "after_crash");
+        assert_eq!(last["torn_bytes"], 12);
+    }
+
+    #[test]
+    fn appends_reread_the_tail_written_by_someone_else() {
+        // Two writers (boot unlock, then supervisor) on the same file stay chained.
+        let p = tmp("two");
+        append(&p, "boot_unlock", &[("method", "tpm2".into())]).unwrap();
+        append(&p, "supervisor_start", &[]).unwrap();
+        append(&p, "lock", &[("reason", "manual_lock".into())]).unwrap();
+        assert_eq!(verify(&p).unwrap().entries, 3);
+    }
+
+    #[test]
+    fn concurrent_appends_never_fork_the_chain() {
+        let p = tmp("concurrent");
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    for i in 0..25u64 {
+                        append(&p, "t", &[("thread", (t as u64).into()), ("i", i.into())]).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(verify(&p).unwrap().entries, 100);
+    }
+
+    #[test]
+    fn names_are_restricted() {
+        let p = tmp("names");
+        for bad in [
+            "",
+            "Upper",
+            "with space",
+            "entry_hash",
+            "prev_hash",
+            "ts",
+            "event",
+        ] {
+            assert!(
+                matches!(
+                    append(&p, "e", &[(bad, 1u64.into())]),
+                    Err(AuditError::BadName { .. })
+                ),
+                "{bad:?} accepted"
+            );
+        }
+        assert!(append(&p, "Bad-Event", &[]).is_err());
+        assert!(!p.exists() || verify(&p).unwrap().entries == 0);
+    }
+
+    #[test]
+    fn long_values_are_clipped() {
+        let p = tmp("clip");
+        let long = "é".repeat(MAX_VALUE_LEN);
+        append(&p, "e", &[("msg", long.as_str().into())]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&lines(&p)[0]).unwrap();
+        assert!(v["msg"].as_str().unwrap().len() <= MAX_VALUE_LEN + '…'.len_utf8());
+        verify(&p).unwrap();
+    }
+
+    #[test]
+    fn empty_or_missing_log() {
+        assert_eq!(verify_bytes(b"").unwrap().entries, 0);
+        assert!(matches!(
+            verify(Path::new("/nonexistent/audit.jsonl")),
+            Err(AuditError::Io { .. })
+        ));
+    }
+}

@@ -1,0 +1,372 @@
+//! The boot-path commands as the CLI runs them: configuration and arguments in,
+//! options for the flows out, one plain sentence per outcome on the console.
+//!
+//! The console lines starting with `vaultguard:` are stable: the boot-path tests and
+//! operators' scripts match on them.
+
+use super::{
+    detach, enroll, reseal, unlock, BootError, EnrollOptions, EnrollReport, Events, Method,
+    TpmOptions, UnlockOptions, Verification,
+};
+use crate::audit;
+use crate::config::{parse_pcr_list, Config};
+use crate::luks::{self, ActivateFlags};
+use crate::prompt::{system_prompter, Prompter};
+use crate::tpm::policy::Bank;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Boot events go to the audit chain. In the initramfs the real log is not
+/// mounted yet, so they go to /run, which survives switch_root; the supervisor
+/// takes them over.
+pub struct AuditEvents {
+    path: PathBuf,
+}
+
+pub const INITRD_AUDIT: &str = "/run/vaultguard/audit-initrd.jsonl";
+
+impl AuditEvents {
+    pub fn for_config(cfg: &Config) -> AuditEvents {
+        let in_initrd = Path::new("/etc/initrd-release").exists();
+        AuditEvents {
+            path: if in_initrd {
+                PathBuf::from(INITRD_AUDIT)
+            } else {
+                cfg.audit.path.clone()
+            },
+        }
+    }
+}
+
+impl Events for AuditEvents {
+    fn event(&mut self, name: &str, fields: &[(&str, &str)]) {
+        let fields: Vec<(&str, audit::Value<'_>)> = fields
+            .iter()
+            .map(|(k, v)| (*k, audit::Value::Str(v)))
+            .collect();
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if let Err(e) = audit::append(&self.path, name, &fields) {
+            // Losing an audit line must not stop the boot; say so where it is seen.
+            eprintln!("vaultguard: audit log {}: {e}", self.path.display());
+        }
+    }
+}
+
+fn tpm_options(cfg: &Config) -> TpmOptions {
+    TpmOptions {
+        tcti: cfg.tpm.tcti.clone(),
+        timeout: Duration::from_secs(cfg.tpm.timeout),
+        phase_pcr: Some(cfg.tpm.phase_pcr),
+    }
+}
+
+fn device(cfg: &Config, arg: Option<&str>) -> Result<String, BootError> {
+    let spec = arg
+        .map(str::to_string)
+        .or_else(|| cfg.vault.device.clone())
+        .ok_or_else(|| {
+            BootError::KeyFile(
+                "no vault device: set vault.device, rd.vaultguard.device= or --device".into(),
+            )
+        })?;
+    Ok(luks::resolve_device(
+        &spec,
+        Duration::from_secs(cfg.tpm.timeout.max(5)),
+    )?)
+}
+
+/// `vaultguard unlock` (boot path).
+pub fn run_unlock(
+    cfg: &Config,
+    device_arg: Option<&str>,
+    no_tpm: bool,
+    headless: bool,
+    keyfile: Option<PathBuf>,
+) -> Result<(), BootError> {
+    let device = device(cfg, device_arg)?;
+    let opts = UnlockOptions {
+        name: cfg.vault.name.clone(),
+        device,
+        tpm: (!no_tpm).then(|| tpm_options(cfg)),
+        tries: cfg.auth.boot_tries,
+        keyfile,
+        flags: ActivateFlags::default(),
+    };
+    let mut prompter = system_prompter(headless);
+    let mut events = AuditEvents::for_config(cfg);
+    report_unlock(&opts, prompter.as_mut(), &mut events)
+}
+
+fn report_unlock(
+    opts: &UnlockOptions,
+    prompter: &mut dyn Prompter,
+    events: &mut dyn Events,
+) -> Result<(), BootError> {
+    let done = unlock(opts, prompter, events)?;
+    if done.already_active {
+        return Ok(());
+    }
+    let how = match done.method {
+        Method::Tpm2 => "with the TPM",
+        Method::Tpm2Pin => "with the TPM and PIN",
+        Method::KeyFile => "with the key file",
+        Method::Passphrase => "with the passphrase",
+    };
+    let latch = if done.latched {
+        ", phase PCR extended"
+    } else {
+        ""
+    };
+    prompter.say(&format!("vaultguard: {} unlocked {how}{latch}", opts.name));
+    Ok(())
+}
+
+/// crypttab-style options of `vaultguard attach`.
+#[derive(Debug, Default, PartialEq)]
+pub struct AttachOptions {
+    pub flags: ActivateFlags,
+    pub headless: bool,
+    pub tries: Option<u32>,
+    pub tcti: Option<String>,
+    pub no_tpm: bool,
+    pub phase_pcr: Option<Option<u32>>,
+    pub tpm_timeout: Option<u64>,
+    pub warnings: Vec<String>,
+}
+
+/// Parse systemd-cryptsetup's option string. Unknown options are warned about, not
+/// fatal, as systemd does: a crypttab typo must not stop the boot.
+pub fn parse_attach_options(s: &str) -> AttachOptions {
+    let mut o = AttachOptions::default();
+    for opt in s
+        .split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty() && *x != "-" && *x != "none")
+    {
+        let (k, v) = opt
+            .split_once('=')
+            .map_or((opt, None), |(k, v)| (k, Some(v)));
+        let yes = |v: Option<&str>| !matches!(v, Some("0" | "no" | "false" | "off"));
+        match k {
+            "discard" => o.flags.discard = true,
+            "readonly" | "read-only" => o.flags.readonly = true,
+            "no-read-workqueue" => o.flags.no_read_workqueue = true,
+            "no-write-workqueue" => o.flags.no_write_workqueue = true,
+            "headless" => o.headless = yes(v),
+            "tries" => match v.and_then(|v| v.parse().ok()) {
+                Some(0) | None => o
+                    .warnings
+                    .push(format!("ignoring `{opt}`: tries must be a positive number")),
+                Some(n) => o.tries = Some(n),
+            },
+            "tpm2-device" => match v {
+                Some("auto") | None => {}
+                Some(p) if p.starts_with('/') => o.tcti = Some(format!("device:{p}")),
+                Some(p) => o.tcti = Some(p.to_string()),
+            },
+            "tpm2-measure-pcr" => match v {
+                Some("no" | "false" | "0" | "off") => o.phase_pcr = Some(None),
+                Some("yes" | "true" | "on") | None => o.phase_pcr = Some(Some(15)),
+                Some(n) => match n.parse::<u32>() {
+                    Ok(p) if p < 24 => o.phase_pcr = Some(Some(p)),
+                    _ => o.warnings.push(format!("ignoring `{opt}`: not a PCR")),
+                },
+            },
+            "timeout" | "token-timeout" | "x-systemd.device-timeout" => {
+                match v.and_then(|v| v.trim_end_matches('s').parse().ok()) {
+                    Some(n) => o.tpm_timeout = Some(n),
+                    None => o.warnings.push(format!("ignoring `{opt}`: not seconds")),
+                }
+            }
+            // Options that change nothing here (PIN use and PCRs come from the token).
+            "luks" | "nofail" | "noauto" | "tpm2-pin" | "tpm2-pcrs" | "tpm2-signature"
+            | "password-echo" | "silent" | "token-only" | "keyfile-timeout" => {}
+            k if k.starts_with("x-systemd.") || k.starts_with("x-initrd.") => {}
+            "tpm2-device-none" => o.no_tpm = true,
+            _ => o.warnings.push(format!("ignoring unknown option `{opt}`")),
+        }
+    }
+    o
+}
+
+/// `vaultguard attach NAME DEVICE [KEYFILE] [OPTIONS]` (systemd-cryptsetup's syntax).
+pub fn run_attach(
+    cfg: &Config,
+    name: &str,
+    device_arg: &str,
+    keyfile: Option<&str>,
+    options: Option<&str>,
+) -> Result<(), BootError> {
+    let o = parse_attach_options(options.unwrap_or(""));
+    let mut prompter = system_prompter(o.headless);
+    for w in &o.warnings {
+        prompter.say(&format!("vaultguard: {w}"));
+    }
+    let mut tpm = tpm_options(cfg);
+    if let Some(t) = &o.tcti {
+        tpm.tcti = t.clone();
+    }
+    if let Some(p) = o.phase_pcr {
+        tpm.phase_pcr = p;
+    }
+    if let Some(t) = o.tpm_timeout {
+        tpm.timeout = Duration::from_secs(t);
+    }
+    let device = luks::resolve_device(device_arg, tpm.timeout.max(Duration::from_secs(5)))?;
+    let keyfile = keyfile
+        .filter(|k| !matches!(*k, "-" | "none" | ""))
+        .map(PathBuf::from);
+    let opts = UnlockOptions {
+        name: name.to_string(),
+        device,
+        tpm: (!o.no_tpm).then_some(tpm),
+        tries: o.tries.unwrap_or(cfg.auth.boot_tries),
+        keyfile,
+        flags: o.flags,
+    };
+    let mut events = AuditEvents::for_config(cfg);
+    report_unlock(&opts, prompter.as_mut(), &mut events)
+}
+
+/// `vaultguard detach NAME`.
+pub fn run_detach(cfg: &Config, name: &str) -> Result<(), BootError> {
+    let mut events = AuditEvents::for_config(cfg);
+    detach(name, &mut events)?;
+    println!("vaultguard: {name} closed");
+    Ok(())
+}
+
+fn enroll_options(
+    cfg: &Config,
+    device_arg: Option<&str>,
+    pcrs: Option<&str>,
+    bank: Option<&str>,
+    pin: bool,
+    recovery_key: bool,
+) -> Result<EnrollOptions, BootError> {
+    let bad = |m: String| BootError::Verify(m);
+    let pcrs = match pcrs {
+        Some(p) => parse_pcr_list(p).map_err(bad)?,
+        None => cfg.tpm.pcrs.clone(),
+    };
+    if pcrs.contains(&cfg.tpm.phase_pcr) {
+        return Err(bad(format!(
+            "PCR {} is the phase PCR; it is bound to zeros automatically",
+            cfg.tpm.phase_pcr
+        )));
+    }
+    let bank_name = bank.unwrap_or(&cfg.tpm.bank);
+    let bank =
+        Bank::from_name(bank_name).ok_or_else(|| bad(format!("unknown PCR bank `{bank_name}`")))?;
+    Ok(EnrollOptions {
+        device: device(cfg, device_arg)?,
+        name: cfg.vault.name.clone(),
+        tpm: tpm_options(cfg),
+        bank,
+        pcrs,
+        pin,
+        recovery_key,
+        tries: cfg.auth.boot_tries,
+    })
+}
+
+fn print_enrolment(what: &str, r: &EnrollReport) {
+    let pcrs = r
+        .pcrs
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    println!(
+        "vaultguard: {what} TPM2 keyslot {} (token {}), bound to PCRs {pcrs}",
+        r.keyslot, r.token
+    );
+    match r.verification {
+        Verification::Unsealed => println!("vaultguard: verified: the TPM unsealed the new secret"),
+        Verification::PolicyOnly => println!(
+            "vaultguard: verified the policy against the TPM; a full unseal check is impossible \
+             in this boot because the phase PCR is already extended (the next boot will use it)"
+        ),
+    }
+    for (token, slot) in &r.removed {
+        println!("vaultguard: removed old token {token} and keyslot {slot}");
+    }
+    if let (Some(key), Some(slot)) = (&r.recovery_key, r.recovery_keyslot) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "vaultguard: recovery key in keyslot {slot}; it is shown once, write it down now:"
+        );
+        let _ = out.write_all(key.as_bytes());
+        let _ = writeln!(out);
+        let _ = out.flush();
+    }
+}
+
+/// `vaultguard enroll`.
+pub fn run_enroll(
+    cfg: &Config,
+    device_arg: Option<&str>,
+    pcrs: Option<&str>,
+    bank: Option<&str>,
+    pin: bool,
+    recovery_key: bool,
+) -> Result<(), BootError> {
+    let opts = enroll_options(cfg, device_arg, pcrs, bank, pin, recovery_key)?;
+    let mut prompter = system_prompter(false);
+    let mut events = AuditEvents::for_config(cfg);
+    let report = enroll(&opts, prompter.as_mut(), &mut events)?;
+    print_enrolment("enrolled", &report);
+    Ok(())
+}
+
+/// `vaultguard reseal`.
+pub fn run_reseal(
+    cfg: &Config,
+    device_arg: Option<&str>,
+    pcrs: Option<&str>,
+    bank: Option<&str>,
+    pin: bool,
+) -> Result<(), BootError> {
+    let opts = enroll_options(cfg, device_arg, pcrs, bank, pin, false)?;
+    let mut prompter = system_prompter(false);
+    let mut events = AuditEvents::for_config(cfg);
+    let report = reseal(&opts, prompter.as_mut(), &mut events)?;
+    print_enrolment("resealed into", &report);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crypttab_options() {
+        let o = parse_attach_options(
+            "discard,tpm2-device=auto,headless=true,tries=2,luks,x-systemd.device-timeout=30s",
+        );
+        assert!(o.flags.discard && o.headless);
+        assert_eq!(o.tries, Some(2));
+        assert_eq!(o.tcti, None);
+        assert_eq!(o.tpm_timeout, Some(30));
+        assert!(o.warnings.is_empty(), "{:?}", o.warnings);
+
+        let o = parse_attach_options(
+            "tpm2-device=/dev/tpmrm1,tpm2-measure-pcr=no,read-only,colour=red,tries=0",
+        );
+        assert_eq!(o.tcti.as_deref(), Some("device:/dev/tpmrm1"));
+        assert_eq!(o.phase_pcr, Some(None));
+        assert!(o.flags.readonly);
+        assert_eq!(o.warnings.len(), 2, "{:?}", o.warnings);
+        assert!(o.warnings[0].contains("colour"));
+
+        assert_eq!(parse_attach_options("-"), AttachOptions::default());
+        assert_eq!(
+            parse_attach_options("tpm2-measure-pcr=14").phase_pcr,
+            Some(Some(14))
+        );
+    }
+}

@@ -1,0 +1,225 @@
+//! systemd's password agent protocol (ask-password): a request file in
+//! /run/systemd/ask-password names a datagram socket; an agent (console, Plymouth,
+//! `systemd-tty-ask-password-agent`) sends `+<passphrase>` or `-` there. Only
+//! answers from root are accepted (SO_PASSCRED).
+
+use super::{PromptError, Prompter, MAX_SECRET};
+use crate::secret::SecretBytes;
+use nix::sys::socket::{
+    bind, recvmsg, setsockopt, socket, sockopt, AddressFamily, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType, UnixAddr,
+};
+use std::io::{IoSliceMut, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+const DIR: &str = "/run/systemd/ask-password";
+
+/// Use the agent protocol when systemd's directory exists and no human sits at
+/// our stdin (a service, or the initrd's cryptsetup stage).
+pub fn available() -> bool {
+    Path::new(DIR).is_dir() && !rustix::termios::isatty(std::io::stdin())
+}
+
+pub struct AskPassword {
+    dir: PathBuf,
+}
+
+impl AskPassword {
+    pub fn new() -> AskPassword {
+        AskPassword {
+            dir: PathBuf::from(DIR),
+        }
+    }
+
+    /// For tests: a different directory in place of /run/systemd/ask-password.
+    pub fn in_dir(dir: &Path) -> AskPassword {
+        AskPassword {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Default for AskPassword {
+    fn default() -> Self {
+        AskPassword::new()
+    }
+}
+
+/// Removes the request and socket files however `ask` ends.
+struct Cleanup(Vec<PathBuf>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn unique(tag: &str) -> String {
+    let mut r = [0u8; 8];
+    let _ = rustix::rand::getrandom(&mut r, rustix::rand::GetRandomFlags::empty());
+    format!("{tag}.{}", crate::encoding::hex_encode(&r))
+}
+
+/// The request file's contents. `Message` must stay on one line.
+pub fn request_text(pid: u32, socket: &Path, id: &str, message: &str) -> String {
+    let clean = |s: &str| s.replace(['\n', '\r'], " ");
+    format!(
+        "[Ask]\nPID={pid}\nSocket={}\nAcceptCached=0\nEcho=0\nNotAfter=0\nMessage={}\nId={}\nIcon=drive-harddisk\n",
+        socket.display(),
+        clean(message),
+        clean(id)
+    )
+}
+
+impl Prompter for AskPassword {
+    fn ask(&mut self, id: &str, message: &str) -> Result<SecretBytes, PromptError> {
+        let io = |e: nix::Error| PromptError::Io(std::io::Error::from(e));
+        let sock_path = self.dir.join(unique("sck"));
+        let ask_path = self.dir.join(unique("ask"));
+        let tmp_path = self.dir.join(unique("tmp"));
+        let _cleanup = Cleanup(vec![sock_path.clone(), ask_path.clone(), tmp_path.clone()]);
+
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(io)?;
+        bind(fd.as_raw_fd(), &UnixAddr::new(&sock_path).map_err(io)?).map_err(io)?;
+        setsockopt(&fd, sockopt::PassCred, &true).map_err(io)?;
+
+        // Agents watch for `ask.*` with inotify: the file must appear complete.
+        let text = request_text(std::process::id(), &sock_path, id, message);
+        let mut f = std::fs::File::create(&tmp_path).map_err(PromptError::Io)?;
+        f.write_all(text.as_bytes()).map_err(PromptError::Io)?;
+        f.sync_all().map_err(PromptError::Io)?;
+        std::fs::rename(&tmp_path, &ask_path).map_err(PromptError::Io)?;
+
+        loop {
+            let mut buf = SecretBytes::zeroed(MAX_SECRET + 2);
+            let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
+            let (len, uid) = {
+                let mut iov = [IoSliceMut::new(buf.as_mut_bytes())];
+                let msg = recvmsg::<UnixAddr>(
+                    fd.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut cmsg),
+                    MsgFlags::empty(),
+                )
+                .map_err(io)?;
+                let uid = msg.cmsgs().map_err(io)?.find_map(|c| match c {
+                    ControlMessageOwned::ScmCredentials(cred) => Some(cred.uid()),
+                    _ => None,
+                });
+                (msg.bytes, uid)
+            };
+            if uid != Some(0) {
+                continue; // not from a root agent: ignore
+            }
+            match buf.as_bytes().first() {
+                Some(b'+') if len <= MAX_SECRET + 1 => {
+                    let mut out = SecretBytes::from_slice(&buf.as_bytes()[1..len]);
+                    // Some agents send a trailing NUL.
+                    if out.as_bytes().last() == Some(&0) {
+                        let n = out.len() - 1;
+                        out.truncate(n);
+                    }
+                    return Ok(out);
+                }
+                Some(b'+') => return Err(PromptError::TooLong),
+                Some(b'-') => return Err(PromptError::Cancelled),
+                _ => continue,
+            }
+        }
+    }
+
+    fn say(&mut self, line: &str) {
+        // Under systemd our stderr goes to the journal and the console.
+        eprintln!("{line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{sendto, MsgFlags as F};
+
+    #[test]
+    fn request_file_shape() {
+        let t = request_text(
+            42,
+            Path::new("/run/x/sck.1"),
+            "cryptsetup:v",
+            "Pass\nword for v",
+        );
+        assert!(t.starts_with("[Ask]\nPID=42\nSocket=/run/x/sck.1\n"));
+        assert!(t.contains("Echo=0\n"));
+        assert!(t.contains("Message=Pass word for v\n"));
+        assert!(t.contains("Id=cryptsetup:v\n"));
+    }
+
+    /// A fake agent: waits for the request, reads its socket path, answers.
+    fn agent(dir: PathBuf, answer: &'static [u8]) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            for _ in 0..500 {
+                if let Some(ask) = std::fs::read_dir(&dir)
+                    .unwrap()
+                    .filter_map(Result::ok)
+                    .find(|e| e.file_name().to_string_lossy().starts_with("ask."))
+                {
+                    let text = std::fs::read_to_string(ask.path()).unwrap();
+                    let sock = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Socket="))
+                        .unwrap()
+                        .to_string();
+                    let fd = socket(
+                        AddressFamily::Unix,
+                        SockType::Datagram,
+                        SockFlag::empty(),
+                        None,
+                    )
+                    .unwrap();
+                    sendto(
+                        fd.as_raw_fd(),
+                        answer,
+                        &UnixAddr::new(sock.as_str()).unwrap(),
+                        F::empty(),
+                    )
+                    .unwrap();
+                    return text;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            panic!("no request appeared");
+        })
+    }
+
+    #[test]
+    fn answer_and_cancel_through_the_protocol() {
+        if !nix::unistd::geteuid().is_root() {
+            return; // agents' answers are only accepted from root
+        }
+        let dir = std::env::temp_dir().join(format!("vg-ask-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = agent(dir.clone(), b"+s3cret");
+        let got = AskPassword::in_dir(&dir)
+            .ask("cryptsetup:v", "Passphrase for v")
+            .unwrap();
+        assert_eq!(got.as_bytes(), b"s3cret");
+        assert!(a.join().unwrap().contains("Message=Passphrase for v"));
+        let a = agent(dir.clone(), b"-");
+        assert!(matches!(
+            AskPassword::in_dir(&dir).ask("i", "m"),
+            Err(PromptError::Cancelled)
+        ));
+        a.join().unwrap();
+        // request and socket files are gone afterwards
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

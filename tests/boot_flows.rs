@@ -1,0 +1,387 @@
+//! Enrol, unlock (up to the volume key), reseal and recovery on a LUKS2 image in a
+//! file with a software TPM. Activation itself needs device-mapper and is covered
+//! by the QEMU scenarios.
+
+mod common;
+
+use common::{luks_image, run, Swtpm, TempDir};
+use std::process::Command;
+use std::time::Duration;
+use vaultguard::boot::{
+    acquire_volume_key, enroll, reseal, BootError, EnrollOptions, Method, NoEvents, TpmOptions,
+    UnlockOptions, Verification,
+};
+use vaultguard::luks::{ActivateFlags, Vault};
+use vaultguard::prompt::Scripted;
+use vaultguard::tpm::policy::Bank;
+
+const PASS: &str = "correct horse battery staple";
+
+fn tpm_opts(sw: &Swtpm) -> TpmOptions {
+    TpmOptions {
+        tcti: sw.tcti(),
+        timeout: Duration::from_secs(5),
+        phase_pcr: Some(15),
+    }
+}
+
+fn enroll_opts(sw: &Swtpm, img: &std::path::Path) -> EnrollOptions {
+    EnrollOptions {
+        device: img.display().to_string(),
+        name: "secure-ai-vault".into(),
+        tpm: tpm_opts(sw),
+        bank: Bank::Sha256,
+        pcrs: vec![0, 2, 4, 7],
+        pin: false,
+        recovery_key: false,
+        tries: 3,
+    }
+}
+
+fn unlock_opts(sw: &Swtpm, img: &std::path::Path) -> UnlockOptions {
+    UnlockOptions {
+        name: "secure-ai-vault".into(),
+        device: img.display().to_string(),
+        tpm: Some(tpm_opts(sw)),
+        tries: 3,
+        keyfile: None,
+        flags: ActivateFlags::default(),
+    }
+}
+
+/// The volume key as the passphrase opens it: the reference every path must match.
+fn reference_vk(img: &std::path::Path) -> Vec<u8> {
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    v.volume_key(None, PASS.as_bytes())
+        .unwrap()
+        .0
+        .as_bytes()
+        .to_vec()
+}
+
+fn dump(img: &std::path::Path) -> String {
+    String::from_utf8(run(Command::new("cryptsetup").arg("luksDump").arg(img)).stdout).unwrap()
+}
+
+#[test]
+fn enroll_then_the_tpm_opens_the_vault_without_a_prompt() {
+    let sw = Swtpm::start();
+    let dir = TempDir::new("enroll");
+    let img = luks_image(dir.path(), PASS);
+    let mut p = Scripted::new(&[PASS]);
+    let r = enroll(&enroll_opts(&sw, &img), &mut p, &mut NoEvents).unwrap();
+    assert!(matches!(r.verification, Verification::Unsealed));
+    assert_eq!(r.pcrs, vec![0, 2, 4, 7, 15]);
+    let d = dump(&img);
+    assert!(d.contains("systemd-tpm2"), "{d}");
+    // the passphrase keyslot is still there
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    assert_eq!(v.active_keyslots(), vec![0, r.keyslot]);
+    assert!(v.volume_key(Some(0), PASS.as_bytes()).is_ok());
+    drop(v);
+
+    let mut p = Scripted::new(&[]);
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    let got = acquire_volume_key(&mut v, &unlock_opts(&sw, &img), &mut p, &mut NoEvents).unwrap();
+    assert_eq!(got.method, Method::Tpm2);
+    assert!(p.asked.is_empty(), "no prompt expected: {:?}", p.asked);
+    assert_eq!(got.vk.as_bytes(), reference_vk(&img).as_slice());
+}
+
+#[test]
+fn the_tpm_keyslot_uses_minimal_pbkdf2_and_the_token_is_systemds() {
+    let sw = Swtpm::start();
+    let dir = TempDir::new("kdf");
+    let img = luks_image(dir.path(), PASS);
+    let r = enroll(
+        &enroll_opts(&sw, &img),
+        &mut Scripted::new(&[PASS]),
+        &mut NoEvents,
+    )
+    .unwrap();
+    let out = run(Command::new("cryptsetup")
+        .args(["token", "export", "--token-id"])
+        .arg(r.token.to_string())
+        .arg(&img));
+    let token: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "tpm2-blob",
+        "tpm2-pcrs",
+        "tpm2-pcr-bank",
+        "tpm2-primary-alg",
+        "tpm2-policy-hash",
+        "tpm2-pin",
+        "tpm2_srk",
+    ] {
+        assert!(token.get(key).is_some(), "missing {key} in {token}");
+    }
+    assert_eq!(
+        token["keyslots"],
+        serde_json::json!([r.keyslot.to_string()])
+    );
+    assert_eq!(token["tpm2-pcrs"], serde_json::json!([0, 2, 4, 7, 15]));
+    let d = dump(&img);
+    let slot = d.split(&format!("  {}: luks2", r.keyslot)).nth(1).unwrap();
+    assert!(slot.contains("PBKDF:      pbkdf2"), "{slot}");
+    assert!(slot.contains("Iterations: 1000"), "{slot}");
+}
+
+#[test]
+fn enrolling_twice_is_refused_and_a_wrong_passphrase_writes_nothing() {
+    let sw = Swtpm::start();
+    let dir = TempDir::new("twice");
+    let img = luks_image(dir.path(), PASS);
+    let e = enroll(
+        &enroll_opts(&sw, &img),
+        &mut Scripted::new(&["no", "nope", "never"]),
+        &mut NoEvents,
+    )
+    .unwrap_err();
+    assert!(matches!(e, BootError::TriesExhausted { .. }), "{e}");
+    assert!(!dump(&img).contains("systemd-tpm2"));
+    enroll(
+        &enroll_opts(&sw, &img),
+        &mut Scripted::new(&[PASS]),
+        &mut NoEvents,
+    )
+    .unwrap();
+    let e = enroll(
+        &enroll_opts(&sw, &img),
+        &mut Scripted::new(&[PASS]),
+        &mut NoEvents,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("vaultguard reseal"), "{e}");
+}
+
+#[test]
+fn a_changed_pcr_falls_back_to_the_passphrase_with_the_reason() {
+    let mut sw = Swtpm::start();
+    let dir = TempDir::new("pcr");
+    let img = luks_image(dir.path(), PASS);
+    enroll(
+        &enroll_opts(&sw, &img),
+        &mut Scripted::new(&[PASS]),
+        &mut NoEvents,
+    )
+    .unwrap();
+    sw.tool(
+        "tpm2_pcrextend",
+        &["2:sha256=0000000000000000000000000000000000000000000000000000000000000002"],
+    );
+    let mut p = Scripted::new(&["wrong", PASS]);
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    let got = acquire_volume_key(&mut v, &unlock_opts(&sw, &img), &mut p, &mut NoEvents).unwrap();
+    assert_eq!(got.method, Method::Passphrase);
+    let reason = got.fallback_reason.unwrap();
+    assert!(reason.contains("PCR 2 changed"), "{reason}");
+    assert!(
+        p.said.iter().any(|l| l.contains("PCR 2 changed")),
+        "{:?}",
+        p.said
+    );
+    assert!(
+        p.said
+            .iter()
+            .any(|l| l.contains("wrong passphrase (2 tries left)")),
+        "{:?}",
+        p.said
+    );
+    assert_eq!(got.vk.as_bytes(), reference_vk(&img).as_slice());
+}
+
+#[test]
+fn after_the_latch_the_tpm_refuses_until_reboot() {
+    let sw = Swtpm::start();
+    let dir = TempDir::new("latch");
+    let img = luks_image(dir.path(), PASS);
+    enroll(
+        &enroll_opts(&sw, &img),
+        &mut Scripted::new(&[PASS]),
+        &mut NoEvents,
+    )
+    .unwrap();
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    let uuid = v.uuid().unwrap();
+    let mut got = acquire_volume_key(
+        &mut v,
+        &unlock_opts(&sw, &img),
+        &mut Scripted::new(&[]),
+        &mut NoEvents,
+    )
+    .unwrap();
+    got.tpm
+        .as_mut()
+        .unwrap()
+        .latch(15, got.vk.as_bytes(), "secure-ai-vault", &uuid)
+        .unwrap();
+    drop(got);
+    let mut p = Scripted::new(&[]);
+    let e = acquire_volume_key(&mut v, &unlock_opts(&sw, &img), &mut p, &mut NoEvents)
+        .err()
+        .unwrap();
+    assert!(matches!(e, BootError::Prompt(_)), "{e}");
+    assert!(
+        p.said
+            .iter()
+            .any(|l| l.contains("PCR 15 (phase) is already extended")),
+        "{:?}",
+        p.said
+    );
+}
+
+#[test]
+fn pin_loop_stops_before_the_tpm_locks_out() {
+    let mut sw = Swtpm::start();
+    sw.tool(
+        "tpm2_dictionarylockout",
+        &["-s", "-n", "3", "-t", "600", "-l", "600"],
+    );
+    let dir = TempDir::new("pin");
+    let img = luks_image(dir.path(), PASS);
+    let mut o = enroll_opts(&sw, &img);
+    o.pin = true;
+    enroll(
+        &o,
+        &mut Scripted::new(&[PASS, "1357", "1357"]),
+        &mut NoEvents,
+    )
+    .unwrap();
+
+    // Wrong PINs: vaultguard stops while the TPM still has one try, then asks for
+    // the passphrase instead.
+    let mut opts = unlock_opts(&sw, &img);
+    opts.tries = 5;
+    let mut p = Scripted::new(&["0000", "1111", PASS]);
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    let got = acquire_volume_key(&mut v, &opts, &mut p, &mut NoEvents).unwrap();
+    assert_eq!(got.method, Method::Passphrase);
+    assert!(got.fallback_reason.unwrap().contains("not risking it"));
+    let mut tpm = got.tpm.unwrap();
+    assert_eq!(tpm.da_tries_left().unwrap(), 1);
+    assert!(!tpm.in_lockout().unwrap(), "the TPM must not be in lockout");
+    drop(tpm);
+
+    // The right PIN still works: the TPM is not locked out.
+    let mut tpm = got_tpm_reopen(&sw);
+    let token = v.tpm2_tokens().remove(0).1.unwrap();
+    assert!(tpm.unseal(&token, Some(b"1357")).is_ok());
+    // and once the counter has decayed (here: reset by the owner), the PIN path
+    // opens the vault again without the passphrase
+    drop(tpm);
+    sw.tool("tpm2_dictionarylockout", &["-c"]);
+    let mut p = Scripted::new(&["1357"]);
+    let got = acquire_volume_key(&mut v, &opts, &mut p, &mut NoEvents).unwrap();
+    assert_eq!(got.method, Method::Tpm2Pin);
+    assert_eq!(got.vk.as_bytes(), reference_vk(&img).as_slice());
+}
+
+fn got_tpm_reopen(sw: &Swtpm) -> vaultguard::tpm::Tpm {
+    vaultguard::tpm::Tpm::open(&sw.tcti(), Duration::from_secs(5)).unwrap()
+}
+
+#[test]
+fn reseal_writes_the_new_enrolment_before_removing_the_old() {
+    let mut sw = Swtpm::start();
+    let dir = TempDir::new("reseal");
+    let img = luks_image(dir.path(), PASS);
+    let first = enroll(
+        &enroll_opts(&sw, &img),
+        &mut Scripted::new(&[PASS]),
+        &mut NoEvents,
+    )
+    .unwrap();
+    // a legitimate update changes PCR 4
+    sw.tool(
+        "tpm2_pcrextend",
+        &["4:sha256=0404040404040404040404040404040404040404040404040404040404040404"],
+    );
+    let mut p = Scripted::new(&[PASS]);
+    let r = reseal(&enroll_opts(&sw, &img), &mut p, &mut NoEvents).unwrap();
+    assert!(matches!(r.verification, Verification::Unsealed));
+    assert_eq!(r.removed, vec![(first.token, first.keyslot)]);
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    let tokens = v.tpm2_tokens();
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(tokens[0].0, r.token);
+    assert_eq!(v.active_keyslots(), vec![0, r.keyslot]);
+    let got = acquire_volume_key(
+        &mut v,
+        &unlock_opts(&sw, &img),
+        &mut Scripted::new(&[]),
+        &mut NoEvents,
+    )
+    .unwrap();
+    assert_eq!(got.method, Method::Tpm2);
+}
+
+#[test]
+fn recovery_key_opens_the_vault_after_the_tpm_is_wiped_and_reseal_restores_it() {
+    let mut sw = Swtpm::start();
+    let dir = TempDir::new("recovery");
+    let img = luks_image(dir.path(), PASS);
+    let mut o = enroll_opts(&sw, &img);
+    o.recovery_key = true;
+    let r = enroll(&o, &mut Scripted::new(&[PASS]), &mut NoEvents).unwrap();
+    let key = String::from_utf8(r.recovery_key.as_ref().unwrap().as_bytes().to_vec()).unwrap();
+    assert!(dump(&img).contains("systemd-recovery"));
+    // the TPM is cleared: its SRK is gone
+    sw.tool("tpm2_clear", &["-c", "p"]);
+    let mut p = Scripted::new(&[&key]);
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    let got = acquire_volume_key(&mut v, &unlock_opts(&sw, &img), &mut p, &mut NoEvents).unwrap();
+    assert_eq!(got.method, Method::Passphrase);
+    assert!(
+        got.fallback_reason
+            .as_deref()
+            .unwrap()
+            .contains("cleared or replaced"),
+        "{:?}",
+        got.fallback_reason
+    );
+    drop(got);
+    drop(v);
+    let mut p = Scripted::new(&[&key]);
+    reseal(&enroll_opts(&sw, &img), &mut p, &mut NoEvents).unwrap();
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    let got = acquire_volume_key(
+        &mut v,
+        &unlock_opts(&sw, &img),
+        &mut Scripted::new(&[]),
+        &mut NoEvents,
+    )
+    .unwrap();
+    assert_eq!(got.method, Method::Tpm2);
+    assert_eq!(got.vk.as_bytes(), reference_vk(&img).as_slice());
+}
+
+#[test]
+fn enrolment_after_the_latch_is_verified_by_policy_and_works_next_boot() {
+    let sw = Swtpm::start();
+    let dir = TempDir::new("postlatch");
+    let img = luks_image(dir.path(), PASS);
+    // this boot already latched PCR 15
+    let mut tpm = vaultguard::tpm::Tpm::open(&sw.tcti(), Duration::from_secs(5)).unwrap();
+    tpm.latch(15, &[1u8; 64], "other", "x").unwrap();
+    drop(tpm);
+    let r = enroll(
+        &enroll_opts(&sw, &img),
+        &mut Scripted::new(&[PASS]),
+        &mut NoEvents,
+    )
+    .unwrap();
+    assert!(matches!(r.verification, Verification::PolicyOnly));
+    // reboot: TPM reset, PCR 15 back to zeros
+    let mut sw = sw;
+    sw.restart();
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    let got = acquire_volume_key(
+        &mut v,
+        &unlock_opts(&sw, &img),
+        &mut Scripted::new(&[]),
+        &mut NoEvents,
+    )
+    .unwrap();
+    assert_eq!(got.method, Method::Tpm2);
+    assert_eq!(got.vk.as_bytes(), reference_vk(&img).as_slice());
+}
