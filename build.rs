@@ -8,13 +8,32 @@
 fn main() {
     println!("cargo:rerun-if-env-changed=VG_CDEPS_LIB");
     let Ok(lib) = std::env::var("VG_CDEPS_LIB") else {
-        return;
+        panic!("VG_CDEPS_LIB is not set: build from the repository (see .cargo/config.toml)");
     };
     if !std::path::Path::new(&lib)
         .join("libtss2-tctildr.a")
         .exists()
     {
         panic!("{lib}/libtss2-tctildr.a is missing: run initramfs/build-cdeps.sh first");
+    }
+    // Record the C library versions for `vaultguard version`.
+    for (pc, var) in [
+        ("libcryptsetup", "VG_CRYPTSETUP_VERSION"),
+        ("tss2-esys", "VG_TSS2_VERSION"),
+        ("devmapper", "VG_DEVMAPPER_VERSION"),
+    ] {
+        let path = std::path::Path::new(&lib)
+            .join("pkgconfig")
+            .join(format!("{pc}.pc"));
+        println!("cargo:rerun-if-changed={}", path.display());
+        let version = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("Version:").map(|v| v.trim().to_string()))
+            })
+            .unwrap_or_else(|| "unknown".into());
+        println!("cargo:rustc-env={var}={version}");
     }
     println!("cargo:rustc-link-search=native={lib}");
     println!("cargo:rustc-link-arg=-Wl,--allow-multiple-definition");

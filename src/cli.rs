@@ -36,7 +36,11 @@ pub enum Command {
 /// check the configuration and print the effective settings as JSON
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "config")]
-pub struct ConfigCmd {}
+pub struct ConfigCmd {
+    /// print only this key (dotted, e.g. vault.name); strings are printed bare
+    #[argh(option)]
+    pub get: Option<String>,
+}
 
 /// print the version and the versions of the linked C libraries
 #[derive(FromArgs, Debug)]

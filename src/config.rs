@@ -372,6 +372,27 @@ impl Config {
     }
 }
 
+impl Config {
+    /// One value by its dotted name, for scripts (strings bare, the rest as JSON).
+    pub fn get(&self, key: &str) -> Result<String, ConfigError> {
+        let mut v = serde_json::to_value(self).map_err(|e| ConfigError::Parse {
+            path: key.into(),
+            msg: e.to_string(),
+        })?;
+        for part in key.split('.') {
+            v = v
+                .get(part)
+                .cloned()
+                .ok_or_else(|| ConfigError::UnknownField { field: key.into() })?;
+        }
+        Ok(match v {
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Null => String::new(),
+            other => other.to_string(),
+        })
+    }
+}
+
 /// `0,2,4,7` or systemd's `0+2+4+7`.
 pub fn parse_pcr_list(s: &str) -> Result<Vec<u32>, String> {
     let mut out = Vec::new();
@@ -594,6 +615,15 @@ mod tests {
         assert!(w[1].contains("`colour`"), "{w:?}");
         assert!(w[2].contains("tpm.bank"), "{w:?}");
         assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn get_by_dotted_key() {
+        let c = Config::default();
+        assert_eq!(c.get("vault.name").unwrap(), "secure-ai-vault");
+        assert_eq!(c.get("tpm.pcrs").unwrap(), "[0,2,4,7]");
+        assert_eq!(c.get("vault.device").unwrap(), "");
+        assert!(c.get("vault.nope").is_err());
     }
 
     #[test]

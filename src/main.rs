@@ -90,12 +90,18 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 c.pin,
             )?;
         }
-        Command::Config(_) => {
+        Command::Config(c) => {
             let cfg = load_config(&args)?;
-            println!("{}", serde_json::to_string_pretty(&cfg)?);
+            match &c.get {
+                None => println!("{}", serde_json::to_string_pretty(&cfg)?),
+                Some(key) => println!("{}", cfg.get(key)?),
+            }
         }
         Command::Version(_) => {
             println!("vaultguard {}", env!("CARGO_PKG_VERSION"));
+            println!("libcryptsetup {} (static)", env!("VG_CRYPTSETUP_VERSION"));
+            println!("tpm2-tss {} (static, no dlopen)", env!("VG_TSS2_VERSION"));
+            println!("libdevmapper {} (static)", env!("VG_DEVMAPPER_VERSION"));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian 12 machine:
+#   1. host packages (swtpm, tpm2-tools, cryptsetup, QEMU, kernel, busybox, clang)
+#   2. the static C libraries (built once into .cdeps, then cached)
+#   3. cargo test: unit tests and host integration tests (swtpm on loopback, LUKS2
+#      headers in files, the control socket with a fake vault)
+#   4. the static release binary, checked static
+#   5. the QEMU + swtpm boot scenarios
+# Usage: qemu-tests/test.sh [SCENARIO...]   (scenarios default to all)
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+step() { printf '\n== %s\n' "$*"; }
+
+step "host packages"
+bash qemu-tests/setup-host.sh
+
+step "static C libraries (.cdeps)"
+bash initramfs/build-cdeps.sh
+
+step "cargo test"
+cargo test --locked
+
+step "static release binary"
+bin=$(bash initramfs/build-static.sh | tail -n 1)
+echo "$bin: $(file -b "$bin" | cut -d, -f1-3), $(stat -c %s "$bin") bytes"
+
+step "QEMU boot scenarios"
+bash qemu-tests/run.sh "$@"
