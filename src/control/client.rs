@@ -1,0 +1,371 @@
+//! The client side of the control socket, used by `vaultguard status|lock|unlock|
+//! keepalive`: one request line, one response line, printed for a human or raw.
+//!
+//! An unlock request is assembled inside a [`SecretBytes`] (the passphrase is
+//! JSON-escaped straight into it) and written from there; nothing else holds the
+//! passphrase. This module never interprets the vault's state beyond printing it.
+
+use super::protocol::MAX_LINE;
+use crate::secret::SecretBytes;
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How long to wait for status and keepalive answers.
+const QUICK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Lock and unlock wait for services to stop/start and for the LUKS KDF.
+const SLOW_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Debug)]
+pub enum ClientError {
+    Connect { socket: PathBuf, err: io::Error },
+    Io { socket: PathBuf, err: io::Error },
+    Closed { socket: PathBuf },
+    BadResponse(String),
+    PassphraseNotUtf8,
+    Prompt(String),
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::Connect { socket, err } => write!(
+                f,
+                "cannot connect to {}: {err} (is `vaultguard supervise` running? `systemctl status vaultguard-supervisor`)",
+                socket.display()
+            ),
+            ClientError::Io { socket, err } if err.kind() == io::ErrorKind::WouldBlock => {
+                write!(f, "no answer from {} in time", socket.display())
+            }
+            ClientError::Io { socket, err } => write!(f, "{}: {err}", socket.display()),
+            ClientError::Closed { socket } => write!(
+                f,
+                "{} closed the connection without an answer",
+                socket.display()
+            ),
+            ClientError::BadResponse(m) => write!(f, "unexpected answer from the supervisor: {m}"),
+            ClientError::PassphraseNotUtf8 => write!(
+                f,
+                "the passphrase is not valid UTF-8 and cannot be sent over the JSON socket"
+            ),
+            ClientError::Prompt(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+/// One response: the raw line (for `--json`) and its parsed form.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub line: String,
+    pub value: serde_json::Value,
+}
+
+impl Reply {
+    /// `success` if present, else true for a status answer (it has no such key).
+    pub fn success(&self) -> bool {
+        match self.value.get("success") {
+            Some(v) => v.as_bool().unwrap_or(false),
+            None => self.value.get("state").is_some(),
+        }
+    }
+
+    fn error(&self) -> &str {
+        self.value
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("(no error message)")
+    }
+}
+
+/// Does a supervisor answer on `socket`? (Used to route `vaultguard unlock` to the
+/// socket after boot and to the boot path before.)
+pub fn is_serving(socket: &Path) -> bool {
+    UnixStream::connect(socket).is_ok()
+}
+
+pub fn status(socket: &Path) -> Result<Reply, ClientError> {
+    request(socket, b"{\"cmd\":\"status\"}\n", QUICK_TIMEOUT)
+}
+
+pub fn lock(socket: &Path) -> Result<Reply, ClientError> {
+    request(socket, b"{\"cmd\":\"lock\"}\n", SLOW_TIMEOUT)
+}
+
+pub fn keepalive(socket: &Path) -> Result<Reply, ClientError> {
+    request(socket, b"{\"cmd\":\"keepalive\"}\n", QUICK_TIMEOUT)
+}
+
+pub fn unlock(socket: &Path, passphrase: &SecretBytes) -> Result<Reply, ClientError> {
+    let line = unlock_line(passphrase)?;
+    request(socket, line.as_bytes(), SLOW_TIMEOUT)
+}
+
+/// `{"cmd":"unlock","passphrase":"..."}\n`, built inside a secret buffer.
+pub fn unlock_line(passphrase: &SecretBytes) -> Result<SecretBytes, ClientError> {
+    let p = passphrase.as_bytes();
+    if std::str::from_utf8(p).is_err() {
+        return Err(ClientError::PassphraseNotUtf8);
+    }
+    const HEAD: &[u8] = b"{\"cmd\":\"unlock\",\"passphrase\":\"";
+    const TAIL: &[u8] = b"\"}\n";
+    // Worst case every byte becomes a six-byte \u00XX escape.
+    let mut out = SecretBytes::with_capacity(HEAD.len() + 6 * p.len() + TAIL.len());
+    let mut put = |bytes: &[u8]| {
+        for &b in bytes {
+            // Capacity is computed above, so a refusal here is a bug, not input.
+            let pushed = out.push(b);
+            debug_assert!(pushed);
+        }
+    };
+    put(HEAD);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for &b in p {
+        match b {
+            b'"' => put(b"\\\""),
+            b'\\' => put(b"\\\\"),
+            0..=0x1f | 0x7f => put(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 15)],
+            ]),
+            _ => put(&[b]),
+        }
+    }
+    put(TAIL);
+    Ok(out)
+}
+
+/// Send one line, read one line back.
+pub fn request(socket: &Path, line: &[u8], timeout: Duration) -> Result<Reply, ClientError> {
+    let io = |err| ClientError::Io {
+        socket: socket.to_path_buf(),
+        err,
+    };
+    let mut s = UnixStream::connect(socket).map_err(|err| ClientError::Connect {
+        socket: socket.to_path_buf(),
+        err,
+    })?;
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
+    s.set_write_timeout(Some(QUICK_TIMEOUT)).map_err(io)?;
+    s.write_all(line).map_err(io)?;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = match s.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io(e)),
+        };
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.contains(&b'\n') || buf.len() > MAX_LINE {
+            break;
+        }
+    }
+    let end = match buf.iter().position(|&b| b == b'\n') {
+        Some(nl) => nl,
+        None if buf.is_empty() => {
+            return Err(ClientError::Closed {
+                socket: socket.to_path_buf(),
+            })
+        }
+        None => {
+            return Err(ClientError::BadResponse(
+                "no newline-terminated line".into(),
+            ))
+        }
+    };
+    let text = String::from_utf8(buf[..end].to_vec())
+        .map_err(|_| ClientError::BadResponse("not UTF-8".into()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ClientError::BadResponse(format!("{e}: {text}")))?;
+    if !value.is_object() {
+        return Err(ClientError::BadResponse(text));
+    }
+    Ok(Reply { line: text, value })
+}
+
+/// Ask the operator for the passphrase on the terminal, echo off.
+pub fn read_passphrase() -> Result<SecretBytes, ClientError> {
+    use crate::prompt::Prompter;
+    crate::prompt::Console::new()
+        .ask("vaultguard:unlock", "Vault passphrase: ")
+        .map_err(|e| ClientError::Prompt(e.to_string()))
+}
+
+/// Which request the CLI sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cmd {
+    Status,
+    Lock,
+    Keepalive,
+    Unlock,
+}
+
+/// Human-readable rendering of a reply.
+pub fn human(cmd: Cmd, reply: &Reply) -> String {
+    if !reply.success() {
+        let mut s = match cmd {
+            Cmd::Lock => format!("lock failed: {}", reply.error()),
+            Cmd::Unlock => format!("unlock failed: {}", reply.error()),
+            _ => format!("error: {}", reply.error()),
+        };
+        if let Some(r) = reply.value.get("retry_after").and_then(|v| v.as_u64()) {
+            s.push_str(&format!(" (locked out: retry in {})", duration(r)));
+        }
+        if let Some(st) = reply.value.get("state").and_then(|v| v.as_str()) {
+            s.push_str(&format!("\nvault is {st}"));
+        }
+        return s;
+    }
+    let v = &reply.value;
+    match cmd {
+        Cmd::Status => {
+            let state = v.get("state").and_then(|s| s.as_str()).unwrap_or("unknown");
+            let mut s = format!("vault: {state}");
+            if let Some(d) = v.get("detail").and_then(|d| d.as_str()) {
+                s.push_str(&format!(" ({})", d.replace('_', " ")));
+            }
+            if let Some(i) = v.get("idle_seconds").and_then(|x| x.as_u64()) {
+                s.push_str(&format!("\nidle for: {}", duration(i)));
+            }
+            match v.get("lock_in_seconds").and_then(|x| x.as_u64()) {
+                Some(l) => s.push_str(&format!("\nauto-lock in: {}", duration(l))),
+                None if state == "unlocked" => s.push_str("\nauto-lock: off"),
+                None => {}
+            }
+            if let Some(l) = v.get("lockout_seconds").and_then(|x| x.as_u64()) {
+                s.push_str(&format!(
+                    "\nunlock refused for: {} (too many failed attempts)",
+                    duration(l)
+                ));
+            }
+            s
+        }
+        Cmd::Lock => "vault locked".into(),
+        Cmd::Unlock => {
+            let mut s = String::from("vault unlocked");
+            if let Some(w) = v.get("warning").and_then(|w| w.as_str()) {
+                s.push_str(&format!("\nwarning: {w}"));
+            }
+            s
+        }
+        Cmd::Keepalive => "activity recorded; auto-lock postponed".into(),
+    }
+}
+
+/// `2h 05m`, `4m 10s`, `12s`.
+pub fn duration(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m {:02}s", secs / 60, secs % 60),
+        _ => format!("{}h {:02}m", secs / 3600, secs % 3600 / 60),
+    }
+}
+
+/// Run one CLI command: print the reply (raw with `json`) and return whether it
+/// succeeded. For [`Cmd::Unlock`], the caller passes the passphrase.
+pub fn run(
+    socket: &Path,
+    cmd: Cmd,
+    json: bool,
+    passphrase: Option<&SecretBytes>,
+) -> Result<bool, ClientError> {
+    let reply = match (cmd, passphrase) {
+        (Cmd::Status, _) => status(socket)?,
+        (Cmd::Lock, _) => lock(socket)?,
+        (Cmd::Keepalive, _) => keepalive(socket)?,
+        (Cmd::Unlock, Some(p)) => unlock(socket, p)?,
+        (Cmd::Unlock, None) => unlock(socket, &read_passphrase()?)?,
+    };
+    let ok = reply.success();
+    if json {
+        println!("{}", reply.line);
+    } else if ok {
+        println!("{}", human(cmd, &reply));
+    } else {
+        eprintln!("{}", human(cmd, &reply));
+    }
+    Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::protocol::{parse_request, Request};
+
+    fn reply(line: &str) -> Reply {
+        Reply {
+            line: line.into(),
+            value: serde_json::from_str(line).unwrap(),
+        }
+    }
+
+    #[test]
+    fn unlock_line_round_trips_through_the_server_parser() {
+        for p in ["hunter2", "a\"b\\c", "tab\tnew\nline\u{7f}", "café 😀", ""] {
+            let line = unlock_line(&SecretBytes::from_slice(p.as_bytes())).unwrap();
+            let bytes = line.as_bytes();
+            assert_eq!(bytes.last(), Some(&b'\n'));
+            assert_eq!(bytes.iter().filter(|&&b| b == b'\n').count(), 1, "{p:?}");
+            match parse_request(&bytes[..bytes.len() - 1]).unwrap() {
+                Request::Unlock(s) => assert_eq!(s.as_bytes(), p.as_bytes()),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(
+            unlock_line(&SecretBytes::from_slice(b"\xff")),
+            Err(ClientError::PassphraseNotUtf8)
+        ));
+    }
+
+    #[test]
+    fn human_rendering() {
+        let s = human(
+            Cmd::Status,
+            &reply(
+                r#"{"state":"unlocked","detail":"tpm2_unseal","idle_seconds":142,"last_activity":1741444200.0,"lock_in_seconds":1658}"#,
+            ),
+        );
+        assert_eq!(
+            s,
+            "vault: unlocked (tpm2 unseal)\nidle for: 2m 22s\nauto-lock in: 27m 38s"
+        );
+        let s = human(
+            Cmd::Status,
+            &reply(
+                r#"{"state":"locked","detail":"auto_lock_idle","idle_seconds":5,"last_activity":1.0,"lockout_seconds":40}"#,
+            ),
+        );
+        assert!(s.contains("unlock refused for: 40s"), "{s}");
+        let f = reply(
+            r#"{"success":false,"error":"incorrect passphrase or device error","retry_after":60}"#,
+        );
+        assert!(!f.success());
+        assert_eq!(
+            human(Cmd::Unlock, &f),
+            "unlock failed: incorrect passphrase or device error (locked out: retry in 1m 00s)"
+        );
+        assert!(reply(r#"{"success":true}"#).success());
+        assert_eq!(duration(7300), "2h 01m");
+    }
+
+    #[test]
+    fn connect_errors_name_the_socket() {
+        let e = status(Path::new("/nonexistent/vaultguard.sock")).unwrap_err();
+        assert!(
+            e.to_string().contains("/nonexistent/vaultguard.sock"),
+            "{e}"
+        );
+        assert!(!is_serving(Path::new("/nonexistent/vaultguard.sock")));
+    }
+}

@@ -1,0 +1,16 @@
+//! The control socket's language and gatekeeping (SPEC §3): request parsing and
+//! response shapes ([`protocol`]), line framing that wipes what passed through it
+//! ([`framing`]), peer-credential authorisation ([`auth`]) and the CLI's client
+//! ([`client`]).
+//!
+//! This module never acts on the vault and never owns a socket's lifetime: the
+//! supervisor's event loop accepts connections, applies timeouts and limits, and
+//! runs the commands these types describe.
+
+pub mod auth;
+pub mod client;
+pub mod framing;
+pub mod protocol;
+
+pub use auth::{authorise, peer_of, Peer};
+pub use protocol::{parse_request, ProtocolError, Request, Response, StatusReply, MAX_LINE};

@@ -1,0 +1,655 @@
+//! Wire format of the control socket (SPEC §3): one JSON object per line in, one out.
+//!
+//! Requests are `{"cmd":"status"}`, `{"cmd":"lock"}`, `{"cmd":"keepalive"}` and
+//! `{"cmd":"unlock","passphrase":"..."}`; unknown extra keys are ignored so that the
+//! appliance's existing clients keep working. Responses are written with their keys
+//! in the documented order.
+//!
+//! **Passphrase handling.** serde_json would unescape a passphrase containing
+//! escapes (`\"`, `\u00e9` as Python's `json.dumps` writes) into its private scratch
+//! buffer, which is freed without being wiped. So the line is only *validated* by
+//! serde_json (deserialised into `IgnoredAny`, which skips strings without copying
+//! them); the top-level keys are then located by a small scanner and the passphrase
+//! is unescaped straight from the caller's line buffer into a [`SecretBytes`]. What
+//! remains outside our control: the kernel's socket buffers and the client's own
+//! copies. The caller (the framing in [`super::framing`]) wipes the line afterwards.
+
+use crate::secret::SecretBytes;
+use std::fmt;
+
+/// Longest request line accepted, without its newline.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// What the error for a failed unlock says, exactly as the appliance API did.
+pub const UNLOCK_FAILED: &str = "incorrect passphrase or device error";
+
+pub enum Request {
+    Status,
+    Lock,
+    Keepalive,
+    Unlock(SecretBytes),
+}
+
+impl Request {
+    /// The command name, as used in `control.allow`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Lock => "lock",
+            Request::Keepalive => "keepalive",
+            Request::Unlock(_) => "unlock",
+        }
+    }
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never shows the passphrase: SecretBytes' Debug is redacted, but be explicit.
+        write!(f, "Request({})", self.name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProtocolError {
+    InvalidJson(String),
+    NotAnObject,
+    MissingField(&'static str),
+    WrongType {
+        field: &'static str,
+        expected: &'static str,
+    },
+    DuplicateField(String),
+    UnknownCommand(String),
+    NotUtf8(&'static str),
+    LineTooLong,
+    Timeout,
+    TooManyConnections,
+    PermissionDenied {
+        uid: u32,
+        cmd: &'static str,
+    },
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProtocolError::InvalidJson(m) => write!(f, "invalid JSON: {m}"),
+            ProtocolError::NotAnObject => {
+                write!(f, "request must be a JSON object such as {{\"cmd\":\"status\"}}")
+            }
+            ProtocolError::MissingField(k) => write!(f, "missing field `{k}`"),
+            ProtocolError::WrongType { field, expected } => {
+                write!(f, "field `{field}` must be {expected}")
+            }
+            ProtocolError::DuplicateField(k) => write!(f, "duplicate field `{k}`"),
+            ProtocolError::UnknownCommand(c) => write!(
+                f,
+                "unknown command `{}` (expected status, lock, unlock or keepalive)",
+                c.escape_default()
+            ),
+            ProtocolError::NotUtf8(k) => write!(f, "field `{k}` is not valid UTF-8"),
+            ProtocolError::LineTooLong => {
+                write!(f, "request line longer than {MAX_LINE} bytes; closing connection")
+            }
+            ProtocolError::Timeout => write!(
+                f,
+                "request not completed in time (send one JSON object per line, ending in a newline)"
+            ),
+            ProtocolError::TooManyConnections => {
+                write!(f, "too many connections to the control socket; try again")
+            }
+            ProtocolError::PermissionDenied { uid, cmd } => write!(
+                f,
+                "permission denied: uid {uid} may not run `{cmd}` (see control.allow in the configuration)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+/// Parse one request line (without its newline). The line may hold a passphrase:
+/// nothing here copies it except into the returned [`SecretBytes`].
+pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
+    if line.len() > MAX_LINE {
+        return Err(ProtocolError::LineTooLong);
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(line)
+        .map_err(|e| ProtocolError::InvalidJson(e.to_string()))?;
+    let fields = scan_top_level(line)?;
+    let mut cmd_span = None;
+    let mut pass_span = None;
+    for (key, value) in fields {
+        let slot = match key.as_str() {
+            "cmd" => &mut cmd_span,
+            "passphrase" => &mut pass_span,
+            _ => continue,
+        };
+        if slot.is_some() {
+            return Err(ProtocolError::DuplicateField(key));
+        }
+        *slot = Some((key, value));
+    }
+    let cmd = match cmd_span {
+        None => return Err(ProtocolError::MissingField("cmd")),
+        Some((_, Scanned::Str(raw))) => {
+            unescape_string(&line[raw.0..raw.1]).ok_or(ProtocolError::NotUtf8("cmd"))?
+        }
+        Some(_) => {
+            return Err(ProtocolError::WrongType {
+                field: "cmd",
+                expected: "a string",
+            })
+        }
+    };
+    match cmd.as_str() {
+        "status" => Ok(Request::Status),
+        "lock" => Ok(Request::Lock),
+        "keepalive" => Ok(Request::Keepalive),
+        "unlock" => match pass_span {
+            None => Err(ProtocolError::MissingField("passphrase")),
+            Some((_, Scanned::Str(raw))) => {
+                let raw = &line[raw.0..raw.1];
+                // Unescaping never lengthens a JSON string, so this never reallocates.
+                let mut secret = SecretBytes::with_capacity(raw.len());
+                unescape_into(raw, |b| secret.push(b)).ok_or(ProtocolError::InvalidJson(
+                    "bad escape in passphrase".into(),
+                ))?;
+                if std::str::from_utf8(secret.as_bytes()).is_err() {
+                    return Err(ProtocolError::NotUtf8("passphrase"));
+                }
+                Ok(Request::Unlock(secret))
+            }
+            Some(_) => Err(ProtocolError::WrongType {
+                field: "passphrase",
+                expected: "a string",
+            }),
+        },
+        _ => Err(ProtocolError::UnknownCommand(cmd)),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scanned {
+    /// Byte range of the string's contents (between the quotes, still escaped).
+    Str((usize, usize)),
+    Other,
+}
+
+/// Top-level (key, value) pairs of a line that serde_json has already accepted as
+/// one JSON value. Index arithmetic is checked anyway: this must never panic.
+fn scan_top_level(s: &[u8]) -> Result<Vec<(String, Scanned)>, ProtocolError> {
+    let bad = || ProtocolError::InvalidJson("unexpected structure".into());
+    let mut i = skip_ws(s, 0);
+    if s.get(i) != Some(&b'{') {
+        return Err(ProtocolError::NotAnObject);
+    }
+    i = skip_ws(s, i + 1);
+    let mut out = Vec::new();
+    if s.get(i) == Some(&b'}') {
+        return Ok(out);
+    }
+    loop {
+        if s.get(i) != Some(&b'"') {
+            return Err(bad());
+        }
+        let kend = string_end(s, i + 1).ok_or_else(bad)?;
+        let key = unescape_string(&s[i + 1..kend]).ok_or(ProtocolError::NotUtf8("key"))?;
+        i = skip_ws(s, kend + 1);
+        if s.get(i) != Some(&b':') {
+            return Err(bad());
+        }
+        i = skip_ws(s, i + 1);
+        let value = if s.get(i) == Some(&b'"') {
+            let vend = string_end(s, i + 1).ok_or_else(bad)?;
+            let v = Scanned::Str((i + 1, vend));
+            i = vend + 1;
+            v
+        } else {
+            i = skip_value(s, i).ok_or_else(bad)?;
+            Scanned::Other
+        };
+        out.push((key, value));
+        i = skip_ws(s, i);
+        match s.get(i) {
+            Some(b',') => i = skip_ws(s, i + 1),
+            Some(b'}') => return Ok(out),
+            _ => return Err(bad()),
+        }
+    }
+}
+
+fn skip_ws(s: &[u8], mut i: usize) -> usize {
+    while matches!(s.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// Index of the closing quote of a string whose contents start at `i`.
+fn string_end(s: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        match s.get(i)? {
+            b'"' => return Some(i),
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+}
+
+/// Index just past a non-string value (number, literal, array, object) at `i`.
+fn skip_value(s: &[u8], mut i: usize) -> Option<usize> {
+    if !matches!(s.get(i)?, b'{' | b'[') {
+        while let Some(&b) = s.get(i) {
+            if matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
+                break;
+            }
+            i += 1;
+        }
+        return Some(i);
+    }
+    let mut depth = 0usize;
+    loop {
+        match *s.get(i)? {
+            b'"' => i = string_end(s, i + 1)? + 1,
+            b'{' | b'[' => {
+                depth += 1;
+                i += 1;
+            }
+            b'}' | b']' => {
+                depth = depth.checked_sub(1)?;
+                i += 1;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+            _ => i += 1,
+        }
+    }
+}
+
+/// Unescape a (non-secret) JSON string's contents into a `String`.
+fn unescape_string(raw: &[u8]) -> Option<String> {
+    let mut v = Vec::with_capacity(raw.len());
+    unescape_into(raw, |b| {
+        v.push(b);
+        true
+    })?;
+    String::from_utf8(v).ok()
+}
+
+/// Unescape JSON string contents byte by byte into `put` (which returns false when
+/// it cannot take more). Lone surrogates are refused, as serde_json does.
+fn unescape_into(raw: &[u8], mut put: impl FnMut(u8) -> bool) -> Option<()> {
+    let mut i = 0;
+    let mut utf8 = [0u8; 4];
+    while i < raw.len() {
+        let b = raw[i];
+        if b != b'\\' {
+            put(b).then_some(())?;
+            i += 1;
+            continue;
+        }
+        let esc = *raw.get(i + 1)?;
+        i += 2;
+        let byte = match esc {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            b'/' => b'/',
+            b'b' => 0x08,
+            b'f' => 0x0c,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            b'u' => {
+                let hi = hex4(raw.get(i..i + 4)?)?;
+                i += 4;
+                let code = if (0xD800..0xDC00).contains(&hi) {
+                    if raw.get(i..i + 2)? != b"\\u" {
+                        return None;
+                    }
+                    let lo = hex4(raw.get(i + 2..i + 6)?)?;
+                    if !(0xDC00..0xE000).contains(&lo) {
+                        return None;
+                    }
+                    i += 6;
+                    0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
+                } else if (0xDC00..0xE000).contains(&hi) {
+                    return None;
+                } else {
+                    hi
+                };
+                let c = char::from_u32(code)?;
+                let enc = c.encode_utf8(&mut utf8);
+                for &b in enc.as_bytes() {
+                    put(b).then_some(())?;
+                }
+                // The stack copy of the last multi-byte character is wiped too.
+                zeroize::Zeroize::zeroize(&mut utf8);
+                continue;
+            }
+            _ => return None,
+        };
+        put(byte).then_some(())?;
+    }
+    Some(())
+}
+
+fn hex4(h: &[u8]) -> Option<u32> {
+    let s = std::str::from_utf8(h).ok()?;
+    u32::from_str_radix(s, 16).ok()
+}
+
+/// A response object with keys in the documented order.
+#[derive(Debug, Clone, Default)]
+pub struct Response {
+    body: String,
+}
+
+impl Response {
+    fn new() -> Self {
+        Response {
+            body: String::from("{"),
+        }
+    }
+
+    fn field(mut self, key: &str, value: serde_json::Value) -> Self {
+        if self.body.len() > 1 {
+            self.body.push(',');
+        }
+        self.body
+            .push_str(&serde_json::Value::String(key.into()).to_string());
+        self.body.push(':');
+        self.body.push_str(&value.to_string());
+        self
+    }
+
+    /// `{"success":true}` plus `state` when given.
+    pub fn ok(state: Option<&str>) -> Self {
+        let r = Response::new().field("success", true.into());
+        match state {
+            Some(s) => r.field("state", s.into()),
+            None => r,
+        }
+    }
+
+    /// `{"success":false,"error":"..."}` plus `retry_after` when locked out.
+    pub fn failed(error: &str, retry_after: Option<u64>) -> Self {
+        let r = Response::new()
+            .field("success", false.into())
+            .field("error", error.into());
+        match retry_after {
+            Some(s) => r.field("retry_after", s.into()),
+            None => r,
+        }
+    }
+
+    /// Add a key (for extras such as `state` on a failed lock or a `warning`).
+    pub fn with(self, key: &str, value: serde_json::Value) -> Self {
+        self.field(key, value)
+    }
+
+    pub fn status(s: &StatusReply) -> Self {
+        let mut r = Response::new()
+            .field("state", s.state.into())
+            .field("detail", s.detail.as_str().into())
+            .field("idle_seconds", s.idle_seconds.into())
+            .field("last_activity", last_activity_value(s.last_activity_ms));
+        if let Some(l) = s.lock_in_seconds {
+            r = r.field("lock_in_seconds", l.into());
+        }
+        if let Some(l) = s.lockout_seconds {
+            r = r.field("lockout_seconds", l.into());
+        }
+        r
+    }
+
+    /// The line to send, newline included.
+    pub fn to_line(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.body.len() + 2);
+        v.extend_from_slice(self.body.as_bytes());
+        v.extend_from_slice(b"}\n");
+        v
+    }
+}
+
+/// Seconds since the epoch as a float with millisecond precision (`1741444200.0`).
+fn last_activity_value(ms: u64) -> serde_json::Value {
+    let secs = (ms / 1000) as f64 + (ms % 1000) as f64 / 1000.0;
+    serde_json::Number::from_f64(secs)
+        .map(serde_json::Value::Number)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusReply {
+    pub state: &'static str,
+    pub detail: String,
+    pub idle_seconds: u64,
+    pub last_activity_ms: u64,
+    pub lock_in_seconds: Option<u64>,
+    pub lockout_seconds: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(line: &str) -> ProtocolError {
+        parse_request(line.as_bytes()).unwrap_err()
+    }
+
+    fn pass(line: &str) -> Vec<u8> {
+        match parse_request(line.as_bytes()).unwrap() {
+            Request::Unlock(s) => s.as_bytes().to_vec(),
+            other => panic!("not an unlock: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_four_commands_parse() {
+        assert!(matches!(
+            parse_request(br#"{"cmd":"status"}"#),
+            Ok(Request::Status)
+        ));
+        assert!(matches!(
+            parse_request(br#"{"cmd":"lock"}"#),
+            Ok(Request::Lock)
+        ));
+        assert!(matches!(
+            parse_request(br#" { "cmd" : "keepalive" } "#),
+            Ok(Request::Keepalive)
+        ));
+        assert_eq!(
+            pass(r#"{"cmd":"unlock","passphrase":"hunter2"}"#),
+            b"hunter2"
+        );
+        assert_eq!(pass(r#"{"passphrase":"p","cmd":"unlock"}"#), b"p");
+    }
+
+    #[test]
+    fn extra_fields_are_ignored_whatever_their_shape() {
+        assert!(matches!(
+            parse_request(
+                br#"{"id":7,"meta":{"a":[1,{"b":"}"}],"c":null},"cmd":"status","x":true}"#
+            ),
+            Ok(Request::Status)
+        ));
+        assert!(matches!(
+            parse_request(br#"{"cmd":"lock","passphrase":"unused"}"#),
+            Ok(Request::Lock)
+        ));
+        assert!(matches!(
+            parse_request(br#"{"n":-1.5e3,"cmd":"status"}"#),
+            Ok(Request::Status)
+        ));
+    }
+
+    #[test]
+    fn escaped_passphrases_are_decoded() {
+        assert_eq!(
+            pass(r#"{"cmd":"unlock","passphrase":"a\"b\\c\/d\n"}"#),
+            b"a\"b\\c/d\n"
+        );
+        assert_eq!(
+            pass(r#"{"cmd":"unlock","passphrase":"caf\u00e9 \ud83d\ude00"}"#),
+            "café 😀".as_bytes()
+        );
+        assert_eq!(
+            pass(r#"{"cmd":"unlock","passphrase":"café"}"#),
+            "café".as_bytes()
+        );
+        assert_eq!(pass(r#"{"cmd":"unlock","passphrase":""}"#), b"");
+        // An escaped key name is the same key.
+        assert_eq!(pass(r#"{"cmd":"unlock","pass\u0070hrase":"x"}"#), b"x");
+    }
+
+    #[test]
+    fn invalid_json_is_refused_with_serde_message() {
+        for line in [
+            "",
+            "{",
+            "not json",
+            r#"{"cmd":"status"} trailing"#,
+            r#"{"cmd":status}"#,
+            "{\"cmd\":\"st\natus\"}",
+        ] {
+            assert!(
+                matches!(err(line), ProtocolError::InvalidJson(_)),
+                "{line:?}"
+            );
+        }
+        let e = err(r#"{"cmd":"status""#);
+        assert!(e.to_string().starts_with("invalid JSON: "), "{e}");
+    }
+
+    #[test]
+    fn non_objects_are_refused() {
+        for line in ["[]", "\"status\"", "42", "null", r#"[{"cmd":"status"}]"#] {
+            assert_eq!(err(line), ProtocolError::NotAnObject, "{line}");
+        }
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        assert_eq!(err("{}"), ProtocolError::MissingField("cmd"));
+        assert_eq!(
+            err(r#"{"command":"status"}"#),
+            ProtocolError::MissingField("cmd")
+        );
+        assert_eq!(
+            err(r#"{"cmd":"unlock"}"#),
+            ProtocolError::MissingField("passphrase")
+        );
+        assert_eq!(
+            err(r#"{"cmd":"unlock"}"#).to_string(),
+            "missing field `passphrase`"
+        );
+    }
+
+    #[test]
+    fn wrong_types_and_duplicates_are_refused() {
+        assert_eq!(
+            err(r#"{"cmd":1}"#),
+            ProtocolError::WrongType {
+                field: "cmd",
+                expected: "a string"
+            }
+        );
+        assert_eq!(
+            err(r#"{"cmd":"unlock","passphrase":["x"]}"#),
+            ProtocolError::WrongType {
+                field: "passphrase",
+                expected: "a string"
+            }
+        );
+        assert_eq!(
+            err(r#"{"cmd":"unlock","passphrase":null}"#),
+            ProtocolError::WrongType {
+                field: "passphrase",
+                expected: "a string"
+            }
+        );
+        assert_eq!(
+            err(r#"{"cmd":"status","cmd":"lock"}"#),
+            ProtocolError::DuplicateField("cmd".into())
+        );
+    }
+
+    #[test]
+    fn unknown_commands_are_named() {
+        let e = err(r#"{"cmd":"reboot"}"#);
+        assert_eq!(e, ProtocolError::UnknownCommand("reboot".into()));
+        assert!(e.to_string().contains("`reboot`"));
+        assert!(e.to_string().contains("status, lock, unlock or keepalive"));
+        // Case matters: the API is lower case.
+        assert!(matches!(
+            err(r#"{"cmd":"STATUS"}"#),
+            ProtocolError::UnknownCommand(_)
+        ));
+        // A hostile command name is escaped in the message.
+        assert!(!err("{\"cmd\":\"a\\u001b[2J\"}")
+            .to_string()
+            .contains('\u{1b}'));
+    }
+
+    #[test]
+    fn bad_escapes_and_bytes_are_refused() {
+        // Lone surrogates pass serde_json's skipping validation; we refuse them.
+        assert!(matches!(
+            err(r#"{"cmd":"unlock","passphrase":"\ud800"}"#),
+            ProtocolError::InvalidJson(_)
+        ));
+        assert!(matches!(
+            err(r#"{"cmd":"unlock","passphrase":"\udc00x"}"#),
+            ProtocolError::InvalidJson(_)
+        ));
+        let mut line = br#"{"cmd":"unlock","passphrase":"#.to_vec();
+        line.extend_from_slice(b"\"\xff\xfe\"}");
+        assert!(parse_request(&line).is_err());
+    }
+
+    #[test]
+    fn overlong_lines_are_refused() {
+        let pad = "x".repeat(MAX_LINE);
+        let line = format!(r#"{{"cmd":"status","pad":"{pad}"}}"#);
+        assert_eq!(err(&line), ProtocolError::LineTooLong);
+    }
+
+    #[test]
+    fn scanner_never_panics_on_truncated_input() {
+        let full = br#"{"cmd":"unlock","passphrase":"a\u00e9\"b","x":[1,{"y":"}"}]}"#;
+        for n in 0..full.len() {
+            let _ = parse_request(&full[..n]);
+            let _ = scan_top_level(&full[..n]);
+        }
+        assert!(unescape_string(br"\u12").is_none());
+        assert!(unescape_string(b"\\").is_none());
+    }
+
+    #[test]
+    fn responses_have_the_documented_shapes() {
+        assert_eq!(Response::ok(None).to_line(), b"{\"success\":true}\n");
+        assert_eq!(
+            Response::ok(Some("locked")).to_line(),
+            b"{\"success\":true,\"state\":\"locked\"}\n"
+        );
+        assert_eq!(
+            Response::failed(UNLOCK_FAILED, Some(42)).to_line(),
+            b"{\"success\":false,\"error\":\"incorrect passphrase or device error\",\"retry_after\":42}\n"
+        );
+        let s = StatusReply {
+            state: "unlocked",
+            detail: "tpm2_unseal".into(),
+            idle_seconds: 142,
+            last_activity_ms: 1_741_444_200_000,
+            lock_in_seconds: Some(1658),
+            lockout_seconds: None,
+        };
+        assert_eq!(
+            String::from_utf8(Response::status(&s).to_line()).unwrap(),
+            "{\"state\":\"unlocked\",\"detail\":\"tpm2_unseal\",\"idle_seconds\":142,\"last_activity\":1741444200.0,\"lock_in_seconds\":1658}\n"
+        );
+    }
+}

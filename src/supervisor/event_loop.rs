@@ -1,0 +1,551 @@
+//! The supervisor's single-threaded event loop: one `poll(2)` over the control
+//! socket, its connections, a CLOCK_BOOTTIME timerfd holding the idle deadline,
+//! the activity-file inotify, and stop/signal descriptors.
+//!
+//! Nothing here wakes up periodically: with no connection open the poll has no
+//! timeout and only the timerfd (armed for the next warning or lock) can end it.
+//! Every connection is non-blocking with its own buffers; a client that stalls
+//! mid-line is cut off after `read_timeout`, and connections beyond `max_clients`
+//! are answered with an error and closed, so no client can delay the timer or
+//! another client. The vault sequences themselves (stop services, unmount, KDF)
+//! run inline: they are the vault's own work and are bounded by their tools.
+
+use super::activity::ActivityWatch;
+use super::backend::VaultBackend;
+use super::machine::{Machine, Now, Settings};
+use super::{log_info, log_warn, SupervisorError};
+use crate::config::Config;
+use crate::control::framing::{Framed, LineBuffer};
+use crate::control::protocol::{parse_request, ProtocolError, Response};
+use crate::control::{peer_of, Peer};
+use rustix::event::{PollFd, PollFlags};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Knobs that are not configuration: paths for tests and the test hook for
+/// sub-minute auto-lock timeouts.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub state_file: PathBuf,
+    /// Test hook: overrides `vault.auto_lock_timeout` (which is whole minutes).
+    pub auto_lock_override: Option<Duration>,
+    pub warn_before: Duration,
+    /// A connection must complete each request line within this time.
+    pub read_timeout: Duration,
+    pub max_clients: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            state_file: super::state_file::DEFAULT_PATH.into(),
+            auto_lock_override: None,
+            warn_before: Duration::from_secs(60),
+            read_timeout: Duration::from_secs(10),
+            max_clients: 256,
+        }
+    }
+}
+
+/// Pending output beyond which a connection is not read from until it drains.
+const MAX_PENDING_OUT: usize = 64 * 1024;
+/// Connections accepted per wake-up, so a flood cannot starve the rest.
+const ACCEPT_BATCH: usize = 64;
+
+struct Conn {
+    stream: UnixStream,
+    peer: Peer,
+    input: LineBuffer,
+    out: Vec<u8>,
+    deadline: u64,
+    closing: bool,
+    dead: bool,
+}
+
+/// Stops a running supervisor from another thread, and counts its wake-ups.
+#[derive(Clone)]
+pub struct Handle {
+    stop: Arc<OwnedFd>,
+    wakeups: Arc<AtomicU64>,
+}
+
+impl Handle {
+    pub fn stop(&self) {
+        let _ = rustix::io::write(&*self.stop, &1u64.to_ne_bytes());
+    }
+
+    /// How many times the event loop has woken up.
+    pub fn wakeups(&self) -> u64 {
+        self.wakeups.load(Ordering::Relaxed)
+    }
+}
+
+pub struct Supervisor {
+    machine: Machine,
+    listener: UnixListener,
+    socket_path: PathBuf,
+    socket_id: (u64, u64),
+    timer: OwnedFd,
+    timer_armed: Option<u64>,
+    stop: Arc<OwnedFd>,
+    extra_stop: Option<OwnedFd>,
+    watch: Option<ActivityWatch>,
+    conns: Vec<Conn>,
+    opts: Options,
+    wakeups: Arc<AtomicU64>,
+    accept_paused_until: u64,
+}
+
+/// The clocks: CLOCK_BOOTTIME (suspend counts as idle) and wall time.
+pub fn now() -> Now {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    Now {
+        mono_ms: t.tv_sec as u64 * 1000 + t.tv_nsec as u64 / 1_000_000,
+        wall_ms: crate::audit::now_ms(),
+    }
+}
+
+fn sys_err(what: &'static str, e: rustix::io::Errno) -> SupervisorError {
+    SupervisorError::Sys {
+        what,
+        err: e.into(),
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+impl Supervisor {
+    /// Bind the control socket, derive the state from `backend`, prepare the timer.
+    pub fn new(
+        cfg: &Config,
+        backend: Box<dyn VaultBackend>,
+        opts: Options,
+    ) -> Result<Supervisor, SupervisorError> {
+        let socket_path = cfg.control.socket.clone();
+        let listener = bind(&socket_path)?;
+        let meta = std::fs::metadata(&socket_path).map_err(|err| SupervisorError::Socket {
+            path: socket_path.clone(),
+            err,
+        })?;
+        let timer = rustix::time::timerfd_create(
+            rustix::time::TimerfdClockId::Boottime,
+            rustix::time::TimerfdFlags::NONBLOCK | rustix::time::TimerfdFlags::CLOEXEC,
+        )
+        .map_err(|e| sys_err("timerfd_create", e))?;
+        let stop = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::NONBLOCK | rustix::event::EventfdFlags::CLOEXEC,
+        )
+        .map_err(|e| sys_err("eventfd", e))?;
+        let watch = match &cfg.vault.activity_file {
+            Some(p) => match ActivityWatch::new(p) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    log_warn(&format!("activity file {} not watched: {e}", p.display()));
+                    None
+                }
+            },
+            None => None,
+        };
+        let settings = Settings::from_config(
+            cfg,
+            &opts.state_file,
+            opts.auto_lock_override,
+            opts.warn_before,
+        );
+        let machine = Machine::start(settings, backend, now());
+        log_info(&format!("control socket {}", socket_path.display()));
+        Ok(Supervisor {
+            machine,
+            listener,
+            socket_path,
+            socket_id: (meta.dev(), meta.ino()),
+            timer,
+            timer_armed: None,
+            stop: Arc::new(stop),
+            extra_stop: None,
+            watch,
+            conns: Vec::new(),
+            opts,
+            wakeups: Arc::new(AtomicU64::new(0)),
+            accept_paused_until: 0,
+        })
+    }
+
+    pub fn handle(&self) -> Handle {
+        Handle {
+            stop: self.stop.clone(),
+            wakeups: self.wakeups.clone(),
+        }
+    }
+
+    /// Also stop when `fd` becomes readable (a signalfd for SIGTERM/SIGINT).
+    pub fn stop_on(mut self, fd: OwnedFd) -> Self {
+        self.extra_stop = Some(fd);
+        self
+    }
+
+    /// Serve until stopped. The vault is left as it is: stopping the supervisor
+    /// is not a reason to lock or unlock.
+    pub fn run(mut self) -> Result<(), SupervisorError> {
+        loop {
+            self.arm_timer()?;
+            let t = now();
+            let timeout = self.poll_timeout(t.mono_ms);
+            let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(self.conns.len() + 5);
+            fds.push(PollFd::new(&*self.stop, PollFlags::IN));
+            fds.push(PollFd::new(&self.timer, PollFlags::IN));
+            let extra_idx = self.extra_stop.as_ref().map(|fd| {
+                fds.push(PollFd::new(fd, PollFlags::IN));
+                fds.len() - 1
+            });
+            let watch_fd = self.watch.as_ref().map(|w| w.fd());
+            let watch_idx = watch_fd.as_ref().map(|fd| {
+                fds.push(PollFd::new(fd, PollFlags::IN));
+                fds.len() - 1
+            });
+            let listen_idx = (t.mono_ms >= self.accept_paused_until).then(|| {
+                fds.push(PollFd::new(&self.listener, PollFlags::IN));
+                fds.len() - 1
+            });
+            let first_conn = fds.len();
+            for c in &self.conns {
+                let ev = if !c.out.is_empty() {
+                    PollFlags::OUT
+                } else if c.closing {
+                    PollFlags::empty()
+                } else {
+                    PollFlags::IN
+                };
+                fds.push(PollFd::new(&c.stream, ev));
+            }
+            let ts = timeout.map(|ms| rustix::time::Timespec {
+                tv_sec: (ms / 1000) as i64,
+                tv_nsec: ((ms % 1000) * 1_000_000) as i64,
+            });
+            match rustix::event::poll(&mut fds, ts.as_ref()) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    return Err(SupervisorError::Sys {
+                        what: "poll",
+                        err: e.into(),
+                    })
+                }
+            }
+            self.wakeups.fetch_add(1, Ordering::Relaxed);
+            let ready = |i: usize| !fds[i].revents().is_empty();
+            let stop = ready(0) || extra_idx.is_some_and(ready);
+            let timer = ready(1);
+            let watch = watch_idx.is_some_and(ready);
+            let listen = listen_idx.is_some_and(ready);
+            let conn_ready: Vec<PollFlags> =
+                fds[first_conn..].iter().map(|f| f.revents()).collect();
+            drop(fds);
+
+            if stop {
+                break;
+            }
+            if timer {
+                let mut buf = [0u8; 8];
+                let _ = rustix::io::read(&self.timer, &mut buf);
+                // Always re-arm after an expiry, even for the same deadline.
+                self.timer_armed = None;
+                self.machine.on_timer(now());
+            }
+            if watch {
+                let advanced = self.watch.as_mut().is_some_and(|w| w.drain());
+                if advanced {
+                    self.machine.activity(now());
+                }
+            }
+            let mut busy_ms = 0;
+            for (i, rev) in conn_ready.into_iter().enumerate() {
+                if rev.is_empty() {
+                    continue;
+                }
+                let c = &mut self.conns[i];
+                if rev.intersects(PollFlags::ERR | PollFlags::NVAL) {
+                    c.dead = true;
+                    continue;
+                }
+                if rev.contains(PollFlags::OUT) {
+                    flush(c);
+                }
+                if rev.intersects(PollFlags::IN | PollFlags::HUP) {
+                    busy_ms += serve(c, &mut self.machine, &self.opts);
+                }
+            }
+            if listen {
+                self.accept();
+            }
+            self.expire(busy_ms);
+            self.conns.retain(|c| !c.dead);
+        }
+        self.shutdown();
+        Ok(())
+    }
+
+    fn arm_timer(&mut self) -> Result<(), SupervisorError> {
+        let want = self.machine.next_wakeup();
+        if want == self.timer_armed {
+            return Ok(());
+        }
+        let value = match want {
+            // An all-zero it_value disarms, so a real deadline is at least 1 ns.
+            Some(ms) => rustix::time::Timespec {
+                tv_sec: (ms / 1000) as i64,
+                tv_nsec: ((ms % 1000) * 1_000_000).max(1) as i64,
+            },
+            None => rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+        };
+        rustix::time::timerfd_settime(
+            &self.timer,
+            rustix::time::TimerfdTimerFlags::ABSTIME,
+            &rustix::time::Itimerspec {
+                it_interval: rustix::time::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                },
+                it_value: value,
+            },
+        )
+        .map_err(|e| SupervisorError::Sys {
+            what: "timerfd_settime",
+            err: e.into(),
+        })?;
+        self.timer_armed = want;
+        Ok(())
+    }
+
+    /// Milliseconds until the earliest connection deadline; `None` (sleep until an
+    /// event) when no connection is open.
+    fn poll_timeout(&self, now_ms: u64) -> Option<u64> {
+        let conn = self.conns.iter().map(|c| c.deadline).min();
+        let paused = (self.accept_paused_until > now_ms).then_some(self.accept_paused_until);
+        let next = match (conn, paused) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }?;
+        Some(next.saturating_sub(now_ms))
+    }
+
+    fn accept(&mut self) {
+        let t = now();
+        for _ in 0..ACCEPT_BATCH {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: the listener stays readable, so back off
+                    // instead of spinning.
+                    log_warn(&format!("accept on the control socket failed: {e}"));
+                    self.accept_paused_until = t.mono_ms + 250;
+                    return;
+                }
+            };
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            if self.conns.len() >= self.opts.max_clients {
+                let line = Response::failed(&ProtocolError::TooManyConnections.to_string(), None)
+                    .to_line();
+                let _ = send(&stream, &line);
+                continue;
+            }
+            let peer = match peer_of(&stream) {
+                Ok(p) => p,
+                Err(e) => {
+                    log_warn(&e.to_string());
+                    continue;
+                }
+            };
+            self.conns.push(Conn {
+                stream,
+                peer,
+                input: LineBuffer::new(),
+                out: Vec::new(),
+                deadline: t.mono_ms + ms(self.opts.read_timeout),
+                closing: false,
+                dead: false,
+            });
+        }
+    }
+
+    /// Cut off connections past their deadline. `busy_ms` (time spent inside vault
+    /// sequences this round) is credited to everyone first: waiting for us is not
+    /// stalling.
+    fn expire(&mut self, busy_ms: u64) {
+        let t = now();
+        for c in &mut self.conns {
+            c.deadline = c.deadline.saturating_add(busy_ms);
+            if c.dead || t.mono_ms < c.deadline {
+                continue;
+            }
+            if !c.closing {
+                let line = Response::failed(&ProtocolError::Timeout.to_string(), None).to_line();
+                c.out.extend_from_slice(&line);
+                flush(c);
+            }
+            c.input.clear();
+            c.dead = true;
+        }
+    }
+
+    fn shutdown(&mut self) {
+        self.conns.clear();
+        // Only remove the socket if it is still ours (not a newer supervisor's).
+        if let Ok(m) = std::fs::symlink_metadata(&self.socket_path) {
+            if (m.dev(), m.ino()) == self.socket_id {
+                let _ = std::fs::remove_file(&self.socket_path);
+            }
+        }
+        log_info("supervisor stopped; the vault is left as it is");
+    }
+}
+
+/// Read what the connection has, answer every complete line. Returns the time
+/// spent inside the machine (vault sequences).
+fn serve(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
+    let mut busy = 0;
+    for _ in 0..16 {
+        if c.closing || c.dead || c.out.len() > MAX_PENDING_OUT {
+            break;
+        }
+        match c.input.read_from(&c.stream) {
+            Ok(0) => {
+                // End of input: a last request without its newline is still
+                // answered, then the connection closes once the answer is out.
+                if !c.input.is_empty() {
+                    c.input.extend(b"\n");
+                    busy += answer_lines(c, machine, opts);
+                }
+                c.input.clear();
+                c.closing = true;
+                c.deadline = now().mono_ms + ms(opts.read_timeout);
+            }
+            Ok(_) => busy += answer_lines(c, machine, opts),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                c.dead = true;
+                break;
+            }
+        }
+        flush(c);
+    }
+    flush(c);
+    busy
+}
+
+fn answer_lines(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
+    let mut busy = 0;
+    while c.out.len() <= MAX_PENDING_OUT {
+        let framed = c.input.next_line(|line| {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                None
+            } else {
+                Some(parse_request(line))
+            }
+        });
+        let response = match framed {
+            None => break,
+            Some(Framed::TooLong) => {
+                c.input.clear();
+                c.closing = true;
+                Response::failed(&ProtocolError::LineTooLong.to_string(), None)
+            }
+            Some(Framed::Line(None)) => continue,
+            Some(Framed::Line(Some(Err(e)))) => Response::failed(&e.to_string(), None),
+            Some(Framed::Line(Some(Ok(req)))) => {
+                let before = now();
+                let r = machine.handle(&c.peer, req, before);
+                busy += now().mono_ms.saturating_sub(before.mono_ms);
+                r
+            }
+        };
+        c.out.extend_from_slice(&response.to_line());
+        c.deadline = now().mono_ms + ms(opts.read_timeout);
+        if c.closing {
+            break;
+        }
+    }
+    busy
+}
+
+fn flush(c: &mut Conn) {
+    while !c.out.is_empty() {
+        match send(&c.stream, &c.out) {
+            Ok(n) => {
+                c.out.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                c.dead = true;
+                return;
+            }
+        }
+    }
+    if c.closing {
+        c.dead = true;
+    }
+}
+
+fn send(fd: impl AsFd, data: &[u8]) -> io::Result<usize> {
+    rustix::net::send(
+        fd,
+        data,
+        rustix::net::SendFlags::NOSIGNAL | rustix::net::SendFlags::DONTWAIT,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Bind the control socket: refuse if another supervisor answers on it, replace a
+/// stale one. Mode 0666: who may do what is decided by peer credentials, and
+/// refused clients get a clear answer instead of a bare EACCES.
+fn bind(path: &Path) -> Result<UnixListener, SupervisorError> {
+    let err = |err| SupervisorError::Socket {
+        path: path.to_path_buf(),
+        err,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .create(dir)
+                .map_err(err)?;
+        }
+    }
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if m.file_type().is_socket() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(SupervisorError::AlreadyRunning {
+                    path: path.to_path_buf(),
+                });
+            }
+            std::fs::remove_file(path).map_err(err)?;
+        } else {
+            return Err(err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a socket; refusing to replace it",
+            )));
+        }
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
+    Ok(listener)
+}

@@ -1,0 +1,107 @@
+//! The after-boot supervisor (SPEC §2): `vaultguard supervise`.
+//!
+//! One process, one thread, event-driven: it derives the vault's state from the
+//! kernel at start, serves the control socket, locks the vault after
+//! `vault.auto_lock_timeout` minutes without activity, enforces the failed-unlock
+//! lockout and audits every lock, unlock and refusal.
+//!
+//! Layout: [`machine`] decides (state, sequences, authorisation), [`idle`] and
+//! [`lockout`] are its pure policies, [`event_loop`] owns sockets, timers and
+//! clients, [`backend`] is the seam to the machine and [`system`] the real edge
+//! behind it, [`state_file`] mirrors the state, [`activity`] watches the activity
+//! file. This module never holds a passphrase longer than one request and never
+//! locks or unlocks because it is started or stopped.
+
+pub mod activity;
+pub mod backend;
+pub mod event_loop;
+pub mod idle;
+pub mod lockout;
+pub mod machine;
+pub mod state_file;
+pub mod system;
+
+pub use backend::{BackendError, Reality, VaultBackend};
+pub use event_loop::{Handle, Options, Supervisor};
+pub use machine::{LockReason, Machine, Now, VaultState};
+
+use crate::config::Config;
+use std::fmt;
+use std::path::PathBuf;
+
+#[derive(Debug)]
+pub enum SupervisorError {
+    Socket {
+        path: PathBuf,
+        err: std::io::Error,
+    },
+    AlreadyRunning {
+        path: PathBuf,
+    },
+    Sys {
+        what: &'static str,
+        err: std::io::Error,
+    },
+}
+
+impl fmt::Display for SupervisorError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SupervisorError::Socket { path, err } => {
+                write!(f, "control socket {}: {err}", path.display())
+            }
+            SupervisorError::AlreadyRunning { path } => write!(
+                f,
+                "another supervisor is already serving {} (`systemctl status vaultguard-supervisor`)",
+                path.display()
+            ),
+            SupervisorError::Sys { what, err } => write!(f, "{what} failed: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for SupervisorError {}
+
+/// `vaultguard supervise`: the real backend, SIGTERM/SIGINT/SIGHUP as a clean stop.
+pub fn run_system(cfg: &Config) -> Result<(), SupervisorError> {
+    use nix::sys::signal::{SigSet, Signal};
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    crate::secret::harden_process();
+    let mut mask = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        mask.add(s);
+    }
+    // Blocked before anything else runs, so the signals queue on the signalfd.
+    mask.thread_block().map_err(|e| SupervisorError::Sys {
+        what: "sigprocmask",
+        err: e.into(),
+    })?;
+    let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).map_err(
+        |e| SupervisorError::Sys {
+            what: "signalfd",
+            err: e.into(),
+        },
+    )?;
+    let backend = Box::new(system::SystemBackend::new(&cfg.vault));
+    let sup = Supervisor::new(cfg, backend, Options::default())?;
+    let sup = sup.stop_on(std::os::fd::OwnedFd::from(sfd));
+    sup.run()
+}
+
+/// Log lines go to stderr; under systemd (JOURNAL_STREAM set) they carry a syslog
+/// priority prefix so that journald files warnings as warnings.
+fn log(priority: u8, msg: &str) {
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        eprintln!("<{priority}>{msg}");
+    } else {
+        eprintln!("vaultguard: {msg}");
+    }
+}
+
+pub(crate) fn log_info(msg: &str) {
+    log(6, msg);
+}
+
+pub(crate) fn log_warn(msg: &str) {
+    log(4, msg);
+}

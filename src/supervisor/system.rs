@@ -1,0 +1,359 @@
+//! The real [`VaultBackend`]: systemctl for services, syncfs and mount/umount via
+//! the kernel, and the LUKS and keyring edges of [`crate::luks`] and
+//! [`crate::keyring`] for the mapping and its keys.
+//!
+//! Each method does exactly one thing and reports the system's own words; the
+//! order, the rollbacks and the decision to act live in [`super::machine`]. A busy
+//! mount is EBUSY from umount2 and is reported as [`BackendError::Busy`] with the
+//! mount point, nothing is forced (no lazy unmount: that would leave the key in
+//! the kernel while files stay open).
+
+use super::backend::{BackendError, Reality, VaultBackend};
+use crate::config::VaultConfig;
+use crate::secret::SecretBytes;
+use nix::errno::Errno;
+use nix::mount::{MntFlags, MsFlags};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Filesystems tried, in order, for `vault.fstype: auto`.
+const AUTO_FSTYPES: [&str; 3] = ["ext4", "xfs", "btrfs"];
+
+pub struct SystemBackend {
+    device: Option<String>,
+    name: String,
+    mount: PathBuf,
+    fstype: String,
+    /// The LUKS UUID of the vault, learnt while the mapping is open; it names the
+    /// keyring entries to revoke after the mapping is gone.
+    uuid: Option<String>,
+}
+
+impl SystemBackend {
+    pub fn new(vault: &VaultConfig) -> SystemBackend {
+        SystemBackend {
+            device: vault.device.clone(),
+            name: vault.name.clone(),
+            mount: vault.mount.clone(),
+            fstype: vault.fstype.clone(),
+            uuid: vault
+                .device
+                .as_deref()
+                .and_then(|d| d.strip_prefix("UUID="))
+                .map(str::to_ascii_lowercase),
+        }
+    }
+
+    fn learn_uuid(&mut self) {
+        if let Some(u) = dm_luks_uuid(&self.name) {
+            self.uuid = Some(u);
+        }
+    }
+
+    fn mount_str(&self) -> String {
+        self.mount.display().to_string()
+    }
+}
+
+fn failed(op: &'static str, msg: impl ToString) -> BackendError {
+    BackendError::Failed {
+        op,
+        msg: msg.to_string(),
+    }
+}
+
+impl VaultBackend for SystemBackend {
+    fn probe(&mut self) -> Result<Reality, BackendError> {
+        let mapping_active = crate::luks::is_active(&self.name)
+            .map_err(|e| failed("query the dm-crypt mapping", e))?;
+        if mapping_active {
+            self.learn_uuid();
+        }
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| failed("read /proc/self/mountinfo", e))?;
+        Ok(Reality {
+            mapping_active,
+            mounted: is_mount_point(&mountinfo, &self.mount),
+        })
+    }
+
+    fn stop_service(&mut self, unit: &str) -> Result<(), BackendError> {
+        systemctl(&["stop", unit]).map_err(|e| failed("systemctl stop", format!("{unit}: {e}")))
+    }
+
+    fn start_service(&mut self, unit: &str) -> Result<(), BackendError> {
+        // --no-block: the vault is open whether or not a workload starts quickly;
+        // a unit that cannot even be queued is still reported.
+        systemctl(&["start", "--no-block", unit])
+            .map_err(|e| failed("systemctl start", format!("{unit}: {e}")))
+    }
+
+    fn sync(&mut self) -> Result<(), BackendError> {
+        match std::fs::File::open(&self.mount) {
+            Ok(dir) => rustix::fs::syncfs(&dir).map_err(|e| failed("syncfs", e)),
+            Err(_) => {
+                rustix::fs::sync();
+                Ok(())
+            }
+        }
+    }
+
+    fn unmount(&mut self) -> Result<(), BackendError> {
+        match nix::mount::umount2(&self.mount, MntFlags::UMOUNT_NOFOLLOW) {
+            Ok(()) => Ok(()),
+            Err(Errno::EBUSY) => Err(BackendError::Busy {
+                mount: self.mount_str(),
+            }),
+            Err(e) => Err(failed("unmount", format!("{}: {e}", self.mount_str()))),
+        }
+    }
+
+    fn close_mapping(&mut self) -> Result<(), BackendError> {
+        self.learn_uuid();
+        crate::luks::close(&self.name).map_err(|e| failed("close the dm-crypt mapping", e))
+    }
+
+    fn revoke_keys(&mut self) -> Result<usize, BackendError> {
+        let uuid = match &self.uuid {
+            Some(u) => u.clone(),
+            None => {
+                let dev = self.device.as_deref().ok_or_else(|| {
+                    failed(
+                        "revoke volume keys",
+                        "the vault's LUKS UUID is unknown (set vault.device)",
+                    )
+                })?;
+                let dev = crate::luks::resolve_device(dev, std::time::Duration::ZERO)
+                    .map_err(|e| failed("revoke volume keys", e))?;
+                let u = crate::luks::Vault::open(&dev)
+                    .and_then(|mut v| v.uuid())
+                    .map_err(|e| failed("revoke volume keys", e))?;
+                self.uuid = Some(u.clone());
+                u
+            }
+        };
+        crate::keyring::revoke_volume_keys(&uuid).map_err(|e| failed("revoke volume keys", e))
+    }
+
+    fn activate(&mut self, passphrase: &SecretBytes) -> Result<(), BackendError> {
+        let spec = self.device.as_deref().ok_or_else(|| {
+            failed(
+                "open the vault",
+                "vault.device is not configured in /etc/vaultguard/config.json",
+            )
+        })?;
+        let dev = crate::luks::resolve_device(spec, std::time::Duration::ZERO)
+            .map_err(|e| failed("open the vault", e))?;
+        match crate::luks::open_with_passphrase(&dev, &self.name, passphrase.as_bytes()) {
+            Ok(()) => {
+                self.learn_uuid();
+                Ok(())
+            }
+            Err(e) if e.is_wrong_passphrase() => Err(BackendError::WrongPassphrase),
+            Err(e) => Err(failed("open the vault", e)),
+        }
+    }
+
+    fn mount(&mut self) -> Result<(), BackendError> {
+        if !self.mount.exists() {
+            std::fs::create_dir_all(&self.mount).map_err(|e| {
+                failed(
+                    "create the mount point",
+                    format!("{}: {e}", self.mount_str()),
+                )
+            })?;
+        }
+        let source = PathBuf::from("/dev/mapper").join(&self.name);
+        let types: Vec<&str> = if self.fstype == "auto" {
+            AUTO_FSTYPES.to_vec()
+        } else {
+            vec![self.fstype.as_str()]
+        };
+        let mut last = Errno::EINVAL;
+        for t in &types {
+            match nix::mount::mount(
+                Some(&source),
+                &self.mount,
+                Some(*t),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                None::<&str>,
+            ) {
+                Ok(()) => return Ok(()),
+                // Wrong filesystem type (or its module is absent): try the next.
+                Err(e @ (Errno::EINVAL | Errno::ENODEV)) => last = e,
+                Err(e) => {
+                    return Err(failed(
+                        "mount",
+                        format!("{} on {}: {e}", source.display(), self.mount_str()),
+                    ))
+                }
+            }
+        }
+        Err(failed(
+            "mount",
+            format!(
+                "{} on {}: {last} (tried {}; set vault.fstype)",
+                source.display(),
+                self.mount_str(),
+                types.join(", ")
+            ),
+        ))
+    }
+}
+
+fn systemctl(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("systemctl")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run systemctl: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    Err(if err.is_empty() {
+        format!("systemctl {} exited with {}", args.join(" "), out.status)
+    } else {
+        err
+    })
+}
+
+/// Is `path` a mount point according to a mountinfo text?
+pub fn is_mount_point(mountinfo: &str, path: &Path) -> bool {
+    let want = path.to_string_lossy();
+    let want = want.trim_end_matches('/');
+    let want = if want.is_empty() { "/" } else { want };
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|mp| unescape_mountinfo(mp) == want)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' {
+            if let Some(v) = b
+                .get(i + 1..i + 4)
+                .and_then(|o| std::str::from_utf8(o).ok())
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
+            {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// LUKS UUID of the active mapping `name`, from its device-mapper UUID
+/// (`CRYPT-LUKS2-<32 hex>-<name>`).
+fn dm_luks_uuid(name: &str) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(Path::new("/dev/mapper").join(name))
+        .ok()?
+        .rdev();
+    let (maj, min) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let dm = std::fs::read_to_string(format!("/sys/dev/block/{maj}:{min}/dm/uuid")).ok()?;
+    luks_uuid_from_dm(dm.trim())
+}
+
+pub fn luks_uuid_from_dm(dm_uuid: &str) -> Option<String> {
+    let rest = dm_uuid
+        .strip_prefix("CRYPT-LUKS2-")
+        .or_else(|| dm_uuid.strip_prefix("CRYPT-LUKS1-"))?;
+    let hex = rest.get(..32)?;
+    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let h = hex.to_ascii_lowercase();
+    Some(format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 22 253:0 / /var/lib/secure-ai rw,nosuid,nodev shared:30 - ext4 /dev/mapper/secure-ai-vault rw
+41 22 253:1 / /srv/my\\040vault rw shared:31 - xfs /dev/mapper/v2 rw
+";
+
+    #[test]
+    fn mount_points_are_found_exactly() {
+        assert!(is_mount_point(MOUNTINFO, Path::new("/var/lib/secure-ai")));
+        assert!(is_mount_point(MOUNTINFO, Path::new("/var/lib/secure-ai/")));
+        assert!(is_mount_point(MOUNTINFO, Path::new("/srv/my vault")));
+        assert!(is_mount_point(MOUNTINFO, Path::new("/")));
+        assert!(!is_mount_point(MOUNTINFO, Path::new("/var/lib")));
+        assert!(!is_mount_point(
+            MOUNTINFO,
+            Path::new("/var/lib/secure-ai-2")
+        ));
+    }
+
+    #[test]
+    fn dm_uuid_names_the_luks_uuid() {
+        assert_eq!(
+            luks_uuid_from_dm("CRYPT-LUKS2-0f9c7e3a111122223333444455556666-secure-ai-vault"),
+            Some("0f9c7e3a-1111-2222-3333-444455556666".into())
+        );
+        assert_eq!(luks_uuid_from_dm("CRYPT-PLAIN-x"), None);
+        assert_eq!(luks_uuid_from_dm("CRYPT-LUKS2-short"), None);
+    }
+
+    #[test]
+    fn unmount_of_a_busy_mount_is_reported_as_busy() {
+        // A real tmpfs mount held busy by a process cwd'ed inside it.
+        let dir = std::env::temp_dir().join(format!("vg-busy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        if nix::mount::mount(
+            Some("tmpfs"),
+            &dir,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .is_err()
+        {
+            eprintln!("skipping: cannot mount tmpfs here (not root?)");
+            return;
+        }
+        let holder = std::process::Command::new("sleep")
+            .arg("30")
+            .current_dir(&dir)
+            .spawn();
+        let mut b = SystemBackend::new(&VaultConfig {
+            mount: dir.clone(),
+            ..VaultConfig::default()
+        });
+        let result = b.unmount();
+        let mut holder = holder.unwrap();
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert_eq!(
+            result,
+            Err(BackendError::Busy {
+                mount: dir.display().to_string()
+            })
+        );
+        assert!(result.unwrap_err().to_string().contains("fuser -vm"));
+        b.unmount().unwrap();
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!is_mount_point(&mi, &dir));
+        let _ = std::fs::remove_dir(&dir);
+    }
+}
