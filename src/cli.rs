@@ -29,8 +29,68 @@ pub enum Command {
     Detach(DetachCmd),
     Enroll(EnrollCmd),
     Reseal(ResealCmd),
+    Supervise(SuperviseCmd),
+    Status(StatusCmd),
+    Lock(LockCmd),
+    Keepalive(KeepaliveCmd),
+    Audit(AuditCmd),
     Config(ConfigCmd),
     Version(VersionCmd),
+}
+
+/// run the after-boot supervisor: idle auto-lock and the control socket
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "supervise")]
+pub struct SuperviseCmd {}
+
+/// show the vault's state as the supervisor sees it
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "status")]
+pub struct StatusCmd {
+    /// print the supervisor's JSON response line as is
+    #[argh(switch)]
+    pub json: bool,
+}
+
+/// lock the vault now: stop services, unmount, close, revoke keys
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "lock")]
+pub struct LockCmd {
+    /// print the supervisor's JSON response line as is
+    #[argh(switch)]
+    pub json: bool,
+}
+
+/// record activity so that the idle auto-lock is postponed
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "keepalive")]
+pub struct KeepaliveCmd {
+    /// print the supervisor's JSON response line as is
+    #[argh(switch)]
+    pub json: bool,
+}
+
+/// audit log tools
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "audit")]
+pub struct AuditCmd {
+    #[argh(subcommand)]
+    pub command: AuditSub,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum AuditSub {
+    Verify(AuditVerifyCmd),
+}
+
+/// check the audit log's hash chain; names the first broken line
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "verify")]
+pub struct AuditVerifyCmd {
+    /// the log to check (default: audit.path from the configuration)
+    #[argh(positional)]
+    pub path: Option<PathBuf>,
 }
 
 /// check the configuration and print the effective settings as JSON

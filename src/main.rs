@@ -3,8 +3,9 @@
 use std::path::Path;
 use std::process::ExitCode;
 use vaultguard::boot::commands;
-use vaultguard::cli::{Args, Command};
+use vaultguard::cli::{Args, AuditSub, Command};
 use vaultguard::config::{self, Config};
+use vaultguard::control::client;
 
 fn main() -> ExitCode {
     // Secrets pass through this process: no core dumps, no ptrace by others.
@@ -90,6 +91,24 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 c.pin,
             )?;
         }
+        Command::Supervise(_) => vaultguard::supervisor::run_system(&load_config(&args)?)?,
+        Command::Status(c) => return client_command(&args, client::Cmd::Status, c.json),
+        Command::Lock(c) => return client_command(&args, client::Cmd::Lock, c.json),
+        Command::Keepalive(c) => return client_command(&args, client::Cmd::Keepalive, c.json),
+        Command::Audit(a) => match &a.command {
+            AuditSub::Verify(v) => {
+                let path = match &v.path {
+                    Some(p) => p.clone(),
+                    None => load_config(&args)?.audit.path,
+                };
+                let ok = vaultguard::audit::verify(&path)?;
+                println!(
+                    "{}: {} entries, hash chain intact",
+                    path.display(),
+                    ok.entries
+                );
+            }
+        },
         Command::Config(c) => {
             let cfg = load_config(&args)?;
             match &c.get {
@@ -105,4 +124,16 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn client_command(
+    args: &Args,
+    cmd: client::Cmd,
+    json: bool,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let cfg = load_config(args)?;
+    Ok(match client::run(&cfg.control.socket, cmd, json, None)? {
+        true => ExitCode::SUCCESS,
+        false => ExitCode::from(1),
+    })
 }
