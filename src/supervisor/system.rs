@@ -7,12 +7,22 @@
 //! mount is EBUSY from umount2 and is reported as [`BackendError::Busy`] with the
 //! mount point, nothing is forced (no lazy unmount: that would leave the key in
 //! the kernel while files stay open).
+//!
+//! **Mount namespace.** The systemd unit sandboxes the supervisor (ProtectSystem=
+//! and friends), which gives it a private mount namespace whose mounts would never
+//! reach the workloads. So mount, unmount, syncfs and the mount probe run in PID
+//! 1's mount namespace (`setns`, CAP_SYS_ADMIN + CAP_SYS_CHROOT), and the process
+//! returns to its own namespace right after. The process is single-threaded, which
+//! `setns(CLONE_NEWNS)` requires.
 
 use super::backend::{BackendError, Reality, VaultBackend};
 use crate::config::VaultConfig;
 use crate::secret::SecretBytes;
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
+use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -27,6 +37,57 @@ pub struct SystemBackend {
     /// The LUKS UUID of the vault, learnt while the mapping is open; it names the
     /// keyring entries to revoke after the mapping is gone.
     uuid: Option<String>,
+    ns: HostMountNs,
+}
+
+/// PID 1's mount namespace and ours, when they differ.
+struct HostMountNs {
+    switch: Option<(OwnedFd, OwnedFd)>,
+}
+
+impl HostMountNs {
+    fn detect() -> HostMountNs {
+        HostMountNs::relative_to(1)
+    }
+
+    /// Compare our mount namespace with that of `pid` (PID 1 in production).
+    fn relative_to(pid: u32) -> HostMountNs {
+        let open = |p: &str| -> std::io::Result<(OwnedFd, u64)> {
+            let f = std::fs::File::open(p)?;
+            let ino = f.metadata()?.ino();
+            Ok((OwnedFd::from(f), ino))
+        };
+        let host_path = format!("/proc/{pid}/ns/mnt");
+        let switch = match (open(&host_path), open("/proc/self/ns/mnt")) {
+            (Ok((h, hi)), Ok((o, oi))) if hi != oi => Some((h, o)),
+            (Ok(_), Ok(_)) => None,
+            (Err(e), _) | (_, Err(e)) => {
+                super::log_warn(&format!(
+                    "cannot open {host_path} ({e}): mounts are made in the supervisor's own \
+                     mount namespace; if its unit is sandboxed, workloads will not see the vault"
+                ));
+                None
+            }
+        };
+        HostMountNs { switch }
+    }
+
+    /// Run `f` in the host's mount namespace.
+    fn run<T>(&self, f: impl FnOnce() -> Result<T, BackendError>) -> Result<T, BackendError> {
+        let Some((host, own)) = &self.switch else {
+            return f();
+        };
+        move_into_link_name_space(host.as_fd(), Some(LinkNameSpaceType::Mount))
+            .map_err(|e| failed("enter the host mount namespace", e))?;
+        let r = f();
+        if let Err(e) = move_into_link_name_space(own.as_fd(), Some(LinkNameSpaceType::Mount)) {
+            // Staying in the host namespace loses the sandbox, not correctness.
+            super::log_warn(&format!(
+                "cannot return to the service's mount namespace: {e}"
+            ));
+        }
+        r
+    }
 }
 
 impl SystemBackend {
@@ -41,6 +102,7 @@ impl SystemBackend {
                 .as_deref()
                 .and_then(|d| d.strip_prefix("UUID="))
                 .map(str::to_ascii_lowercase),
+            ns: HostMountNs::detect(),
         }
     }
 
@@ -69,8 +131,10 @@ impl VaultBackend for SystemBackend {
         if mapping_active {
             self.learn_uuid();
         }
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-            .map_err(|e| failed("read /proc/self/mountinfo", e))?;
+        let mountinfo = self.ns.run(|| {
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .map_err(|e| failed("read /proc/self/mountinfo", e))
+        })?;
         Ok(Reality {
             mapping_active,
             mounted: is_mount_point(&mountinfo, &self.mount),
@@ -89,23 +153,28 @@ impl VaultBackend for SystemBackend {
     }
 
     fn sync(&mut self) -> Result<(), BackendError> {
-        match std::fs::File::open(&self.mount) {
+        let mount = &self.mount;
+        self.ns.run(|| match std::fs::File::open(mount) {
             Ok(dir) => rustix::fs::syncfs(&dir).map_err(|e| failed("syncfs", e)),
             Err(_) => {
                 rustix::fs::sync();
                 Ok(())
             }
-        }
+        })
     }
 
     fn unmount(&mut self) -> Result<(), BackendError> {
-        match nix::mount::umount2(&self.mount, MntFlags::UMOUNT_NOFOLLOW) {
-            Ok(()) => Ok(()),
-            Err(Errno::EBUSY) => Err(BackendError::Busy {
-                mount: self.mount_str(),
-            }),
-            Err(e) => Err(failed("unmount", format!("{}: {e}", self.mount_str()))),
-        }
+        let shown = self.mount_str();
+        let mount = &self.mount;
+        self.ns.run(
+            || match nix::mount::umount2(mount, MntFlags::UMOUNT_NOFOLLOW) {
+                Ok(()) => Ok(()),
+                Err(Errno::EBUSY) => Err(BackendError::Busy {
+                    mount: shown.clone(),
+                }),
+                Err(e) => Err(failed("unmount", format!("{shown}: {e}"))),
+            },
+        )
     }
 
     fn close_mapping(&mut self) -> Result<(), BackendError> {
@@ -155,50 +224,52 @@ impl VaultBackend for SystemBackend {
     }
 
     fn mount(&mut self) -> Result<(), BackendError> {
-        if !self.mount.exists() {
-            std::fs::create_dir_all(&self.mount).map_err(|e| {
-                failed(
-                    "create the mount point",
-                    format!("{}: {e}", self.mount_str()),
-                )
-            })?;
-        }
         let source = PathBuf::from("/dev/mapper").join(&self.name);
         let types: Vec<&str> = if self.fstype == "auto" {
             AUTO_FSTYPES.to_vec()
         } else {
             vec![self.fstype.as_str()]
         };
-        let mut last = Errno::EINVAL;
-        for t in &types {
-            match nix::mount::mount(
-                Some(&source),
-                &self.mount,
-                Some(*t),
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                None::<&str>,
-            ) {
-                Ok(()) => return Ok(()),
-                // Wrong filesystem type (or its module is absent): try the next.
-                Err(e @ (Errno::EINVAL | Errno::ENODEV)) => last = e,
-                Err(e) => {
-                    return Err(failed(
-                        "mount",
-                        format!("{} on {}: {e}", source.display(), self.mount_str()),
-                    ))
-                }
+        self.ns
+            .run(|| mount_first_type(&source, &self.mount, &types))
+    }
+}
+
+/// Mount `source` at `target` with the first filesystem type the kernel accepts.
+fn mount_first_type(source: &Path, target: &Path, types: &[&str]) -> Result<(), BackendError> {
+    let shown = target.display();
+    if !target.exists() {
+        std::fs::create_dir_all(target)
+            .map_err(|e| failed("create the mount point", format!("{shown}: {e}")))?;
+    }
+    let mut last = Errno::EINVAL;
+    for t in types {
+        match nix::mount::mount(
+            Some(source),
+            target,
+            Some(*t),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None::<&str>,
+        ) {
+            Ok(()) => return Ok(()),
+            // Wrong filesystem type (or its module is absent): try the next.
+            Err(e @ (Errno::EINVAL | Errno::ENODEV)) => last = e,
+            Err(e) => {
+                return Err(failed(
+                    "mount",
+                    format!("{} on {shown}: {e}", source.display()),
+                ))
             }
         }
-        Err(failed(
-            "mount",
-            format!(
-                "{} on {}: {last} (tried {}; set vault.fstype)",
-                source.display(),
-                self.mount_str(),
-                types.join(", ")
-            ),
-        ))
     }
+    Err(failed(
+        "mount",
+        format!(
+            "{} on {shown}: {last} (tried {}; set vault.fstype)",
+            source.display(),
+            types.join(", ")
+        ),
+    ))
 }
 
 fn systemctl(args: &[&str]) -> Result<(), String> {
@@ -254,7 +325,6 @@ fn unescape_mountinfo(s: &str) -> String {
 /// LUKS UUID of the active mapping `name`, from its device-mapper UUID
 /// (`CRYPT-LUKS2-<32 hex>-<name>`).
 fn dm_luks_uuid(name: &str) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
     let rdev = std::fs::metadata(Path::new("/dev/mapper").join(name))
         .ok()?
         .rdev();
@@ -355,5 +425,80 @@ mod tests {
         let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!is_mount_point(&mi, &dir));
         let _ = std::fs::remove_dir(&dir);
+    }
+
+    #[test]
+    fn mounts_from_a_sandboxed_namespace_land_in_the_hosts() {
+        // What systemd's ProtectSystem= does to the service: a private mount
+        // namespace, propagation slave. A mount made there directly would stay
+        // there; made through HostMountNs it must be visible to everyone else.
+        // The test process plays PID 1's part (reading PID 1's namespace may be
+        // refused in a container).
+        let host_pid = std::process::id();
+        let dir = std::env::temp_dir().join(format!("vg-ns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let direct = dir.join("direct");
+        let via_host = dir.join("via-host");
+        std::fs::create_dir_all(&direct).unwrap();
+        std::fs::create_dir_all(&via_host).unwrap();
+        let tmpfs = |target: &Path| {
+            nix::mount::mount(
+                Some("tmpfs"),
+                target,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|e| failed("mount", e))
+        };
+        // SAFETY: the child is single-threaded after fork; it makes system calls,
+        // allocates (glibc's malloc is fork-safe) and leaves with _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let code = (|| {
+                    // SAFETY: single-threaded child; no descriptor table is shared.
+                    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }
+                        .map_err(|_| 10)?;
+                    nix::mount::mount(
+                        None::<&str>,
+                        "/",
+                        None::<&str>,
+                        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+                        None::<&str>,
+                    )
+                    .map_err(|_| 11)?;
+                    let ns = HostMountNs::relative_to(host_pid);
+                    if ns.switch.is_none() {
+                        return Err(12);
+                    }
+                    tmpfs(&direct).map_err(|_| 13)?;
+                    ns.run(|| tmpfs(&via_host)).map_err(|_| 14)?;
+                    Ok::<(), i32>(())
+                })();
+                // SAFETY: _exit skips the parent's atexit handlers and buffers.
+                unsafe { nix::libc::_exit(code.err().unwrap_or(0)) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+                let seen_via_host = is_mount_point(&mi, &via_host);
+                let seen_direct = is_mount_point(&mi, &direct);
+                let _ = nix::mount::umount2(&via_host, MntFlags::MNT_DETACH);
+                let _ = std::fs::remove_dir_all(&dir);
+                if status == nix::sys::wait::WaitStatus::Exited(child, 10) {
+                    eprintln!("skipping: cannot unshare a mount namespace here");
+                    return;
+                }
+                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+                assert!(
+                    seen_via_host,
+                    "mount through HostMountNs not visible in the host namespace"
+                );
+                assert!(
+                    !seen_direct,
+                    "a private-namespace mount leaked (test premise broken)"
+                );
+            }
+        }
     }
 }
