@@ -700,6 +700,8 @@ fn lockout_reports_retry_after_and_survives_a_restart() {
         "{ev:?}"
     );
     assert!(ev.contains(&"lockout".to_string()));
+    // The first supervisor's stop was audited; the vault was not touched by it.
+    assert!(ev.contains(&"supervisor_stop".to_string()), "{ev:?}");
     std::mem::forget(h); // its directory belongs to h2 now
 }
 
@@ -885,4 +887,77 @@ fn peer_credentials_decide_who_may_do_what() {
     assert_eq!(h.ask(r#"{"cmd":"status"}"#)["state"], "unlocked");
     let ev = h.audit_events();
     assert!(ev.contains(&"permission_denied".to_string()), "{ev:?}");
+}
+
+#[test]
+fn one_user_cannot_take_every_connection() {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketType};
+    let h = Harness::start("peruid", Fake::unlocked());
+    let limit = vaultguard::supervisor::event_loop::per_uid_limit(Options::default().max_clients);
+    assert_eq!(limit, 64);
+    let addr = SocketAddrUnix::new(h.socket()).unwrap();
+    let (ready_r, ready_w) = rustix::pipe::pipe().unwrap();
+    let (go_r, go_w) = rustix::pipe::pipe().unwrap();
+    let expect: &[u8] = b"too many connections from uid 65534";
+    // SAFETY: the child only makes raw system calls on memory prepared before the
+    // fork (no allocation, no locks) and leaves with _exit.
+    match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            let code = (|| -> i32 {
+                if rustix::thread::set_thread_groups(&[]).is_err()
+                    || rustix::thread::set_thread_gid(rustix::process::Gid::from_raw(65534))
+                        .is_err()
+                    || rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(65534))
+                        .is_err()
+                {
+                    return 2;
+                }
+                let mut held: [Option<rustix::fd::OwnedFd>; 65] = std::array::from_fn(|_| None);
+                for slot in held.iter_mut() {
+                    let Ok(fd) = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None)
+                    else {
+                        return 3;
+                    };
+                    if rustix::net::connect(&fd, &addr).is_err() {
+                        return 4;
+                    }
+                    *slot = Some(fd);
+                }
+                // The 65th is refused with a reason; the first 64 stay open.
+                let Some(last) = &held[64] else { return 5 };
+                let mut buf = [0u8; 256];
+                let mut len = 0;
+                while len < buf.len() {
+                    match rustix::io::read(last, &mut buf[len..]) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => len += n,
+                    }
+                }
+                if !buf[..len].windows(expect.len()).any(|w| w == expect) {
+                    return 1;
+                }
+                let _ = rustix::io::write(&ready_w, b"r");
+                let mut b = [0u8; 1];
+                let _ = rustix::io::read(&go_r, &mut b);
+                0
+            })();
+            // SAFETY: _exit is async-signal-safe and skips the parent's atexit state.
+            unsafe { nix::libc::_exit(code) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(ready_w);
+            let mut b = [0u8; 1];
+            let got = rustix::io::read(&ready_r, &mut b).unwrap_or(0);
+            // While that user holds its 64 connections, root is still served.
+            let state = if got == 1 {
+                Some(h.ask(r#"{"cmd":"status"}"#)["state"].clone())
+            } else {
+                None
+            };
+            let _ = rustix::io::write(&go_w, b"g");
+            let status = nix::sys::wait::waitpid(child, None).unwrap();
+            assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+            assert_eq!(state, Some(Value::from("unlocked")));
+        }
+    }
 }

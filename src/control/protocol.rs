@@ -64,6 +64,9 @@ pub enum ProtocolError {
     LineTooLong,
     Timeout,
     TooManyConnections,
+    TooManyConnectionsFromUid {
+        uid: u32,
+    },
     PermissionDenied {
         uid: u32,
         cmd: &'static str,
@@ -98,6 +101,10 @@ impl fmt::Display for ProtocolError {
             ProtocolError::TooManyConnections => {
                 write!(f, "too many connections to the control socket; try again")
             }
+            ProtocolError::TooManyConnectionsFromUid { uid } => write!(
+                f,
+                "too many connections from uid {uid} to the control socket; close some and try again"
+            ),
             ProtocolError::PermissionDenied { uid, cmd } => write!(
                 f,
                 "permission denied: uid {uid} may not run `{cmd}` (see control.allow in the configuration)"

@@ -6,8 +6,9 @@
 //! timeout and only the timerfd (armed for the next warning or lock) can end it.
 //! Every connection is non-blocking with its own buffers; a client that stalls
 //! mid-line is cut off after `read_timeout`, and connections beyond `max_clients`
-//! are answered with an error and closed, so no client can delay the timer or
-//! another client. The vault sequences themselves (stop services, unmount, KDF)
+//! (or beyond a quarter of it from one non-root uid, so one local user cannot take
+//! every slot) are answered with an error and closed, so no client can delay the
+//! timer or another client. The vault sequences themselves (stop services, unmount, KDF)
 //! run inline: they are the vault's own work and are bounded by their tools.
 
 use super::activity::ActivityWatch;
@@ -109,6 +110,11 @@ pub fn now() -> Now {
         mono_ms: t.tv_sec as u64 * 1000 + t.tv_nsec as u64 / 1_000_000,
         wall_ms: crate::audit::now_ms(),
     }
+}
+
+/// Connections one non-root uid may hold at once.
+pub fn per_uid_limit(max_clients: usize) -> usize {
+    (max_clients / 4).max(1)
 }
 
 fn sys_err(what: &'static str, e: rustix::io::Errno) -> SupervisorError {
@@ -372,6 +378,14 @@ impl Supervisor {
                     continue;
                 }
             };
+            if peer.uid != 0 {
+                let same = self.conns.iter().filter(|c| c.peer.uid == peer.uid).count();
+                if same >= per_uid_limit(self.opts.max_clients) {
+                    let err = ProtocolError::TooManyConnectionsFromUid { uid: peer.uid };
+                    let _ = send(&stream, &Response::failed(&err.to_string(), None).to_line());
+                    continue;
+                }
+            }
             self.conns.push(Conn {
                 stream,
                 peer,
@@ -406,6 +420,7 @@ impl Supervisor {
 
     fn shutdown(&mut self) {
         self.conns.clear();
+        self.machine.stopping();
         // Only remove the socket if it is still ours (not a newer supervisor's).
         if let Ok(m) = std::fs::symlink_metadata(&self.socket_path) {
             if (m.dev(), m.ino()) == self.socket_id {

@@ -283,6 +283,17 @@ impl Machine {
         }
     }
 
+    /// The supervisor is stopping (the vault is left as it is).
+    pub fn stopping(&mut self) {
+        self.audit(
+            "supervisor_stop",
+            &[
+                ("state", self.state.as_str().into()),
+                ("detail", self.detail.as_str().into()),
+            ],
+        );
+    }
+
     /// The idle timer fired (or the caller looked at the clock): warn or lock.
     pub fn on_timer(&mut self, now: Now) {
         match self.idle.check(now.mono_ms, self.armed()) {
