@@ -37,7 +37,8 @@ pub struct SystemBackend {
     /// The LUKS UUID of the vault, learnt while the mapping is open; it names the
     /// keyring entries to revoke after the mapping is gone.
     uuid: Option<String>,
-    ns: HostMountNs,
+    /// Found on first use, i.e. after the supervisor holds its socket.
+    ns: Option<HostMountNs>,
 }
 
 /// PID 1's mount namespace and ours, when they differ.
@@ -102,7 +103,7 @@ impl SystemBackend {
                 .as_deref()
                 .and_then(|d| d.strip_prefix("UUID="))
                 .map(str::to_ascii_lowercase),
-            ns: HostMountNs::detect(),
+            ns: None,
         }
     }
 
@@ -131,7 +132,8 @@ impl VaultBackend for SystemBackend {
         if mapping_active {
             self.learn_uuid();
         }
-        let mountinfo = self.ns.run(|| {
+        let ns = self.ns.get_or_insert_with(HostMountNs::detect);
+        let mountinfo = ns.run(|| {
             std::fs::read_to_string("/proc/self/mountinfo")
                 .map_err(|e| failed("read /proc/self/mountinfo", e))
         })?;
@@ -154,7 +156,8 @@ impl VaultBackend for SystemBackend {
 
     fn sync(&mut self) -> Result<(), BackendError> {
         let mount = &self.mount;
-        self.ns.run(|| match std::fs::File::open(mount) {
+        let ns = self.ns.get_or_insert_with(HostMountNs::detect);
+        ns.run(|| match std::fs::File::open(mount) {
             Ok(dir) => rustix::fs::syncfs(&dir).map_err(|e| failed("syncfs", e)),
             Err(_) => {
                 rustix::fs::sync();
@@ -166,7 +169,8 @@ impl VaultBackend for SystemBackend {
     fn unmount(&mut self) -> Result<(), BackendError> {
         let shown = self.mount_str();
         let mount = &self.mount;
-        self.ns.run(
+        let ns = self.ns.get_or_insert_with(HostMountNs::detect);
+        ns.run(
             || match nix::mount::umount2(mount, MntFlags::UMOUNT_NOFOLLOW) {
                 Ok(()) => Ok(()),
                 Err(Errno::EBUSY) => Err(BackendError::Busy {
@@ -230,8 +234,8 @@ impl VaultBackend for SystemBackend {
         } else {
             vec![self.fstype.as_str()]
         };
-        self.ns
-            .run(|| mount_first_type(&source, &self.mount, &types))
+        let ns = self.ns.get_or_insert_with(HostMountNs::detect);
+        ns.run(|| mount_first_type(&source, &self.mount, &types))
     }
 }
 
