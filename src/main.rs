@@ -52,6 +52,26 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match &args.command {
         Command::Unlock(c) => {
             let cfg = load_config(&args)?;
+            // After boot a running supervisor owns the vault: ask it, so that its
+            // lockout, audit and idle timer see the unlock.
+            let in_initrd = Path::new("/etc/initrd-release").exists();
+            if !c.local && !in_initrd && client::is_serving(&cfg.control.socket) {
+                let pass = match &c.key_file {
+                    Some(path) => Some(commands::read_key_file(path)?),
+                    None => None,
+                };
+                let ok = client::run(
+                    &cfg.control.socket,
+                    client::Cmd::Unlock,
+                    c.json,
+                    pass.as_ref(),
+                )?;
+                return Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                });
+            }
             commands::run_unlock(
                 &cfg,
                 c.device.as_deref(),

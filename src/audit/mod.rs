@@ -216,6 +216,72 @@ pub fn append_at(
     Ok(hash)
 }
 
+/// Take over another chain (the initramfs writes its boot events to /run, which
+/// survives switch_root, because the real log is not mounted yet): its entries
+/// are appended to `into` as `initrd_<event>` with their original time in
+/// `orig_ts`, then `from` is removed. A broken `from` is recorded as such (with
+/// the line) and kept beside as `<from>.broken` for inspection. Returns how many
+/// entries were carried over.
+pub fn import(from: &Path, into: &Path) -> Result<usize, AuditError> {
+    let mut text = Vec::new();
+    match File::open(from) {
+        Ok(mut f) => f.read_to_end(&mut text).map_err(io_err(from, "read"))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io_err(from, "open")(e)),
+    };
+    if let Err((line, reason)) = verify_bytes(&text) {
+        let from_s = from.display().to_string();
+        append(
+            into,
+            "initrd_audit_broken",
+            &[
+                ("file", Value::Str(&from_s)),
+                ("line", Value::UInt(line as u64)),
+                ("reason", Value::Str(&reason)),
+            ],
+        )?;
+        let mut kept = from.as_os_str().to_owned();
+        kept.push(".broken");
+        std::fs::rename(from, &kept).map_err(io_err(from, "rename"))?;
+        return Ok(0);
+    }
+    let mut n = 0;
+    for raw in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let Ok(serde_json::Value::Object(obj)) = serde_json::from_slice::<serde_json::Value>(raw)
+        else {
+            continue;
+        };
+        let event = obj
+            .get("event")
+            .and_then(|e| e.as_str())
+            .unwrap_or("unknown");
+        let event = format!("initrd_{event}");
+        let orig_ts = obj
+            .get("ts")
+            .and_then(|t| t.as_str())
+            .unwrap_or("")
+            .to_string();
+        let mut fields: Vec<(&str, Value<'_>)> = vec![("orig_ts", Value::Str(&orig_ts))];
+        for (k, v) in &obj {
+            if RESERVED.contains(&k.as_str()) {
+                continue;
+            }
+            let v = match v {
+                serde_json::Value::String(s) => Value::Str(s),
+                serde_json::Value::Bool(b) => Value::Bool(*b),
+                serde_json::Value::Number(x) if x.is_u64() => Value::UInt(x.as_u64().unwrap_or(0)),
+                serde_json::Value::Number(x) if x.is_i64() => Value::Int(x.as_i64().unwrap_or(0)),
+                _ => continue,
+            };
+            fields.push((k.as_str(), v));
+        }
+        append(into, &event, &fields)?;
+        n += 1;
+    }
+    std::fs::remove_file(from).map_err(io_err(from, "remove"))?;
+    Ok(n)
+}
+
 /// What [`verify`] found in an intact log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
@@ -774,5 +840,45 @@ mod tests {
             verify(Path::new("/nonexistent/audit.jsonl")),
             Err(AuditError::Io { .. })
         ));
+    }
+
+    #[test]
+    fn import_carries_the_initrd_chain_over_and_removes_it() {
+        let dir = std::env::temp_dir().join(format!("vg-audit-import-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let initrd = dir.join("initrd.jsonl");
+        let main = dir.join("main.jsonl");
+        append(&main, "supervisor_start", &[]).unwrap();
+        append(
+            &initrd,
+            "tpm_refused",
+            &[("reason", Value::Str("PCR 7 changed"))],
+        )
+        .unwrap();
+        append(&initrd, "unlocked", &[("method", Value::Str("passphrase"))]).unwrap();
+        assert_eq!(import(&initrd, &main).unwrap(), 2);
+        assert!(!initrd.exists());
+        let v = verify(&main).unwrap();
+        assert_eq!(v.entries, 3);
+        let text = std::fs::read_to_string(&main).unwrap();
+        assert!(text.contains("\"event\":\"initrd_tpm_refused\""), "{text}");
+        assert!(text.contains("PCR 7 changed") && text.contains("orig_ts"));
+        // nothing to import is not an error
+        assert_eq!(import(&initrd, &main).unwrap(), 0);
+        // a tampered initrd chain is recorded and kept aside, not imported
+        append(&initrd, "a", &[]).unwrap();
+        append(&initrd, "b", &[]).unwrap();
+        let t = std::fs::read_to_string(&initrd)
+            .unwrap()
+            .replace("\"event\":\"a\"", "\"event\":\"x\"");
+        std::fs::write(&initrd, t).unwrap();
+        assert_eq!(import(&initrd, &main).unwrap(), 0);
+        assert!(dir.join("initrd.jsonl.broken").exists());
+        assert!(std::fs::read_to_string(&main)
+            .unwrap()
+            .contains("initrd_audit_broken"));
+        assert_eq!(verify(&main).unwrap().entries, 4);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -12,6 +12,7 @@ use crate::audit;
 use crate::config::{parse_pcr_list, Config};
 use crate::luks::{self, ActivateFlags};
 use crate::prompt::{system_prompter, Prompter};
+use crate::supervisor::state_file;
 use crate::tpm::policy::Bank;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -100,6 +101,11 @@ pub fn run_unlock(
     report_unlock(&opts, prompter.as_mut(), &mut events)
 }
 
+/// A key file's contents as a secret (for the supervisor client as well).
+pub fn read_key_file(path: &Path) -> Result<crate::secret::SecretBytes, BootError> {
+    super::read_keyfile(path)
+}
+
 fn report_unlock(
     opts: &UnlockOptions,
     prompter: &mut dyn Prompter,
@@ -109,6 +115,13 @@ fn report_unlock(
     if done.already_active {
         return Ok(());
     }
+    // Tell the supervisor, once it starts, how the vault was opened; it trusts this
+    // only if the mapping is really there.
+    let _ = state_file::write_boot_hint(
+        Path::new(state_file::DEFAULT_PATH),
+        "unlocked",
+        done.method.as_str(),
+    );
     let how = match done.method {
         Method::Tpm2 => "with the TPM",
         Method::Tpm2Pin => "with the TPM and PIN",

@@ -302,7 +302,7 @@ pub fn volume_key_via_passphrase(
     })
 }
 
-fn read_keyfile(path: &PathBuf) -> Result<SecretBytes, BootError> {
+pub fn read_keyfile(path: &std::path::Path) -> Result<SecretBytes, BootError> {
     use std::io::Read;
     let mut f = std::fs::File::open(path)
         .map_err(|e| BootError::KeyFile(format!("{}: {e}", path.display())))?;

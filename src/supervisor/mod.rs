@@ -27,6 +27,7 @@ pub use machine::{LockReason, Machine, Now, VaultState};
 
 use crate::config::Config;
 use std::fmt;
+use std::path::Path;
 use std::path::PathBuf;
 
 #[derive(Debug)]
@@ -82,6 +83,15 @@ pub fn run_system(cfg: &Config) -> Result<(), SupervisorError> {
             err: e.into(),
         },
     )?;
+    // The boot unlock ran in the initramfs before the real audit log was mounted.
+    match crate::audit::import(
+        Path::new(crate::boot::commands::INITRD_AUDIT),
+        &cfg.audit.path,
+    ) {
+        Ok(0) => {}
+        Ok(n) => log_info(&format!("took over {n} audit entries from the initramfs")),
+        Err(e) => log_warn(&format!("initramfs audit entries not taken over: {e}")),
+    }
     let backend = Box::new(system::SystemBackend::new(&cfg.vault));
     let sup = Supervisor::new(cfg, backend, Options::default())?;
     let sup = sup.stop_on(std::os::fd::OwnedFd::from(sfd));
