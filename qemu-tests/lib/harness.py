@@ -1,0 +1,658 @@
+"""QEMU + swtpm harness for vaultguard's boot-path scenarios (Python 3.11 stdlib only).
+
+A Scenario owns qemu-tests/work/<name>/: a fresh copy of the pristine swtpm state,
+its disk images, and per boot the initramfs, its file list, the serial log and the
+QEMU and swtpm logs. Each boot starts its own swtpm on the scenario's state (swtpm
+exits when QEMU disconnects; the state persists across the scenario's boots) and
+boots the Debian kernel under TCG with an initramfs built for that boot:
+
+    s = Scenario("enroll_then_tpm_unlock")
+    vault = s.luks_disk("vault")                      # LUKS2, passphrase PASSPHRASE
+    b = s.boot('''
+        vg enroll --device "$(disk vault)" --pcrs 0,2,4,7
+        check enrolled 'cryptsetup luksDump "$(disk vault)" | grep -q systemd-tpm2'
+    ''', dynamic=["/usr/sbin/cryptsetup"])
+    b.expect(r"Passphrase for", 60)
+    b.sendline(PASSPHRASE)
+    b.expect_poweroff()                               # every check passed, no core dump
+
+The body runs as a shell script after qemu-tests/lib/guest-lib.sh (check, mark,
+disk NAME, ...), with the serial console as its controlling terminal. Any failure
+raises ScenarioFailed with the last 60 lines of the serial log.
+"""
+
+import fcntl
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+LIB = os.path.dirname(os.path.abspath(__file__))
+QEMU_TESTS = os.path.dirname(LIB)
+REPO = os.path.dirname(QEMU_TESTS)
+WORK = os.environ.get("VG_QEMU_WORK") or os.path.join(QEMU_TESTS, "work")
+SCENARIOS = os.path.join(QEMU_TESTS, "scenarios")
+
+_spec = importlib.util.spec_from_file_location("build_initramfs", os.path.join(REPO, "initramfs",
+                                                                               "build-initramfs.py"))
+build_initramfs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build_initramfs)
+
+PASSPHRASE = "correct horse battery staple"
+MEMORY_MB = 512
+DEFAULT_BOOT_TIMEOUT = 180  # whole boot, seconds; a TCG boot takes 5-10 s
+TAIL_LINES = 60
+
+# Disk images formatted on the host: cheap key derivation so boots stay fast.
+LUKS_FORMAT = ["--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"]
+
+# NIC choices. Each is a different set of option ROMs, so a different PCR 2 (see
+# ../shared/notes/qemu.md); none gives the guest a network.
+NICS = {
+    "none": ["-nic", "none"],
+    "virtio": ["-nic", "none", "-device", "virtio-net-pci"],
+    "e1000": ["-nic", "none", "-device", "e1000"],
+}
+
+# Debian programs that guest checks use, with their shared libraries.
+CRYPTSETUP = ["/usr/sbin/cryptsetup", "/usr/sbin/dmsetup"]
+MKFS_EXT4 = ["/usr/sbin/mke2fs"]
+
+
+class ScenarioFailed(Exception):
+    pass
+
+
+def log(msg):
+    print(f"  [{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _tail(path, n=TAIL_LINES):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return ""
+
+
+# --- host-side inputs -------------------------------------------------------
+
+_vaultguard = None
+
+
+def vaultguard_binary():
+    """The static release binary: $VAULTGUARD_BIN, else built (once per run) by
+    initramfs/build-static.sh."""
+    global _vaultguard
+    if _vaultguard:
+        return _vaultguard
+    path = os.environ.get("VAULTGUARD_BIN")
+    if not path:
+        log("building the static vaultguard (initramfs/build-static.sh)")
+        t = time.time()
+        r = subprocess.run(["bash", os.path.join(REPO, "initramfs", "build-static.sh")],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ScenarioFailed("initramfs/build-static.sh failed:\n"
+                                 + "\n".join((r.stdout + r.stderr).splitlines()[-TAIL_LINES:]))
+        path = r.stdout.strip().splitlines()[-1]
+        log(f"static vaultguard: {path} ({time.time() - t:.0f} s)")
+    if not os.path.isfile(path):
+        raise ScenarioFailed(f"vaultguard binary {path} missing (initramfs/build-static.sh)")
+    _vaultguard = path
+    return path
+
+
+class _FileLock:
+    """flock on a file under WORK: one pristine-TPM build, one QEMU at a time (the
+    machine has 2 cores shared with compilers)."""
+
+    def __init__(self, name):
+        os.makedirs(WORK, exist_ok=True)
+        self.path = os.path.join(WORK, name)
+        self.f = None
+
+    def acquire(self, what):
+        self.f = open(self.path, "w")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for {what} (lock {self.path})")
+            fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def release(self):
+        if self.f:
+            self.f.close()
+            self.f = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def manufacture_tpm(state_dir, pcr_banks="sha256"):
+    """A manufactured TPM 2.0, as a machine leaves the factory: EK (RSA and ECC) with
+    certificates and a platform certificate in NV (locked), the given PCR banks
+    active, no SRK yet (the first enrolment creates it)."""
+    os.makedirs(state_dir, exist_ok=True)
+    r = subprocess.run(["swtpm_setup", "--tpm2", "--tpmstate", state_dir, "--overwrite",
+                        "--create-ek-cert", "--create-platform-cert", "--lock-nvram",
+                        "--pcr-banks", pcr_banks],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ScenarioFailed(f"swtpm_setup failed:\n{r.stdout}{r.stderr}")
+
+
+def pristine_tpm(pcr_banks="sha256"):
+    """The pristine TPM state for `pcr_banks`, manufactured once and reused by every
+    scenario (each works on its own copy)."""
+    d = os.path.join(WORK, f"pristine-tpm-{pcr_banks.replace(',', '+')}")
+    with _FileLock(".pristine-tpm.lock").acquire("another run manufacturing the TPM"):
+        if not os.path.exists(os.path.join(d, "ok")):
+            shutil.rmtree(d, ignore_errors=True)
+            manufacture_tpm(os.path.join(d, "state"), pcr_banks)
+            with open(os.path.join(d, "ok"), "w") as f:
+                f.write(f"banks {pcr_banks}\n")
+            log(f"manufactured a pristine TPM (banks {pcr_banks}) in {d}")
+    return os.path.join(d, "state")
+
+
+# --- disks ------------------------------------------------------------------
+
+class Disk:
+    """A raw image attached as a virtio disk; the guest finds it with `disk NAME`
+    (its serial), or as /dev/vdX in attachment order."""
+
+    def __init__(self, name, path, index):
+        self.name, self.path, self.index = name, path, index
+        self.uuid = None
+
+    @property
+    def guest_device(self):
+        return "/dev/vd" + "abcdefghijklmnopqrstuvwxyz"[self.index]
+
+    def contains(self, data):
+        """True if the raw image holds `data` (e.g. proof that plaintext never
+        reached the disk)."""
+        needle = data.encode() if isinstance(data, str) else data
+        with open(self.path, "rb") as f:
+            prev = b""
+            while chunk := f.read(1 << 20):
+                if needle in prev[-len(needle):] + chunk:
+                    return True
+                prev = chunk
+        return False
+
+
+# --- one boot ---------------------------------------------------------------
+
+class Boot:
+    """A running guest. expect() waits for serial output, send() types on the
+    console; the serial log is in `log_path`."""
+
+    def __init__(self, scenario, label, cmd, swtpm_cmd, timeout):
+        self.s = scenario
+        self.label = label
+        self.log_path = scenario.path(f"{label}.serial.log")
+        self.qemu_log = scenario.path(f"{label}.qemu.log")
+        self.swtpm_log = scenario.path(f"{label}.swtpm.log")
+        self.buf = ""
+        self.pos = 0  # expect() has consumed the output up to here
+        self.cond = threading.Condition()
+        self.eof = False
+        self.timed_out = False
+        self.ended = False
+        self.swtpm = None
+        self.lock = _FileLock(".qemu.lock").acquire("another QEMU to finish")
+        try:
+            self._start(cmd, swtpm_cmd, timeout)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _start(self, cmd, swtpm_cmd, timeout):
+        if swtpm_cmd:
+            sock = swtpm_cmd[swtpm_cmd.index("--ctrl") + 1].split("path=", 1)[1]
+            if os.path.exists(sock):
+                os.unlink(sock)
+            self.swtpm = subprocess.Popen(swtpm_cmd, stdin=subprocess.DEVNULL,
+                                          stdout=open(self.swtpm_log, "w"), stderr=subprocess.STDOUT)
+            for _ in range(200):
+                if os.path.exists(sock) or self.swtpm.poll() is not None:
+                    break
+                time.sleep(0.02)
+            if not os.path.exists(sock):
+                self._stop_swtpm()
+                raise ScenarioFailed(f"{self.s.name}/{self.label}: swtpm did not start:\n"
+                                     + _tail(self.swtpm_log))
+        self.logf = open(self.log_path, "wb")
+        self.start = time.time()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=open(self.qemu_log, "w"))
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.watchdog = threading.Timer(timeout, self._whole_boot_timeout)
+        self.watchdog.daemon = True
+        self.watchdog.start()
+        self.timeout = timeout
+
+    def _read(self):
+        fd = self.proc.stdout.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            self.logf.write(chunk)
+            self.logf.flush()
+            with self.cond:
+                self.buf += chunk.decode("utf-8", "replace").replace("\r", "")
+                self.cond.notify_all()
+        with self.cond:
+            self.eof = True
+            self.cond.notify_all()
+
+    def _whole_boot_timeout(self):
+        if self.proc.poll() is None:
+            self.timed_out = True
+            self.proc.kill()
+
+    # -- reading the console --
+
+    @property
+    def output(self):
+        with self.cond:
+            return self.buf
+
+    def tail(self, n=TAIL_LINES):
+        return "\n".join(self.output.splitlines()[-n:])
+
+    def fail(self, why):
+        """Stop the guest and raise with the serial log's tail (and QEMU's stderr)."""
+        self._end(kill=True)
+        msg = f"{self.s.name}/{self.label}: {why}\n--- last {TAIL_LINES} lines of {self.log_path} ---\n{self.tail()}"
+        qemu_err = _tail(self.qemu_log, 10).strip()
+        if qemu_err:
+            msg += f"\n--- QEMU stderr ({self.qemu_log}) ---\n{qemu_err}"
+        raise ScenarioFailed(msg)
+
+    def _gone_reason(self):
+        if self.timed_out:
+            return f"whole-boot timeout ({self.timeout} s) reached"
+        if re.search(r"Kernel panic", self.buf):
+            return "kernel panic"
+        return f"QEMU exited ({self.proc.poll()})"
+
+    def expect(self, pattern, timeout=60):
+        """Wait for regex `pattern` in the output not yet consumed; consume up to the
+        end of the match and return it. A VGT:FAIL seen on the way fails at once."""
+        rx = re.compile(pattern)
+        deadline = time.time() + timeout
+        with self.cond:
+            while True:
+                m = rx.search(self.buf, self.pos)
+                bad = re.search(r"^VGT:FAIL .*$", self.buf[self.pos:m.start() if m else len(self.buf)], re.M)
+                if bad:
+                    failed_check = bad.group(0)
+                    break
+                if m:
+                    self.pos = m.end()
+                    return m
+                left = deadline - time.time()
+                if self.eof or left <= 0:
+                    failed_check = None
+                    break
+                self.cond.wait(min(left, 0.5))
+        if failed_check:
+            self.fail(f"guest check failed while waiting for /{pattern}/: {failed_check}")
+        if self.eof:
+            self.fail(f"{self._gone_reason()} before /{pattern}/ appeared")
+        self.fail(f"timed out after {timeout} s waiting for /{pattern}/")
+
+    def expect_mark(self, text, timeout=60):
+        """Wait for the guest's `mark TEXT`."""
+        return self.expect(r"(?m)^VGT:MARK " + re.escape(text) + r"$", timeout)
+
+    def expect_pass(self, name, timeout=60):
+        """Wait for the guest check `name`; fail if it failed."""
+        m = self.expect(r"(?m)^VGT:(PASS|FAIL) " + re.escape(name) + r"(:.*)?$", timeout)
+        if m.group(1) != "PASS":
+            self.fail(f"guest check failed: {m.group(0)}")
+        return m
+
+    def value(self, key, timeout=60):
+        """Wait for `VGT:VALUE key=...` and return the value."""
+        return self.expect(r"(?m)^VGT:VALUE " + re.escape(key) + r"=(.*)$", timeout).group(1)
+
+    def assert_absent(self, pattern, why=None):
+        """`pattern` must appear nowhere in the serial log so far."""
+        m = re.search(pattern, self.output)
+        if m:
+            self.fail(f"{why or 'unexpected output'}: /{pattern}/ matched {m.group(0)!r}")
+
+    # -- typing --
+
+    def send(self, text, settle=0.5):
+        """Type `text` on the serial console, once the console has been quiet for
+        `settle` seconds (at most 10 s of waiting). Prompts print, then turn echo off
+        with tcsetattr(TCSAFLUSH), which discards input typed in between: typing
+        right after the prompt appears would lose the text."""
+        if settle:
+            with self.cond:
+                seen, quiet_since, limit = len(self.buf), time.time(), time.time() + 10
+                while time.time() < limit and not self.eof:
+                    if len(self.buf) != seen:
+                        seen, quiet_since = len(self.buf), time.time()
+                    elif time.time() - quiet_since >= settle:
+                        break
+                    self.cond.wait(settle / 5)
+        if self.proc.poll() is not None:
+            self.fail(f"cannot type: {self._gone_reason()}")
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
+    def sendline(self, text, settle=0.5):
+        self.send(text + "\n", settle)
+
+    # -- ending --
+
+    def expect_poweroff(self, timeout=120, check_done=True):
+        """Wait until the guest powers off; then the body must have ended with status
+        0, without any failed check and without core dumps. Returns the names of the
+        checks that passed. check_done=False for a custom /init (no VGT:DONE)."""
+        if check_done:
+            m = self.expect(r"(?m)^VGT:DONE rc=(\d+) cores=(\d+).*$", timeout)
+            if m.group(1) != "0":
+                self.fail(f"scenario body exited with status {m.group(1)}")
+            if m.group(2) != "0":
+                self.fail(f"{m.group(2)} core dump(s) in the guest")
+        try:
+            self.proc.wait(timeout=timeout if not check_done else 30)
+        except subprocess.TimeoutExpired:
+            self.fail("guest did not power off")
+        self.reader.join(5)
+        if self.timed_out:
+            self.fail(self._gone_reason())
+        fails = re.findall(r"(?m)^VGT:FAIL .*$", self.output)
+        if fails:
+            self.fail("guest checks failed:\n  " + "\n  ".join(fails))
+        if re.search(r"Kernel panic", self.output):
+            self.fail("kernel panic")
+        self._end()
+        log(f"{self.label}: powered off after {time.time() - self.start:.1f} s")
+        return re.findall(r"(?m)^VGT:PASS (.*)$", self.output)
+
+    def hard_reset(self):
+        """Cut the power now (SIGKILL QEMU): no TPM2_Shutdown, no sync; swtpm keeps
+        what it had written, as a real TPM would."""
+        if self.proc.poll() is not None:
+            self.fail(f"no hard reset possible: {self._gone_reason()}")
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self._end()
+        log(f"{self.label}: hard reset after {time.time() - self.start:.1f} s")
+
+    def _stop_swtpm(self):
+        if self.swtpm and self.swtpm.poll() is None:
+            try:
+                self.swtpm.wait(timeout=10)  # it exits by itself once QEMU is gone
+            except subprocess.TimeoutExpired:
+                self.swtpm.terminate()
+                try:
+                    self.swtpm.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.swtpm.kill()
+                    self.swtpm.wait()
+
+    def _end(self, kill=False):
+        if self.ended:
+            return
+        self.ended = True
+        if hasattr(self, "watchdog"):
+            self.watchdog.cancel()
+        if hasattr(self, "proc"):
+            if self.proc.poll() is None:
+                if kill:
+                    self.proc.kill()
+                self.proc.wait()
+            self.reader.join(5)
+            self.logf.close()
+        self._stop_swtpm()
+        self.lock.release()
+        if self.s.current is self:
+            self.s.current = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        self._end(kill=True)
+
+
+# --- a scenario -------------------------------------------------------------
+
+class Scenario:
+    """One scenario's state: a work directory, a TPM (a copy of the pristine one),
+    disks, and its boots in order."""
+
+    def __init__(self, name, pcr_banks=None):
+        self.name = name
+        self.dir = os.path.join(WORK, name)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.makedirs(self.dir)
+        self.pcr_banks = pcr_banks or os.environ.get("VG_PCR_BANKS", "sha256")
+        self.tpm_dir = self.path("tpm")
+        shutil.copytree(pristine_tpm(self.pcr_banks), self.tpm_dir)
+        self.disks = []
+        self.nboots = 0
+        self.current = None
+        self.started = time.time()
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    # -- TPM --
+
+    def new_tpm(self):
+        """Replace the TPM by a newly manufactured one (new seeds: the old SRK and
+        everything sealed under it are gone), as after a TPM clear or a board swap."""
+        shutil.rmtree(self.tpm_dir)
+        manufacture_tpm(self.tpm_dir, self.pcr_banks)
+
+    # -- disks --
+
+    def disk(self, name, size_mb=64):
+        """A zeroed raw disk image (sparse), attached to every later boot."""
+        if any(d.name == name for d in self.disks):
+            raise ScenarioFailed(f"disk {name} exists")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,20}", name):
+            raise ScenarioFailed(f"disk name {name!r}: 1-20 of [A-Za-z0-9_-] (it is the serial)")
+        d = Disk(name, self.path(f"{name}.img"), len(self.disks))
+        with open(d.path, "wb") as f:
+            f.truncate(size_mb << 20)
+        self.disks.append(d)
+        return d
+
+    def luks_disk(self, name="vault", size_mb=64, passphrase=PASSPHRASE, options=()):
+        """A disk holding a LUKS2 header made on the host (cryptsetup works on a file
+        without device-mapper), one passphrase keyslot, cheap PBKDF2. Note: LUKS2
+        picks 4096-byte sectors, so a file system on the mapping needs 4096-byte
+        blocks (mke2fs -b 4096)."""
+        d = self.disk(name, size_mb)
+        r = subprocess.run(["cryptsetup", "luksFormat", "--batch-mode", *LUKS_FORMAT, *options,
+                            "--key-file", "-", d.path], input=passphrase.encode(), capture_output=True)
+        if r.returncode != 0:
+            raise ScenarioFailed(f"cryptsetup luksFormat {d.path}: {r.stderr.decode().strip()}")
+        d.uuid = subprocess.run(["cryptsetup", "luksUUID", d.path], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        return d
+
+    def luks_dump(self, disk):
+        """`cryptsetup luksDump` of a disk, read on the host between boots."""
+        return subprocess.run(["cryptsetup", "luksDump", disk.path], capture_output=True,
+                              text=True, check=True).stdout
+
+    # -- booting --
+
+    def boot(self, body=None, *, init=None, cmdline="", nic="none", files=None, dynamic=(),
+             libs=(), trees=(), modules=(), static_only=False, vaultguard=True,
+             tpm=True, timeout=DEFAULT_BOOT_TIMEOUT, label=None, qemu_args=()):
+        """Build an initramfs and boot it; return the running Boot.
+
+        body:      shell script run by the harness's /init (qemu-tests/lib/init.sh)
+                   after guest-lib.sh; or
+        init:      a whole /init of your own (bytes or str), e.g. a production-like
+                   init; guest-lib.sh is still in the image at /usr/lib/vgtest/lib.sh.
+        cmdline:   appended to the kernel command line (rd.vaultguard.* options).
+        nic:       "none" (default), "virtio" or "e1000": each changes PCR 2.
+        files:     {guest path: content (str or bytes), or a host file as a
+                   pathlib.Path}, e.g. {"/etc/vaultguard/config.json": json.dumps(cfg)}.
+        dynamic:   Debian programs to carry with their shared libraries
+                   (harness.CRYPTSETUP, harness.MKFS_EXT4, ...).
+        libs:      extra libraries loaded with dlopen (sonames, paths or globs).
+        trees:     [(host dir, guest dir)] copied as they are.
+        modules:   kernel modules beyond the defaults.
+        static_only: the image must hold no shared library (the build checks it).
+        vaultguard: include the static binary at /usr/bin/vaultguard.
+        tpm:       attach the scenario's swtpm (False: a machine without a TPM).
+        timeout:   whole-boot limit in seconds; QEMU is killed when it is reached.
+        """
+        if self.current is not None:
+            raise ScenarioFailed(f"{self.name}: boot {self.current.label} still running "
+                                 "(expect_poweroff() or hard_reset() first)")
+        if (body is None) == (init is None):
+            raise ScenarioFailed("boot(): give exactly one of body= or init=")
+        self.nboots += 1
+        label = label or f"boot{self.nboots}"
+        with open(os.path.join(LIB, "guest-lib.sh"), "rb") as f:
+            guest_lib = f.read()
+        adds = [(guest_lib, "/usr/lib/vgtest/lib.sh")]
+        if body is not None:
+            with open(os.path.join(LIB, "init.sh"), "rb") as f:
+                init_bytes = f.read()
+            script = b"#!/bin/sh\n. /usr/lib/vgtest/lib.sh\n" + _dedent(body).encode()
+            adds.append((script, "/scenario.sh"))
+        else:
+            init_bytes = init.encode() if isinstance(init, str) else init
+        for dst, src in (files or {}).items():
+            if isinstance(src, os.PathLike):
+                adds.append((os.fspath(src), dst))
+            else:
+                adds.append((src.encode() if isinstance(src, str) else src, dst))
+        initrd = self.path(f"{label}.initramfs.cpio.gz")
+        t = time.time()
+        try:
+            info = build_initramfs.build(
+                initrd, init_bytes, vaultguard=vaultguard_binary() if vaultguard else None,
+                adds=adds, dynamic=list(dynamic), libs=list(libs), trees=list(trees),
+                modules=build_initramfs.DEFAULT_MODULES + list(modules),
+                static_only=static_only, listing=self.path(f"{label}.initramfs.list"))
+        except build_initramfs.BuildError as e:
+            raise ScenarioFailed(f"{self.name}/{label}: initramfs: {e}") from None
+        kver = info["kernel_release"]
+
+        if nic not in NICS:
+            raise ScenarioFailed(f"nic={nic!r}: one of {', '.join(NICS)}")
+        append = f"console=ttyS0 panic=-1 quiet vgtest.disks={len(self.disks)} {cmdline}".strip()
+        cmd = ["qemu-system-x86_64", "-accel", "tcg", "-m", str(MEMORY_MB), "-smp", "1",
+               "-nographic", "-monitor", "none", "-no-reboot",
+               "-chardev", "stdio,id=ser0,signal=off", "-serial", "chardev:ser0",
+               "-kernel", build_initramfs.kernel_image(kver), "-initrd", initrd,
+               "-append", append, *NICS[nic]]
+        swtpm_cmd = None
+        if tpm:
+            sock = self.path("swtpm.ctrl")
+            swtpm_cmd = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.tpm_dir}",
+                         "--ctrl", f"type=unixio,path={sock}", "--log", "level=1"]
+            cmd += ["-chardev", f"socket,id=chrtpm,path={sock}",
+                    "-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-tis,tpmdev=tpm0"]
+        for d in self.disks:
+            cmd += ["-drive", f"file={d.path},format=raw,if=none,id={d.name},cache=unsafe",
+                    "-device", f"virtio-blk-pci,drive={d.name},serial={d.name}"]
+        cmd += list(qemu_args)
+        with open(self.path(f"{label}.cmd"), "w") as f:
+            f.write(" ".join(cmd) + "\n" + (" ".join(swtpm_cmd) + "\n" if swtpm_cmd else ""))
+        log(f"{label}: booting ({info['size'] >> 10} KiB initramfs in {time.time() - t:.1f} s, "
+            f"nic {nic}{', no TPM' if not tpm else ''})")
+        b = Boot(self, label, cmd, swtpm_cmd, timeout)
+        self.current = b
+        return b
+
+    def finish(self):
+        if self.current is not None:
+            self.current._end(kill=True)
+
+
+def _dedent(text):
+    import textwrap
+    return textwrap.dedent(text).strip("\n") + "\n"
+
+
+# --- running scenarios ------------------------------------------------------
+
+def scenario_names():
+    return sorted(f[:-3] for f in os.listdir(SCENARIOS) if f.endswith(".py") and not f.startswith("_"))
+
+
+def load(name):
+    path = os.path.join(SCENARIOS, name + ".py")
+    spec = importlib.util.spec_from_file_location(f"scenario_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not callable(getattr(mod, "run", None)):
+        raise ScenarioFailed(f"{path}: no run(s) function")
+    return mod
+
+
+def run_one(name):
+    """Run one scenario; print PASS/FAIL; return True if it passed."""
+    t = time.time()
+    s = None
+    try:
+        mod = load(name)
+        doc = (mod.__doc__ or "").strip().splitlines()
+        print(f"--- {name}: {doc[0] if doc else ''}", flush=True)
+        s = Scenario(name, pcr_banks=getattr(mod, "PCR_BANKS", None))
+        mod.run(s)
+        if s.current is not None:
+            raise ScenarioFailed(f"{name}: boot {s.current.label} left running "
+                                 "(end it with expect_poweroff() or hard_reset())")
+        print(f"PASS {name} ({time.time() - t:.1f} s, {s.nboots} boot(s))", flush=True)
+        return True
+    except ScenarioFailed as e:
+        print(f"FAIL {name} ({time.time() - t:.1f} s)\n{e}", flush=True)
+    except Exception:  # a harness or scenario bug fails the scenario too
+        import traceback
+        print(f"FAIL {name} ({time.time() - t:.1f} s): harness error\n{traceback.format_exc()}", flush=True)
+    finally:
+        if s is not None:
+            s.finish()
+    return False
+
+
+def main(argv=None):
+    """qemu-tests/run.sh [SCENARIO...]: run the named scenarios (all by default)."""
+    argv = sys.argv[1:] if argv is None else argv
+    names = scenario_names()
+    wanted = [os.path.basename(a)[:-3] if a.endswith(".py") else a for a in argv]
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        print(f"unknown scenario(s): {', '.join(unknown)}; have: {', '.join(names)}", file=sys.stderr)
+        return 2
+    todo = wanted or names
+    t = time.time()
+    failed = [n for n in todo if not run_one(n)]
+    print(f"\n{len(todo) - len(failed)}/{len(todo)} scenarios passed in {time.time() - t:.0f} s"
+          + (f"; FAILED: {' '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
