@@ -312,6 +312,13 @@ class Initramfs:
             if not found:
                 raise BuildError(f"{prog}: no such program")
             prog = found
+        if dst is None and os.path.islink(prog):
+            # e.g. /usr/bin/tpm2_pcrread -> tpm2: keep the link, carry the target once
+            target = os.readlink(prog)
+            if not self.exists(prog) or os.path.islink(self._host(prog)):
+                self.add_symlink(prog, target)
+            self.add_dynamic(os.path.normpath(os.path.join(os.path.dirname(prog), target)))
+            return
         self.add_file(dst or prog, src=prog, mode=0o755)
         for lib in self._ldd(prog):
             self._add_library_file(lib)

@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import importlib.util
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -139,15 +140,17 @@ class _FileLock:
         self.release()
 
 
+# swtpm_setup options for a TPM as a machine leaves the factory: EK (RSA and ECC)
+# with certificates and a platform certificate in NV (locked); no SRK yet (the first
+# enrolment creates it at 0x81000001). The PCR banks are added per scenario.
+MANUFACTURE = ["--tpm2", "--create-ek-cert", "--create-platform-cert", "--lock-nvram"]
+
+
 def manufacture_tpm(state_dir, pcr_banks="sha256"):
-    """A manufactured TPM 2.0, as a machine leaves the factory: EK (RSA and ECC) with
-    certificates and a platform certificate in NV (locked), the given PCR banks
-    active, no SRK yet (the first enrolment creates it)."""
+    """A newly manufactured TPM 2.0 with `pcr_banks` active, in `state_dir`."""
     os.makedirs(state_dir, exist_ok=True)
-    r = subprocess.run(["swtpm_setup", "--tpm2", "--tpmstate", state_dir, "--overwrite",
-                        "--create-ek-cert", "--create-platform-cert", "--lock-nvram",
-                        "--pcr-banks", pcr_banks],
-                       capture_output=True, text=True)
+    r = subprocess.run(["swtpm_setup", *MANUFACTURE, "--pcr-banks", pcr_banks,
+                        "--tpmstate", state_dir, "--overwrite"], capture_output=True, text=True)
     if r.returncode != 0:
         raise ScenarioFailed(f"swtpm_setup failed:\n{r.stdout}{r.stderr}")
 
@@ -155,7 +158,8 @@ def manufacture_tpm(state_dir, pcr_banks="sha256"):
 def pristine_tpm(pcr_banks="sha256"):
     """The pristine TPM state for `pcr_banks`, manufactured once and reused by every
     scenario (each works on its own copy)."""
-    d = os.path.join(WORK, f"pristine-tpm-{pcr_banks.replace(',', '+')}")
+    recipe = hashlib.sha256(repr(MANUFACTURE).encode()).hexdigest()[:8]
+    d = os.path.join(WORK, f"pristine-tpm-{pcr_banks.replace(',', '+')}-{recipe}")
     with _FileLock(".pristine-tpm.lock").acquire("another run manufacturing the TPM"):
         if not os.path.exists(os.path.join(d, "ok")):
             shutil.rmtree(d, ignore_errors=True)
@@ -288,15 +292,24 @@ class Boot:
         raise ScenarioFailed(msg)
 
     def _gone_reason(self):
+        try:
+            rc = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            rc = None
         if self.timed_out:
             return f"whole-boot timeout ({self.timeout} s) reached"
         if re.search(r"Kernel panic", self.buf):
             return "kernel panic"
-        return f"QEMU exited ({self.proc.poll()})"
+        if re.search(r"(?m)^VGT:DONE ", self.buf):
+            return "the guest finished and powered off"
+        return f"QEMU exited (status {rc})"
 
     def expect(self, pattern, timeout=60):
         """Wait for regex `pattern` in the output not yet consumed; consume up to the
-        end of the match and return it. A VGT:FAIL seen on the way fails at once."""
+        end of the match and return it. A VGT:FAIL seen on the way fails at once.
+        Output arrives in pieces: a pattern that ends in `.*` or `$` can match half a
+        line, so end such patterns with `\\n` (prompts, which end without one, are
+        fine as they are). Carriage returns are removed from the output."""
         rx = re.compile(pattern)
         deadline = time.time() + timeout
         with self.cond:
@@ -322,18 +335,18 @@ class Boot:
 
     def expect_mark(self, text, timeout=60):
         """Wait for the guest's `mark TEXT`."""
-        return self.expect(r"(?m)^VGT:MARK " + re.escape(text) + r"$", timeout)
+        return self.expect(r"(?m)^VGT:MARK " + re.escape(text) + r"\n", timeout)
 
     def expect_pass(self, name, timeout=60):
         """Wait for the guest check `name`; fail if it failed."""
-        m = self.expect(r"(?m)^VGT:(PASS|FAIL) " + re.escape(name) + r"(:.*)?$", timeout)
+        m = self.expect(r"(?m)^VGT:(PASS|FAIL) " + re.escape(name) + r"(:.*)?\n", timeout)
         if m.group(1) != "PASS":
             self.fail(f"guest check failed: {m.group(0)}")
         return m
 
     def value(self, key, timeout=60):
         """Wait for `VGT:VALUE key=...` and return the value."""
-        return self.expect(r"(?m)^VGT:VALUE " + re.escape(key) + r"=(.*)$", timeout).group(1)
+        return self.expect(r"(?m)^VGT:VALUE " + re.escape(key) + r"=(.*)\n", timeout).group(1)
 
     def assert_absent(self, pattern, why=None):
         """`pattern` must appear nowhere in the serial log so far."""
@@ -372,7 +385,7 @@ class Boot:
         0, without any failed check and without core dumps. Returns the names of the
         checks that passed. check_done=False for a custom /init (no VGT:DONE)."""
         if check_done:
-            m = self.expect(r"(?m)^VGT:DONE rc=(\d+) cores=(\d+).*$", timeout)
+            m = self.expect(r"(?m)^VGT:DONE rc=(\d+) cores=(\d+).*\n", timeout)
             if m.group(1) != "0":
                 self.fail(f"scenario body exited with status {m.group(1)}")
             if m.group(2) != "0":
@@ -405,9 +418,12 @@ class Boot:
 
     def _stop_swtpm(self):
         if self.swtpm and self.swtpm.poll() is None:
+            t = time.time()
             try:
                 self.swtpm.wait(timeout=10)  # it exits by itself once QEMU is gone
+                log(f"swtpm exited {time.time() - t:.1f} s after QEMU")
             except subprocess.TimeoutExpired:
+                log("swtpm still running 10 s after QEMU: terminating it")
                 self.swtpm.terminate()
                 try:
                     self.swtpm.wait(timeout=5)
@@ -438,6 +454,49 @@ class Boot:
 
     def __exit__(self, exc_type, *exc):
         self._end(kill=True)
+
+
+def luks_format(path, passphrase=PASSPHRASE, options=()):
+    r = subprocess.run(["cryptsetup", "luksFormat", "--batch-mode", *LUKS_FORMAT, *options,
+                        "--key-file", "-", path], input=passphrase.encode(), capture_output=True)
+    if r.returncode != 0:
+        raise ScenarioFailed(f"cryptsetup luksFormat {path}: {r.stderr.decode().strip()}")
+
+
+MAKE_EXT4 = """
+    dev=$(disk vault) || exit 1
+    check open 'cryptsetup open --key-file /etc/test-passphrase "$dev" prep'
+    check mkfs '/usr/sbin/mke2fs -q -t ext4 -b 4096 -L vault /dev/mapper/prep'
+    mkdir -p /mnt/vault
+    check mount 'mount -t ext4 /dev/mapper/prep /mnt/vault'
+    echo "vault made by the qemu-tests harness" > /mnt/vault/README
+    check umount 'umount /mnt/vault'
+    check close 'cryptsetup close prep'
+"""
+
+
+def _luks_ext4_template(size_mb, passphrase, options):
+    """A LUKS2 image with ext4 inside, made in a guest (the host has no
+    device-mapper) the first time it is asked for, then reused."""
+    key = hashlib.sha256(repr((size_mb, passphrase, options, LUKS_FORMAT, MAKE_EXT4)).encode()).hexdigest()[:16]
+    cache = os.path.join(WORK, "cache")
+    img = os.path.join(cache, f"luks-ext4-{size_mb}M-{key}.img")
+    with _FileLock(".cache.lock").acquire("another run preparing a cached image"):
+        if os.path.exists(img):
+            return img
+        log(f"preparing a LUKS2 + ext4 image ({size_mb} MiB), cached as {img}")
+        prep = Scenario(f"cache-luks-ext4-{key}")
+        disk = prep.disk("vault", size_mb)
+        luks_format(disk.path, passphrase, options)
+        b = prep.boot(MAKE_EXT4, tpm=False, vaultguard=False, dynamic=CRYPTSETUP + MKFS_EXT4, label="prep",
+                      files={"/etc/mke2fs.conf": pathlib.Path("/etc/mke2fs.conf"),
+                             "/etc/test-passphrase": passphrase})
+        b.expect_poweroff()
+        os.makedirs(cache, exist_ok=True)
+        os.replace(disk.path, img + ".tmp")
+        os.replace(img + ".tmp", img)
+        shutil.rmtree(prep.dir, ignore_errors=True)
+        return img
 
 
 # --- a scenario -------------------------------------------------------------
@@ -484,16 +543,20 @@ class Scenario:
         self.disks.append(d)
         return d
 
-    def luks_disk(self, name="vault", size_mb=64, passphrase=PASSPHRASE, options=()):
+    def luks_disk(self, name="vault", size_mb=64, passphrase=PASSPHRASE, options=(), ext4=False):
         """A disk holding a LUKS2 header made on the host (cryptsetup works on a file
         without device-mapper), one passphrase keyslot, cheap PBKDF2. Note: LUKS2
         picks 4096-byte sectors, so a file system on the mapping needs 4096-byte
-        blocks (mke2fs -b 4096)."""
+        blocks (mke2fs -b 4096).
+        ext4=True: the volume also holds an ext4 file system (label "vault", a file
+        /README) made in a guest once per run and cached in qemu-tests/work/cache/;
+        scenarios that get it share its LUKS UUID."""
         d = self.disk(name, size_mb)
-        r = subprocess.run(["cryptsetup", "luksFormat", "--batch-mode", *LUKS_FORMAT, *options,
-                            "--key-file", "-", d.path], input=passphrase.encode(), capture_output=True)
-        if r.returncode != 0:
-            raise ScenarioFailed(f"cryptsetup luksFormat {d.path}: {r.stderr.decode().strip()}")
+        if ext4:
+            template = _luks_ext4_template(size_mb, passphrase, tuple(options))
+            subprocess.run(["cp", "--sparse=always", template, d.path], check=True)
+        else:
+            luks_format(d.path, passphrase, options)
         d.uuid = subprocess.run(["cryptsetup", "luksUUID", d.path], capture_output=True,
                                 text=True, check=True).stdout.strip()
         return d
@@ -550,14 +613,15 @@ class Scenario:
                 adds.append((os.fspath(src), dst))
             else:
                 adds.append((src.encode() if isinstance(src, str) else src, dst))
-        initrd = self.path(f"{label}.initramfs.cpio.gz")
+        initrd = self.path(f"{label}.initramfs.cpio")
         t = time.time()
         try:
             info = build_initramfs.build(
                 initrd, init_bytes, vaultguard=vaultguard_binary() if vaultguard else None,
                 adds=adds, dynamic=list(dynamic), libs=list(libs), trees=list(trees),
                 modules=build_initramfs.DEFAULT_MODULES + list(modules),
-                static_only=static_only, listing=self.path(f"{label}.initramfs.list"))
+                static_only=static_only, listing=self.path(f"{label}.initramfs.list"),
+                compress=os.environ.get("VG_INITRAMFS_COMPRESS", "none"))
         except build_initramfs.BuildError as e:
             raise ScenarioFailed(f"{self.name}/{label}: initramfs: {e}") from None
         kver = info["kernel_release"]
@@ -574,7 +638,7 @@ class Scenario:
         if tpm:
             sock = self.path("swtpm.ctrl")
             swtpm_cmd = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.tpm_dir}",
-                         "--ctrl", f"type=unixio,path={sock}", "--log", "level=1"]
+                         "--ctrl", f"type=unixio,path={sock}", "--terminate"]
             cmd += ["-chardev", f"socket,id=chrtpm,path={sock}",
                     "-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-tis,tpmdev=tpm0"]
         for d in self.disks:
@@ -606,7 +670,8 @@ def scenario_names():
 
 
 def load(name):
-    path = os.path.join(SCENARIOS, name + ".py")
+    """A scenario module by name, or by path (a scenario file anywhere)."""
+    path = name if name.endswith(".py") else os.path.join(SCENARIOS, name + ".py")
     spec = importlib.util.spec_from_file_location(f"scenario_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -619,8 +684,11 @@ def run_one(name):
     """Run one scenario; print PASS/FAIL; return True if it passed."""
     t = time.time()
     s = None
+    mod = name
+    if name.endswith(".py"):
+        name = os.path.basename(name)[:-3]
     try:
-        mod = load(name)
+        mod = load(mod)
         doc = (mod.__doc__ or "").strip().splitlines()
         print(f"--- {name}: {doc[0] if doc else ''}", flush=True)
         s = Scenario(name, pcr_banks=getattr(mod, "PCR_BANKS", None))
@@ -645,14 +713,14 @@ def main(argv=None):
     """qemu-tests/run.sh [SCENARIO...]: run the named scenarios (all by default)."""
     argv = sys.argv[1:] if argv is None else argv
     names = scenario_names()
-    wanted = [os.path.basename(a)[:-3] if a.endswith(".py") else a for a in argv]
-    unknown = [w for w in wanted if w not in names]
+    wanted = [os.path.abspath(a) if a.endswith(".py") else a for a in argv]
+    unknown = [w for w in wanted if w not in names and not os.path.isfile(w)]
     if unknown:
         print(f"unknown scenario(s): {', '.join(unknown)}; have: {', '.join(names)}", file=sys.stderr)
         return 2
     todo = wanted or names
     t = time.time()
-    failed = [n for n in todo if not run_one(n)]
+    failed = [os.path.basename(n).removesuffix(".py") for n in todo if not run_one(n)]
     print(f"\n{len(todo) - len(failed)}/{len(todo)} scenarios passed in {time.time() - t:.0f} s"
           + (f"; FAILED: {' '.join(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0

@@ -14,6 +14,7 @@ SECRET = "model weights v7: 0123456789 attention is all you need"
 
 def run(s):
     vault = s.luks_disk("vault", size_mb=32)
+    data = s.luks_disk("data", ext4=True)  # the harness's cached LUKS2 + ext4 image
     b = s.boot(f"""
         dev=$(disk vault) || exit 1
         value device "$dev"
@@ -36,6 +37,9 @@ def run(s):
         check remount 'mount -t ext4 -o ro /dev/mapper/sanity /mnt/vault'
         check data-reads-back 'grep -qx "{SECRET}" /mnt/vault/hello.txt'
         umount /mnt/vault; cryptsetup close sanity
+        check cached-ext4-image 'cryptsetup open --key-file /etc/test-passphrase "$(disk data)" data &&
+            mount -t ext4 -o ro /dev/mapper/data /mnt/vault && grep -q harness /mnt/vault/README'
+        umount /mnt/vault; cryptsetup close data
         mark done-sanity
     """, dynamic=harness.CRYPTSETUP + harness.MKFS_EXT4,
         files={"/etc/mke2fs.conf": pathlib.Path("/etc/mke2fs.conf"),
@@ -55,7 +59,7 @@ def run(s):
     b.expect(rf"dm table: 0 \d+ crypt aes-xts-plain64 :64:logon:cryptsetup:{vault.uuid}-d0 0 ", 10)
     for check in ("key-via-keyring", "no-hex-key-in-table", "no-volume-key-in-proc-keys",
                   "mkfs", "mount", "umount", "close", "mapping-gone", "reopen-with-key-file",
-                  "remount", "data-reads-back"):
+                  "remount", "data-reads-back", "cached-ext4-image"):
         b.expect_pass(check)
     b.expect_mark("done-sanity")
     b.assert_absent(harness.PASSPHRASE, "the passphrase was echoed on the console")
