@@ -61,13 +61,27 @@ NICS = {
     "e1000": ["-nic", "none", "-device", "e1000"],
 }
 
-# Debian programs that guest checks use, with their shared libraries.
+# Debian programs that guest checks use, with their shared libraries (boot(dynamic=)).
+# Busybox's shell runs its own applets before anything on PATH: call a Debian program
+# that busybox also provides (mke2fs, mount, losetup, ...) by its full path.
 CRYPTSETUP = ["/usr/sbin/cryptsetup", "/usr/sbin/dmsetup"]
 MKFS_EXT4 = ["/usr/sbin/mke2fs"]
+TPM2_TOOLS = ["/usr/bin/tpm2_getcap", "/usr/bin/tpm2_pcrread", "/usr/bin/tpm2_nvdefine",
+              "/usr/bin/tpm2_nvwrite", "/usr/bin/tpm2_nvread"]
+# systemd 252's tools; they dlopen the TPM libraries, libcryptsetup and the token
+# plugin, which boot(libs=) must carry: boot(dynamic=SYSTEMD_CRYPT, libs=SYSTEMD_CRYPT_LIBS).
+SYSTEMD_CRYPT = ["/usr/bin/systemd-cryptenroll", "/lib/systemd/systemd-cryptsetup"]
+SYSTEMD_CRYPT_LIBS = ["libtss2-*.so.0", "libcryptsetup.so.12",
+                      "/usr/lib/x86_64-linux-gnu/cryptsetup/libcryptsetup-token-systemd-tpm2.so"]
+TPM2_TOOLS_LIBS = ["libtss2-tcti-device.so.0"]
 
 
 class ScenarioFailed(Exception):
     pass
+
+
+# CSI (ESC [ ... final), OSC (ESC ] ... BEL or ESC \), charset and two-byte escapes.
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[()][0-9A-Za-z]|[0-9=>@-Z\\-_a-z])")
 
 
 def log(msg):
@@ -209,7 +223,8 @@ class Boot:
         self.log_path = scenario.path(f"{label}.serial.log")
         self.qemu_log = scenario.path(f"{label}.qemu.log")
         self.swtpm_log = scenario.path(f"{label}.swtpm.log")
-        self.buf = ""
+        self.buf = ""  # the serial output without \r and terminal escapes
+        self._carry = ""
         self.pos = 0  # expect() has consumed the output up to here
         self.cond = threading.Condition()
         self.eof = False
@@ -260,8 +275,17 @@ class Boot:
                 break
             self.logf.write(chunk)
             self.logf.flush()
+            text = self._carry + chunk.decode("utf-8", "replace")
+            # Terminal control sequences (SeaBIOS clears the screen, systemd colours
+            # its messages) would sit between a line start and a marker: drop them
+            # from what expect() sees; carry an escape cut in half to the next read.
+            last = text.rfind("\x1b")
+            if last >= 0 and len(text) - last < 64 and not _ANSI.match(text, last):
+                text, self._carry = text[:last], text[last:]
+            else:
+                self._carry = ""
             with self.cond:
-                self.buf += chunk.decode("utf-8", "replace").replace("\r", "")
+                self.buf += _ANSI.sub("", text).replace("\r", "")
                 self.cond.notify_all()
         with self.cond:
             self.eof = True
@@ -421,7 +445,8 @@ class Boot:
             t = time.time()
             try:
                 self.swtpm.wait(timeout=10)  # it exits by itself once QEMU is gone
-                log(f"swtpm exited {time.time() - t:.1f} s after QEMU")
+                if time.time() - t > 1:
+                    log(f"swtpm took {time.time() - t:.1f} s to exit after QEMU")
             except subprocess.TimeoutExpired:
                 log("swtpm still running 10 s after QEMU: terminating it")
                 self.swtpm.terminate()

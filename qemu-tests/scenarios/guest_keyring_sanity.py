@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""Harness self-check: Debian's cryptsetup opens LUKS2 in the guest with a passphrase
-typed on the console; the volume key goes through the kernel keyring; ext4 data
-survives close and reopen and never reaches the disk in clear."""
+"""Harness self-check: dm-crypt in the guest, passphrase typed on the console, key in the keyring.
+
+Debian's cryptsetup refuses a wrong passphrase and takes the right one, typed at its
+prompt; the dm table references a logon key (no hex key), /proc/keys keeps none;
+ext4 data survives close and reopen and never reaches the raw disk in clear; the
+harness's cached LUKS2 + ext4 image opens."""
 import os
 import pathlib
 import sys

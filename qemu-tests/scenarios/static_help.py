@@ -13,11 +13,13 @@ def run(s):
     b = s.boot("""
         check no-dynamic-loader '! ls /lib64/ld-linux* /lib/x86_64-linux-gnu/ld-linux* 2>/dev/null'
         check no-libc '! find / -xdev -name "libc.so*" | grep -q .'
+        check controlling-tty 'test -t 0 && printf "" > /dev/tty'
         vg --help; value help-status $?
         vg version; value version-status $?
     """, static_only=True)
     b.expect_pass("no-dynamic-loader")
     b.expect_pass("no-libc")
+    b.expect_pass("controlling-tty")
     b.expect(r"Usage: vaultguard .*<command>", 30)
     b.expect(r"(?m)^\s+unlock\s+open the vault", 10)
     b.expect(r"(?m)^\s+enroll\s+", 10)

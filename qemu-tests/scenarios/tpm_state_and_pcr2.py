@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
-"""Harness self-check: the swtpm state survives a hard reset into the next boot, SeaBIOS
-measures PCRs 0-7, and changing the NIC (its option ROM) changes PCR 2 only."""
+"""Harness self-check: TPM state survives a hard reset; a NIC change moves PCR 2 only.
+
+SeaBIOS measures PCRs 0-7; the NIC's option ROM goes into PCR 2. The TPM's NV is
+written before the hard reset and read after it, and the active PCR banks are the
+ones the pristine TPM was manufactured with."""
 import os
 import re
 import sys
@@ -8,8 +11,6 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 import harness  # noqa: E402
 
-TPM2_TOOLS = ["/usr/bin/tpm2_getcap", "/usr/bin/tpm2_nvdefine", "/usr/bin/tpm2_nvwrite",
-              "/usr/bin/tpm2_nvread"]
 NV_INDEX = "0x1500016"
 
 READ_PCRS = """
@@ -32,7 +33,7 @@ def run(s):
         check nv-write 'printf harness1 | tpm2_nvwrite {NV_INDEX} -C o -i -'
         mark nv-written
         sleep 60
-    """, dynamic=TPM2_TOOLS, libs=["libtss2-tcti-device.so.0"], nic="none", vaultguard=False)
+    """, dynamic=harness.TPM2_TOOLS, libs=harness.TPM2_TOOLS_LIBS, nic="none", vaultguard=False)
     b.expect_pass("tpm-device")
     first = pcrs(b)
     banks = b.expect(r"selected-pcrs:(\S*)\n").group(1)
@@ -46,7 +47,7 @@ def run(s):
 
     b = s.boot(READ_PCRS + f"""
         value nv "$(tpm2_nvread {NV_INDEX} -C o -s 8)"
-    """, dynamic=TPM2_TOOLS, libs=["libtss2-tcti-device.so.0"], nic="virtio", vaultguard=False)
+    """, dynamic=harness.TPM2_TOOLS, libs=harness.TPM2_TOOLS_LIBS, nic="virtio", vaultguard=False)
     second = pcrs(b)
     harness.log(f"TPM lockout counter after the hard reset: {b.value('lockout-counter')}")
     if b.value("nv") != "harness1":
