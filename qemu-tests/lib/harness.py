@@ -394,10 +394,13 @@ class Boot:
                     elif time.time() - quiet_since >= settle:
                         break
                     self.cond.wait(settle / 5)
-        if self.proc.poll() is not None:
+        try:
+            if self.proc.poll() is not None:
+                raise BrokenPipeError
+            self.proc.stdin.write(text.encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
             self.fail(f"cannot type: {self._gone_reason()}")
-        self.proc.stdin.write(text.encode())
-        self.proc.stdin.flush()
 
     def sendline(self, text, settle=0.5):
         self.send(text + "\n", settle)
@@ -511,15 +514,17 @@ def _luks_ext4_template(size_mb, passphrase, options):
             return img
         log(f"preparing a LUKS2 + ext4 image ({size_mb} MiB), cached as {img}")
         prep = Scenario(f"cache-luks-ext4-{key}")
-        disk = prep.disk("vault", size_mb)
-        luks_format(disk.path, passphrase, options)
-        b = prep.boot(MAKE_EXT4, tpm=False, vaultguard=False, dynamic=CRYPTSETUP + MKFS_EXT4, label="prep",
-                      files={"/etc/mke2fs.conf": pathlib.Path("/etc/mke2fs.conf"),
-                             "/etc/test-passphrase": passphrase})
-        b.expect_poweroff()
-        os.makedirs(cache, exist_ok=True)
-        os.replace(disk.path, img + ".tmp")
-        os.replace(img + ".tmp", img)
+        try:
+            disk = prep.disk("vault", size_mb)
+            luks_format(disk.path, passphrase, options)
+            b = prep.boot(MAKE_EXT4, tpm=False, vaultguard=False, dynamic=CRYPTSETUP + MKFS_EXT4,
+                          label="prep", files={"/etc/mke2fs.conf": pathlib.Path("/etc/mke2fs.conf"),
+                                               "/etc/test-passphrase": passphrase})
+            b.expect_poweroff()
+            os.makedirs(cache, exist_ok=True)
+            os.replace(disk.path, img)
+        finally:
+            prep.finish()
         shutil.rmtree(prep.dir, ignore_errors=True)
         return img
 
@@ -533,6 +538,9 @@ class Scenario:
     def __init__(self, name, pcr_banks=None):
         self.name = name
         self.dir = os.path.join(WORK, name)
+        # Two runs of the same scenario (two engineers, one machine) would share
+        # this directory: the second waits.
+        self.lock = _FileLock(f".scenario-{name}.lock").acquire(f"another run of {name}")
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir)
         self.pcr_banks = pcr_banks or os.environ.get("VG_PCR_BANKS", "sha256")
@@ -662,6 +670,8 @@ class Scenario:
         swtpm_cmd = None
         if tpm:
             sock = self.path("swtpm.ctrl")
+            if len(sock) > 100:  # sun_path holds 108 bytes
+                sock = os.path.join("/tmp", f"vg-swtpm-{os.getpid()}.ctrl")
             swtpm_cmd = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.tpm_dir}",
                          "--ctrl", f"type=unixio,path={sock}", "--terminate"]
             cmd += ["-chardev", f"socket,id=chrtpm,path={sock}",
@@ -679,8 +689,10 @@ class Scenario:
         return b
 
     def finish(self):
+        """Stop a boot still running and let other runs of this scenario go."""
         if self.current is not None:
             self.current._end(kill=True)
+        self.lock.release()
 
 
 def _dedent(text):
