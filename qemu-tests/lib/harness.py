@@ -40,6 +40,7 @@ REPO = os.path.dirname(QEMU_TESTS)
 WORK = os.environ.get("VG_QEMU_WORK") or os.path.join(QEMU_TESTS, "work")
 SCENARIOS = os.path.join(QEMU_TESTS, "scenarios")
 
+sys.dont_write_bytecode = True  # no __pycache__ in initramfs/ or scenarios/
 _spec = importlib.util.spec_from_file_location("build_initramfs", os.path.join(REPO, "initramfs",
                                                                                "build-initramfs.py"))
 build_initramfs = importlib.util.module_from_spec(_spec)
