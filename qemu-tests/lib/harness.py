@@ -583,7 +583,7 @@ class Scenario:
         picks 4096-byte sectors, so a file system on the mapping needs 4096-byte
         blocks (mke2fs -b 4096).
         ext4=True: the volume also holds an ext4 file system (label "vault", a file
-        /README) made in a guest once per run and cached in qemu-tests/work/cache/;
+        /README) made in a guest the first time and cached in qemu-tests/work/cache/;
         scenarios that get it share its LUKS UUID."""
         d = self.disk(name, size_mb)
         if ext4:
