@@ -1,0 +1,385 @@
+//! vaultguard and systemd 257 (Debian 13's systemd-cryptenroll, run from a private
+//! trixie root built by qemu-tests/lib/trixie-systemd.sh, never installed) open each
+//! other's `systemd-tpm2` tokens sealed under the persistent SRK, with and without
+//! PIN, on swtpm:
+//!  - systemd-cryptenroll --unlock-tpm2-device= unseals vaultguard's token, opens
+//!    its keyslot and adds a password keyslot that yields the same volume key;
+//!  - vaultguard opens what systemd-cryptenroll 257 enrolled (tpm2_srk, salted PIN).
+//!
+//! systemd 252 (the host's) cannot do the first: it only knows the transient primary.
+//! The root is cached in $VG_TRIXIE_CACHE, else target/trixie-systemd (built on
+//! first use: about 10 MB of trixie Packages index and 10 MB of .debs, 5-10 s).
+
+mod common;
+
+use common::{luks_image, Swtpm, TempDir};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use vaultguard::boot::{
+    acquire_volume_key, enroll, EnrollOptions, Method, NoEvents, TpmOptions, UnlockOptions,
+    Verification,
+};
+use vaultguard::luks::{ActivateFlags, Vault};
+use vaultguard::prompt::Scripted;
+use vaultguard::tpm::policy::Bank;
+
+const PASS: &str = "pw-for-257-interop";
+const NEWPASS: &str = "added-by-systemd-257";
+
+/// The wrapper `CACHE/run` that runs a program from the trixie root.
+fn trixie() -> &'static Path {
+    static RUN: OnceLock<PathBuf> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let cache = std::env::var_os("VG_TRIXIE_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo.join("target/trixie-systemd"));
+        // Idempotent: returns at once when the stamp says the root is complete.
+        let out = Command::new("bash")
+            .arg(repo.join("qemu-tests/lib/trixie-systemd.sh"))
+            .arg(&cache)
+            .output()
+            .expect("bash");
+        assert!(
+            out.status.success(),
+            "qemu-tests/lib/trixie-systemd.sh {} failed:\n{}",
+            cache.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let run = cache.join("run");
+        let v = common::run(Command::new(&run).args(["systemd-cryptenroll", "--version"]));
+        let v = String::from_utf8_lossy(&v.stdout);
+        assert!(v.starts_with("systemd 257"), "{v}");
+        run
+    })
+}
+
+fn cryptenroll257() -> Command {
+    let mut c = Command::new(trixie());
+    c.arg("systemd-cryptenroll");
+    c
+}
+
+fn check(what: &str, out: Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}{err}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+    err
+}
+
+fn tpm_opts(sw: &Swtpm) -> TpmOptions {
+    TpmOptions {
+        tcti: sw.tcti(),
+        timeout: Duration::from_secs(5),
+        phase_pcr: Some(15),
+    }
+}
+
+fn volume_key(img: &Path, pass: &str) -> Vec<u8> {
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    v.volume_key(None, pass.as_bytes())
+        .unwrap_or_else(|e| panic!("passphrase {pass:?} does not open {}: {e}", img.display()))
+        .0
+        .as_bytes()
+        .to_vec()
+}
+
+/// vaultguard enrols (PCRs 0,2,4,7 + phase PCR 15, sha256, SRK at 0x81000001);
+/// systemd-cryptenroll 257 unseals that token to add NEWPASS.
+fn vaultguard_enrolment_opened_by_257(pin: Option<&str>) {
+    let sw = Swtpm::start();
+    let dir = TempDir::new(if pin.is_some() { "vg257-pin" } else { "vg257" });
+    let img = luks_image(dir.path(), PASS);
+    let opts = EnrollOptions {
+        device: img.display().to_string(),
+        name: "interop257".into(),
+        tpm: tpm_opts(&sw),
+        bank: Bank::Sha256,
+        pcrs: vec![0, 2, 4, 7],
+        pin: pin.is_some(),
+        recovery_key: false,
+        tries: 3,
+    };
+    let answers: Vec<&str> = match pin {
+        Some(p) => vec![PASS, p, p],
+        None => vec![PASS],
+    };
+    let r = enroll(&opts, &mut Scripted::new(&answers), &mut NoEvents).unwrap();
+    assert!(matches!(r.verification, Verification::Unsealed));
+    let token = {
+        let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+        v.tpm2_tokens().remove(0).1.unwrap()
+    };
+    assert!(token.srk.is_some(), "vaultguard writes tpm2_srk");
+    assert_eq!(token.pin, pin.is_some());
+
+    let mut cmd = cryptenroll257();
+    cmd.arg(format!("--unlock-tpm2-device={}", sw.tcti()))
+        .arg("--password")
+        .arg(&img)
+        .env("NEWPASSWORD", NEWPASS)
+        .env_remove("PASSWORD");
+    match pin {
+        Some(p) => cmd.env("PIN", p),
+        None => cmd.env_remove("PIN"),
+    };
+    let err = check(
+        "systemd-cryptenroll 257 --unlock-tpm2-device",
+        cmd.output().unwrap(),
+    );
+    assert!(err.contains("New password enrolled as key slot"), "{err}");
+
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    assert_eq!(
+        v.active_keyslots().len(),
+        3,
+        "passphrase, TPM2 and the new one"
+    );
+    drop(v);
+    assert_eq!(volume_key(&img, NEWPASS), volume_key(&img, PASS));
+}
+
+#[test]
+fn systemd_257_unseals_a_vaultguard_enrolment_without_pin() {
+    vaultguard_enrolment_opened_by_257(None);
+}
+
+#[test]
+fn systemd_257_unseals_a_vaultguard_enrolment_with_pin() {
+    vaultguard_enrolment_opened_by_257(Some("2468"));
+}
+
+/// vaultguard's token binds its phase PCR 15 too: once it is extended (as vaultguard
+/// does after unlocking), systemd 257 cannot unseal it either.
+#[test]
+fn systemd_257_refuses_a_vaultguard_enrolment_after_the_phase_pcr_moved() {
+    let mut sw = Swtpm::start();
+    let dir = TempDir::new("vg257-pcr");
+    let img = luks_image(dir.path(), PASS);
+    let opts = EnrollOptions {
+        device: img.display().to_string(),
+        name: "interop257".into(),
+        tpm: tpm_opts(&sw),
+        bank: Bank::Sha256,
+        pcrs: vec![7],
+        pin: false,
+        recovery_key: false,
+        tries: 3,
+    };
+    enroll(&opts, &mut Scripted::new(&[PASS]), &mut NoEvents).unwrap();
+    sw.tool(
+        "tpm2_pcrextend",
+        &["15:sha256=1515151515151515151515151515151515151515151515151515151515151515"],
+    );
+    let mut cmd = cryptenroll257();
+    cmd.arg(format!("--unlock-tpm2-device={}", sw.tcti()))
+        .arg("--password")
+        .arg(&img)
+        .env("NEWPASSWORD", NEWPASS)
+        .env_remove("PASSWORD")
+        .env_remove("PIN");
+    let out = run_bounded(cmd, dir.path(), Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("Failed to unseal secret using TPM2"), "{err}");
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    assert_eq!(v.active_keyslots().len(), 2, "nothing was added");
+}
+
+/// Run `cmd` (stdin null, output to files in `dir`), killed after `limit`.
+fn run_bounded(mut cmd: Command, dir: &Path, limit: Duration) -> Output {
+    let out = dir.join("child.out");
+    let err = dir.join("child.err");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} still running after {limit:?}:\n{}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output {
+        status,
+        stdout: std::fs::read(&out).unwrap(),
+        stderr: std::fs::read(&err).unwrap(),
+    }
+}
+
+/// A wrong $PIN: systemd 257 gets TPM_RC_AUTH_FAIL from the TPM and then asks for
+/// the PIN through the password agent protocol (it has no tty); the test answers
+/// that request as an agent would, with a cancel, and nothing is enrolled.
+#[test]
+fn systemd_257_refuses_a_vaultguard_pin_enrolment_with_a_wrong_pin() {
+    let sw = Swtpm::start();
+    let dir = TempDir::new("vg257-badpin");
+    let img = luks_image(dir.path(), PASS);
+    let opts = EnrollOptions {
+        device: img.display().to_string(),
+        name: "interop257".into(),
+        tpm: tpm_opts(&sw),
+        bank: Bank::Sha256,
+        pcrs: vec![7],
+        pin: true,
+        recovery_key: false,
+        tries: 3,
+    };
+    enroll(
+        &opts,
+        &mut Scripted::new(&[PASS, "2468", "2468"]),
+        &mut NoEvents,
+    )
+    .unwrap();
+    let mut cmd = cryptenroll257();
+    cmd.arg(format!("--unlock-tpm2-device={}", sw.tcti()))
+        .arg("--password")
+        .arg(&img)
+        .env("NEWPASSWORD", NEWPASS)
+        .env("PIN", "1111")
+        .env_remove("PASSWORD");
+    let agent = std::thread::spawn(cancel_the_pin_question);
+    let out = run_bounded(cmd, dir.path(), Duration::from_secs(60));
+    let asked = agent.join().unwrap();
+    assert!(!out.status.success(), "a wrong PIN must not unseal");
+    assert!(
+        asked.contains("TPM2 PIN"),
+        "systemd asked again for the PIN after the wrong one: {asked}"
+    );
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    assert_eq!(v.active_keyslots().len(), 2, "nothing was added");
+    assert!(v.volume_key(None, NEWPASS.as_bytes()).is_err());
+}
+
+/// Acts as a password agent for one request that asks for a TPM2 PIN: replies "-"
+/// (cancel) and returns the request's Message=.
+fn cancel_the_pin_question() -> String {
+    let dir = Path::new("/run/systemd/ask-password");
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if !e.file_name().to_string_lossy().starts_with("ask.") {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(e.path()) else {
+                continue;
+            };
+            let field = |k: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let message = field("Message=");
+            if !message.contains("TPM2 PIN") {
+                continue;
+            }
+            let sock = std::os::unix::net::UnixDatagram::unbound().unwrap();
+            sock.send_to(b"-", field("Socket=")).unwrap();
+            return message;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    String::from("(no PIN question within 30 s)")
+}
+
+/// systemd-cryptenroll 257 enrols (PCR 7; it creates the SRK at 0x81000001 if the
+/// TPM has none and records it in tpm2_srk); vaultguard opens it.
+fn systemd_257_enrolment_opened_by_vaultguard(pin: Option<&str>) {
+    let mut sw = Swtpm::start();
+    let dir = TempDir::new(if pin.is_some() { "sd257-pin" } else { "sd257" });
+    let img = luks_image(dir.path(), PASS);
+    let persistent = sw.tool("tpm2_getcap", &["handles-persistent"]);
+    assert!(
+        !String::from_utf8_lossy(&persistent.stdout).contains("0x81000001"),
+        "a fresh TPM has no SRK yet"
+    );
+    // as firmware would (systemd 257 warns that an all-zero PCR is unenforced)
+    sw.tool(
+        "tpm2_pcrextend",
+        &["7:sha256=0707070707070707070707070707070707070707070707070707070707070707"],
+    );
+    let mut cmd = cryptenroll257();
+    cmd.arg(format!("--tpm2-device={}", sw.tcti()))
+        .arg("--tpm2-pcrs=7")
+        .env("PASSWORD", PASS);
+    if let Some(p) = pin {
+        cmd.arg("--tpm2-with-pin=yes").env("NEWPIN", p);
+    }
+    cmd.arg(&img);
+    let err = check(
+        "systemd-cryptenroll 257 --tpm2-device",
+        cmd.output().unwrap(),
+    );
+    assert!(err.contains("New TPM2 token enrolled"), "{err}");
+    let persistent = sw.tool("tpm2_getcap", &["handles-persistent"]);
+    assert!(
+        String::from_utf8_lossy(&persistent.stdout).contains("0x81000001"),
+        "systemd 257 created the SRK and made it persistent"
+    );
+
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    let t = v.tpm2_tokens().remove(0).1.unwrap();
+    assert!(t.srk.is_some(), "systemd 257 writes tpm2_srk");
+    assert_eq!(t.pcrs, vec![7]);
+    assert_eq!(t.bank, Bank::Sha256);
+    assert_eq!(t.pin, pin.is_some());
+    assert_eq!(t.salt.is_some(), pin.is_some(), "257 salts the PIN");
+
+    let uopts = UnlockOptions {
+        name: "interop257".into(),
+        device: img.display().to_string(),
+        tpm: Some(tpm_opts(&sw)),
+        tries: 3,
+        keyfile: None,
+        flags: ActivateFlags::default(),
+    };
+    let answers: Vec<&str> = match pin {
+        Some(p) => vec!["9999", p],
+        None => vec![],
+    };
+    let mut p = Scripted::new(&answers);
+    let got = acquire_volume_key(&mut v, &uopts, &mut p, &mut NoEvents).unwrap();
+    match pin {
+        Some(_) => {
+            assert_eq!(got.method, Method::Tpm2Pin, "{:?}", p.said);
+            assert!(
+                p.said.iter().any(|l| l.contains("wrong TPM PIN")),
+                "{:?}",
+                p.said
+            );
+        }
+        None => {
+            assert_eq!(got.method, Method::Tpm2, "{:?}", p.said);
+            assert!(p.asked.is_empty(), "{:?}", p.asked);
+        }
+    }
+    assert_eq!(got.vk.as_bytes(), volume_key(&img, PASS).as_slice());
+}
+
+#[test]
+fn vaultguard_opens_a_systemd_257_enrolment_without_pin() {
+    systemd_257_enrolment_opened_by_vaultguard(None);
+}
+
+#[test]
+fn vaultguard_opens_a_systemd_257_enrolment_with_pin() {
+    systemd_257_enrolment_opened_by_vaultguard(Some("4321"));
+}
