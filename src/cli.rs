@@ -41,7 +41,12 @@ pub enum Command {
 /// run the after-boot supervisor: idle auto-lock and the control socket
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "supervise")]
-pub struct SuperviseCmd {}
+pub struct SuperviseCmd {
+    /// auto-lock after this many idle seconds instead of
+    /// vault.auto_lock_timeout minutes (for demos and tests; 0 disables)
+    #[argh(option)]
+    pub auto_lock_seconds: Option<u64>,
+}
 
 /// show the vault's state as the supervisor sees it
 #[derive(FromArgs, Debug)]

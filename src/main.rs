@@ -111,7 +111,10 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 c.pin,
             )?;
         }
-        Command::Supervise(_) => vaultguard::supervisor::run_system(&load_config(&args)?)?,
+        Command::Supervise(c) => vaultguard::supervisor::run_system(
+            &load_config(&args)?,
+            c.auto_lock_seconds.map(std::time::Duration::from_secs),
+        )?,
         Command::Status(c) => return client_command(&args, client::Cmd::Status, c.json),
         Command::Lock(c) => return client_command(&args, client::Cmd::Lock, c.json),
         Command::Keepalive(c) => return client_command(&args, client::Cmd::Keepalive, c.json),

@@ -29,6 +29,7 @@ use crate::config::Config;
 use std::fmt;
 use std::path::Path;
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Debug)]
 pub enum SupervisorError {
@@ -64,7 +65,8 @@ impl fmt::Display for SupervisorError {
 impl std::error::Error for SupervisorError {}
 
 /// `vaultguard supervise`: the real backend, SIGTERM/SIGINT/SIGHUP as a clean stop.
-pub fn run_system(cfg: &Config) -> Result<(), SupervisorError> {
+/// `auto_lock` overrides `vault.auto_lock_timeout` (whole minutes) when given.
+pub fn run_system(cfg: &Config, auto_lock: Option<Duration>) -> Result<(), SupervisorError> {
     use nix::sys::signal::{SigSet, Signal};
     use nix::sys::signalfd::{SfdFlags, SignalFd};
     crate::secret::harden_process();
@@ -93,7 +95,11 @@ pub fn run_system(cfg: &Config) -> Result<(), SupervisorError> {
         Err(e) => log_warn(&format!("initramfs audit entries not taken over: {e}")),
     }
     let backend = Box::new(system::SystemBackend::new(&cfg.vault));
-    let sup = Supervisor::new(cfg, backend, Options::default())?;
+    let opts = Options {
+        auto_lock_override: auto_lock,
+        ..Options::default()
+    };
+    let sup = Supervisor::new(cfg, backend, opts)?;
     let sup = sup.stop_on(std::os::fd::OwnedFd::from(sfd));
     sup.run()
 }
