@@ -6,7 +6,7 @@
 //! `link-volume-key` option, may have linked one into a longer-lived keyring), so
 //! the lock sequence sweeps for them here. Nothing here ever reads a key's payload.
 
-use linux_keyutils::{Key, KeySerialId};
+use linux_keyutils::{Key, KeyError, KeySerialId};
 use std::fmt;
 
 #[derive(Debug)]
@@ -62,20 +62,26 @@ pub fn volume_keys_of<'a>(entries: &'a [KeyEntry], uuid: &str) -> Vec<&'a KeyEnt
         .collect()
 }
 
-/// Revoke every volume key of the volume `uuid` that this process can see.
-/// Returns how many were revoked.
+/// Invalidate every volume key of the volume `uuid` that this process may act on.
+/// Returns how many were invalidated. A key we may only view is skipped: it is one
+/// another user's process holds, or one already unlinked by libcryptsetup that the
+/// kernel's key garbage collector has not yet reaped (it still shows in /proc/keys).
 pub fn revoke_volume_keys(uuid: &str) -> Result<usize, KeyringError> {
     let text = std::fs::read_to_string("/proc/keys").map_err(KeyringError::Read)?;
     let entries = parse_proc_keys(&text);
     let mut n = 0;
     for e in volume_keys_of(&entries, uuid) {
-        Key::from_id(KeySerialId::new(e.id))
-            .invalidate()
-            .map_err(|err| KeyringError::Revoke {
-                id: e.id,
-                err: format!("{err:?}"),
-            })?;
-        n += 1;
+        match Key::from_id(KeySerialId::new(e.id)).invalidate() {
+            Ok(()) => n += 1,
+            // Not possessed and not ours to touch, or gone since /proc/keys was read.
+            Err(KeyError::AccessDenied | KeyError::KeyDoesNotExist | KeyError::KeyRevoked) => {}
+            Err(err) => {
+                return Err(KeyringError::Revoke {
+                    id: e.id,
+                    err: format!("{err:?}"),
+                })
+            }
+        }
     }
     Ok(n)
 }

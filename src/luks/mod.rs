@@ -275,7 +275,15 @@ impl Vault {
         self.dev
             .activate_handle()
             .activate_by_volume_key(Some(name), Some(vk.as_bytes()), flags.to_crypt())
-            .map_err(op("activating the mapping"))
+            .map_err(op("activating the mapping"))?;
+        // dm-crypt copied the key when the table was loaded; libcryptsetup leaves
+        // its logon key linked in this thread's keyring, where it would live as
+        // long as the process (the supervisor: for days). Best effort: the lock
+        // sequence sweeps again and reports what it cannot remove.
+        if let Ok(uuid) = self.uuid() {
+            let _ = crate::keyring::revoke_volume_keys(&uuid);
+        }
+        Ok(())
     }
 }
 
