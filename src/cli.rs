@@ -38,6 +38,54 @@ pub enum Command {
     Version(VersionCmd),
 }
 
+/// Arguments as argh should see them. systemd-cryptsetup's `attach NAME DEVICE -
+/// OPTIONS` passes `-` for "no key file", which argh would take for an option:
+/// an `attach` whose arguments contain a lone `-` gets a `--` after the subcommand.
+pub fn argh_argv(argv: &[String]) -> Vec<String> {
+    let mut out = argv.to_vec();
+    let mut i = 1;
+    while i < argv.len() {
+        match argv[i].as_str() {
+            "-c" | "--config" | "--cmdline" => i += 2,
+            "--" => return out,
+            "attach" => {
+                if argv[i + 1..].iter().any(|a| a == "-")
+                    && !argv[i + 1..].iter().any(|a| a == "--")
+                {
+                    out.insert(i + 1, "--".into());
+                }
+                return out;
+            }
+            _ => return out,
+        }
+    }
+    out
+}
+
+/// Parse the command line (argh's `from_env`, with [`argh_argv`] applied).
+pub fn from_env() -> Args {
+    let argv: Vec<String> = std::env::args().collect();
+    let argv = argh_argv(&argv);
+    let cmd = std::path::Path::new(&argv[0])
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("vaultguard");
+    let rest: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
+    match Args::from_args(&[cmd], &rest) {
+        Ok(a) => a,
+        Err(argh::EarlyExit { output, status }) => match status {
+            Ok(()) => {
+                println!("{output}");
+                std::process::exit(0)
+            }
+            Err(()) => {
+                eprintln!("{output}\nRun {cmd} --help for more information.");
+                std::process::exit(1)
+            }
+        },
+    }
+}
+
 /// run the after-boot supervisor: idle auto-lock and the control socket
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "supervise")]
@@ -200,4 +248,55 @@ pub struct ResealCmd {
     /// require a PIN on the new enrolment
     #[argh(switch)]
     pub pin: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn systemd_attach_syntax_with_a_dash_key_file_parses() {
+        for argv in [
+            v(&[
+                "vaultguard",
+                "attach",
+                "vault",
+                "/dev/vda",
+                "-",
+                "tpm2-device=auto",
+            ]),
+            v(&[
+                "vaultguard",
+                "-c",
+                "/x.json",
+                "attach",
+                "vault",
+                "/dev/vda",
+                "-",
+            ]),
+        ] {
+            let fixed = argh_argv(&argv);
+            let rest: Vec<&str> = fixed[1..].iter().map(String::as_str).collect();
+            let args = Args::from_args(&["vaultguard"], &rest).unwrap();
+            match args.command {
+                Command::Attach(a) => {
+                    assert_eq!((a.name.as_str(), a.device.as_str()), ("vault", "/dev/vda"));
+                    assert_eq!(a.rest[0], "-");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Without the fix argh refuses it: the test above proves the rewrite matters.
+        let raw = ["attach", "vault", "/dev/vda", "-"];
+        assert!(Args::from_args(&["vaultguard"], &raw).is_err());
+        // Other commands are left alone.
+        let argv = v(&["vaultguard", "unlock", "-"]);
+        assert_eq!(argh_argv(&argv), argv);
+        let argv = v(&["vaultguard", "attach", "a", "b", "--", "-"]);
+        assert_eq!(argh_argv(&argv), argv);
+    }
 }

@@ -16,7 +16,7 @@ fn main() -> ExitCode {
         std::env::set_var("TSS2_LOG", "all+NONE");
     }
     vaultguard::luks::init_library();
-    let args: Args = argh::from_env();
+    let args: Args = vaultguard::cli::from_env();
     match run(args) {
         Ok(code) => code,
         Err(e) => {
