@@ -189,7 +189,12 @@ fn volume_key_via_tpm(
             }
         };
         if let Err(e) = tpm.check_policy(&token, opts.phase_pcr) {
-            reason = e.to_string();
+            // A cleared or replaced TPM changes everything; name it rather than
+            // the PCRs (a latched phase PCR would otherwise hide it).
+            reason = match tpm.check_parent(&token) {
+                Err(srk) => srk.to_string(),
+                Ok(()) => e.to_string(),
+            };
             continue;
         }
         let secret = if token.pin {

@@ -458,6 +458,16 @@ impl Tpm {
         }
     }
 
+    /// Whether the token's parent key is on this TPM (`tpm2_srk` matches the
+    /// persistent SRK; a legacy token's primary can always be derived).
+    pub fn check_parent(&mut self, token: &Tpm2Token) -> Result<(), TpmError> {
+        let (parent, transient) = self.parent_for(token)?;
+        if transient {
+            self.flush(parent.into());
+        }
+        Ok(())
+    }
+
     /// Unseal the token's secret. `pin` is required when the token says so.
     pub fn unseal(
         &mut self,
