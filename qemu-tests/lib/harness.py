@@ -604,13 +604,15 @@ class Scenario:
 
     def boot(self, body=None, *, init=None, cmdline="", nic="none", files=None, dynamic=(),
              libs=(), trees=(), modules=(), static_only=False, vaultguard=True,
-             tpm=True, timeout=DEFAULT_BOOT_TIMEOUT, label=None, qemu_args=()):
+             tpm=True, timeout=DEFAULT_BOOT_TIMEOUT, label=None, qemu_args=(), initrd=None):
         """Build an initramfs and boot it; return the running Boot.
 
         body:      shell script run by the harness's /init (qemu-tests/lib/init.sh)
                    after guest-lib.sh; or
         init:      a whole /init of your own (bytes or str), e.g. a production-like
                    init; guest-lib.sh is still in the image at /usr/lib/vgtest/lib.sh.
+        initrd:    boot this prebuilt image instead (e.g. one made by dracut); body,
+                   init and the image options must then be left out.
         cmdline:   appended to the kernel command line (rd.vaultguard.* options).
         nic:       "none" (default), "virtio" or "e1000": each changes PCR 2.
         files:     {guest path: content (str or bytes), or a host file as a
@@ -628,10 +630,17 @@ class Scenario:
         if self.current is not None:
             raise ScenarioFailed(f"{self.name}: boot {self.current.label} still running "
                                  "(expect_poweroff() or hard_reset() first)")
-        if (body is None) == (init is None):
-            raise ScenarioFailed("boot(): give exactly one of body= or init=")
+        if sum(x is not None for x in (body, init, initrd)) != 1:
+            raise ScenarioFailed("boot(): give exactly one of body=, init= or initrd=")
         self.nboots += 1
         label = label or f"boot{self.nboots}"
+        if initrd is not None:
+            if files or dynamic or libs or trees or modules or static_only:
+                raise ScenarioFailed("boot(initrd=): the image options do not apply")
+            kver = build_initramfs.kernel_release()
+            log(f"{label}: booting the prebuilt {os.path.basename(initrd)} "
+                f"({os.path.getsize(initrd) >> 10} KiB)")
+            return self._start_qemu(label, initrd, kver, cmdline, nic, tpm, timeout, qemu_args)
         with open(os.path.join(LIB, "guest-lib.sh"), "rb") as f:
             guest_lib = f.read()
         adds = [(guest_lib, "/usr/lib/vgtest/lib.sh")]
@@ -658,8 +667,12 @@ class Scenario:
                 compress=os.environ.get("VG_INITRAMFS_COMPRESS", "none"))
         except build_initramfs.BuildError as e:
             raise ScenarioFailed(f"{self.name}/{label}: initramfs: {e}") from None
-        kver = info["kernel_release"]
+        log(f"{label}: booting ({info['size'] >> 10} KiB initramfs in {time.time() - t:.1f} s, "
+            f"nic {nic}{', no TPM' if not tpm else ''})")
+        return self._start_qemu(label, initrd, info["kernel_release"], cmdline, nic, tpm,
+                                timeout, qemu_args)
 
+    def _start_qemu(self, label, initrd, kver, cmdline, nic, tpm, timeout, qemu_args):
         if nic not in NICS:
             raise ScenarioFailed(f"nic={nic!r}: one of {', '.join(NICS)}")
         append = f"console=ttyS0 panic=-1 quiet vgtest.disks={len(self.disks)} {cmdline}".strip()
@@ -683,8 +696,6 @@ class Scenario:
         cmd += list(qemu_args)
         with open(self.path(f"{label}.cmd"), "w") as f:
             f.write(" ".join(cmd) + "\n" + (" ".join(swtpm_cmd) + "\n" if swtpm_cmd else ""))
-        log(f"{label}: booting ({info['size'] >> 10} KiB initramfs in {time.time() - t:.1f} s, "
-            f"nic {nic}{', no TPM' if not tpm else ''})")
         b = Boot(self, label, cmd, swtpm_cmd, timeout)
         self.current = b
         return b
