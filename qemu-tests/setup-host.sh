@@ -18,6 +18,7 @@ build=(
     clang libclang-dev pkg-config # Rust build: bindgen (libcryptsetup-rs-sys)
     dpkg-dev                      # static C libraries from Debian sources (build-cdeps.sh)
     dracut-core                   # the dracut-built initramfs scenario
+    systemd                       # systemd-cryptenroll/-cryptsetup 252 (interop); dracut's systemd initrd
 )
 
 missing=()

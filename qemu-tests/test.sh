@@ -5,7 +5,7 @@
 #   3. cargo test: unit tests and host integration tests (swtpm on loopback, LUKS2
 #      headers in files, the control socket with a fake vault)
 #   4. the static release binary, checked static
-#   5. the QEMU + swtpm boot scenarios
+#   5. the QEMU + swtpm boot scenarios, then the demo
 # Usage: qemu-tests/test.sh [SCENARIO...]   (scenarios default to all)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,3 +27,8 @@ echo "$bin: $(file -b "$bin" | cut -d, -f1-3), $(stat -c %s "$bin") bytes"
 
 step "QEMU boot scenarios"
 bash qemu-tests/run.sh "$@"
+
+if [ $# -eq 0 ]; then
+    step "the README's demo (qemu-tests/demo.sh without its install and build steps)"
+    VAULTGUARD_BIN=$bin python3 qemu-tests/demo.py
+fi
