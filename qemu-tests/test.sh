@@ -26,7 +26,7 @@ bin=$(bash initramfs/build-static.sh | tail -n 1)
 echo "$bin: $(file -b "$bin" | cut -d, -f1-3), $(stat -c %s "$bin") bytes"
 
 step "QEMU boot scenarios"
-bash qemu-tests/run.sh "$@"
+VAULTGUARD_BIN=$bin bash qemu-tests/run.sh "$@"
 
 if [ $# -eq 0 ]; then
     step "the README's demo (qemu-tests/demo.sh without its install and build steps)"
