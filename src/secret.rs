@@ -158,6 +158,44 @@ pub fn harden_process() {
     let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
 }
 
+/// Read-only mappings of this program's own file (code and constants), from
+/// /proc/self/maps: `(address, length)`.
+fn own_image_mappings() -> Vec<(usize, usize)> {
+    let exe = std::fs::read_link("/proc/self/exe").ok();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    maps.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let range = f.next()?;
+            let perms = f.next()?;
+            let path = f.nth(3)?;
+            if perms.starts_with("rw") || exe.as_deref() != Some(std::path::Path::new(path)) {
+                return None;
+            }
+            let (a, b) = range.split_once('-')?;
+            let a = usize::from_str_radix(a, 16).ok()?;
+            let b = usize::from_str_radix(b, 16).ok()?;
+            Some((a, b - a))
+        })
+        .collect()
+}
+
+/// Hand the program's code and constants back to the page cache: for a process
+/// about to sleep for hours, what start-up touched need not stay resident; pages
+/// it runs later come back on first use, one at a time (no read-ahead or
+/// fault-around, which would map up to 64 KiB around each: the binary is 7 MiB
+/// and the supervisor's steady state uses a small part of it).
+pub fn release_image_pages() {
+    use rustix::mm::{madvise, Advice};
+    for (addr, len) in own_image_mappings() {
+        let addr = addr as *mut std::ffi::c_void;
+        // SAFETY: advice on mappings this process owns; the pages are clean
+        // file-backed ones and fault back in unchanged.
+        let _ = unsafe { madvise(addr, len, Advice::Random) };
+        let _ = unsafe { madvise(addr, len, Advice::LinuxPageOut) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

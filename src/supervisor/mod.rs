@@ -101,6 +101,7 @@ pub fn run_system(cfg: &Config, auto_lock: Option<Duration>) -> Result<(), Super
     };
     let sup = Supervisor::new(cfg, backend, opts)?;
     let sup = sup.stop_on(std::os::fd::OwnedFd::from(sfd));
+    crate::secret::release_image_pages();
     sup.run()
 }
 
