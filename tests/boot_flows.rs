@@ -385,3 +385,36 @@ fn enrolment_after_the_latch_is_verified_by_policy_and_works_next_boot() {
     assert_eq!(got.method, Method::Tpm2);
     assert_eq!(got.vk.as_bytes(), reference_vk(&img).as_slice());
 }
+
+#[test]
+fn without_an_enrolment_the_tpm_is_not_waited_for() {
+    // A TPM that never appears (with a long timeout): a volume with no TPM2 token
+    // must go straight to the passphrase, without waiting for it.
+    let dir = TempDir::new("notoken");
+    let img = luks_image(dir.path(), PASS);
+    let opts = UnlockOptions {
+        tpm: Some(TpmOptions {
+            tcti: format!("device:{}", dir.path().join("no-such-tpm").display()),
+            timeout: Duration::from_secs(3600),
+            phase_pcr: Some(15),
+        }),
+        ..UnlockOptions {
+            name: "secure-ai-vault".into(),
+            device: img.display().to_string(),
+            tpm: None,
+            tries: 3,
+            keyfile: None,
+            flags: ActivateFlags::default(),
+        }
+    };
+    let mut p = Scripted::new(&[PASS]);
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    let got = acquire_volume_key(&mut v, &opts, &mut p, &mut NoEvents).unwrap();
+    assert_eq!(got.method, Method::Passphrase);
+    assert_eq!(
+        got.fallback_reason.as_deref(),
+        Some("no TPM2 enrolment in the LUKS header")
+    );
+    assert!(got.tpm.is_none());
+    assert_eq!(got.vk.as_bytes(), reference_vk(&img).as_slice());
+}

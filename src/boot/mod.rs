@@ -344,6 +344,10 @@ pub fn acquire_volume_key(
     let mut tpm = None;
     let tpm_result = match &opts.tpm {
         None => Err("TPM use disabled".to_string()),
+        // Nothing to unseal: do not wait for the TPM (the latch opens it later).
+        Some(_) if vault.tpm2_tokens().is_empty() => {
+            Err("no TPM2 enrolment in the LUKS header".to_string())
+        }
         Some(t) => match Tpm::open(&t.tcti, t.timeout) {
             Ok(mut handle) => {
                 let r =
@@ -435,6 +439,13 @@ pub fn unlock(
     vault.activate(name, &vk, opts.flags)?;
 
     let mut latched = false;
+    if let (None, Some(t)) = (&tpm, &opts.tpm) {
+        // Unlocked without the TPM (no enrolment): the phase still ends here, if
+        // there is a TPM now; no waiting for one to appear.
+        if t.phase_pcr.is_some() {
+            tpm = Tpm::open(&t.tcti, std::time::Duration::ZERO).ok();
+        }
+    }
     if let (Some(handle), Some(t)) = (tpm.as_mut(), &opts.tpm) {
         if let Some(pcr) = t.phase_pcr {
             if let Err(e) = handle.latch(pcr, vk.as_bytes(), name, &uuid) {
