@@ -223,7 +223,7 @@ GUEST_BODY = r"""
         timed vg-tpm vg attach bench /dev/vda - tpm2-measure-pcr=no,headless=true; vg detach bench
         timed sd-tpm sdc attach bench /dev/vda - tpm2-device=auto,headless=true; sdc detach bench
         timed sd-pass sdc attach bench /dev/vdb /etc/pass headless=true; sdc detach bench
-        timed vg-pass vg attach bench /dev/vdb /etc/pass headless=true; vg detach bench
+        timed vg-pass vg attach bench /dev/vdb /etc/pass tpm2-measure-pcr=no,headless=true; vg detach bench
     done
     mark latency-done
 
