@@ -125,4 +125,5 @@ if [[ $prefix == "$repo/.cdeps" && -d $repo/target ]] && command -v cargo >/dev/
         (cd "$repo" && cargo clean -q $args -p libcryptsetup-rs -p libcryptsetup-rs-sys \
             -p tss-esapi -p tss-esapi-sys -p vaultguard 2>/dev/null) || true
     done
+    rm -rf "$repo/fuzz/target" # the fuzz targets' own build (qemu-tests/bench.py rebuilds it)
 fi
