@@ -83,6 +83,12 @@ tar xf tpm2-tss_*.orig.tar.gz
     echo "${TSS_VER%-*}" >VERSION
     sed -i '/git describe/d' bootstrap
     ./bootstrap >/dev/null
+    # The mbedTLS backend writes the ECDH secret Z without its leading zero bytes,
+    # while the TPM's KDFe uses the full-size x coordinate: about one salted session
+    # in 256 gets a different session key and fails. Keep Z at the curve's size.
+    grep -q 'Z->size = mbedtls_mpi_size(&ecp_z);' src/tss2-esys/esys_crypto_mbed.c
+    sed -i 's|Z->size = mbedtls_mpi_size(&ecp_z);|Z->size = (ecp_group.pbits + 7) / 8;|' \
+        src/tss2-esys/esys_crypto_mbed.c
     ./configure -q --prefix="$prefix" --enable-static --disable-shared --enable-nodl \
         --disable-fapi --disable-policy --with-crypto=mbed --disable-unit \
         --disable-integration --disable-doxygen-doc --disable-tcti-mssim \

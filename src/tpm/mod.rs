@@ -531,6 +531,20 @@ impl Tpm {
         };
         self.flush_session(enc);
         result.map_err(|e| match e {
+            // Without a PIN there is no authorisation value to get wrong: an
+            // authorisation failure is the session's (its HMAC), not the operator's.
+            UnsealStep::Tpm(err)
+                if !token.pin
+                    && matches!(
+                        rc_kind(&err),
+                        Some(Tss2ResponseCodeKind::AuthFail | Tss2ResponseCodeKind::BadAuth)
+                    ) =>
+            {
+                TpmError::Command {
+                    what: "Unseal (session authorisation failed)",
+                    err,
+                }
+            }
             UnsealStep::Tpm(err) => self.classify(err, "Unseal"),
             UnsealStep::Other(e) => e,
         })
