@@ -183,7 +183,7 @@ fn own_image_mappings() -> Vec<(usize, usize)> {
 /// Hand the program's code and constants back to the page cache: for a process
 /// about to sleep for hours, what start-up touched need not stay resident; pages
 /// it runs later come back on first use, one at a time (no read-ahead or
-/// fault-around, which would map up to 64 KiB around each: the binary is 7 MiB
+/// fault-around, which would map up to 64 KiB around each: the binary is 5.5 MiB
 /// and the supervisor's steady state uses a small part of it).
 pub fn release_image_pages() {
     use rustix::mm::{madvise, Advice};
