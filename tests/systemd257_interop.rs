@@ -81,6 +81,20 @@ fn tpm_opts(sw: &Swtpm) -> TpmOptions {
     }
 }
 
+/// A vaultguard enrolment of `img` in systemd's bank, bound to `pcrs`.
+fn enroll_opts(sw: &Swtpm, img: &Path, pcrs: Vec<u32>, pin: bool) -> EnrollOptions {
+    EnrollOptions {
+        device: img.display().to_string(),
+        name: "interop257".into(),
+        tpm: tpm_opts(sw),
+        bank: Bank::Sha256,
+        pcrs,
+        pin,
+        recovery_key: false,
+        tries: 3,
+    }
+}
+
 fn volume_key(img: &Path, pass: &str) -> Vec<u8> {
     let mut v = Vault::open(img.to_str().unwrap()).unwrap();
     v.volume_key(None, pass.as_bytes())
@@ -96,16 +110,7 @@ fn vaultguard_enrolment_opened_by_257(pin: Option<&str>) {
     let sw = Swtpm::start();
     let dir = TempDir::new(if pin.is_some() { "vg257-pin" } else { "vg257" });
     let img = luks_image(dir.path(), PASS);
-    let opts = EnrollOptions {
-        device: img.display().to_string(),
-        name: "interop257".into(),
-        tpm: tpm_opts(&sw),
-        bank: Bank::Sha256,
-        pcrs: vec![0, 2, 4, 7],
-        pin: pin.is_some(),
-        recovery_key: false,
-        tries: 3,
-    };
+    let opts = enroll_opts(&sw, &img, vec![0, 2, 4, 7], pin.is_some());
     let answers: Vec<&str> = match pin {
         Some(p) => vec![PASS, p, p],
         None => vec![PASS],
@@ -162,16 +167,7 @@ fn systemd_257_refuses_a_vaultguard_enrolment_after_the_phase_pcr_moved() {
     let mut sw = Swtpm::start();
     let dir = TempDir::new("vg257-pcr");
     let img = luks_image(dir.path(), PASS);
-    let opts = EnrollOptions {
-        device: img.display().to_string(),
-        name: "interop257".into(),
-        tpm: tpm_opts(&sw),
-        bank: Bank::Sha256,
-        pcrs: vec![7],
-        pin: false,
-        recovery_key: false,
-        tries: 3,
-    };
+    let opts = enroll_opts(&sw, &img, vec![7], false);
     enroll(&opts, &mut Scripted::new(&[PASS]), &mut NoEvents).unwrap();
     sw.tool(
         "tpm2_pcrextend",
@@ -232,16 +228,7 @@ fn systemd_257_refuses_a_vaultguard_pin_enrolment_with_a_wrong_pin() {
     let sw = Swtpm::start();
     let dir = TempDir::new("vg257-badpin");
     let img = luks_image(dir.path(), PASS);
-    let opts = EnrollOptions {
-        device: img.display().to_string(),
-        name: "interop257".into(),
-        tpm: tpm_opts(&sw),
-        bank: Bank::Sha256,
-        pcrs: vec![7],
-        pin: true,
-        recovery_key: false,
-        tries: 3,
-    };
+    let opts = enroll_opts(&sw, &img, vec![7], true);
     enroll(
         &opts,
         &mut Scripted::new(&[PASS, "2468", "2468"]),
