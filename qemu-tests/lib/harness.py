@@ -602,6 +602,27 @@ class Scenario:
 
     # -- booting --
 
+    def enroll(self, args, device="/dev/vda", pin=None, cmdline="", name="secure-ai-vault"):
+        """One boot that runs `vaultguard enroll ARGS` (ARGS names the device, or
+        cmdline does), types the passphrase at its prompt for `name` on `device` (and `pin`
+        twice when given), fails unless it exits 0, and powers off. Returns the
+        console output of the boot (the recovery key is printed there)."""
+        b = self.boot(f"""
+            vg enroll {args}
+            value enroll-status $?
+        """, cmdline=cmdline)
+        b.expect(rf"Passphrase for {re.escape(name)} \({re.escape(device)}\): ", 90)
+        b.sendline(PASSPHRASE)
+        if pin is not None:
+            for prompt in ("New TPM2 PIN: ", "Repeat the TPM2 PIN: "):
+                b.expect(prompt, 60)
+                b.sendline(pin)
+        if b.value("enroll-status", 120) != "0":
+            b.fail(f"vaultguard enroll {args} failed")
+        b.expect_poweroff()
+        return b.output
+
+
     def boot(self, body=None, *, init=None, cmdline="", nic="none", files=None, dynamic=(),
              libs=(), trees=(), modules=(), static_only=False, vaultguard=True,
              tpm=True, timeout=DEFAULT_BOOT_TIMEOUT, label=None, qemu_args=(), initrd=None):

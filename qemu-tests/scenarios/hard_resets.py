@@ -25,15 +25,7 @@ LOCKOUT_COUNTER = """
 
 def run(s):
     s.luks_disk("vault", size_mb=32)
-    b = s.boot("""
-        vg enroll --pcrs 7
-        value enroll-status $?
-    """, cmdline=CMDLINE)
-    b.expect(rf"Passphrase for {NAME} \(/dev/vda\): ", 90)
-    b.sendline(harness.PASSPHRASE)
-    if b.value("enroll-status", 120) != "0":
-        b.fail("enroll failed")
-    b.expect_poweroff()
+    s.enroll("--pcrs 7", cmdline=CMDLINE)
 
     for i in range(1, RESETS + 1):
         b = s.boot("""
@@ -59,18 +51,7 @@ def run(s):
 
     # Contrast: a PIN enrolment is DA-protected; one power cut after using it counts.
     s.luks_disk("pinvault", size_mb=32)
-    b = s.boot("""
-        vg enroll --device /dev/vdb --pcrs 7 --pin
-        value enroll-status $?
-    """, cmdline=CMDLINE)
-    b.expect(r"Passphrase for secure-ai-vault \(/dev/vdb\): ", 90)
-    b.sendline(harness.PASSPHRASE)
-    for prompt in ("New TPM2 PIN: ", "Repeat the TPM2 PIN: "):
-        b.expect(prompt, 60)
-        b.sendline("2468")
-    if b.value("enroll-status", 120) != "0":
-        b.fail("PIN enroll failed")
-    b.expect_poweroff()
+    s.enroll("--device /dev/vdb --pcrs 7 --pin", device="/dev/vdb", pin="2468", cmdline=CMDLINE)
     b = s.boot("""
         vg attach pinvault /dev/vdb
         mark attached-$?

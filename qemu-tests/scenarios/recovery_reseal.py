@@ -24,19 +24,14 @@ def tokens(s, disk):
 
 def run(s):
     vault = s.luks_disk("vault", ext4=True)
-    b = s.boot("""
-        vg enroll --pcrs 0,7 --recovery-key
-        value enroll-status $?
-    """, cmdline=CMDLINE)
-    b.expect(rf"Passphrase for {NAME} \(/dev/vda\): ", 90)
-    b.sendline(harness.PASSPHRASE)
-    key = b.expect(r"it is shown once, write it down now:\n([a-z-]+)\n", 120).group(1)
+    out = s.enroll("--pcrs 0,7 --recovery-key", cmdline=CMDLINE)
+    m = re.search(r"it is shown once, write it down now:\n([a-z-]+)\n", out)
+    if not m:
+        raise harness.ScenarioFailed("enroll --recovery-key printed no recovery key")
+    key = m.group(1)
     harness.log(f"recovery key: {len(key)} characters")
     if len(key.replace("-", "")) < 64:
-        b.fail(f"the recovery key is short: {len(key)} characters")
-    if b.value("enroll-status") != "0":
-        b.fail("enroll failed")
-    b.expect_poweroff()
+        raise harness.ScenarioFailed(f"the recovery key is short: {len(key)} characters")
     before = tokens(s, vault)
     if sorted(t for _, t in before) != ["recovery", "tpm2"]:
         raise harness.ScenarioFailed(f"tokens after enroll: {before}")

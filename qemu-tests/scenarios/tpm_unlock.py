@@ -22,15 +22,7 @@ def run(s):
     vault = s.luks_disk("vault", ext4=True)
     cmdline = f"rd.vaultguard.device=/dev/vda"
 
-    b = s.boot("""
-        vg enroll --pcrs 0,2,4,7
-        value enroll-status $?
-    """, cmdline=cmdline)
-    b.expect(rf"Passphrase for {NAME} \(/dev/vda\): ", 90)
-    b.sendline(harness.PASSPHRASE)
-    if b.value("enroll-status", 120) != "0":
-        b.fail("enroll failed")
-    b.expect_poweroff()
+    s.enroll("--pcrs 0,2,4,7", cmdline=cmdline)  # the device from the kernel command line
     dump = s.luks_dump(vault)
     if "systemd-tpm2" not in dump:
         raise harness.ScenarioFailed(f"no systemd-tpm2 token after enroll:\n{dump}")
