@@ -165,6 +165,9 @@ pub struct Unlocked {
     pub already_active: bool,
 }
 
+/// Why the TPM is not used for a volume that has no TPM2 token.
+const NO_ENROLMENT: &str = "no TPM2 enrolment in the LUKS header";
+
 /// Fetch the volume key through a usable TPM2 token, or say in one line why not.
 fn volume_key_via_tpm(
     vault: &mut Vault,
@@ -177,7 +180,7 @@ fn volume_key_via_tpm(
 ) -> Result<(SecretBytes, Method), String> {
     let tokens = vault.tpm2_tokens();
     if tokens.is_empty() {
-        return Err("no TPM2 enrolment in the LUKS header".into());
+        return Err(NO_ENROLMENT.into());
     }
     let mut reason = String::new();
     for (id, parsed) in tokens {
@@ -345,9 +348,7 @@ pub fn acquire_volume_key(
     let tpm_result = match &opts.tpm {
         None => Err("TPM use disabled".to_string()),
         // Nothing to unseal: do not wait for the TPM (the latch opens it later).
-        Some(_) if vault.tpm2_tokens().is_empty() => {
-            Err("no TPM2 enrolment in the LUKS header".to_string())
-        }
+        Some(_) if vault.tpm2_tokens().is_empty() => Err(NO_ENROLMENT.to_string()),
         Some(t) => match Tpm::open(&t.tcti, t.timeout) {
             Ok(mut handle) => {
                 let r =
