@@ -42,7 +42,7 @@ fi
 
 build_pkgs=(autoconf-archive autoconf automake libtool gettext autopoint pkg-config
     libmbedtls-dev libgcrypt20-dev libgpg-error-dev libjson-c-dev uuid-dev libaio-dev
-    libltdl-dev dpkg-dev)
+    libltdl-dev libpopt-dev dpkg-dev)
 missing=()
 for p in "${build_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -61,6 +61,8 @@ mkdir -p "$prefix"
 jobs=$(nproc)
 export CFLAGS="-O2 -fPIC -ffunction-sections -fdata-sections -fstack-protector-strong -D_FORTIFY_SOURCE=2"
 export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
+# cryptsetup's configure looks for libdevmapper.h before asking pkg-config.
+export CPPFLAGS="-I$prefix/include"
 
 echo "cdeps: lvm2 (libdevmapper)"
 tar xf lvm2_*.orig.tar.xz
