@@ -11,7 +11,11 @@ use vaultguard::tpm::srk::{SerializedKey, SRK_HANDLE};
 use vaultguard::tpm::{SealRequest, Tpm, TpmError};
 
 fn open(sw: &Swtpm) -> Tpm {
-    Tpm::open(&sw.tcti(), Duration::from_secs(5)).expect("connect to swtpm")
+    open_at(&sw.tcti())
+}
+
+fn open_at(tcti: &str) -> Tpm {
+    Tpm::open(tcti, Duration::from_secs(5)).expect("connect to swtpm")
 }
 
 fn token_from(sealed: &vaultguard::tpm::Sealed, pcrs: &[u32], pin: bool) -> Tpm2Token {
@@ -68,6 +72,40 @@ fn seal_then_unseal_returns_the_same_secret() {
         .unseal(&token, None)
         .unwrap()
         .ct_eq(sealed.secret.as_bytes()));
+}
+
+/// The boot path's unseal is the shortest sequence that still protects the secret:
+/// one salted session (one ECDH), no redundant capability or public-area reads,
+/// no extra HMAC session for the load (every command is a round trip, tens of
+/// milliseconds on a real TPM).
+#[test]
+fn unseal_is_one_salted_session_and_seven_commands() {
+    let sw = Swtpm::start();
+    let mut tpm = open(&sw);
+    let sealed = seal(&mut tpm, &[7], None);
+    let token = token_from(&sealed, &[7], false);
+    drop(tpm);
+    let rec = sw.recorder();
+    let mut tpm = open_at(&rec.tcti());
+    rec.take(); // Startup: a simulator needs it, the kernel does it for a device
+    let secret = tpm.unseal(&token, None).expect("unseal");
+    assert!(secret.ct_eq(sealed.secret.as_bytes()));
+    let sent = rec.take();
+    let names: Vec<&str> = sent.iter().map(|c| c.name()).collect();
+    assert_eq!(
+        names,
+        [
+            "ReadPublic",
+            "Load",
+            "StartAuthSession",
+            "PolicyPCR",
+            "Unseal",
+            "FlushContext",
+            "FlushContext"
+        ]
+    );
+    // salted with the SRK
+    assert_eq!(sent[2].handle, Some(SRK_HANDLE));
 }
 
 #[test]

@@ -191,16 +191,12 @@ fn volume_key_via_tpm(
                 continue;
             }
         };
-        if let Err(e) = tpm.check_policy(&token, opts.phase_pcr) {
-            // A cleared or replaced TPM changes everything; name it rather than
-            // the PCRs (a latched phase PCR would otherwise hide it).
-            reason = match tpm.check_parent(&token) {
-                Err(srk) => srk.to_string(),
-                Ok(()) => e.to_string(),
-            };
-            continue;
-        }
         let secret = if token.pin {
+            // Nobody is asked for a PIN the TPM would refuse anyway.
+            if let Some(why) = refusal(tpm, &token, opts.phase_pcr) {
+                reason = why;
+                continue;
+            }
             match unseal_with_pin(tpm, &token, name, tries, prompter, events) {
                 Ok(s) => s,
                 Err(why) => {
@@ -209,10 +205,12 @@ fn volume_key_via_tpm(
                 }
             }
         } else {
+            // Just try: checking the PCRs first would cost every boot a PCR read;
+            // they are read only to explain a refusal.
             match tpm.unseal(&token, None) {
                 Ok(s) => s,
                 Err(e) => {
-                    reason = e.to_string();
+                    reason = refusal(tpm, &token, opts.phase_pcr).unwrap_or_else(|| e.to_string());
                     continue;
                 }
             }
@@ -235,6 +233,17 @@ fn volume_key_via_tpm(
         }
     }
     Err(reason)
+}
+
+/// Why the TPM refuses `token` now, where that can be told without trying it: a
+/// cleared or replaced TPM (missing or foreign SRK) is named before the PCRs (a
+/// latched phase PCR would otherwise hide it), then the PCRs that changed.
+fn refusal(tpm: &mut Tpm, token: &Tpm2Token, phase_pcr: Option<u32>) -> Option<String> {
+    let pcrs = tpm.check_policy(token, phase_pcr).err()?;
+    Some(match tpm.check_parent(token) {
+        Err(srk) => srk.to_string(),
+        Ok(()) => pcrs.to_string(),
+    })
 }
 
 /// PIN prompts, bounded by `tries` and by the TPM's own dictionary-attack budget:

@@ -190,10 +190,14 @@ impl Tpm {
         let conf =
             TctiNameConf::from_str(tcti).map_err(|e| absent(format!("bad TCTI string: {e}")))?;
         let mut ctx = Context::new(conf).map_err(|e| absent(e.to_string()))?;
-        match ctx.startup(StartupType::Clear) {
-            Ok(()) => {}
-            Err(e) if rc_kind(&e) == Some(Tss2ResponseCodeKind::Initialize) => {}
-            Err(e) => return Err(absent(format!("startup: {e}"))),
+        // The kernel's TPM driver starts the TPM when it probes it; a simulator
+        // reached over a socket may still need TPM2_Startup.
+        if !tcti.starts_with("device:") {
+            match ctx.startup(StartupType::Clear) {
+                Ok(()) => {}
+                Err(e) if rc_kind(&e) == Some(Tss2ResponseCodeKind::Initialize) => {}
+                Err(e) => return Err(absent(format!("startup: {e}"))),
+            }
         }
         Ok(Tpm { ctx })
     }
@@ -292,13 +296,13 @@ impl Tpm {
             let template = srk_template(PrimaryAlg::Ecc, true)?;
             let primary = self
                 .ctx
-                .execute_with_nullauth_session(|c| {
+                .execute_with_session(Some(AuthSession::Password), |c| {
                     c.create_primary(Hierarchy::Owner, template, None, None, None, None)
                 })
                 .map_err(cmd("CreatePrimary(SRK)"))?;
             let ph = PersistentTpmHandle::new(SRK_HANDLE).map_err(cmd("persistent handle"))?;
             self.ctx
-                .execute_with_nullauth_session(|c| {
+                .execute_with_session(Some(AuthSession::Password), |c| {
                     c.evict_control(
                         Provision::Owner,
                         primary.key_handle.into(),
@@ -429,17 +433,32 @@ impl Tpm {
             Some(bytes) => {
                 let recorded = SerializedKey::parse_srk(bytes)
                     .map_err(|e| TpmError::BadToken(e.to_string()))?;
-                if !self.persistent_exists(SRK_HANDLE)? {
-                    return Err(TpmError::SrkMissing);
-                }
-                let handle = self.persistent_handle(SRK_HANDLE)?;
-                let (public, name, _) = self
+                // One TPM command (ReadPublic, inside TR_FromTPMPublic, which also
+                // checks that the name it returns is the digest of the public area).
+                let handle = match self.persistent_handle(SRK_HANDLE) {
+                    Err(TpmError::Command { err, .. })
+                        if rc_kind(&err) == Some(Tss2ResponseCodeKind::Handle) =>
+                    {
+                        return Err(TpmError::SrkMissing)
+                    }
+                    other => other?,
+                };
+                let name = self
                     .ctx
-                    .read_public(handle)
-                    .map_err(cmd("ReadPublic(SRK)"))?;
+                    .tr_get_name(handle.into())
+                    .map_err(cmd("TR_GetName(SRK)"))?;
                 if name.value() != recorded.name.as_slice() {
                     return Err(TpmError::SrkMismatch);
                 }
+                if !recorded.name_matches_public() {
+                    return Err(TpmError::BadToken(
+                        "tpm2_srk: the recorded public area is not the one its name names".into(),
+                    ));
+                }
+                // Same name, same public area: the key the enrolment recorded. Its
+                // attributes are judged from the token, without asking the TPM again.
+                let public = Public::unmarshall(&recorded.public)
+                    .map_err(|e| TpmError::BadToken(format!("tpm2_srk public area: {e}")))?;
                 check_storage_key(&public)?;
                 Ok((handle, false))
             }
@@ -449,7 +468,7 @@ impl Tpm {
                 let template = srk_template(token.primary_alg, false)?;
                 let primary = self
                     .ctx
-                    .execute_with_nullauth_session(|c| {
+                    .execute_with_session(Some(AuthSession::Password), |c| {
                         c.create_primary(Hierarchy::Owner, template, None, None, None, None)
                     })
                     .map_err(cmd("CreatePrimary(legacy)"))?;
@@ -494,7 +513,9 @@ impl Tpm {
         let (private, public) = split_blob(&token.blob)?;
         let object = self
             .ctx
-            .execute_with_nullauth_session(|c| c.load(parent, private, public))
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.load(parent, private, public)
+            })
             .map_err(|e| self.classify(e, "Load(sealed object)"))?;
         let result = self.unseal_loaded(parent, object, token, pin);
         self.flush(object.into());
@@ -515,12 +536,9 @@ impl Tpm {
                 .tr_set_auth(object.into(), auth)
                 .map_err(cmd("TR_SetAuth"))?;
         }
-        // Salted with the parent (only the real TPM can recover the salt) and bound
-        // to the object (with a PIN, an interposer cannot complete the session).
-        let enc = self.encryption_session(parent, Some(object.into()))?;
         let mut tries = 5;
         let result = loop {
-            let attempt = self.policy_unseal_once(parent, object, enc, token);
+            let attempt = self.policy_unseal_once(parent, object, token);
             match attempt {
                 Err(e) if rc_kind_of(&e) == Some(Tss2ResponseCodeKind::PcrChanged) && tries > 0 => {
                     tries -= 1;
@@ -529,7 +547,6 @@ impl Tpm {
                 other => break other,
             }
         };
-        self.flush_session(enc);
         result.map_err(|e| match e {
             // Without a PIN there is no authorisation value to get wrong: an
             // authorisation failure is the session's (its HMAC), not the operator's.
@@ -554,13 +571,15 @@ impl Tpm {
         &mut self,
         parent: KeyHandle,
         object: KeyHandle,
-        enc: AuthSession,
         token: &Tpm2Token,
     ) -> Result<SecretBytes, UnsealStep> {
-        // Not started under the bound session: with a wrong PIN that session's key
-        // is wrong, and a failure there would not count against the TPM's
-        // dictionary-attack budget. The PIN must fail in the policy session, which
-        // authorises the DA-protected object.
+        // One session does everything, so one ECDH and one session's worth of TPM
+        // commands: the policy session is salted with the parent (only the real TPM
+        // can recover the salt) and encrypts the response. It is not bound: with a
+        // PIN, the Unseal's authorisation (keyed by the salted session key and the
+        // PIN) is checked against the DA-protected object, so a wrong PIN counts
+        // against the TPM's dictionary-attack budget, and someone watching the bus
+        // cannot test PINs against that HMAC without the session key.
         let session = self
             .ctx
             .execute_without_session(|c| {
@@ -578,6 +597,13 @@ impl Tpm {
                 "TPM returned no session".into(),
             )))?;
         let outcome = (|| {
+            let (attrs, mask) = SessionAttributesBuilder::new()
+                .with_encrypt(true)
+                .with_continue_session(true)
+                .build();
+            self.ctx
+                .tr_sess_set_attributes(session, attrs, mask)
+                .map_err(UnsealStep::Tpm)?;
             let ps = PolicySession::try_from(session).map_err(UnsealStep::Tpm)?;
             let slots: Vec<PcrSlot> = token
                 .pcrs
@@ -599,9 +625,7 @@ impl Tpm {
             }
             let data = self
                 .ctx
-                .execute_with_sessions((Some(session), Some(enc), None), |c| {
-                    c.unseal(object.into())
-                })
+                .execute_with_sessions((Some(session), None, None), |c| c.unseal(object.into()))
                 .map_err(UnsealStep::Tpm)?;
             Ok(SecretBytes::from_slice(data.value()))
         })();
@@ -691,7 +715,9 @@ impl Tpm {
         }
         let handle = pcr_handle(pcr)?;
         self.ctx
-            .execute_with_nullauth_session(|c| c.pcr_extend(handle, values))
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.pcr_extend(handle, values)
+            })
             .map_err(|e| TpmError::LatchFailed(e.to_string()))?;
         for (bank, expected) in before {
             let now = self.read_pcrs(bank, &[pcr])?.remove(0).1;

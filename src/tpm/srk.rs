@@ -84,6 +84,21 @@ impl SerializedKey {
             public,
         })
     }
+
+    /// Whether `name` is the TPM name of `public` (nameAlg, then the digest of the
+    /// public area in that algorithm): only then does a name match on the TPM
+    /// vouch for the public area recorded beside it.
+    pub fn name_matches_public(&self) -> bool {
+        use sha2::Digest;
+        let (alg, digest) = self.name.split_at(2);
+        let ours: Vec<u8> = match u16::from_be_bytes([alg[0], alg[1]]) {
+            0x000B => sha2::Sha256::digest(&self.public).to_vec(),
+            0x000C => sha2::Sha384::digest(&self.public).to_vec(),
+            0x000D => sha2::Sha512::digest(&self.public).to_vec(),
+            _ => return false,
+        };
+        ours == digest
+    }
 }
 
 struct Reader<'a> {
@@ -120,6 +135,19 @@ mod tests {
             name: [vec![0x00, 0x0b], vec![0xab; 32]].concat(),
             public: vec![0x00, 0x23, 0x00, 0x0b, 1, 2, 3],
         }
+    }
+
+    #[test]
+    fn the_name_must_be_the_digest_of_the_public_area() {
+        use sha2::Digest;
+        let mut k = sample();
+        assert!(!k.name_matches_public());
+        k.name = [vec![0x00, 0x0b], sha2::Sha256::digest(&k.public).to_vec()].concat();
+        assert!(k.name_matches_public());
+        k.public[4] ^= 1;
+        assert!(!k.name_matches_public());
+        k.name = [vec![0x00, 0x04], vec![0; 20]].concat(); // SHA-1 names are not trusted
+        assert!(!k.name_matches_public());
     }
 
     #[test]

@@ -155,6 +155,127 @@ impl Swtpm {
     }
 }
 
+/// A TCP relay in front of a swtpm that records every TPM command sent through
+/// it (the swtpm TCTI's data channel carries bare TPM commands; its control
+/// channel, one port up, is relayed unread).
+pub struct TpmRecorder {
+    port: u16,
+    log: CommandLog,
+}
+
+/// One recorded command: its code and, when it has one, its first handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TpmCommand {
+    pub code: u32,
+    pub handle: Option<u32>,
+}
+
+impl TpmCommand {
+    pub fn name(&self) -> &'static str {
+        match self.code {
+            0x144 => "Startup",
+            0x157 => "Load",
+            0x15E => "Unseal",
+            0x165 => "FlushContext",
+            0x16B => "PolicyAuthValue",
+            0x173 => "ReadPublic",
+            0x176 => "StartAuthSession",
+            0x17A => "GetCapability",
+            0x17E => "PCR_Read",
+            0x17F => "PolicyPCR",
+            0x182 => "PCR_Extend",
+            _ => "other",
+        }
+    }
+}
+
+impl TpmRecorder {
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    /// The commands recorded so far, and forget them.
+    pub fn take(&self) -> Vec<TpmCommand> {
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+}
+
+type CommandLog = std::sync::Arc<std::sync::Mutex<Vec<TpmCommand>>>;
+
+fn relay(listener: TcpListener, to: u16, log: Option<CommandLog>) {
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { return };
+            let Ok(mut server) = std::net::TcpStream::connect(("127.0.0.1", to)) else {
+                return;
+            };
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            // Either side closing closes the other: swtpm serves one connection
+            // per channel at a time.
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Both);
+            });
+            let log = log.clone();
+            std::thread::spawn(move || {
+                match &log {
+                    Some(log) => forward_commands(&mut client, &mut server, log),
+                    None => drop(std::io::copy(&mut client, &mut server)),
+                }
+                let _ = server.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+}
+
+/// Relay whole TPM commands (tag, size, code, then handles and parameters),
+/// noting each one's code and first handle.
+fn forward_commands(
+    client: &mut std::net::TcpStream,
+    server: &mut std::net::TcpStream,
+    log: &CommandLog,
+) {
+    use std::io::{Read, Write};
+    let mut head = [0u8; 10];
+    while client.read_exact(&mut head).is_ok() {
+        let size = u32::from_be_bytes(head[2..6].try_into().unwrap()) as usize;
+        let mut command = head.to_vec();
+        command.resize(size.max(10), 0);
+        if client.read_exact(&mut command[10..]).is_err() {
+            return;
+        }
+        log.lock().unwrap().push(TpmCommand {
+            code: u32::from_be_bytes(head[6..10].try_into().unwrap()),
+            handle: command
+                .get(10..14)
+                .map(|h| u32::from_be_bytes(h.try_into().unwrap())),
+        });
+        // In one write: swtpm takes what one read returns for the whole command.
+        if server.write_all(&command).is_err() {
+            return;
+        }
+    }
+}
+
+impl Swtpm {
+    /// A recording relay to this TPM (see `TpmRecorder`).
+    pub fn recorder(&self) -> TpmRecorder {
+        let port = free_port_pair();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        relay(
+            TcpListener::bind(("127.0.0.1", port)).unwrap(),
+            self.port,
+            Some(log.clone()),
+        );
+        relay(
+            TcpListener::bind(("127.0.0.1", port + 1)).unwrap(),
+            self.port + 1,
+            None,
+        );
+        TpmRecorder { port, log }
+    }
+}
+
 impl Drop for Swtpm {
     fn drop(&mut self) {
         let _ = self.child.kill();
