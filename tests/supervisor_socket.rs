@@ -618,6 +618,26 @@ fn idle_supervisor_does_not_wake_up() {
     assert_eq!(h.handle.wakeups(), 0, "woke up with nothing to do");
     h.ask(r#"{"cmd":"status"}"#);
     assert!(h.handle.wakeups() > 0);
+    // The brief look for a next request after answering ends: quiet again, and
+    // not spinning either (CPU time of this process, clock ticks).
+    std::thread::sleep(Duration::from_millis(200));
+    let (after, cpu) = (h.handle.wakeups(), cpu_ticks());
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        h.handle.wakeups(),
+        after,
+        "kept waking up after one request"
+    );
+    assert!(cpu_ticks() - cpu <= 5, "busy after one request");
+}
+
+/// User + system CPU time of this process so far, in clock ticks.
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after_comm.split(' ').collect();
+    // fields 14 and 15 of stat(5); field 3 is the first after the command name
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
 #[test]
