@@ -89,6 +89,35 @@ fn enroll_then_the_tpm_opens_the_vault_without_a_prompt() {
 }
 
 #[test]
+fn the_token_list_follows_our_own_header_writes() {
+    let sw = Swtpm::start();
+    let dir = TempDir::new("tokens");
+    let img = luks_image(dir.path(), PASS);
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    assert!(v.tpm2_tokens().is_empty());
+    drop(v);
+    let mut p = Scripted::new(&[PASS]);
+    let r = enroll(&enroll_opts(&sw, &img), &mut p, &mut NoEvents).unwrap();
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    let tokens = v.tpm2_tokens();
+    assert_eq!(tokens.len(), 1);
+    let json = tokens[0].1.as_ref().unwrap().to_json();
+    v.remove_token(tokens[0].0).unwrap();
+    assert!(v.tpm2_tokens().is_empty());
+    let id = v.add_token(&json).unwrap();
+    assert_eq!(v.tpm2_tokens()[0].0, id);
+    // destroying its keyslot takes the keyslot out of the token
+    v.destroy_keyslot(r.keyslot).unwrap();
+    let left = v.tpm2_tokens();
+    assert!(
+        left.iter().all(|(_, t)| t
+            .as_ref()
+            .map_or(true, |t| !t.keyslots.contains(&r.keyslot))),
+        "{left:?}"
+    );
+}
+
+#[test]
 fn the_tpm_keyslot_uses_minimal_pbkdf2_and_the_token_is_systemds() {
     let sw = Swtpm::start();
     let dir = TempDir::new("kdf");

@@ -103,9 +103,15 @@ fn errno(e: &LibcryptErr) -> Option<i32> {
     }
 }
 
+/// A parsed `systemd-tpm2` token, or why it cannot be used, by token id.
+pub type Tpm2Tokens = Vec<(u32, Result<Tpm2Token, TokenError>)>;
+
 pub struct Vault {
     dev: CryptDevice,
     device: String,
+    /// The header's TPM2 tokens, read once (libcryptsetup answers from the header it
+    /// loaded; our own token writes forget this).
+    tokens: Option<Tpm2Tokens>,
 }
 
 impl Vault {
@@ -124,6 +130,7 @@ impl Vault {
         Ok(Vault {
             dev,
             device: device.to_string(),
+            tokens: None,
         })
     }
 
@@ -140,7 +147,10 @@ impl Vault {
     }
 
     /// All `systemd-tpm2` tokens, each parsed or with the reason it is unusable.
-    pub fn tpm2_tokens(&mut self) -> Vec<(u32, Result<Tpm2Token, TokenError>)> {
+    pub fn tpm2_tokens(&mut self) -> Tpm2Tokens {
+        if let Some(tokens) = &self.tokens {
+            return tokens.clone();
+        }
         let mut out = Vec::new();
         for id in 0..32u32 {
             let Ok(json) = self.dev.token_handle().json_get(id) else {
@@ -151,6 +161,7 @@ impl Vault {
                 parsed => out.push((id, parsed)),
             }
         }
+        self.tokens = Some(out.clone());
         out
     }
 
@@ -243,6 +254,8 @@ impl Vault {
     }
 
     pub fn destroy_keyslot(&mut self, slot: u32) -> Result<(), LuksError> {
+        // Tokens lose their reference to a destroyed keyslot.
+        self.tokens = None;
         self.dev
             .keyslot_handle()
             .destroy(slot)
@@ -250,6 +263,7 @@ impl Vault {
     }
 
     pub fn add_token(&mut self, json: &serde_json::Value) -> Result<u32, LuksError> {
+        self.tokens = None;
         self.dev
             .token_handle()
             .json_set(TokenInput::AddToken(json))
@@ -257,6 +271,7 @@ impl Vault {
     }
 
     pub fn remove_token(&mut self, id: u32) -> Result<(), LuksError> {
+        self.tokens = None;
         self.dev
             .token_handle()
             .json_set(TokenInput::RemoveToken(id))
