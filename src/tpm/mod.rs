@@ -509,41 +509,21 @@ impl Tpm {
         result
     }
 
+    /// The unseal sequence, ordered for the kernel's resource manager (which saves
+    /// and reloads every live session and object around each command): the policy
+    /// session is satisfied before the sealed object is loaded, and the Unseal ends
+    /// the session itself, so no command runs with more than needed loaded.
     fn unseal_under(
         &mut self,
         parent: KeyHandle,
         token: &Tpm2Token,
         pin: Option<&[u8]>,
     ) -> Result<SecretBytes, TpmError> {
-        let (private, public) = split_blob(&token.blob)?;
-        let object = self
-            .ctx
-            .execute_with_session(Some(AuthSession::Password), |c| {
-                c.load(parent, private, public)
-            })
-            .map_err(|e| self.classify(e, "Load(sealed object)"))?;
-        let result = self.unseal_loaded(parent, object, token, pin);
-        self.flush(object.into());
-        result
-    }
-
-    fn unseal_loaded(
-        &mut self,
-        parent: KeyHandle,
-        object: KeyHandle,
-        token: &Tpm2Token,
-        pin: Option<&[u8]>,
-    ) -> Result<SecretBytes, TpmError> {
-        if let (true, Some(pin)) = (token.pin, pin) {
-            let auth = policy::pin_auth_value(pin, token.salt.as_deref());
-            let auth = Auth::try_from(auth.as_bytes().to_vec()).map_err(cmd("auth value"))?;
-            self.ctx
-                .tr_set_auth(object.into(), auth)
-                .map_err(cmd("TR_SetAuth"))?;
-        }
+        let blob = split_blob(&token.blob)?;
+        let mut object = None;
         let mut tries = 5;
         let result = loop {
-            let attempt = self.policy_unseal_once(parent, object, token);
+            let attempt = self.policy_unseal_once(parent, &mut object, &blob, token, pin);
             match attempt {
                 Err(e) if rc_kind_of(&e) == Some(Tss2ResponseCodeKind::PcrChanged) && tries > 0 => {
                     tries -= 1;
@@ -552,6 +532,9 @@ impl Tpm {
                 other => break other,
             }
         };
+        if let Some(object) = object {
+            self.flush(object.into());
+        }
         result.map_err(|e| match e {
             // Without a PIN there is no authorisation value to get wrong: an
             // authorisation failure is the session's (its HMAC), not the operator's.
@@ -568,6 +551,7 @@ impl Tpm {
                 }
             }
             UnsealStep::Tpm(err) => self.classify(err, "Unseal"),
+            UnsealStep::Load(err) => self.classify(err, "Load(sealed object)"),
             UnsealStep::Other(e) => e,
         })
     }
@@ -575,8 +559,10 @@ impl Tpm {
     fn policy_unseal_once(
         &mut self,
         parent: KeyHandle,
-        object: KeyHandle,
+        object: &mut Option<KeyHandle>,
+        blob: &(Private, Public),
         token: &Tpm2Token,
+        pin: Option<&[u8]>,
     ) -> Result<SecretBytes, UnsealStep> {
         // One session does everything, so one ECDH and one session's worth of TPM
         // commands: the policy session is salted with the parent (only the real TPM
@@ -602,9 +588,10 @@ impl Tpm {
                 "TPM returned no session".into(),
             )))?;
         let outcome = (|| {
+            // continueSession clear: a successful Unseal flushes the session.
             let (attrs, mask) = SessionAttributesBuilder::new()
                 .with_encrypt(true)
-                .with_continue_session(true)
+                .with_continue_session(false)
                 .build();
             self.ctx
                 .tr_sess_set_attributes(session, attrs, mask)
@@ -628,13 +615,41 @@ impl Tpm {
                     .execute_without_session(|c| c.policy_auth_value(ps))
                     .map_err(UnsealStep::Tpm)?;
             }
+            let loaded = match *object {
+                Some(o) => o,
+                None => {
+                    let (private, public) = blob.clone();
+                    let o = self
+                        .ctx
+                        .execute_with_session(Some(AuthSession::Password), |c| {
+                            c.load(parent, private, public)
+                        })
+                        .map_err(UnsealStep::Load)?;
+                    *object = Some(o);
+                    if let (true, Some(pin)) = (token.pin, pin) {
+                        let auth = policy::pin_auth_value(pin, token.salt.as_deref());
+                        let auth = Auth::try_from(auth.as_bytes().to_vec())
+                            .map_err(|e| UnsealStep::Other(cmd("auth value")(e)))?;
+                        self.ctx
+                            .tr_set_auth(o.into(), auth)
+                            .map_err(|e| UnsealStep::Other(cmd("TR_SetAuth")(e)))?;
+                    }
+                    o
+                }
+            };
             let data = self
                 .ctx
-                .execute_with_sessions((Some(session), None, None), |c| c.unseal(object.into()))
+                .execute_with_sessions((Some(session), None, None), |c| c.unseal(loaded.into()))
                 .map_err(UnsealStep::Tpm)?;
             Ok(SecretBytes::from_slice(data.value()))
         })();
-        self.flush_session(session);
+        if outcome.is_ok() {
+            // The TPM has flushed it; only our record of it is left.
+            let mut handle = ObjectHandle::from(tss_esapi::handles::SessionHandle::from(session));
+            let _ = self.ctx.tr_close(&mut handle);
+        } else {
+            self.flush_session(session);
+        }
         outcome
     }
 
@@ -838,12 +853,13 @@ impl Tpm {
 
 enum UnsealStep {
     Tpm(tss_esapi::Error),
+    Load(tss_esapi::Error),
     Other(TpmError),
 }
 
 fn rc_kind_of(step: &UnsealStep) -> Option<Tss2ResponseCodeKind> {
     match step {
-        UnsealStep::Tpm(e) => rc_kind(e),
+        UnsealStep::Tpm(e) | UnsealStep::Load(e) => rc_kind(e),
         UnsealStep::Other(_) => None,
     }
 }
