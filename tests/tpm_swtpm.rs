@@ -108,6 +108,57 @@ fn unseal_is_one_salted_session_and_six_commands() {
     assert_eq!(sent[5].handle.map(|h| h >> 24), Some(0x80));
 }
 
+/// With a PIN, the response is encrypted under a second salted session bound to
+/// the object; the policy session (where a wrong PIN must fail) stays unbound.
+#[test]
+fn unseal_with_a_pin_adds_a_session_bound_to_the_object() {
+    let sw = Swtpm::start();
+    let mut tpm = open(&sw);
+    let sealed = seal(&mut tpm, &[7], Some(b"2468"));
+    let token = token_from(&sealed, &[7], true);
+    drop(tpm);
+    let rec = sw.recorder();
+    let mut tpm = open_at(&rec.tcti());
+    rec.take();
+    let secret = tpm.unseal(&token, Some(b"2468")).expect("unseal");
+    assert!(secret.ct_eq(sealed.secret.as_bytes()));
+    let sent = rec.take();
+    let mut names: Vec<&str> = sent.iter().map(|c| c.name()).collect();
+    // A DA-protected authorisation may be answered TPM_RC_RETRY first (the TPM
+    // wants its NV first); tpm2-tss resubmits the same command.
+    names.dedup_by(|a, b| a == b && *a == "Unseal");
+    assert_eq!(
+        names,
+        [
+            "ReadPublic",
+            "StartAuthSession",
+            "PolicyPCR",
+            "PolicyAuthValue",
+            "Load",
+            "StartAuthSession",
+            "Unseal",
+            "FlushContext",
+            "FlushContext"
+        ]
+    );
+    const RH_NULL: u32 = 0x4000_0007;
+    let sessions: Vec<_> = sent
+        .iter()
+        .filter(|c| c.name() == "StartAuthSession")
+        .collect();
+    let (policy, enc) = (sessions[0], sessions[1]);
+    assert_eq!(
+        (policy.handle, policy.handle2),
+        (Some(SRK_HANDLE), Some(RH_NULL))
+    );
+    assert_eq!(enc.handle, Some(SRK_HANDLE));
+    assert_eq!(
+        enc.handle2.map(|h| h >> 24),
+        Some(0x80),
+        "bound to the loaded object"
+    );
+}
+
 #[test]
 fn every_salted_session_works() {
     // Each unseal runs a session salted by ECDH with the SRK. A TSS that drops the

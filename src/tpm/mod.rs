@@ -564,13 +564,14 @@ impl Tpm {
         token: &Tpm2Token,
         pin: Option<&[u8]>,
     ) -> Result<SecretBytes, UnsealStep> {
-        // One session does everything, so one ECDH and one session's worth of TPM
-        // commands: the policy session is salted with the parent (only the real TPM
-        // can recover the salt) and encrypts the response. It is not bound: with a
-        // PIN, the Unseal's authorisation (keyed by the salted session key and the
-        // PIN) is checked against the DA-protected object, so a wrong PIN counts
-        // against the TPM's dictionary-attack budget, and someone watching the bus
-        // cannot test PINs against that HMAC without the session key.
+        // The policy session is salted with the parent (only the real TPM can
+        // recover the salt). Without a PIN it also encrypts the response, so one
+        // session does everything: one ECDH, one session's worth of TPM commands.
+        // With a PIN a second salted session, bound to the object, encrypts it (the
+        // PIN path is interactive; a few commands more do not matter). The policy
+        // session is never the bound one: the PIN must fail in it, against the
+        // DA-protected object, so that a wrong PIN counts against the TPM's
+        // dictionary-attack budget.
         let session = self
             .ctx
             .execute_without_session(|c| {
@@ -590,7 +591,7 @@ impl Tpm {
         let outcome = (|| {
             // continueSession clear: a successful Unseal flushes the session.
             let (attrs, mask) = SessionAttributesBuilder::new()
-                .with_encrypt(true)
+                .with_encrypt(!token.pin)
                 .with_continue_session(false)
                 .build();
             self.ctx
@@ -637,10 +638,21 @@ impl Tpm {
                     o
                 }
             };
+            let enc = if token.pin {
+                Some(
+                    self.encryption_session(parent, Some(loaded.into()))
+                        .map_err(UnsealStep::Other)?,
+                )
+            } else {
+                None
+            };
             let data = self
                 .ctx
-                .execute_with_sessions((Some(session), None, None), |c| c.unseal(loaded.into()))
-                .map_err(UnsealStep::Tpm)?;
+                .execute_with_sessions((Some(session), enc, None), |c| c.unseal(loaded.into()));
+            if let Some(enc) = enc {
+                self.flush_session(enc);
+            }
+            let data = data.map_err(UnsealStep::Tpm)?;
             Ok(SecretBytes::from_slice(data.value()))
         })();
         if outcome.is_ok() {

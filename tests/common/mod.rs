@@ -163,11 +163,13 @@ pub struct TpmRecorder {
     log: CommandLog,
 }
 
-/// One recorded command: its code and, when it has one, its first handle.
+/// One recorded command: its code and the first two words after the header (its
+/// first handles, for commands that have them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TpmCommand {
     pub code: u32,
     pub handle: Option<u32>,
+    pub handle2: Option<u32>,
 }
 
 impl TpmCommand {
@@ -248,6 +250,9 @@ fn forward_commands(
             code: u32::from_be_bytes(head[6..10].try_into().unwrap()),
             handle: command
                 .get(10..14)
+                .map(|h| u32::from_be_bytes(h.try_into().unwrap())),
+            handle2: command
+                .get(14..18)
                 .map(|h| u32::from_be_bytes(h.try_into().unwrap())),
         });
         // In one write: swtpm takes what one read returns for the whole command.
