@@ -595,14 +595,38 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    fn tmp(name: &str) -> PathBuf {
+    /// An audit log path in a fresh directory, removed when the test ends.
+    struct TmpLog(PathBuf);
+
+    impl std::ops::Deref for TmpLog {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl AsRef<Path> for TmpLog {
+        fn as_ref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TmpLog {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    fn tmp(name: &str) -> TmpLog {
         let dir = std::env::temp_dir().join(format!(
             "vg-audit-{}-{name}-{}",
             std::process::id(),
             now_ms()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        dir.join("audit.jsonl")
+        TmpLog(dir.join("audit.jsonl"))
     }
 
     fn write_log(path: &Path, n: usize) {
@@ -785,7 +809,7 @@ mod tests {
         let p = tmp("concurrent");
         let threads: Vec<_> = (0..4)
             .map(|t| {
-                let p = p.clone();
+                let p = p.to_path_buf();
                 std::thread::spawn(move || {
                     for i in 0..25u64 {
                         append(&p, "t", &[("thread", (t as u64).into()), ("i", i.into())]).unwrap();

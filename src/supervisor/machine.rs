@@ -827,9 +827,10 @@ mod tests {
     }
 
     struct T {
-        dir: PathBuf,
         fake: Fake,
         m: Machine,
+        /// Last, so that it is removed after the machine is dropped.
+        dir: TmpDir,
     }
 
     fn settings(dir: &Path) -> Settings {
@@ -849,7 +850,23 @@ mod tests {
         }
     }
 
-    fn tmpdir(name: &str) -> PathBuf {
+    /// A fresh directory, removed when the test ends.
+    struct TmpDir(PathBuf);
+
+    impl std::ops::Deref for TmpDir {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TmpDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tmpdir(name: &str) -> TmpDir {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let d = std::env::temp_dir().join(format!(
             "vg-machine-{}-{name}-{}",
@@ -858,7 +875,7 @@ mod tests {
         ));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        d
+        TmpDir(d)
     }
 
     fn at(s: u64) -> Now {
