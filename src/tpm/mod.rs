@@ -175,7 +175,8 @@ impl Tpm {
             tcti: tcti.to_string(),
             detail,
         };
-        if let Some(path) = tcti.strip_prefix("device:") {
+        let device = tcti.strip_prefix("device:");
+        if let Some(path) = device {
             let start = Instant::now();
             while !std::path::Path::new(path).exists() {
                 if start.elapsed() >= timeout {
@@ -189,7 +190,7 @@ impl Tpm {
         }
         // A device path is taken as it is: tss-esapi's parser compiles regular
         // expressions for it, a noticeable share of an emulated guest's unlock.
-        let conf = match tcti.strip_prefix("device:") {
+        let conf = match device {
             Some(path) => DeviceConfig::from_str(path).map(TctiNameConf::Device),
             None => TctiNameConf::from_str(tcti),
         }
@@ -197,7 +198,7 @@ impl Tpm {
         let mut ctx = Context::new(conf).map_err(|e| absent(e.to_string()))?;
         // The kernel's TPM driver starts the TPM when it probes it; a simulator
         // reached over a socket may still need TPM2_Startup.
-        if !tcti.starts_with("device:") {
+        if device.is_none() {
             match ctx.startup(StartupType::Clear) {
                 Ok(()) => {}
                 Err(e) if rc_kind(&e) == Some(Tss2ResponseCodeKind::Initialize) => {}
