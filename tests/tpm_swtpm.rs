@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Swtpm, TempDir};
+use common::{Swtpm, TempDir, TpmCommand};
 use std::time::Duration;
 use vaultguard::luks::token::{PrimaryAlg, Tpm2Token};
 use vaultguard::tpm::policy::{self, Bank};
@@ -74,23 +74,29 @@ fn seal_then_unseal_returns_the_same_secret() {
         .ct_eq(sealed.secret.as_bytes()));
 }
 
+/// Seal to PCR 7 (with `pin`, if any), then unseal through a recording relay and
+/// return the TPM commands the unseal sent.
+fn recorded_unseal(pin: Option<&[u8]>) -> Vec<TpmCommand> {
+    let sw = Swtpm::start();
+    let mut tpm = open(&sw);
+    let sealed = seal(&mut tpm, &[7], pin);
+    let token = token_from(&sealed, &[7], pin.is_some());
+    drop(tpm);
+    let rec = sw.recorder();
+    let mut tpm = open_at(&rec.tcti());
+    rec.take(); // Startup: a simulator needs it, the kernel does it for a device
+    let secret = tpm.unseal(&token, pin).expect("unseal");
+    assert!(secret.ct_eq(sealed.secret.as_bytes()));
+    rec.take()
+}
+
 /// The boot path's unseal is the shortest sequence that still protects the secret:
 /// one salted session (one ECDH), no redundant capability or public-area reads,
 /// no extra HMAC session for the load (every command is a round trip, tens of
 /// milliseconds on a real TPM).
 #[test]
 fn unseal_is_one_salted_session_and_six_commands() {
-    let sw = Swtpm::start();
-    let mut tpm = open(&sw);
-    let sealed = seal(&mut tpm, &[7], None);
-    let token = token_from(&sealed, &[7], false);
-    drop(tpm);
-    let rec = sw.recorder();
-    let mut tpm = open_at(&rec.tcti());
-    rec.take(); // Startup: a simulator needs it, the kernel does it for a device
-    let secret = tpm.unseal(&token, None).expect("unseal");
-    assert!(secret.ct_eq(sealed.secret.as_bytes()));
-    let sent = rec.take();
+    let sent = recorded_unseal(None);
     let names: Vec<&str> = sent.iter().map(|c| c.name()).collect();
     assert_eq!(
         names,
@@ -112,17 +118,7 @@ fn unseal_is_one_salted_session_and_six_commands() {
 /// the object; the policy session (where a wrong PIN must fail) stays unbound.
 #[test]
 fn unseal_with_a_pin_adds_a_session_bound_to_the_object() {
-    let sw = Swtpm::start();
-    let mut tpm = open(&sw);
-    let sealed = seal(&mut tpm, &[7], Some(b"2468"));
-    let token = token_from(&sealed, &[7], true);
-    drop(tpm);
-    let rec = sw.recorder();
-    let mut tpm = open_at(&rec.tcti());
-    rec.take();
-    let secret = tpm.unseal(&token, Some(b"2468")).expect("unseal");
-    assert!(secret.ct_eq(sealed.secret.as_bytes()));
-    let sent = rec.take();
+    let sent = recorded_unseal(Some(b"2468"));
     let mut names: Vec<&str> = sent.iter().map(|c| c.name()).collect();
     // A DA-protected authorisation may be answered TPM_RC_RETRY first (the TPM
     // wants its NV first); tpm2-tss resubmits the same command.
