@@ -17,3 +17,6 @@ pub mod prompt;
 pub mod secret;
 pub mod supervisor;
 pub mod tpm;
+
+#[cfg(test)]
+mod testutil;

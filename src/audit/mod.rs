@@ -593,40 +593,34 @@ pub fn rfc3339_ms(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::TmpDir;
     use std::os::unix::fs::PermissionsExt;
 
     /// An audit log path in a fresh directory, removed when the test ends.
-    struct TmpLog(PathBuf);
+    struct TmpLog {
+        path: PathBuf,
+        _dir: TmpDir,
+    }
 
     impl std::ops::Deref for TmpLog {
         type Target = Path;
         fn deref(&self) -> &Path {
-            &self.0
+            &self.path
         }
     }
 
     impl AsRef<Path> for TmpLog {
         fn as_ref(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TmpLog {
-        fn drop(&mut self) {
-            if let Some(dir) = self.0.parent() {
-                let _ = std::fs::remove_dir_all(dir);
-            }
+            &self.path
         }
     }
 
     fn tmp(name: &str) -> TmpLog {
-        let dir = std::env::temp_dir().join(format!(
-            "vg-audit-{}-{name}-{}",
-            std::process::id(),
-            now_ms()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TmpLog(dir.join("audit.jsonl"))
+        let dir = TmpDir::new(&format!("audit-{name}"));
+        TmpLog {
+            path: dir.join("audit.jsonl"),
+            _dir: dir,
+        }
     }
 
     fn write_log(path: &Path, n: usize) {

@@ -700,6 +700,7 @@ fn fail_closed(policy: &Policy, now: Now, e: &LockoutError) -> Lockout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::TmpDir;
     use std::sync::{Arc, Mutex};
 
     /// A vault that records every call and can be told to fail.
@@ -850,32 +851,8 @@ mod tests {
         }
     }
 
-    /// A fresh directory, removed when the test ends.
-    struct TmpDir(PathBuf);
-
-    impl std::ops::Deref for TmpDir {
-        type Target = Path;
-        fn deref(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TmpDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
     fn tmpdir(name: &str) -> TmpDir {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "vg-machine-{}-{name}-{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TmpDir(d)
+        TmpDir::new(&format!("machine-{name}"))
     }
 
     fn at(s: u64) -> Now {
