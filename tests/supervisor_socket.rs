@@ -109,6 +109,13 @@ impl VaultBackend for Fake {
         self.0.lock().unwrap().active = true;
         Ok(())
     }
+    fn verify_passphrase(&mut self, passphrase: &SecretBytes) -> Result<(), BackendError> {
+        self.call("verify");
+        if passphrase.as_bytes() != PASS.as_bytes() {
+            return Err(BackendError::WrongPassphrase);
+        }
+        Ok(())
+    }
     fn mount(&mut self) -> Result<(), BackendError> {
         self.call("mount");
         self.0.lock().unwrap().mounted = true;

@@ -62,6 +62,10 @@ pub trait VaultBackend: Send {
     /// Open the mapping with a passphrase; [`BackendError::WrongPassphrase`] when no
     /// keyslot accepts it, [`BackendError::Failed`] for device trouble.
     fn activate(&mut self, passphrase: &SecretBytes) -> Result<(), BackendError>;
+    /// Check `passphrase` against the vault's keyslots without activating anything
+    /// (for an unlock while the mapping is already open);
+    /// [`BackendError::WrongPassphrase`] when no keyslot accepts it.
+    fn verify_passphrase(&mut self, passphrase: &SecretBytes) -> Result<(), BackendError>;
     /// Mount the opened mapping at the vault's mount point.
     fn mount(&mut self) -> Result<(), BackendError>;
 }

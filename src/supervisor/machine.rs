@@ -9,7 +9,7 @@
 
 use super::backend::{BackendError, Reality, VaultBackend};
 use super::idle::{IdleEvent, IdleTimer};
-use super::lockout::{Lockout, LockoutError, Policy};
+use super::lockout::{Lockout, Policy, Scope};
 use super::state_file::{self, Snapshot};
 use super::{log_info, log_warn};
 use crate::audit;
@@ -182,10 +182,13 @@ impl Machine {
         }
         let (state, detail) = derive_state(reality.as_ref().copied(), hint);
         let lockout = match Lockout::load(&s.lockout_path) {
-            Ok(l) => l,
+            Ok(f) => Lockout::from_file(&f, &s.policy, now.mono_ms, now.wall_s()),
             Err(e) => {
-                log_warn(&e.to_string());
-                fail_closed(&s.policy, now, &e)
+                log_warn(&format!(
+                    "{e}: refusing unlocks for {} s",
+                    s.policy.duration_s
+                ));
+                Lockout::fail_closed(&s.policy, now.mono_ms)
             }
         };
         let idle = IdleTimer::new(s.auto_lock_ms, s.warn_before_ms, now.mono_ms, now.wall_ms);
@@ -237,7 +240,8 @@ impl Machine {
         self.idle.next_wakeup(self.armed())
     }
 
-    pub fn status(&self, now: Now) -> StatusReply {
+    /// The state as `uid` sees it (its own lockout, or the global one).
+    pub fn status(&self, uid: u32, now: Now) -> StatusReply {
         StatusReply {
             state: self.state.as_str(),
             detail: self.detail.clone(),
@@ -247,7 +251,7 @@ impl Machine {
                 .idle
                 .remaining_ms(now.mono_ms, self.armed())
                 .map(|ms| ms.div_ceil(1000)),
-            lockout_seconds: self.lockout.remaining(&self.s.policy, now.wall_s()),
+            lockout_seconds: self.lockout.remaining(&self.s.policy, uid, now.mono_ms),
         }
     }
 
@@ -270,7 +274,7 @@ impl Machine {
         match req {
             // Reading the state is not activity: a dashboard polling status must
             // not keep the vault open forever.
-            Request::Status => Response::status(&self.status(now)),
+            Request::Status => Response::status(&self.status(peer.uid, now)),
             Request::Keepalive => {
                 self.activity(now);
                 Response::ok(None)
@@ -279,7 +283,7 @@ impl Machine {
                 self.idle.touch(now.mono_ms, now.wall_ms);
                 self.lock(LockReason::Manual, Some(peer.uid), now)
             }
-            Request::Unlock(passphrase) => self.unlock(&passphrase, Some(peer.uid), now),
+            Request::Unlock(passphrase) => self.unlock(&passphrase, peer.uid, now),
         }
     }
 
@@ -442,18 +446,21 @@ impl Machine {
         Response::failed(&msg, None).with("state", self.state.as_str().into())
     }
 
-    /// The unlock sequence: lockout check, activate, mount, start services.
-    pub fn unlock(&mut self, passphrase: &SecretBytes, uid: Option<u32>, now: Now) -> Response {
-        let uid_field = uid.unwrap_or(0);
-        if let Some(wait) = self.lockout.remaining(&self.s.policy, now.wall_s()) {
+    /// The unlock sequence: lockout check, the passphrase checked against a keyslot
+    /// (whatever the mapping's state), activate, mount, start services.
+    pub fn unlock(&mut self, passphrase: &SecretBytes, uid: u32, now: Now) -> Response {
+        if let Some(wait) = self.lockout.remaining(&self.s.policy, uid, now.mono_ms) {
             self.audit(
                 "unlock_refused",
-                &[("uid", uid_field.into()), ("retry_after", wait.into())],
+                &[("uid", uid.into()), ("retry_after", wait.into())],
             );
             return Response::failed(
                 &format!("too many failed unlock attempts; try again in {wait} s"),
                 Some(wait),
             );
+        }
+        if passphrase.is_empty() {
+            return Response::failed("empty passphrase", None);
         }
         let reality = match self.backend.probe() {
             Ok(r) => r,
@@ -461,25 +468,37 @@ impl Machine {
                 return Response::failed(&format!("cannot determine the vault's state: {e}"), None)
             }
         };
-        if reality.mapping_active && reality.mounted {
-            if self.state != VaultState::Unlocked {
-                self.set(VaultState::Unlocked, "found_unlocked", now);
-            }
-            self.activity(now);
-            return Response::ok(Some("unlocked"));
-        }
-        if passphrase.is_empty() {
-            return Response::failed("empty passphrase", None);
-        }
-        self.set(VaultState::Unlocking, &self.detail.clone(), now);
         let mut activated = false;
-        if !reality.mapping_active {
-            match self.backend.activate(passphrase) {
-                Ok(()) => activated = true,
-                Err(BackendError::WrongPassphrase) => return self.wrong_passphrase(uid_field, now),
+        if reality.mapping_active {
+            // Open already (a lock whose close failed, a mount that failed at boot,
+            // or an unlocked vault): activation would check nothing, so the
+            // passphrase is checked against a keyslot on its own. Without this any
+            // string would mount the vault, or keep it open as activity.
+            match self.backend.verify_passphrase(passphrase) {
+                Ok(()) => {}
+                Err(BackendError::WrongPassphrase) => return self.wrong_passphrase(uid, now),
                 Err(e) => {
                     let msg = format!("device error: {e}");
-                    return self.unlock_failed(uid_field, "device_error", &msg, now);
+                    return self.unlock_failed(uid, "device_error", &msg, now);
+                }
+            }
+            if reality.mounted {
+                if self.state != VaultState::Unlocked {
+                    self.set(VaultState::Unlocked, "found_unlocked", now);
+                }
+                self.record_success(uid, now);
+                self.activity(now);
+                return Response::ok(Some("unlocked"));
+            }
+            self.set(VaultState::Unlocking, &self.detail.clone(), now);
+        } else {
+            self.set(VaultState::Unlocking, &self.detail.clone(), now);
+            match self.backend.activate(passphrase) {
+                Ok(()) => activated = true,
+                Err(BackendError::WrongPassphrase) => return self.wrong_passphrase(uid, now),
+                Err(e) => {
+                    let msg = format!("device error: {e}");
+                    return self.unlock_failed(uid, "device_error", &msg, now);
                 }
             }
         }
@@ -495,19 +514,16 @@ impl Machine {
                         Err(ce) => msg.push_str(&format!("; closing it again failed: {ce}")),
                     }
                 }
-                return self.unlock_failed(uid_field, "mount_failed", &msg, now);
+                return self.unlock_failed(uid, "mount_failed", &msg, now);
             }
         }
         let warning = self.start_services(&self.s.services.clone());
-        if self.lockout != Lockout::default() {
-            self.lockout.record_success();
-            self.save_lockout();
-        }
+        self.record_success(uid, now);
         self.idle.touch(now.mono_ms, now.wall_ms);
         self.set(VaultState::Unlocked, "passphrase", now);
         self.audit(
             "unlock",
-            &[("uid", uid_field.into()), ("method", "passphrase".into())],
+            &[("uid", uid.into()), ("method", "passphrase".into())],
         );
         log_info("vault unlocked with a passphrase");
         let r = Response::ok(Some("unlocked"));
@@ -517,34 +533,52 @@ impl Machine {
         }
     }
 
+    /// A verified passphrase from `uid`: its failures (and the global count) end.
+    fn record_success(&mut self, uid: u32, now: Now) {
+        if !self.lockout.is_clear() {
+            self.lockout.record_success(uid);
+            self.save_lockout(now);
+        }
+    }
+
     fn wrong_passphrase(&mut self, uid: u32, now: Now) -> Response {
-        let triggered = self.lockout.record_failure(&self.s.policy, now.wall_s());
-        self.save_lockout();
+        let triggered = self
+            .lockout
+            .record_failure(&self.s.policy, uid, now.mono_ms);
+        self.save_lockout(now);
         self.resync("unlock_failed", now);
         self.audit(
             "unlock_failed",
             &[
                 ("uid", uid.into()),
                 ("reason", "wrong_passphrase".into()),
-                ("failures", self.lockout.failures.into()),
+                ("failures", self.lockout.failures_of(uid).into()),
             ],
         );
-        if let Some(secs) = triggered {
+        for t in &triggered {
             log_warn(&format!(
-                "too many failed unlock attempts: refusing unlocks for {secs} s"
+                "too many failed unlock attempts by {}: refusing their unlocks for {} s",
+                t.scope, t.seconds
             ));
+            let scope = match t.scope {
+                Scope::Identity(u) => format!("uid:{u}"),
+                Scope::Global => "global".to_string(),
+            };
             self.audit(
                 "lockout",
                 &[
-                    ("seconds", secs.into()),
-                    ("lockouts", self.lockout.lockouts.into()),
+                    ("scope", scope.as_str().into()),
+                    ("seconds", t.seconds.into()),
+                    ("lockouts", t.lockouts.into()),
                 ],
             );
+        }
+        if !triggered.is_empty() {
             self.publish(now);
         }
         Response::failed(
             UNLOCK_FAILED,
-            self.lockout.remaining(&self.s.policy, now.wall_s()),
+            self.lockout.remaining(&self.s.policy, uid, now.mono_ms),
         )
     }
 
@@ -574,8 +608,11 @@ impl Machine {
         (!failed.is_empty()).then(|| format!("could not start {}", failed.join(", ")))
     }
 
-    fn save_lockout(&self) {
-        if let Err(e) = self.lockout.save(&self.s.lockout_path) {
+    fn save_lockout(&self, now: Now) {
+        let file = self
+            .lockout
+            .to_file(&self.s.policy, now.mono_ms, now.wall_s());
+        if let Err(e) = Lockout::save(&file, &self.s.lockout_path) {
             log_warn(&e.to_string());
         }
     }
@@ -619,10 +656,12 @@ impl Machine {
             .idle
             .remaining_ms(now.mono_ms, self.armed())
             .map(|r| secs(now.wall_ms + r));
+        // For readers without a socket: when the latest running lockout (of any
+        // identity, or the global one) ends.
         let lockout_until = self
             .lockout
-            .remaining(&self.s.policy, now.wall_s())
-            .map(|r| now.wall_s() + r);
+            .latest_end_ms(&self.s.policy, now.mono_ms)
+            .map(|ms| now.wall_s() + ms.div_ceil(1000));
         Snapshot {
             state: self.state.as_str().into(),
             detail: self.detail.clone(),
@@ -682,18 +721,6 @@ impl Machine {
                 ("suppressed_since_last", suppressed.into()),
             ],
         );
-    }
-}
-
-fn fail_closed(policy: &Policy, now: Now, e: &LockoutError) -> Lockout {
-    log_warn(&format!(
-        "refusing unlocks for {} s because the lockout state could not be read ({e})",
-        policy.duration_s
-    ));
-    Lockout {
-        failures: 0,
-        lockouts: 1,
-        locked_until: now.wall_s() + policy.duration_s,
     }
 }
 
@@ -811,6 +838,20 @@ mod tests {
                 return Err(BackendError::WrongPassphrase);
             }
             w.active = true;
+            Ok(())
+        }
+        fn verify_passphrase(&mut self, passphrase: &SecretBytes) -> Result<(), BackendError> {
+            let mut w = self.w();
+            w.calls.push("verify".into());
+            if w.device_error {
+                return Err(BackendError::Failed {
+                    op: "verify",
+                    msg: "I/O error".into(),
+                });
+            }
+            if passphrase.as_bytes() != b"right" {
+                return Err(BackendError::WrongPassphrase);
+            }
             Ok(())
         }
         fn mount(&mut self) -> Result<(), BackendError> {
@@ -1076,16 +1117,89 @@ mod tests {
         );
         assert_eq!(t.m.state(), VaultState::Unlocked);
         assert_eq!(t.m.detail(), "passphrase");
-        let s = t.m.status(at(110));
+        let s = t.m.status(0, at(110));
         assert_eq!(s.idle_seconds, 10);
         assert_eq!(s.lock_in_seconds, Some(30 * 60 - 10));
         assert_eq!(t.m.next_wakeup(), Some((100 + 29 * 60) * 1000));
         assert_eq!(events(&t.dir), ["supervisor_start", "unlock"]);
-        // Unlocking an unlocked vault does not touch the device.
+        // Unlocking an unlocked vault still checks the passphrase (else any string
+        // would count as activity and keep the vault open), and activates nothing.
         let r =
-            t.m.unlock(&SecretBytes::from_slice(b"whatever"), None, at(120));
+            t.m.unlock(&SecretBytes::from_slice(b"whatever"), 0, at(120));
+        assert_eq!(line(&r)["error"], UNLOCK_FAILED);
+        assert_eq!(t.fake.calls(), ["verify"]);
+        assert_eq!(t.m.status(0, at(120)).idle_seconds, 20, "not activity");
+        let r = t.m.unlock(&SecretBytes::from_slice(b"right"), 0, at(130));
         assert_eq!(line(&r)["success"], true);
-        assert!(t.fake.calls().is_empty());
+        assert_eq!(t.fake.calls(), ["verify"]);
+        assert_eq!(t.m.status(0, at(130)).idle_seconds, 0);
+    }
+
+    #[test]
+    fn an_open_but_unmounted_mapping_still_needs_the_right_passphrase() {
+        // After a lock whose close failed, or a mount that failed at boot.
+        let fake = Fake::default();
+        fake.w().active = true;
+        let mut t = start("openunmounted", fake);
+        assert_eq!(t.m.state(), VaultState::Unknown);
+        let r = t.m.handle(
+            &root(),
+            Request::Unlock(SecretBytes::from_slice(b"anything")),
+            at(10),
+        );
+        assert_eq!(line(&r)["error"], UNLOCK_FAILED);
+        assert_eq!(t.fake.calls(), ["verify"], "nothing mounted");
+        assert!(!t.fake.w().mounted);
+        assert_ne!(t.m.state(), VaultState::Unlocked);
+        let log = std::fs::read_to_string(t.dir.join("audit.jsonl")).unwrap();
+        assert!(log.contains("\"reason\":\"wrong_passphrase\""), "{log}");
+        assert!(!log.contains("\"method\""), "{log}");
+        let r = t.m.handle(
+            &root(),
+            Request::Unlock(SecretBytes::from_slice(b"right")),
+            at(11),
+        );
+        assert_eq!(line(&r)["success"], true);
+        assert_eq!(
+            t.fake.calls(),
+            [
+                "verify",
+                "mount",
+                "start ollama.service",
+                "start webui.service"
+            ]
+        );
+        assert_eq!(t.m.state(), VaultState::Unlocked);
+    }
+
+    #[test]
+    fn a_low_privilege_user_cannot_lock_root_out() {
+        let mut t = start("peruid", Fake::default());
+        let user = Peer {
+            pid: 2,
+            uid: 1000,
+            gid: 1000,
+            groups: vec![],
+        };
+        let mut allow = crate::config::ControlConfig::default().allow;
+        allow.get_mut("unlock").unwrap().uids.push(1000);
+        allow.get_mut("status").unwrap().uids.push(1000);
+        t.m.s.allow = allow;
+        for i in 0..5 {
+            t.m.handle(&user, Request::Unlock(SecretBytes::from_slice(b"x")), at(i));
+        }
+        let v = line(&t.m.handle(&user, Request::Status, at(5)));
+        assert_eq!(
+            v["lockout_seconds"], 57,
+            "3 failures at t=2 s: 60 s from there"
+        );
+        assert_eq!(t.m.status(0, at(5)).lockout_seconds, None);
+        let v = line(&t.m.handle(
+            &root(),
+            Request::Unlock(SecretBytes::from_slice(b"right")),
+            at(6),
+        ));
+        assert_eq!(v["success"], true, "{v}");
     }
 
     #[test]
@@ -1113,17 +1227,17 @@ mod tests {
         assert_eq!(v["success"], false);
         assert_eq!(v["retry_after"], 30);
         assert!(t.fake.calls().is_empty());
-        assert_eq!(t.m.status(at(42)).lockout_seconds, Some(30));
+        assert_eq!(t.m.status(0, at(42)).lockout_seconds, Some(30));
         assert_eq!(state_file(&t.dir)["lockout_until"], 1_700_000_000 + 72);
         // A restart keeps the lockout.
         let m2 = Machine::start(settings(&t.dir), Box::new(t.fake.clone()), at(50));
-        assert_eq!(m2.status(at(50)).lockout_seconds, Some(22));
+        assert_eq!(m2.status(0, at(50)).lockout_seconds, Some(22));
         // After it expires the right passphrase works and clears the counters.
-        let v = line(&t.m.unlock(&SecretBytes::from_slice(b"right"), Some(0), at(73)));
+        let v = line(&t.m.unlock(&SecretBytes::from_slice(b"right"), 0, at(73)));
         assert_eq!(v["success"], true);
         assert_eq!(
             Lockout::load(&t.dir.join("lockout.json")).unwrap(),
-            Lockout::default()
+            super::super::lockout::LockoutFile::default()
         );
         let ev = events(&t.dir);
         assert_eq!(ev.iter().filter(|e| *e == "unlock_failed").count(), 3);
@@ -1138,13 +1252,13 @@ mod tests {
     fn second_lockout_is_escalated() {
         let mut t = start("escalate", Fake::default());
         for i in 0..3 {
-            t.m.unlock(&SecretBytes::from_slice(b"x"), None, at(i));
+            t.m.unlock(&SecretBytes::from_slice(b"x"), 0, at(i));
         }
-        assert_eq!(t.m.status(at(3)).lockout_seconds, Some(59));
+        assert_eq!(t.m.status(0, at(3)).lockout_seconds, Some(59));
         for i in 0..3 {
-            t.m.unlock(&SecretBytes::from_slice(b"x"), None, at(100 + i));
+            t.m.unlock(&SecretBytes::from_slice(b"x"), 0, at(100 + i));
         }
-        assert_eq!(t.m.status(at(102)).lockout_seconds, Some(900));
+        assert_eq!(t.m.status(0, at(102)).lockout_seconds, Some(900));
     }
 
     #[test]
@@ -1153,14 +1267,14 @@ mod tests {
         fake.w().device_error = true;
         let mut t = start("device", fake);
         for i in 0..5 {
-            let v = line(&t.m.unlock(&SecretBytes::from_slice(b"right"), None, at(i)));
+            let v = line(&t.m.unlock(&SecretBytes::from_slice(b"right"), 0, at(i)));
             assert!(
                 v["error"].as_str().unwrap().starts_with("device error: "),
                 "{v}"
             );
             assert!(v.get("retry_after").is_none());
         }
-        assert_eq!(t.m.status(at(5)).lockout_seconds, None);
+        assert_eq!(t.m.status(0, at(5)).lockout_seconds, None);
     }
 
     #[test]
@@ -1168,7 +1282,7 @@ mod tests {
         let fake = Fake::default();
         fake.w().mount_fails = true;
         let mut t = start("mountfail", fake);
-        let v = line(&t.m.unlock(&SecretBytes::from_slice(b"right"), None, at(1)));
+        let v = line(&t.m.unlock(&SecretBytes::from_slice(b"right"), 0, at(1)));
         assert!(
             v["error"].as_str().unwrap().contains("closed it again"),
             "{v}"
@@ -1242,7 +1356,7 @@ mod tests {
         let dir = tmpdir("damaged");
         std::fs::write(dir.join("lockout.json"), b"{not json").unwrap();
         let m = Machine::start(settings(&dir), Box::new(Fake::default()), at(0));
-        assert_eq!(m.status(at(0)).lockout_seconds, Some(60));
+        assert_eq!(m.status(0, at(0)).lockout_seconds, Some(60));
     }
 
     #[test]
@@ -1254,6 +1368,6 @@ mod tests {
         assert_eq!(m.next_wakeup(), None);
         m.on_timer(at(1_000_000));
         assert_eq!(m.state(), VaultState::Unlocked);
-        assert_eq!(m.status(at(10)).lock_in_seconds, None);
+        assert_eq!(m.status(0, at(10)).lock_in_seconds, None);
     }
 }

@@ -227,6 +227,30 @@ impl VaultBackend for SystemBackend {
         }
     }
 
+    fn verify_passphrase(&mut self, passphrase: &SecretBytes) -> Result<(), BackendError> {
+        // The configured device, else the one behind the open mapping (its LUKS UUID).
+        let spec = match (&self.device, &self.uuid) {
+            (Some(d), _) => d.clone(),
+            (None, Some(u)) => format!("UUID={u}"),
+            (None, None) => {
+                return Err(failed(
+                    "check the passphrase",
+                    "the vault's device is unknown (set vault.device)",
+                ))
+            }
+        };
+        let dev = crate::luks::resolve_device(&spec, std::time::Duration::ZERO)
+            .map_err(|e| failed("check the passphrase", e))?;
+        let mut vault =
+            crate::luks::Vault::open(&dev).map_err(|e| failed("check the passphrase", e))?;
+        match vault.volume_key(None, passphrase.as_bytes()) {
+            // The key itself is dropped (zeroized) at once: only the check matters.
+            Ok(_) => Ok(()),
+            Err(crate::luks::LuksError::WrongPassphrase) => Err(BackendError::WrongPassphrase),
+            Err(e) => Err(failed("check the passphrase", e)),
+        }
+    }
+
     fn mount(&mut self) -> Result<(), BackendError> {
         let source = PathBuf::from("/dev/mapper").join(&self.name);
         let types: Vec<&str> = if self.fstype == "auto" {
