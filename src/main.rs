@@ -130,6 +130,13 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     path.display(),
                     ok.entries
                 );
+                for (line, bytes) in &ok.torn_cuts {
+                    println!(
+                        "{}: line {line} records that a torn last line of {bytes} bytes was cut off \
+                         before it (a write interrupted by a crash or power cut, or tampering)",
+                        path.display()
+                    );
+                }
             }
         },
         Command::Config(c) => {

@@ -18,8 +18,11 @@
 //! exclusive `flock`, followed by `fsync`: concurrent writers (the boot unlock and the
 //! supervisor) cannot interleave or fork the chain, and the tail hash is re-read
 //! under the lock every time. A torn last line (power cut mid-write, never
-//! acknowledged) is cut off before the next append, which records how many bytes
-//! were dropped in a `torn_bytes` field so the repair itself is audited.
+//! acknowledged) is cut off before the next append, which first writes a
+//! `torn_write_cut` entry saying how many bytes were dropped, so the repair itself
+//! is in the chain and `verify` reports it (a cut can also hide tampering). A line
+//! whose JSON repeats a key is refused by `verify`: it would read as one thing and
+//! display as another.
 //!
 //! This module never sees a secret: fields are `&str`, integers and booleans chosen
 //! by the caller, field names are restricted to `[a-z0-9_]`, and nothing here accepts
@@ -42,7 +45,10 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 /// a caller passing an error message cannot bloat the log.
 pub const MAX_VALUE_LEN: usize = 512;
 
-/// Keys the log itself owns.
+/// The event that records a torn last line cut off before an append.
+pub const TORN_EVENT: &str = "torn_write_cut";
+
+/// Keys the log itself owns (`torn_bytes`: how earlier versions recorded a cut).
 const RESERVED: [&str; 5] = ["ts", "event", "prev_hash", "entry_hash", "torn_bytes"];
 
 /// One field value. Deliberately narrow: no bytes, no floats, no secret types.
@@ -205,9 +211,17 @@ pub fn append_at(
         torn = tail.torn;
     }
 
-    let entry = build_entry(ts_ms, event, fields, torn, &tail.prev_hash);
+    let mut line = String::new();
+    let mut prev = tail.prev_hash;
+    if torn > 0 {
+        let cut = build_entry(ts_ms, TORN_EVENT, &[("bytes", Value::UInt(torn))], &prev);
+        prev = entry_hash(&cut);
+        line.push_str(&render_line(&cut, &prev));
+        line.push('\n');
+    }
+    let entry = build_entry(ts_ms, event, fields, &prev);
     let hash = entry_hash(&entry);
-    let mut line = render_line(&entry, &hash);
+    line.push_str(&render_line(&entry, &hash));
     line.push('\n');
     // One write: with O_APPEND the kernel places it atomically at the end.
     file.write_all(line.as_bytes())
@@ -287,6 +301,8 @@ pub fn import(from: &Path, into: &Path) -> Result<usize, AuditError> {
 pub struct Verified {
     pub entries: usize,
     pub last_hash: String,
+    /// Torn writes cut off before an append: (line of the entry recording it, bytes).
+    pub torn_cuts: Vec<(usize, u64)>,
 }
 
 /// Check every link of the chain. The error names the first broken line (1-based).
@@ -306,10 +322,12 @@ pub fn verify(path: &Path) -> Result<Verified, AuditError> {
 pub fn verify_bytes(text: &[u8]) -> Result<Verified, (usize, String)> {
     let mut prev = GENESIS_HASH.to_string();
     let mut entries = 0;
+    let mut torn_cuts = Vec::new();
     if text.is_empty() {
         return Ok(Verified {
             entries,
             last_hash: prev,
+            torn_cuts,
         });
     }
     let body = match text.strip_suffix(b"\n") {
@@ -321,7 +339,10 @@ pub fn verify_bytes(text: &[u8]) -> Result<Verified, (usize, String)> {
     };
     for (i, raw) in body.split(|&b| b == b'\n').enumerate() {
         let line_no = i + 1;
-        let (hash, claimed_prev) = check_line(raw).map_err(|r| (line_no, r))?;
+        let (hash, claimed_prev, torn) = check_line(raw).map_err(|r| (line_no, r))?;
+        if let Some(bytes) = torn {
+            torn_cuts.push((line_no, bytes));
+        }
         if claimed_prev != prev {
             return Err((
                 line_no,
@@ -338,11 +359,14 @@ pub fn verify_bytes(text: &[u8]) -> Result<Verified, (usize, String)> {
     Ok(Verified {
         entries,
         last_hash: prev,
+        torn_cuts,
     })
 }
 
-/// Parse one line and check its own hash; returns (entry_hash, prev_hash).
-fn check_line(raw: &[u8]) -> Result<(String, String), String> {
+/// Parse one line and check its own hash; returns (entry_hash, prev_hash, and the
+/// bytes of a torn write whose cut the line records).
+fn check_line(raw: &[u8]) -> Result<(String, String, Option<u64>), String> {
+    crate::json::check_no_duplicate_keys(raw).map_err(|e| format!("not a valid entry ({e})"))?;
     let value: serde_json::Value =
         serde_json::from_slice(raw).map_err(|e| format!("not valid JSON ({e})"))?;
     let serde_json::Value::Object(mut obj) = value else {
@@ -360,13 +384,17 @@ fn check_line(raw: &[u8]) -> Result<(String, String), String> {
             return Err(format!("{key} missing or not a string"));
         }
     }
+    let torn = match obj.get("event").and_then(|e| e.as_str()) {
+        Some(TORN_EVENT) => obj.get("bytes").and_then(|b| b.as_u64()),
+        _ => obj.get("torn_bytes").and_then(|b| b.as_u64()),
+    };
     let actual = hex(&Sha256::digest(
         canonical(&serde_json::Value::Object(obj)).as_bytes(),
     ));
     if actual != claimed {
         return Err("entry_hash does not match the entry's contents (entry edited)".into());
     }
-    Ok((claimed, prev))
+    Ok((claimed, prev, torn))
 }
 
 fn short(h: &str) -> &str {
@@ -448,7 +476,6 @@ fn build_entry(
     ts_ms: u64,
     event: &str,
     fields: &[(&str, Value<'_>)],
-    torn: u64,
     prev: &str,
 ) -> Vec<(String, serde_json::Value)> {
     use serde_json::Value as J;
@@ -467,9 +494,6 @@ fn build_entry(
             Value::Bool(b) => J::Bool(b),
         };
         e.push((k.to_string(), j));
-    }
-    if torn > 0 {
-        e.push(("torn_bytes".into(), J::from(torn)));
     }
     e.push(("prev_hash".into(), J::String(prev.into())));
     e
@@ -781,11 +805,51 @@ mod tests {
         drop(f);
         assert_eq!(broken_line(&p), 4);
         append_at(&p, 5, "after_crash", &[]).unwrap();
+        // The cut is an entry of its own, and verify reports it: a cut line can
+        // also be tampering, so "intact" alone would say too little.
         let v = verify(&p).unwrap();
-        assert_eq!(v.entries, 4);
-        let last: serde_json::Value = serde_json::from_str(&lines(&p)[3]).unwrap();
+        assert_eq!(v.entries, 5);
+        assert_eq!(v.torn_cuts, [(4, 12)]);
+        let cut: serde_json::Value = serde_json::from_str(&lines(&p)[3]).unwrap();
+        assert_eq!(cut["event"], TORN_EVENT);
+        assert_eq!(cut["bytes"], 12);
+        let last: serde_json::Value = serde_json::from_str(&lines(&p)[4]).unwrap();
         assert_eq!(last["event"], "after_crash");
-        assert_eq!(last["torn_bytes"], 12);
+        assert_eq!(last["prev_hash"], cut["entry_hash"]);
+        // Logs of earlier versions recorded the cut as a field; still reported.
+        let q = tmp("torn-old");
+        std::fs::write(&q, "").unwrap();
+        let e = build_entry(
+            0,
+            "after_crash",
+            &[("torn_bytes_", Value::UInt(1))],
+            GENESIS_HASH,
+        );
+        let mut obj: serde_json::Map<String, serde_json::Value> = e.into_iter().collect();
+        obj.remove("torn_bytes_");
+        obj.insert("torn_bytes".into(), 7.into());
+        let h = hex(&Sha256::digest(
+            canonical(&serde_json::Value::Object(obj.clone())).as_bytes(),
+        ));
+        obj.insert("entry_hash".into(), h.into());
+        std::fs::write(&q, format!("{}\n", serde_json::Value::Object(obj))).unwrap();
+        assert_eq!(verify(&q).unwrap().torn_cuts, [(1, 7)]);
+    }
+
+    #[test]
+    fn a_line_with_a_repeated_key_is_refused() {
+        // serde_json keeps the last of two equal keys: the line would hash and
+        // verify as "unlock" while grep and eyes see "lock" first.
+        let p = tmp("dupkey");
+        write_log(&p, 3);
+        let mut ls = lines(&p);
+        let v: serde_json::Value = serde_json::from_str(&ls[1]).unwrap();
+        ls[1] = ls[1].replacen('{', &format!("{{\"event\":\"forged\","), 1);
+        assert!(ls[1].contains(&format!("\"event\":{}", v["event"])));
+        rewrite(&p, &ls);
+        assert_eq!(broken_line(&p), 2);
+        let e = verify(&p).unwrap_err().to_string();
+        assert!(e.contains("`event` appears twice"), "{e}");
     }
 
     #[test]

@@ -169,6 +169,8 @@ pub struct Machine {
     lockout: Lockout,
     denied: BTreeMap<u32, (u64, u32)>,
     last_published: Option<Snapshot>,
+    /// The last audit append's failure, until an append works again.
+    audit_error: std::cell::RefCell<Option<String>>,
 }
 
 impl Machine {
@@ -201,6 +203,7 @@ impl Machine {
             lockout,
             denied: BTreeMap::new(),
             last_published: None,
+            audit_error: Default::default(),
         };
         log_info(&format!(
             "supervising: vault {} ({}), auto-lock {}",
@@ -274,7 +277,13 @@ impl Machine {
         match req {
             // Reading the state is not activity: a dashboard polling status must
             // not keep the vault open forever.
-            Request::Status => Response::status(&self.status(peer.uid, now)),
+            Request::Status => {
+                let r = Response::status(&self.status(peer.uid, now));
+                match self.audit_error.borrow().as_deref() {
+                    Some(e) => r.with("audit_error", e.into()),
+                    None => r,
+                }
+            }
             Request::Keepalive => {
                 self.activity(now);
                 Response::ok(None)
@@ -461,6 +470,10 @@ impl Machine {
         }
         if passphrase.is_empty() {
             return Response::failed("empty passphrase", None);
+        }
+        if let Some(refusal) = self.audit_must_work() {
+            log_warn(&refusal);
+            return Response::failed(&refusal, None);
         }
         let reality = match self.backend.probe() {
             Ok(r) => r,
@@ -694,9 +707,35 @@ impl Machine {
 
     fn audit(&self, event: &str, fields: &[(&str, audit::Value<'_>)]) {
         if let Some(path) = &self.s.audit_path {
-            if let Err(e) = audit::append(path, event, fields) {
-                log_warn(&e.to_string());
+            match audit::append(path, event, fields) {
+                Ok(_) => {}
+                Err(e) => {
+                    log_warn(&format!("`{event}` not audited: {e}"));
+                    self.audit_error.replace(Some(e.to_string()));
+                }
             }
+        }
+    }
+
+    /// Unlocks wait for a working audit log: an unlock nobody can account for is
+    /// what the log exists to prevent. Locking goes on regardless (it only makes
+    /// the vault safer). Returns the refusal while the log still cannot be written.
+    fn audit_must_work(&self) -> Option<String> {
+        let err = self.audit_error.borrow().clone()?;
+        let path = self.s.audit_path.as_ref()?;
+        match audit::append(
+            path,
+            "audit_resumed",
+            &[("after_error", err.as_str().into())],
+        ) {
+            Ok(_) => {
+                log_info("the audit log can be written again");
+                self.audit_error.replace(None);
+                None
+            }
+            Err(e) => Some(format!(
+                "unlock refused: the audit log cannot be written ({e}); fix it, then try again"
+            )),
         }
     }
 
@@ -1170,6 +1209,50 @@ mod tests {
             ]
         );
         assert_eq!(t.m.state(), VaultState::Unlocked);
+    }
+
+    #[test]
+    fn unlocks_wait_for_a_working_audit_log() {
+        // A symlinked audit path (O_NOFOLLOW refuses it): the supervisor keeps
+        // serving and locking, but no unlock happens that the log cannot record.
+        let dir = tmpdir("auditbroken");
+        let log = dir.join("audit.jsonl");
+        std::os::unix::fs::symlink("/dev/null", &log).unwrap();
+        let fake = Fake::default();
+        let mut m = Machine::start(settings(&dir), Box::new(fake.clone()), at(0));
+        fake.calls();
+        let v = line(&m.handle(&root(), Request::Status, at(1)));
+        assert!(
+            v["audit_error"].as_str().unwrap().contains("audit.jsonl"),
+            "{v}"
+        );
+        let v = line(&m.handle(
+            &root(),
+            Request::Unlock(SecretBytes::from_slice(b"right")),
+            at(2),
+        ));
+        assert_eq!(v["success"], false);
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("audit log cannot be written"),
+            "{v}"
+        );
+        assert!(fake.calls().is_empty(), "nothing was tried");
+        assert_eq!(m.state(), VaultState::Locked);
+        // Once the log works again, the unlock goes through and the gap is recorded.
+        std::fs::remove_file(&log).unwrap();
+        let v = line(&m.handle(
+            &root(),
+            Request::Unlock(SecretBytes::from_slice(b"right")),
+            at(3),
+        ));
+        assert_eq!(v["success"], true, "{v}");
+        assert_eq!(events(&dir), ["audit_resumed", "unlock"]);
+        let v = line(&m.handle(&root(), Request::Status, at(4)));
+        assert!(v.get("audit_error").is_none(), "{v}");
+        drop(m);
     }
 
     #[test]
