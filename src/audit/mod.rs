@@ -844,7 +844,7 @@ mod tests {
         write_log(&p, 3);
         let mut ls = lines(&p);
         let v: serde_json::Value = serde_json::from_str(&ls[1]).unwrap();
-        ls[1] = ls[1].replacen('{', &format!("{{\"event\":\"forged\","), 1);
+        ls[1] = ls[1].replacen('{', "{\"event\":\"forged\",", 1);
         assert!(ls[1].contains(&format!("\"event\":{}", v["event"])));
         rewrite(&p, &ls);
         assert_eq!(broken_line(&p), 2);
