@@ -13,6 +13,18 @@ use std::path::{Path, PathBuf};
 /// Where the configuration lives unless `--config` says otherwise.
 pub const DEFAULT_PATH: &str = "/etc/vaultguard/config.json";
 
+/// Largest configuration file read: a real one is a few hundred bytes, and the
+/// file is read by the boot path, where memory is small.
+pub const MAX_FILE: u64 = 64 * 1024;
+
+/// Upper bounds of the durations and counts, so that no arithmetic on them can
+/// overflow and no typo can disable a protection for centuries.
+pub const MAX_AUTO_LOCK_MINUTES: u64 = 7 * 24 * 60;
+pub const MAX_LOCKOUT_SECONDS: u64 = 7 * 24 * 3600;
+pub const MAX_TPM_TIMEOUT_SECONDS: u64 = 3600;
+pub const MAX_CHECK_INTERVAL_SECONDS: u64 = 24 * 3600;
+pub const MAX_ATTEMPTS: u32 = 1000;
+
 /// Commands of the control socket that can be authorised separately.
 pub const CONTROL_COMMANDS: [&str; 4] = ["status", "lock", "unlock", "keepalive"];
 
@@ -47,6 +59,8 @@ pub struct VaultConfig {
     pub services: Vec<String>,
     /// A file whose mtime counts as activity (watched with inotify).
     pub activity_file: Option<PathBuf>,
+    /// Where the supervisor mirrors its state (and the boot path leaves its hint).
+    pub state_path: PathBuf,
     /// Extra copy of the state for readers of the appliance's old path.
     pub state_compat_path: Option<PathBuf>,
 }
@@ -113,6 +127,7 @@ impl Default for VaultConfig {
             check_interval: 30,
             services: Vec::new(),
             activity_file: None,
+            state_path: "/run/vaultguard/state.json".into(),
             state_compat_path: None,
         }
     }
@@ -194,19 +209,42 @@ impl Config {
     /// Load from `path`. A missing file at the default path means "all defaults"; a
     /// missing file that the operator named explicitly is an error.
     pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Config::from_json(&text, &path.display().to_string()),
+        use std::io::Read;
+        let read_err = |err| ConfigError::Read {
+            path: path.to_path_buf(),
+            err,
+        };
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
-                Ok(Config::default())
+                return Ok(Config::default())
             }
-            Err(err) => Err(ConfigError::Read {
-                path: path.to_path_buf(),
-                err,
-            }),
+            Err(err) => return Err(read_err(err)),
+        };
+        let mut text = String::new();
+        file.take(MAX_FILE + 1)
+            .read_to_string(&mut text)
+            .map_err(read_err)?;
+        if text.len() as u64 > MAX_FILE {
+            return Err(ConfigError::Parse {
+                path: path.display().to_string(),
+                msg: format!(
+                    "larger than {} KiB: not a vaultguard configuration",
+                    MAX_FILE / 1024
+                ),
+            });
         }
+        Config::from_json(&text, &path.display().to_string())
     }
 
     pub fn from_json(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        // serde_json would keep the last of two equal keys without a word.
+        crate::json::check_no_duplicate_keys(text.as_bytes()).map_err(|msg| {
+            ConfigError::Parse {
+                path: origin.to_string(),
+                msg,
+            }
+        })?;
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| ConfigError::Parse {
                 path: origin.to_string(),
@@ -214,6 +252,13 @@ impl Config {
             })?;
         // serde's own message for an unknown field lacks the section; find it first
         // so the operator is told `vault.auto_lock_timout`, not just the leaf.
+        // serde would also take `[]` (a struct from a sequence) as all defaults.
+        if !value.is_object() {
+            return Err(ConfigError::Parse {
+                path: origin.to_string(),
+                msg: "must be a JSON object ({…})".into(),
+            });
+        }
         if let Some(field) = first_unknown_field(&value) {
             return Err(ConfigError::UnknownField { field });
         }
@@ -273,6 +318,69 @@ impl Config {
             return Err(invalid(
                 "tpm.bank",
                 format!("`{}`: use sha256 or sha1", self.tpm.bank),
+            ));
+        }
+        let over = |field: &str, value: u64, max: u64, unit: &str| {
+            (value > max).then(|| {
+                invalid(
+                    field,
+                    format!("{value} is more than the most allowed, {max} {unit}"),
+                )
+            })
+        };
+        for e in [
+            over(
+                "vault.auto_lock_timeout",
+                self.vault.auto_lock_timeout,
+                MAX_AUTO_LOCK_MINUTES,
+                "minutes",
+            ),
+            over(
+                "vault.check_interval",
+                self.vault.check_interval,
+                MAX_CHECK_INTERVAL_SECONDS,
+                "seconds",
+            ),
+            over(
+                "tpm.timeout",
+                self.tpm.timeout,
+                MAX_TPM_TIMEOUT_SECONDS,
+                "seconds",
+            ),
+            over(
+                "auth.lockout_duration",
+                self.auth.lockout_duration,
+                MAX_LOCKOUT_SECONDS,
+                "seconds",
+            ),
+            over(
+                "auth.escalated_lockout",
+                self.auth.escalated_lockout,
+                MAX_LOCKOUT_SECONDS,
+                "seconds",
+            ),
+            over(
+                "auth.max_failed_attempts",
+                self.auth.max_failed_attempts.into(),
+                MAX_ATTEMPTS.into(),
+                "attempts",
+            ),
+            over(
+                "auth.boot_tries",
+                self.auth.boot_tries.into(),
+                MAX_ATTEMPTS.into(),
+                "tries",
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            return Err(e);
+        }
+        if !self.vault.state_path.is_absolute() {
+            return Err(invalid(
+                "vault.state_path",
+                "must be an absolute path".into(),
             ));
         }
         if self.auth.max_failed_attempts == 0 {
@@ -511,6 +619,57 @@ mod tests {
             PathBuf::from("/run/vaultguard/control.sock")
         );
         assert!(c.vault.device.is_none());
+    }
+
+    #[test]
+    fn hostile_files_are_refused_by_name() {
+        let err = |t: &str| Config::from_json(t, "test").unwrap_err().to_string();
+        assert!(err("[]").contains("must be a JSON object"));
+        assert!(err("null").contains("must be a JSON object"));
+        let e = err(r#"{"vault":{"auto_lock_timeout":5,"auto_lock_timeout":0}}"#);
+        assert!(e.contains("`auto_lock_timeout` appears twice"), "{e}");
+        let e = err(r#"{"vault":{"auto_lock_timeout":18446744073709551615}}"#);
+        assert!(
+            e.contains("vault.auto_lock_timeout") && e.contains("10080"),
+            "{e}"
+        );
+        for (key, section) in [
+            ("lockout_duration", "auth"),
+            ("escalated_lockout", "auth"),
+            ("timeout", "tpm"),
+            ("check_interval", "vault"),
+            ("max_failed_attempts", "auth"),
+            ("boot_tries", "auth"),
+        ] {
+            let e = err(&format!(r#"{{"{section}":{{"{key}":4294967295}}}}"#));
+            assert!(e.contains(&format!("{section}.{key}")), "{e}");
+        }
+        let e = err(r#"{"vault":{"state_path":"state.json"}}"#);
+        assert!(e.contains("vault.state_path"), "{e}");
+    }
+
+    #[test]
+    fn an_oversized_file_is_not_read_whole() {
+        let dir = crate::testutil::TmpDir::new("config-big");
+        let p = dir.join("config.json");
+        let mut text = String::from("{\"vault\":{\"services\":[");
+        while text.len() <= MAX_FILE as usize {
+            text.push_str("\"a.service\",");
+        }
+        text.push_str("\"b.service\"]}}");
+        std::fs::write(&p, &text).unwrap();
+        let e = Config::load(&p, true).unwrap_err().to_string();
+        assert!(e.contains("larger than 64 KiB"), "{e}");
+    }
+
+    #[test]
+    fn the_state_file_path_is_a_key() {
+        let c = Config::from_json(r#"{"vault":{"state_path":"/tmp/x/state.json"}}"#, "t").unwrap();
+        assert_eq!(c.vault.state_path, PathBuf::from("/tmp/x/state.json"));
+        assert_eq!(
+            Config::default().vault.state_path,
+            PathBuf::from(crate::supervisor::state_file::DEFAULT_PATH)
+        );
     }
 
     #[test]

@@ -110,10 +110,14 @@ impl Settings {
         auto_lock_override: Option<Duration>,
         warn_before: Duration,
     ) -> Settings {
+        // Bounded like the configuration's own minutes, so that no deadline
+        // arithmetic downstream can overflow.
+        let max_ms = crate::config::MAX_AUTO_LOCK_MINUTES * 60_000;
         let auto_lock_ms = match auto_lock_override {
-            Some(d) => Some(d.as_millis() as u64),
+            Some(d) => Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             None => Some(cfg.vault.auto_lock_timeout.saturating_mul(60_000)),
         }
+        .map(|ms| ms.min(max_ms))
         .filter(|&ms| ms > 0);
         let mut state_files = vec![state_file.to_path_buf()];
         if let Some(p) = &cfg.vault.state_compat_path {
@@ -668,7 +672,7 @@ impl Machine {
         let auto_lock_at = self
             .idle
             .remaining_ms(now.mono_ms, self.armed())
-            .map(|r| secs(now.wall_ms + r));
+            .map(|r| secs(now.wall_ms.saturating_add(r)));
         // For readers without a socket: when the latest running lockout (of any
         // identity, or the global one) ends.
         let lockout_until = self

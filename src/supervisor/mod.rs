@@ -97,6 +97,7 @@ pub fn run_system(cfg: &Config, auto_lock: Option<Duration>) -> Result<(), Super
     let backend = Box::new(system::SystemBackend::new(&cfg.vault));
     let opts = Options {
         auto_lock_override: auto_lock,
+        state_file: cfg.vault.state_path.clone(),
         ..Options::default()
     };
     let sup = Supervisor::new(cfg, backend, opts)?;
