@@ -328,7 +328,7 @@ impl Config {
                 )
             })
         };
-        for e in [
+        if let Some(e) = [
             over(
                 "vault.auto_lock_timeout",
                 self.vault.auto_lock_timeout,
@@ -374,6 +374,7 @@ impl Config {
         ]
         .into_iter()
         .flatten()
+        .next()
         {
             return Err(e);
         }
