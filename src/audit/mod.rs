@@ -30,6 +30,8 @@
 //! Truncating whole lines off the end cannot be detected by a chain alone; that is
 //! what off-host log shipping is for.
 
+pub mod journal;
+
 use sha2::{Digest, Sha256};
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -213,9 +215,12 @@ pub fn append_at(
 
     let mut line = String::new();
     let mut prev = tail.prev_hash;
+    let cut_fields = [("bytes", Value::UInt(torn))];
+    let mut cut_hash = None;
     if torn > 0 {
-        let cut = build_entry(ts_ms, TORN_EVENT, &[("bytes", Value::UInt(torn))], &prev);
+        let cut = build_entry(ts_ms, TORN_EVENT, &cut_fields, &prev);
         prev = entry_hash(&cut);
+        cut_hash = Some(prev.clone());
         line.push_str(&render_line(&cut, &prev));
         line.push('\n');
     }
@@ -227,6 +232,10 @@ pub fn append_at(
     file.write_all(line.as_bytes())
         .map_err(io_err(path, "append"))?;
     file.sync_data().map_err(io_err(path, "fsync"))?;
+    if let Some(h) = &cut_hash {
+        journal::mirror(TORN_EVENT, &cut_fields, h);
+    }
+    journal::mirror(event, fields, &hash);
     Ok(hash)
 }
 
