@@ -135,9 +135,19 @@ pub struct AuditCmd {
 #[argh(subcommand)]
 pub enum AuditSub {
     Verify(AuditVerifyCmd),
+    Rotate(AuditRotateCmd),
 }
 
-/// check the audit log's hash chain; names the first broken line
+/// close the current audit segment and start a new one chained onto it
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "rotate")]
+pub struct AuditRotateCmd {
+    /// the live log (default: audit.path from the configuration)
+    #[argh(positional)]
+    pub path: Option<PathBuf>,
+}
+
+/// check the audit log's hash chain through every segment; names the first broken line
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "verify")]
 pub struct AuditVerifyCmd {

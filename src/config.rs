@@ -114,6 +114,9 @@ pub struct Allow {
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     pub path: PathBuf,
+    /// The supervisor closes the live segment once it grows past this many bytes
+    /// (0: never; `vaultguard audit rotate` does it by hand).
+    pub rotate_size: u64,
 }
 
 impl Default for VaultConfig {
@@ -175,6 +178,7 @@ impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig {
             path: "/var/log/vaultguard/audit.jsonl".into(),
+            rotate_size: 16 * 1024 * 1024,
         }
     }
 }

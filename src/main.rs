@@ -124,18 +124,20 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     Some(p) => p.clone(),
                     None => load_config(&args)?.audit.path,
                 };
-                let ok = vaultguard::audit::verify(&path)?;
-                println!(
-                    "{}: {} entries, hash chain intact",
-                    path.display(),
-                    ok.entries
-                );
-                for (line, bytes) in &ok.torn_cuts {
-                    println!(
-                        "{}: line {line} records that a torn last line of {bytes} bytes was cut off \
-                         before it (a write interrupted by a crash or power cut, or tampering)",
-                        path.display()
-                    );
+                println!("{}", vaultguard::audit::verify(&path)?);
+            }
+            AuditSub::Rotate(r) => {
+                let path = match &r.path {
+                    Some(p) => p.clone(),
+                    None => load_config(&args)?.audit.path,
+                };
+                match vaultguard::audit::rotate(&path)? {
+                    Some(seg) => println!(
+                        "{}: closed as {}; the new segment chains onto it",
+                        path.display(),
+                        seg.display()
+                    ),
+                    None => println!("{}: empty, nothing to rotate", path.display()),
                 }
             }
         },

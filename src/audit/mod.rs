@@ -188,17 +188,19 @@ pub fn append_at(
                 .map_err(io_err(path, "create its directory"))?;
         }
     }
-    let mut file = OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(io_err(path, "open"))?;
-    // Held until `file` is closed at the end of this function.
-    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
-        .map_err(|e| io_err(path, "lock")(e.into()))?;
+    let file = open_log(path)?;
+    let mut file = file;
+    // Held until `file` is closed at the end of this function. A rotation may have
+    // renamed the file while we waited: then append to the new one, never to a
+    // closed segment (that would fork the chain).
+    loop {
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io_err(path, "lock")(e.into()))?;
+        if same_file(&file, path) {
+            break;
+        }
+        file = open_log(path)?;
+    }
 
     let tail = read_tail(&mut file).map_err(io_err(path, "read its last entry"))?;
     let mut torn = 0u64;
@@ -237,6 +239,110 @@ pub fn append_at(
     }
     journal::mirror(event, fields, &hash);
     Ok(hash)
+}
+
+fn open_log(path: &Path) -> Result<File, AuditError> {
+    OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io_err(path, "open"))
+}
+
+/// Does `path` still name the open `file`?
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// The event that opens a segment after a rotation.
+pub const SEGMENT_EVENT: &str = "segment_start";
+
+/// Close the current segment: rename `path` to `<name>.<UTC time>` and start a new
+/// file whose first entry, `segment_start`, names that file (`prev_segment`) and
+/// chains onto its last entry, so [`verify`] walks from the newest segment back to
+/// the first. Returns the closed segment's path (`None`: the log was empty).
+pub fn rotate(path: &Path) -> Result<Option<PathBuf>, AuditError> {
+    let mut file = open_log(path)?;
+    loop {
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io_err(path, "lock")(e.into()))?;
+        if same_file(&file, path) {
+            break;
+        }
+        file = open_log(path)?;
+    }
+    if file.metadata().map_err(io_err(path, "stat"))?.len() == 0 {
+        return Ok(None);
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "audit.jsonl".into());
+    let stamp = rfc3339_ms(now_ms()).replace([':', '-'], "");
+    let mut segment = path.with_file_name(format!("{name}.{stamp}"));
+    let mut n = 1;
+    while segment.exists() {
+        segment = path.with_file_name(format!("{name}.{stamp}.{n}"));
+        n += 1;
+    }
+    // Under the lock: no writer can add to the segment after its last hash is read.
+    let tail = read_tail(&mut file).map_err(io_err(path, "read its last entry"))?;
+    let segment_name = segment
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // The new file is written complete beside, then renamed over `path` right
+    // after the old one moved away, so a reader never finds a headless segment.
+    let entry = build_entry(
+        now_ms(),
+        SEGMENT_EVENT,
+        &[
+            ("prev_segment", Value::Str(&segment_name)),
+            ("prev_torn_bytes", Value::UInt(tail.torn)),
+        ],
+        &tail.prev_hash,
+    );
+    let hash = entry_hash(&entry);
+    let mut line = render_line(&entry, &hash);
+    line.push('\n');
+    let fresh = path.with_file_name(format!(".{name}.new"));
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW)
+            .open(&fresh)
+            .map_err(io_err(&fresh, "create"))?;
+        f.write_all(line.as_bytes())
+            .and_then(|()| f.sync_data())
+            .map_err(io_err(&fresh, "write"))?;
+    }
+    std::fs::rename(path, &segment).map_err(io_err(path, "rename to a segment"))?;
+    std::fs::rename(&fresh, path).map_err(io_err(path, "start a new segment"))?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = File::open(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        }) {
+            let _ = d.sync_all();
+        }
+    }
+    journal::mirror(
+        SEGMENT_EVENT,
+        &[("prev_segment", Value::Str(&segment_name))],
+        &hash,
+    );
+    Ok(Some(segment))
 }
 
 /// Take over another chain (the initramfs writes its boot events to /run, which
@@ -314,22 +420,148 @@ pub struct Verified {
     pub torn_cuts: Vec<(usize, u64)>,
 }
 
-/// Check every link of the chain. The error names the first broken line (1-based).
-pub fn verify(path: &Path) -> Result<Verified, AuditError> {
-    let mut text = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut text))
-        .map_err(io_err(path, "read"))?;
-    verify_bytes(&text).map_err(|(line, reason)| AuditError::Broken {
-        path: path.to_path_buf(),
+/// What [`verify`] found in an intact log of one or more segments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedLog {
+    /// Oldest first; the last is the live file.
+    pub segments: Vec<(PathBuf, Verified)>,
+    /// The oldest segment present continues one that is not here (archived or
+    /// deleted); its first entry's `prev_hash` is then taken as the chain's start.
+    pub missing_predecessor: Option<String>,
+}
+
+impl VerifiedLog {
+    pub fn entries(&self) -> usize {
+        self.segments.iter().map(|(_, v)| v.entries).sum()
+    }
+
+    pub fn last_hash(&self) -> &str {
+        self.segments
+            .last()
+            .map_or(GENESIS_HASH, |(_, v)| v.last_hash.as_str())
+    }
+}
+
+impl fmt::Display for VerifiedLog {
+    /// What `vaultguard audit verify` prints for an intact chain.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let live = self.segments.last().map(|(p, _)| p.display().to_string());
+        write!(
+            f,
+            "{}: {} entries",
+            live.as_deref().unwrap_or("audit log"),
+            self.entries()
+        )?;
+        if self.segments.len() > 1 {
+            write!(f, " in {} segments", self.segments.len())?;
+        }
+        write!(f, ", hash chain intact")?;
+        if let Some(m) = &self.missing_predecessor {
+            let oldest = self.segments.first().map(|(p, _)| p.display().to_string());
+            write!(
+                f,
+                "\n{}: continues segment {m}, which is not here (archived or deleted): \
+                 the chain is verified from there on",
+                oldest.unwrap_or_default()
+            )?;
+        }
+        for (p, v) in &self.segments {
+            for (line, bytes) in &v.torn_cuts {
+                write!(
+                    f,
+                    "\n{}: line {line} records that a torn last line of {bytes} bytes was cut off \
+                     before it (a write interrupted by a crash or power cut, or tampering)",
+                    p.display()
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Segments walked back at most (a loop of names cannot run forever).
+const MAX_SEGMENTS: usize = 100_000;
+
+/// Check every link of the chain, walking back through rotated segments (each
+/// `segment_start` names its predecessor in the same directory). The error names
+/// the file and the first broken line (1-based).
+pub fn verify(path: &Path) -> Result<VerifiedLog, AuditError> {
+    let read = |p: &Path| -> Result<Vec<u8>, AuditError> {
+        let mut text = Vec::new();
+        File::open(p)
+            .and_then(|mut f| f.read_to_end(&mut text))
+            .map_err(io_err(p, "read"))?;
+        Ok(text)
+    };
+    let broken = |p: &Path, line: usize, reason: String| AuditError::Broken {
+        path: p.to_path_buf(),
         line,
         reason,
+    };
+    // Newest to oldest, by the names the segments' first entries give.
+    let mut chain = vec![(path.to_path_buf(), read(path)?)];
+    let mut missing_predecessor = None;
+    loop {
+        let (p, text) = chain.last().expect("never empty");
+        let first = text.split(|&b| b == b'\n').next().unwrap_or_default();
+        let Some(prev_name) = segment_predecessor(first) else {
+            break;
+        };
+        if prev_name.is_empty() || prev_name.contains('/') || prev_name.starts_with('.') {
+            return Err(broken(
+                p,
+                1,
+                format!("prev_segment `{prev_name}` is not a file name"),
+            ));
+        }
+        let prev_path = p.with_file_name(&prev_name);
+        if chain.iter().any(|(q, _)| *q == prev_path) || chain.len() >= MAX_SEGMENTS {
+            return Err(broken(p, 1, format!("segments loop back to {prev_name}")));
+        }
+        match read(&prev_path) {
+            Ok(t) => chain.push((prev_path, t)),
+            Err(AuditError::Io { err, .. }) if err.kind() == io::ErrorKind::NotFound => {
+                missing_predecessor = Some(prev_name);
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut segments = Vec::with_capacity(chain.len());
+    let mut prev: Option<String> = match missing_predecessor {
+        Some(_) => None,
+        None => Some(GENESIS_HASH.to_string()),
+    };
+    for (p, text) in chain.into_iter().rev() {
+        let v = verify_from(&text, prev.as_deref()).map_err(|(l, r)| broken(&p, l, r))?;
+        prev = Some(v.last_hash.clone());
+        segments.push((p, v));
+    }
+    Ok(VerifiedLog {
+        segments,
+        missing_predecessor,
     })
 }
 
-/// [`verify`] over the log's bytes: `Err((line, reason))`.
+/// The predecessor a segment's first line names, if it is a `segment_start`.
+fn segment_predecessor(first_line: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(first_line).ok()?;
+    if v.get("event")?.as_str()? != SEGMENT_EVENT {
+        return None;
+    }
+    Some(v.get("prev_segment")?.as_str()?.to_string())
+}
+
+/// One file's bytes, as the first (or only) segment: `Err((line, reason))`.
 pub fn verify_bytes(text: &[u8]) -> Result<Verified, (usize, String)> {
-    let mut prev = GENESIS_HASH.to_string();
+    verify_from(text, Some(GENESIS_HASH))
+}
+
+/// One segment's bytes chained onto `start` (`None`: take the first entry's
+/// `prev_hash` as given, for a segment whose predecessor is gone).
+fn verify_from(text: &[u8], start: Option<&str>) -> Result<Verified, (usize, String)> {
+    let mut prev = start.unwrap_or_default().to_string();
+    let mut trust_first = start.is_none();
     let mut entries = 0;
     let mut torn_cuts = Vec::new();
     if text.is_empty() {
@@ -351,6 +583,9 @@ pub fn verify_bytes(text: &[u8]) -> Result<Verified, (usize, String)> {
         let (hash, claimed_prev, torn) = check_line(raw).map_err(|r| (line_no, r))?;
         if let Some(bytes) = torn {
             torn_cuts.push((line_no, bytes));
+        }
+        if std::mem::take(&mut trust_first) {
+            prev = claimed_prev.clone();
         }
         if claimed_prev != prev {
             return Err((
@@ -701,7 +936,7 @@ mod tests {
         let p = tmp("ok");
         write_log(&p, 5);
         let v = verify(&p).unwrap();
-        assert_eq!(v.entries, 5);
+        assert_eq!(v.entries(), 5);
         let ls = lines(&p);
         let first: serde_json::Value = serde_json::from_str(&ls[0]).unwrap();
         assert_eq!(first["prev_hash"], GENESIS_HASH);
@@ -711,7 +946,7 @@ mod tests {
         let second: serde_json::Value = serde_json::from_str(&ls[1]).unwrap();
         assert_eq!(second["prev_hash"], first["entry_hash"]);
         assert_eq!(
-            v.last_hash,
+            v.last_hash(),
             serde_json::from_str::<serde_json::Value>(&ls[4]).unwrap()["entry_hash"]
         );
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
@@ -817,8 +1052,8 @@ mod tests {
         // The cut is an entry of its own, and verify reports it: a cut line can
         // also be tampering, so "intact" alone would say too little.
         let v = verify(&p).unwrap();
-        assert_eq!(v.entries, 5);
-        assert_eq!(v.torn_cuts, [(4, 12)]);
+        assert_eq!(v.entries(), 5);
+        assert_eq!(v.segments[0].1.torn_cuts, [(4, 12)]);
         let cut: serde_json::Value = serde_json::from_str(&lines(&p)[3]).unwrap();
         assert_eq!(cut["event"], TORN_EVENT);
         assert_eq!(cut["bytes"], 12);
@@ -842,7 +1077,85 @@ mod tests {
         ));
         obj.insert("entry_hash".into(), h.into());
         std::fs::write(&q, format!("{}\n", serde_json::Value::Object(obj))).unwrap();
-        assert_eq!(verify(&q).unwrap().torn_cuts, [(1, 7)]);
+        assert_eq!(verify(&q).unwrap().segments[0].1.torn_cuts, [(1, 7)]);
+    }
+
+    #[test]
+    fn rotated_segments_chain_and_verify_walks_them_all() {
+        let p = tmp("rotate");
+        write_log(&p, 3);
+        let head = verify(&p).unwrap().last_hash().to_string();
+        let seg1 = rotate(&p).unwrap().expect("a non-empty log rotates");
+        append(&p, "after_rotation", &[]).unwrap();
+        let seg2 = rotate(&p).unwrap().unwrap();
+        append(&p, "later", &[]).unwrap();
+        let first: serde_json::Value = serde_json::from_str(&lines(&seg2)[0]).unwrap();
+        assert_eq!(first["event"], SEGMENT_EVENT);
+        assert_eq!(first["prev_hash"], head.as_str());
+        assert_eq!(
+            first["prev_segment"],
+            seg1.file_name().unwrap().to_str().unwrap()
+        );
+        let v = verify(&p).unwrap();
+        assert_eq!(v.segments.len(), 3);
+        assert_eq!(v.entries(), 3 + 2 + 2);
+        assert_eq!(v.missing_predecessor, None);
+        assert!(
+            v.to_string()
+                .contains("7 entries in 3 segments, hash chain intact"),
+            "{v}"
+        );
+        // An edit in an old segment is found, and named by its file.
+        let mut ls = lines(&seg1);
+        ls[1] = ls[1].replace("\"n\":1", "\"n\":9");
+        rewrite(&seg1, &ls);
+        let e = verify(&p).unwrap_err();
+        assert!(
+            matches!(&e, AuditError::Broken { path, line: 2, .. } if *path == seg1),
+            "{e}"
+        );
+        // With the oldest segment archived away, the rest still verifies and says so.
+        std::fs::remove_file(&seg1).unwrap();
+        let v = verify(&p).unwrap();
+        assert_eq!(v.segments.len(), 2);
+        assert_eq!(
+            v.missing_predecessor.as_deref(),
+            seg1.file_name().unwrap().to_str()
+        );
+        assert!(v.to_string().contains("which is not here"), "{v}");
+        // A segment that names a file outside its directory is refused.
+        let mut ls = lines(&seg2);
+        let mut e: serde_json::Value = serde_json::from_str(&ls[0]).unwrap();
+        e["prev_segment"] = "../etc/passwd".into();
+        e.as_object_mut().unwrap().remove("entry_hash");
+        let h = hex(&Sha256::digest(canonical(&e).as_bytes()));
+        e["entry_hash"] = h.into();
+        ls[0] = e.to_string();
+        rewrite(&seg2, &ls);
+        assert!(verify(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("not a file name"));
+    }
+
+    #[test]
+    fn a_writer_waiting_through_a_rotation_appends_to_the_new_segment() {
+        let p = tmp("rotate-race");
+        write_log(&p, 2);
+        // Hold the lock as a rotation would, rename underneath, then let go.
+        let held = open_log(&p).unwrap();
+        rustix::fs::flock(&held, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        let writer = {
+            let p = p.to_path_buf();
+            std::thread::spawn(move || append(&p, "waited", &[]).unwrap())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let old = p.with_file_name("moved.jsonl");
+        std::fs::rename(&p, &old).unwrap();
+        drop(held);
+        writer.join().unwrap();
+        assert_eq!(lines(&old).len(), 2, "nothing was added to the moved file");
+        assert!(lines(&p)[0].contains("\"event\":\"waited\""));
     }
 
     #[test]
@@ -868,7 +1181,7 @@ mod tests {
         append(&p, "boot_unlock", &[("method", "tpm2".into())]).unwrap();
         append(&p, "supervisor_start", &[]).unwrap();
         append(&p, "lock", &[("reason", "manual_lock".into())]).unwrap();
-        assert_eq!(verify(&p).unwrap().entries, 3);
+        assert_eq!(verify(&p).unwrap().entries(), 3);
     }
 
     #[test]
@@ -887,7 +1200,7 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        assert_eq!(verify(&p).unwrap().entries, 100);
+        assert_eq!(verify(&p).unwrap().entries(), 100);
     }
 
     #[test]
@@ -911,7 +1224,7 @@ mod tests {
             );
         }
         assert!(append(&p, "Bad-Event", &[]).is_err());
-        assert!(!p.exists() || verify(&p).unwrap().entries == 0);
+        assert!(!p.exists() || verify(&p).unwrap().entries() == 0);
     }
 
     #[test]
@@ -951,7 +1264,7 @@ mod tests {
         assert_eq!(import(&initrd, &main).unwrap(), 2);
         assert!(!initrd.exists());
         let v = verify(&main).unwrap();
-        assert_eq!(v.entries, 3);
+        assert_eq!(v.entries(), 3);
         let text = std::fs::read_to_string(&main).unwrap();
         assert!(text.contains("\"event\":\"initrd_tpm_refused\""), "{text}");
         assert!(text.contains("PCR 7 changed") && text.contains("orig_ts"));
@@ -969,7 +1282,7 @@ mod tests {
         assert!(std::fs::read_to_string(&main)
             .unwrap()
             .contains("initrd_audit_broken"));
-        assert_eq!(verify(&main).unwrap().entries, 4);
+        assert_eq!(verify(&main).unwrap().entries(), 4);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

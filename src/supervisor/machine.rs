@@ -96,6 +96,8 @@ pub struct Settings {
     pub policy: Policy,
     pub lockout_path: PathBuf,
     pub audit_path: Option<PathBuf>,
+    /// Rotate the audit log past this size (0: never).
+    pub audit_rotate_size: u64,
     /// The state file first, then the compatibility path if configured.
     pub state_files: Vec<PathBuf>,
     pub allow: BTreeMap<String, Allow>,
@@ -130,6 +132,7 @@ impl Settings {
             policy: Policy::from_config(&cfg.auth),
             lockout_path: cfg.auth.state_path.clone(),
             audit_path: Some(cfg.audit.path.clone()),
+            audit_rotate_size: cfg.audit.rotate_size,
             state_files,
             allow: cfg.control.allow.clone(),
         }
@@ -712,12 +715,28 @@ impl Machine {
     fn audit(&self, event: &str, fields: &[(&str, audit::Value<'_>)]) {
         if let Some(path) = &self.s.audit_path {
             match audit::append(path, event, fields) {
-                Ok(_) => {}
+                Ok(_) => self.rotate_audit_if_large(path),
                 Err(e) => {
                     log_warn(&format!("`{event}` not audited: {e}"));
                     self.audit_error.replace(Some(e.to_string()));
                 }
             }
+        }
+    }
+
+    fn rotate_audit_if_large(&self, path: &Path) {
+        let max = self.s.audit_rotate_size;
+        if max == 0 || std::fs::metadata(path).map_or(true, |m| m.len() < max) {
+            return;
+        }
+        match audit::rotate(path) {
+            Ok(Some(seg)) => log_info(&format!(
+                "audit log rotated: {} closed as {}",
+                path.display(),
+                seg.display()
+            )),
+            Ok(None) => {}
+            Err(e) => log_warn(&format!("audit log rotation failed: {e}")),
         }
     }
 
@@ -930,6 +949,7 @@ mod tests {
             },
             lockout_path: dir.join("lockout.json"),
             audit_path: Some(dir.join("audit.jsonl")),
+            audit_rotate_size: 0,
             state_files: vec![dir.join("state.json"), dir.join("compat")],
             allow: crate::config::ControlConfig::default().allow,
         }
