@@ -5,21 +5,28 @@
 //! Nothing here wakes up periodically: with no connection open the poll has no
 //! timeout and only the timerfd (armed for the next warning or lock) can end it.
 //! Every connection is non-blocking with its own buffers; a client that stalls
-//! mid-line is cut off after `read_timeout`, and connections beyond `max_clients`
-//! (or beyond a quarter of it from one non-root uid, so one local user cannot take
-//! every slot) are answered with an error and closed, so no client can delay the
-//! timer or another client. The vault sequences themselves (stop services, unmount, KDF)
+//! mid-line is cut off after `read_timeout`, so no client can delay the timer or
+//! another client. The vault sequences themselves (stop services, unmount, KDF)
 //! run inline: they are the vault's own work and are bounded by their tools.
+//!
+//! Connection slots are the one thing other local users can exhaust, so they are
+//! rationed by who is asking (see [`admit`]): a uid that `control.allow` grants no
+//! command is answered once and closed at accept; one non-root uid holds at most a
+//! quarter of `max_clients`; all non-root uids together leave [`root_reserve`]
+//! slots that only root can use. A connection's deadline is renewed only by a
+//! request it was allowed to run: denied or malformed lines are answered but do not
+//! keep a slot alive.
 
 use super::activity::ActivityWatch;
 use super::backend::VaultBackend;
 use super::machine::{Machine, Now, Settings};
 use super::{log_info, log_warn, SupervisorError};
-use crate::config::Config;
+use crate::config::{Allow, Config, CONTROL_COMMANDS};
 use crate::control::framing::{Framed, LineBuffer};
 use crate::control::protocol::{parse_request, ProtocolError, Response};
-use crate::control::{peer_of, Peer};
+use crate::control::{authorise, peer_of, Peer};
 use rustix::event::{PollFd, PollFlags};
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -107,6 +114,9 @@ pub struct Supervisor {
     opts: Options,
     wakeups: Arc<AtomicU64>,
     accept_paused_until: u64,
+    /// `control.allow`: the machine decides with its own copy; this one rations
+    /// connection slots and deadlines by what a peer may run.
+    allow: BTreeMap<String, Allow>,
 }
 
 /// The clocks: CLOCK_BOOTTIME (suspend counts as idle) and wall time.
@@ -121,6 +131,60 @@ pub fn now() -> Now {
 /// Connections one non-root uid may hold at once.
 pub fn per_uid_limit(max_clients: usize) -> usize {
     (max_clients / 4).max(1)
+}
+
+/// Slots that non-root peers together can never take, so that root can always
+/// run `status` or `lock` (32 of the default 256). There is no admin role yet;
+/// when there is, it shares this reserve.
+pub fn root_reserve(max_clients: usize) -> usize {
+    (max_clients / 8).clamp(1, max_clients)
+}
+
+/// Why a new connection is refused at accept, if it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// `control.allow` grants this uid nothing: holding a slot would serve no one.
+    NoCommand,
+    /// Every slot this peer may use is taken.
+    Full,
+    /// This non-root uid holds its whole share.
+    UidShare,
+}
+
+/// May a peer of `uid` that may run some command (`may_run_any`) take a slot,
+/// given the uids of the connections already open? Pure policy, unit tested.
+pub fn admit(
+    uid: u32,
+    may_run_any: bool,
+    open_uids: impl Iterator<Item = u32>,
+    max_clients: usize,
+) -> Result<(), Refusal> {
+    if !may_run_any {
+        return Err(Refusal::NoCommand);
+    }
+    let (mut total, mut non_root, mut same) = (0usize, 0usize, 0usize);
+    for u in open_uids {
+        total += 1;
+        if u != 0 {
+            non_root += 1;
+        }
+        if u == uid {
+            same += 1;
+        }
+    }
+    if total >= max_clients {
+        return Err(Refusal::Full);
+    }
+    if uid == 0 {
+        return Ok(());
+    }
+    if non_root >= max_clients.saturating_sub(root_reserve(max_clients)) {
+        return Err(Refusal::Full);
+    }
+    if same >= per_uid_limit(max_clients) {
+        return Err(Refusal::UidShare);
+    }
+    Ok(())
 }
 
 fn sys_err(what: &'static str, e: rustix::io::Errno) -> SupervisorError {
@@ -189,6 +253,7 @@ impl Supervisor {
             opts,
             wakeups: Arc::new(AtomicU64::new(0)),
             accept_paused_until: 0,
+            allow: cfg.control.allow.clone(),
         })
     }
 
@@ -311,7 +376,7 @@ impl Supervisor {
                     flush(c);
                 }
                 if rev.intersects(PollFlags::IN | PollFlags::HUP) {
-                    busy_ms += serve(c, &mut self.machine, &self.opts);
+                    busy_ms += serve(c, &mut self.machine, &self.opts, &self.allow);
                     served = true;
                 }
             }
@@ -390,12 +455,7 @@ impl Supervisor {
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
-            if self.conns.len() >= self.opts.max_clients {
-                let line = Response::failed(&ProtocolError::TooManyConnections.to_string(), None)
-                    .to_line();
-                let _ = send(&stream, &line);
-                continue;
-            }
+            // Who is asking comes first: whether a slot is free depends on it.
             let peer = match peer_of(&stream) {
                 Ok(p) => p,
                 Err(e) => {
@@ -403,13 +463,24 @@ impl Supervisor {
                     continue;
                 }
             };
-            if peer.uid != 0 {
-                let same = self.conns.iter().filter(|c| c.peer.uid == peer.uid).count();
-                if same >= per_uid_limit(self.opts.max_clients) {
-                    let err = ProtocolError::TooManyConnectionsFromUid { uid: peer.uid };
-                    let _ = send(&stream, &Response::failed(&err.to_string(), None).to_line());
-                    continue;
-                }
+            let may_run_any = CONTROL_COMMANDS
+                .iter()
+                .any(|cmd| authorise(&self.allow, cmd, &peer));
+            let admitted = admit(
+                peer.uid,
+                may_run_any,
+                self.conns.iter().map(|c| c.peer.uid),
+                self.opts.max_clients,
+            );
+            if let Err(refusal) = admitted {
+                // One line into an empty socket buffer, then closed (dropped).
+                let err = match refusal {
+                    Refusal::NoCommand => ProtocolError::NoCommandAllowed { uid: peer.uid },
+                    Refusal::Full => ProtocolError::TooManyConnections,
+                    Refusal::UidShare => ProtocolError::TooManyConnectionsFromUid { uid: peer.uid },
+                };
+                let _ = send(&stream, &Response::failed(&err.to_string(), None).to_line());
+                continue;
             }
             self.conns.push(Conn {
                 stream,
@@ -458,7 +529,12 @@ impl Supervisor {
 
 /// Read what the connection has, answer every complete line. Returns the time
 /// spent inside the machine (vault sequences).
-fn serve(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
+fn serve(
+    c: &mut Conn,
+    machine: &mut Machine,
+    opts: &Options,
+    allow: &BTreeMap<String, Allow>,
+) -> u64 {
     let mut busy = 0;
     for _ in 0..16 {
         if c.closing || c.dead || c.out.len() > MAX_PENDING_OUT {
@@ -470,13 +546,13 @@ fn serve(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
                 // answered, then the connection closes once the answer is out.
                 if !c.input.is_empty() {
                     c.input.extend(b"\n");
-                    busy += answer_lines(c, machine, opts);
+                    busy += answer_lines(c, machine, opts, allow);
                 }
                 c.input.clear();
                 c.closing = true;
                 c.deadline = now().mono_ms + ms(opts.read_timeout);
             }
-            Ok(_) => busy += answer_lines(c, machine, opts),
+            Ok(_) => busy += answer_lines(c, machine, opts, allow),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => {
@@ -490,7 +566,15 @@ fn serve(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
     busy
 }
 
-fn answer_lines(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
+/// Answer every complete line in the connection's buffer. Only a request the peer
+/// may run renews its deadline: an answer to a denied or malformed line is not
+/// progress, or one such line every few seconds would hold a slot for ever.
+fn answer_lines(
+    c: &mut Conn,
+    machine: &mut Machine,
+    opts: &Options,
+    allow: &BTreeMap<String, Allow>,
+) -> u64 {
     let mut busy = 0;
     while c.out.len() <= MAX_PENDING_OUT {
         let framed = c.input.next_line(|line| {
@@ -510,14 +594,20 @@ fn answer_lines(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
             Some(Framed::Line(None)) => continue,
             Some(Framed::Line(Some(Err(e)))) => Response::failed(&e.to_string(), None),
             Some(Framed::Line(Some(Ok(req)))) => {
+                // The machine decides again (and audits a denial); this answer only
+                // says whether the line counts as progress.
+                let allowed = authorise(allow, req.name(), &c.peer);
                 let before = now();
                 let r = machine.handle(&c.peer, req, before);
-                busy += now().mono_ms.saturating_sub(before.mono_ms);
+                let after = now();
+                busy += after.mono_ms.saturating_sub(before.mono_ms);
+                if allowed {
+                    c.deadline = after.mono_ms + ms(opts.read_timeout);
+                }
                 r
             }
         };
         c.out.extend_from_slice(&response.to_line());
-        c.deadline = now().mono_ms + ms(opts.read_timeout);
         if c.closing {
             break;
         }
@@ -588,4 +678,55 @@ fn bind(path: &Path) -> Result<UnixListener, SupervisorError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(err)?;
     listener.set_nonblocking(true).map_err(err)?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admit_with(uid: u32, open: &[u32], max: usize) -> Result<(), Refusal> {
+        admit(uid, true, open.iter().copied(), max)
+    }
+
+    #[test]
+    fn a_peer_allowed_nothing_gets_no_slot_even_when_all_are_free() {
+        assert_eq!(
+            admit(1000, false, [].into_iter(), 256),
+            Err(Refusal::NoCommand)
+        );
+    }
+
+    #[test]
+    fn four_users_with_full_shares_leave_the_root_reserve() {
+        let max = 256;
+        assert_eq!((per_uid_limit(max), root_reserve(max)), (64, 32));
+        let mut open = Vec::new();
+        for uid in 60001..=60004u32 {
+            while admit_with(uid, &open, max).is_ok() {
+                open.push(uid);
+            }
+        }
+        // Three full shares, the fourth stopped by the reserve.
+        assert_eq!(open.len(), max - 32);
+        assert_eq!(open.iter().filter(|&&u| u == 60004).count(), 32);
+        assert_eq!(admit_with(60005, &open, max), Err(Refusal::Full));
+        // Root takes the reserve, and then nobody gets more.
+        for _ in 0..32 {
+            assert_eq!(admit_with(0, &open, max), Ok(()));
+            open.push(0);
+        }
+        assert_eq!(admit_with(0, &open, max), Err(Refusal::Full));
+    }
+
+    #[test]
+    fn one_uid_is_held_to_its_share() {
+        let open = vec![1000; 64];
+        assert_eq!(admit_with(1000, &open, 256), Err(Refusal::UidShare));
+        assert_eq!(admit_with(1001, &open, 256), Ok(()));
+        // Tiny limits still leave root one slot and each uid one.
+        assert_eq!(admit_with(1000, &[], 1), Err(Refusal::Full));
+        assert_eq!(admit_with(0, &[], 1), Ok(()));
+        assert_eq!(admit_with(1000, &[], 8), Ok(()));
+        assert_eq!(admit_with(1000, &[1000, 1000], 8), Err(Refusal::UidShare));
+    }
 }
