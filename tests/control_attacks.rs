@@ -1,4 +1,4 @@
-//! Attacks on the control socket by other local users (issue 11, item 2),
+//! Attacks on the control socket by other local users (issue 11, items 2 and 3),
 //! each a refusal asserted from what the attacker and root observe:
 //!
 //! - four unprivileged uids holding their share of connections do not lock root
@@ -6,7 +6,13 @@
 //! - a denied or malformed line does not renew a connection's deadline (the
 //!   connection is closed at its original deadline), an allowed one does;
 //! - a uid that `control.allow` grants nothing is answered once and closed at
-//!   accept.
+//!   accept;
+//! - a squatter listening on the socket path as another uid receives nothing from
+//!   `vaultguard unlock` (the client function and the built binary), which refuses
+//!   and names the squatter's uid and pid;
+//! - the supervisor creates the socket's directories with a fixed mode whatever the
+//!   umask, refuses a socket directory that others can write or that another user
+//!   owns, and names the uid and pid of another user's listener on its path.
 //!
 //! Other users are real: forked children drop to uids 60001.. with setuid(2).
 //! A connection's peer credentials are the connecting process's, fixed at
@@ -18,10 +24,10 @@
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -31,6 +37,7 @@ use vaultguard::supervisor::{
     BackendError, Handle, Options, Reality, Supervisor, SupervisorError, VaultBackend,
 };
 
+const PASS: &str = "correct horse";
 const GENEROUS: Duration = Duration::from_secs(30);
 
 /// The umask is per process and the tests of this file run on parallel threads:
@@ -463,4 +470,264 @@ fn one_allowed_user_cannot_take_every_connection() {
         assert_eq!(v["state"], "unlocked");
     }
     assert_eq!(h.ask("{\"cmd\":\"status\"}")["state"], "unlocked");
+}
+
+// ---------------------------------------------------------------- item 3
+
+/// Another user listening on a socket path, recording every byte it receives and
+/// answering the first line with a fake success, as a squatter would.
+struct Squatter {
+    child: nix::unistd::Pid,
+    go: OwnedFd,
+    stop: Arc<AtomicBool>,
+    received: Arc<Mutex<Vec<u8>>>,
+    connections: Arc<AtomicU32>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Squatter {
+    /// A child of `uid` binds and listens on `path` and stays alive; this process
+    /// accepts on the shared descriptor. Peer credentials of a listener are fixed
+    /// at listen(2), so clients see the child's uid and pid.
+    fn start(path: &Path, uid: u32) -> Squatter {
+        use rustix::net::{AddressFamily, SocketAddrUnix, SocketType};
+        let addr = SocketAddrUnix::new(path).unwrap();
+        let fd = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None).unwrap();
+        let (ready_r, ready_w) = rustix::pipe::pipe().unwrap();
+        let (go_r, go_w) = rustix::pipe::pipe().unwrap();
+        let child = fork_as(uid, || {
+            if rustix::net::bind(&fd, &addr).is_err() {
+                return 1;
+            }
+            if rustix::net::listen(&fd, 16).is_err() {
+                return 2;
+            }
+            if rustix::io::write(&ready_w, b"r").is_err() {
+                return 3;
+            }
+            let mut b = [0u8; 1];
+            let _ = rustix::io::read(&go_r, &mut b);
+            0
+        });
+        drop(ready_w);
+        drop(go_r);
+        let mut b = [0u8; 1];
+        if rustix::io::read(&ready_r, &mut b).unwrap_or(0) != 1 {
+            panic!("squatter failed: exit {}", wait_exit(child));
+        }
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicU32::new(0));
+        let (st, rec, n) = (stop.clone(), received.clone(), connections.clone());
+        let thread = std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                let mut c = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                };
+                n.fetch_add(1, Ordering::Relaxed);
+                c.set_nonblocking(false).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut answered = false;
+                let mut buf = [0u8; 4096];
+                while let Ok(k) = c.read(&mut buf) {
+                    if k == 0 {
+                        break;
+                    }
+                    let mut r = rec.lock().unwrap();
+                    r.extend_from_slice(&buf[..k]);
+                    if !answered && r.contains(&b'\n') {
+                        answered = true;
+                        let _ = c.write_all(b"{\"success\":true,\"state\":\"unlocked\"}\n");
+                    }
+                }
+            }
+        });
+        Squatter {
+            child,
+            go: go_w,
+            stop,
+            received,
+            connections,
+            thread: Some(thread),
+        }
+    }
+
+    fn received(&self) -> Vec<u8> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Squatter {
+    fn drop(&mut self) {
+        let _ = rustix::io::write(&self.go, b"g");
+        let _ = wait_exit(self.child);
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A world-writable directory, as /tmp or a socket directory created 0777 is.
+fn world_writable_dir(name: &str) -> PathBuf {
+    let d = tmpdir(name).join("shared");
+    std::fs::create_dir(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
+    d
+}
+
+#[test]
+fn unlock_sends_nothing_to_a_socket_held_by_another_user() {
+    let dir = world_writable_dir("squat");
+    let sock = dir.join("control.sock");
+    let squatter = Squatter::start(&sock, 60010);
+    let pid = squatter.child.as_raw();
+
+    // The client function.
+    let e = vaultguard::control::client::unlock(&sock, &SecretBytes::from_slice(PASS.as_bytes()))
+        .expect_err("unlock talked to a squatter");
+    let msg = e.to_string();
+    assert!(msg.contains("uid 60010"), "{msg}");
+    assert!(msg.contains(&format!("pid {pid}")), "{msg}");
+    assert!(msg.contains(&sock.display().to_string()), "{msg}");
+    // status, lock and keepalive do not trust it either.
+    assert!(vaultguard::control::client::status(&sock).is_err());
+    assert!(vaultguard::control::client::lock(&sock).is_err());
+
+    // The CLI, as the operator runs it.
+    let cfg_path = dir.parent().unwrap().join("config.json");
+    std::fs::write(
+        &cfg_path,
+        serde_json::json!({"control": {"socket": sock}}).to_string(),
+    )
+    .unwrap();
+    let key = dir.parent().unwrap().join("key");
+    std::fs::write(&key, PASS).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vaultguard"))
+        .arg("-c")
+        .arg(&cfg_path)
+        .arg("unlock")
+        .arg("--key-file")
+        .arg(&key)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(!stdout.contains("vault unlocked"), "{stdout}");
+    assert!(stderr.contains("uid 60010"), "{stderr}");
+    assert!(stderr.contains(&format!("pid {pid}")), "{stderr}");
+
+    // The squatter was reached (so the refusal is the client's doing) and got nothing.
+    let deadline = Instant::now() + GENEROUS;
+    while squatter.connections.load(Ordering::Relaxed) < 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(squatter.connections.load(Ordering::Relaxed) >= 4);
+    std::thread::sleep(Duration::from_millis(200));
+    let got = squatter.received();
+    assert!(
+        got.is_empty(),
+        "squatter received {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    drop(squatter);
+    let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+}
+
+#[test]
+fn the_client_still_talks_to_a_supervisor_run_by_root() {
+    let h = Harness::start("trusted", |_, _| {});
+    let r = vaultguard::control::client::status(h.socket()).unwrap();
+    assert_eq!(r.value["state"], "unlocked");
+    let r =
+        vaultguard::control::client::unlock(h.socket(), &SecretBytes::from_slice(b"x")).unwrap();
+    assert!(r.line.contains("\"success\""), "{}", r.line);
+}
+
+#[test]
+fn socket_directories_are_created_with_a_fixed_mode_whatever_the_umask() {
+    for (mask, name) in [(0o000, "umask000"), (0o077, "umask077")] {
+        let dir = tmpdir(name);
+        let mut cfg = config(&dir);
+        cfg.control.socket = dir.join("run").join("vg").join("control.sock");
+        let sup = {
+            let _umask = UMASK.lock().unwrap_or_else(|e| e.into_inner());
+            let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(mask));
+            let sup = Supervisor::new(&cfg, Box::new(Fake::default()), options(&dir));
+            rustix::process::umask(old);
+            sup
+        };
+        let sup = sup.unwrap();
+        for d in [dir.join("run"), dir.join("run").join("vg")] {
+            let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(mode, 0o755, "{} under umask {mask:03o}", d.display());
+        }
+        drop(sup);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn a_socket_directory_others_can_write_is_refused() {
+    for mode in [0o777, 0o1777, 0o775, 0o757] {
+        let dir = world_writable_dir("writable");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+        let mut cfg = config(dir.parent().unwrap());
+        cfg.control.socket = dir.join("control.sock");
+        let e = match new_supervisor(&cfg, &options(dir.parent().unwrap()), &Fake::default()) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("bound a socket in a directory of mode {mode:o}"),
+        };
+        assert!(e.contains(&dir.display().to_string()), "{e}");
+        assert!(e.contains("writable"), "{e}");
+        assert!(!cfg.control.socket.exists(), "mode {mode:o}");
+        let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+    }
+}
+
+#[test]
+fn a_socket_directory_owned_by_another_user_is_refused() {
+    let parent = tmpdir("owned");
+    let dir = parent.join("theirs");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&dir, Some(60007), Some(60007)).unwrap();
+    assert_eq!(std::fs::metadata(&dir).unwrap().uid(), 60007);
+    let mut cfg = config(&parent);
+    cfg.control.socket = dir.join("control.sock");
+    let e = match new_supervisor(&cfg, &options(&parent), &Fake::default()) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("bound a socket in a directory owned by uid 60007"),
+    };
+    assert!(e.contains(&dir.display().to_string()), "{e}");
+    assert!(e.contains("owned by uid 60007"), "{e}");
+    let _ = std::fs::remove_dir_all(&parent);
+}
+
+#[test]
+fn a_squatted_socket_path_names_who_holds_it() {
+    let dir = world_writable_dir("held");
+    let sock = dir.join("control.sock");
+    let squatter = Squatter::start(&sock, 60011);
+    let pid = squatter.child.as_raw();
+    let mut cfg = config(dir.parent().unwrap());
+    cfg.control.socket = sock.clone();
+    let e = match new_supervisor(&cfg, &options(dir.parent().unwrap()), &Fake::default()) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("bound over a squatter"),
+    };
+    assert!(e.contains("uid 60011"), "{e}");
+    assert!(e.contains(&format!("pid {pid}")), "{e}");
+    assert!(e.contains(&sock.display().to_string()), "{e}");
+    // The squatter's socket was left for the operator to look at.
+    assert!(sock.exists());
+    drop(squatter);
+    let _ = std::fs::remove_dir_all(dir.parent().unwrap());
 }

@@ -16,6 +16,12 @@
 //! slots that only root can use. A connection's deadline is renewed only by a
 //! request it was allowed to run: denied or malformed lines are answered but do not
 //! keep a slot alive.
+//!
+//! The socket's directory is part of its security: whoever can write it can put
+//! their own listener where clients look for ours. [`bind`] creates missing
+//! directories with a fixed mode whatever the umask and refuses one that anyone
+//! but its owner (root or us) can write, and names the uid and pid of another
+//! user's listener found on the path.
 
 use super::activity::ActivityWatch;
 use super::backend::VaultBackend;
@@ -643,41 +649,198 @@ fn send(fd: impl AsFd, data: &[u8]) -> io::Result<usize> {
     .map_err(io::Error::from)
 }
 
-/// Bind the control socket: refuse if another supervisor answers on it, replace a
-/// stale one. Mode 0666: who may do what is decided by peer credentials, and
-/// refused clients get a clear answer instead of a bare EACCES.
+/// Mode of the directories created for the socket. Not 0700: users whom
+/// `control.allow` grants a command must traverse it to reach the socket (whose
+/// mode is 0666, peer credentials decide); 0755 still lets nobody but the owner
+/// add, remove or replace anything in it.
+pub const SOCKET_DIR_MODE: u32 = 0o755;
+
+/// Bind the control socket: refuse a directory that others could use to replace
+/// it, name another user's listener found on the path, refuse if another
+/// supervisor answers on it, replace a stale one. Mode 0666: who may do what is
+/// decided by peer credentials, and refused clients get a clear answer instead of
+/// a bare EACCES.
 fn bind(path: &Path) -> Result<UnixListener, SupervisorError> {
     let err = |err| SupervisorError::Socket {
         path: path.to_path_buf(),
         err,
     };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .create(dir)
-                .map_err(err)?;
-        }
-    }
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        if m.file_type().is_socket() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(SupervisorError::AlreadyRunning {
-                    path: path.to_path_buf(),
-                });
-            }
-            std::fs::remove_file(path).map_err(err)?;
-        } else {
+    let refuse = |msg: String| err(io::Error::new(io::ErrorKind::PermissionDenied, msg));
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    create_dirs(dir, SOCKET_DIR_MODE).map_err(err)?;
+    let me = rustix::process::geteuid().as_raw();
+    let live = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => listener_on(path),
+        Ok(_) => {
             return Err(err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
                 "exists and is not a socket; refusing to replace it",
+            )))
+        }
+        Err(_) => Listener::None,
+    };
+    // Another user's listener first: that is what the operator must hear about,
+    // and a directory that let it in is refused just below anyway.
+    if let Listener::Held(holder) = &live {
+        if holder.uid != 0 && holder.uid != me {
+            return Err(refuse(format!(
+                "is held by a listener of uid {} (pid {}), not by root or this supervisor's \
+                 uid {me}: another user is squatting the control socket's path. Stop that \
+                 process (`ps -o user,pid,args -p {}`), remove the socket, and keep {} \
+                 writable only by root",
+                holder.uid,
+                holder.pid,
+                holder.pid,
+                dir.display()
             )));
         }
+    }
+    check_socket_dir(dir, me).map_err(refuse)?;
+    match live {
+        Listener::Held(holder) => {
+            log_warn(&format!(
+                "{} is served by pid {} (uid {})",
+                path.display(),
+                holder.pid,
+                holder.uid
+            ));
+            return Err(SupervisorError::AlreadyRunning {
+                path: path.to_path_buf(),
+            });
+        }
+        Listener::Unidentified(why) => {
+            return Err(refuse(format!(
+                "a socket is there and who holds it cannot be read ({why}); refusing to \
+                 replace it: find its owner with `ss -xlp` and stop it, or remove it"
+            )))
+        }
+        Listener::Stale => std::fs::remove_file(path).map_err(err)?,
+        Listener::None => {}
     }
     let listener = UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(err)?;
     listener.set_nonblocking(true).map_err(err)?;
     Ok(listener)
+}
+
+/// What answers on an existing socket path.
+enum Listener {
+    None,
+    /// Nobody listens: a leftover of a supervisor that did not stop cleanly.
+    Stale,
+    /// A live listener, as the kernel recorded it when it called listen(2).
+    Held(Peer),
+    /// Someone may listen but no connection (and so no credentials) could be had
+    /// without waiting on it (its queue is full) or at all.
+    Unidentified(String),
+}
+
+/// Connect without blocking (a squatter must not stall our start) and read who
+/// listens. Nothing is sent.
+fn listener_on(path: &Path) -> Listener {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let unknown = |e: rustix::io::Errno| Listener::Unidentified(io::Error::from(e).to_string());
+    let addr = match SocketAddrUnix::new(path) {
+        Ok(a) => a,
+        Err(e) => return unknown(e),
+    };
+    let fd = match rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    ) {
+        Ok(fd) => fd,
+        Err(e) => return unknown(e),
+    };
+    match rustix::net::connect(&fd, &addr) {
+        Ok(()) => match peer_of(&fd) {
+            Ok(p) => Listener::Held(p),
+            Err(e) => Listener::Unidentified(e.to_string()),
+        },
+        Err(rustix::io::Errno::CONNREFUSED) => Listener::Stale,
+        Err(rustix::io::Errno::NOENT) => Listener::None,
+        Err(rustix::io::Errno::AGAIN) => {
+            Listener::Unidentified("it listens but accepts no connection: queue full".into())
+        }
+        Err(e) => unknown(e),
+    }
+}
+
+/// Create `dir` and its missing parents with exactly `mode`: mkdir's mode is
+/// narrowed by the umask and, with umask 000, a default 0777 would let anyone
+/// replace the socket; so each directory this creates is chmod-ed after mkdir.
+/// Directories that already exist are left to [`check_socket_dir`].
+fn create_dirs(dir: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    for d in missing.into_iter().rev() {
+        if d.as_os_str().is_empty() {
+            continue;
+        }
+        match std::fs::DirBuilder::new().mode(mode).create(d) {
+            Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode))?,
+            // Someone else created it meanwhile: not ours to chmod; checked later.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// May the socket live in `dir`? Whoever can write the directory can replace the
+/// socket with their own, so: owned by root or by us (`me`), writable by its owner
+/// only; and every directory above it owned by root or us and not writable by
+/// others unless sticky (as /tmp is), so that `dir` itself cannot be swapped.
+/// The error names the directory and what to do.
+fn check_socket_dir(dir: &Path, me: u32) -> Result<(), String> {
+    let shown = dir.display();
+    let real = std::fs::canonicalize(dir).map_err(|e| format!("its directory {shown}: {e}"))?;
+    let resolved = if real == dir {
+        String::new()
+    } else {
+        format!(" (resolves to {})", real.display())
+    };
+    let meta = std::fs::metadata(&real).map_err(|e| format!("its directory {shown}: {e}"))?;
+    let (mode, owner) = (meta.mode() & 0o7777, meta.uid());
+    if owner != 0 && owner != me {
+        return Err(format!(
+            "its directory {shown}{resolved} is owned by uid {owner}, not by root or this \
+             supervisor's uid {me}: its owner could replace the socket. Use a directory \
+             owned by root (`chown root: {shown}`), such as the default /run/vaultguard"
+        ));
+    }
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "its directory {shown}{resolved} (mode {mode:04o}) is writable by users other \
+             than its owner: any of them could put their own listener where clients look \
+             for the supervisor. Make it writable by its owner only (`chmod go-w {shown}`) \
+             or use the default /run/vaultguard"
+        ));
+    }
+    for a in real.ancestors().skip(1) {
+        let m = std::fs::metadata(a).map_err(|e| format!("{}: {e}", a.display()))?;
+        let (amode, aowner) = (m.mode() & 0o7777, m.uid());
+        if aowner != 0 && aowner != me {
+            return Err(format!(
+                "{} above its directory {shown} is owned by uid {aowner}, who could \
+                 replace {shown}: use a directory whose parents belong to root",
+                a.display()
+            ));
+        }
+        if amode & 0o022 != 0 && amode & 0o1000 == 0 {
+            return Err(format!(
+                "{} above its directory {shown} (mode {amode:04o}) is writable by others \
+                 without the sticky bit, so {shown} could be replaced: `chmod go-w {}`",
+                a.display(),
+                a.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -728,5 +891,46 @@ mod tests {
         assert_eq!(admit_with(0, &[], 1), Ok(()));
         assert_eq!(admit_with(1000, &[], 8), Ok(()));
         assert_eq!(admit_with(1000, &[1000, 1000], 8), Err(Refusal::UidShare));
+    }
+
+    fn chmod(p: &Path, mode: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_parent_others_can_write_is_refused_unless_sticky() {
+        let t = crate::testutil::TmpDir::new("sockdir");
+        chmod(&t, 0o755);
+        let shared = t.join("shared");
+        let dir = shared.join("vg");
+        std::fs::create_dir_all(&dir).unwrap();
+        chmod(&dir, 0o755);
+        let me = rustix::process::geteuid().as_raw();
+        // Like /tmp: others may write, but only the owner may rename `vg` away.
+        chmod(&shared, 0o1777);
+        assert_eq!(check_socket_dir(&dir, me), Ok(()));
+        chmod(&shared, 0o777);
+        let e = check_socket_dir(&dir, me).unwrap_err();
+        assert!(e.contains(&shared.display().to_string()), "{e}");
+        assert!(e.contains("without the sticky bit"), "{e}");
+        // The socket's own directory gets no sticky exception.
+        chmod(&shared, 0o755);
+        chmod(&dir, 0o1777);
+        let e = check_socket_dir(&dir, me).unwrap_err();
+        assert!(e.contains("mode 1777"), "{e}");
+    }
+
+    #[test]
+    fn a_symlinked_directory_is_judged_by_its_target() {
+        let t = crate::testutil::TmpDir::new("sockdir-link");
+        chmod(&t, 0o755);
+        let real = t.join("real");
+        std::fs::create_dir(&real).unwrap();
+        chmod(&real, 0o777);
+        let link = t.join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = check_socket_dir(&link, rustix::process::geteuid().as_raw()).unwrap_err();
+        assert!(e.contains("resolves to"), "{e}");
+        assert!(e.contains("mode 0777"), "{e}");
     }
 }
