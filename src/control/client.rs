@@ -4,7 +4,14 @@
 //! An unlock request is assembled inside a [`SecretBytes`] (the passphrase is
 //! JSON-escaped straight into it) and written from there; nothing else holds the
 //! passphrase. This module never interprets the vault's state beyond printing it.
+//!
+//! Whatever listens on the socket path is not trusted for being there: another
+//! user may have put their own listener where the supervisor's should be. Before
+//! a byte is sent (and before the passphrase is asked for), the listener's peer
+//! credentials (SO_PEERCRED, recorded by the kernel when it called listen(2)) must
+//! be root's or our own euid's; anything else is refused with its uid and pid.
 
+use super::auth::peer_of;
 use super::protocol::MAX_LINE;
 use crate::secret::SecretBytes;
 use std::fmt;
@@ -20,9 +27,24 @@ const SLOW_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug)]
 pub enum ClientError {
-    Connect { socket: PathBuf, err: io::Error },
-    Io { socket: PathBuf, err: io::Error },
-    Closed { socket: PathBuf },
+    Connect {
+        socket: PathBuf,
+        err: io::Error,
+    },
+    /// The listener on the socket is neither root nor us: nothing was sent.
+    Untrusted {
+        socket: PathBuf,
+        uid: u32,
+        pid: i32,
+        euid: u32,
+    },
+    Io {
+        socket: PathBuf,
+        err: io::Error,
+    },
+    Closed {
+        socket: PathBuf,
+    },
     BadResponse(String),
     PassphraseNotUtf8,
     Prompt(String),
@@ -34,6 +56,19 @@ impl fmt::Display for ClientError {
             ClientError::Connect { socket, err } => write!(
                 f,
                 "cannot connect to {}: {err} (is `vaultguard supervise` running? `systemctl status vaultguard-supervisor`)",
+                socket.display()
+            ),
+            ClientError::Untrusted {
+                socket,
+                uid,
+                pid,
+                euid,
+            } => write!(
+                f,
+                "refusing to talk to {}: it is held by uid {uid} (pid {pid}), not by root or by \
+                 you (uid {euid}), so it is not the vaultguard supervisor; nothing was sent. \
+                 Another user may be impersonating it: see `ps -o user,pid,args -p {pid}`, \
+                 stop that process, remove the socket and restart vaultguard-supervisor",
                 socket.display()
             ),
             ClientError::Io { socket, err } if err.kind() == io::ErrorKind::WouldBlock => {
@@ -81,10 +116,41 @@ impl Reply {
     }
 }
 
-/// Does a supervisor answer on `socket`? (Used to route `vaultguard unlock` to the
-/// socket after boot and to the boot path before.)
+/// Does something answer on `socket`? (Used to route `vaultguard unlock` to the
+/// socket after boot and to the boot path before.) Whoever answers is checked by
+/// [`connect`] before anything is sent: a squatter routes the unlock to a loud
+/// refusal, not to the boot path.
 pub fn is_serving(socket: &Path) -> bool {
     UnixStream::connect(socket).is_ok()
+}
+
+/// May a client running as `client_euid` talk to a listener of `server_uid`?
+/// Root's supervisor, or one we run ourselves (tests, a per-user setup); nothing
+/// else, since the listener learns whatever we send.
+pub fn trusted_server(server_uid: u32, client_euid: u32) -> bool {
+    server_uid == 0 || server_uid == client_euid
+}
+
+/// Connect to `socket` and check who listens there before anything is sent.
+pub fn connect(socket: &Path) -> Result<UnixStream, ClientError> {
+    let s = UnixStream::connect(socket).map_err(|err| ClientError::Connect {
+        socket: socket.to_path_buf(),
+        err,
+    })?;
+    let peer = peer_of(&s).map_err(|e| ClientError::Io {
+        socket: socket.to_path_buf(),
+        err: io::Error::other(e.to_string()),
+    })?;
+    let euid = rustix::process::geteuid().as_raw();
+    if !trusted_server(peer.uid, euid) {
+        return Err(ClientError::Untrusted {
+            socket: socket.to_path_buf(),
+            uid: peer.uid,
+            pid: peer.pid,
+            euid,
+        });
+    }
+    Ok(s)
 }
 
 pub fn status(socket: &Path) -> Result<Reply, ClientError> {
@@ -148,10 +214,7 @@ pub fn request(socket: &Path, line: &[u8], timeout: Duration) -> Result<Reply, C
         socket: socket.to_path_buf(),
         err,
     };
-    let mut s = UnixStream::connect(socket).map_err(|err| ClientError::Connect {
-        socket: socket.to_path_buf(),
-        err,
-    })?;
+    let mut s = connect(socket)?;
     s.set_read_timeout(Some(timeout)).map_err(io)?;
     s.set_write_timeout(Some(QUICK_TIMEOUT)).map_err(io)?;
     s.write_all(line).map_err(io)?;
@@ -285,7 +348,12 @@ pub fn run(
         (Cmd::Lock, _) => lock(socket)?,
         (Cmd::Keepalive, _) => keepalive(socket)?,
         (Cmd::Unlock, Some(p)) => unlock(socket, p)?,
-        (Cmd::Unlock, None) => unlock(socket, &read_passphrase()?)?,
+        (Cmd::Unlock, None) => {
+            // Who listens is checked before the operator types anything; the
+            // request's own connection is checked again (the prompt may be long).
+            drop(connect(socket)?);
+            unlock(socket, &read_passphrase()?)?
+        }
     };
     let ok = reply.success();
     if json {
@@ -357,6 +425,43 @@ mod tests {
         );
         assert!(reply(r#"{"success":true}"#).success());
         assert_eq!(duration(7300), "2h 01m");
+    }
+
+    #[test]
+    fn only_root_or_ourselves_are_trusted_servers() {
+        assert!(trusted_server(0, 1000));
+        assert!(trusted_server(1000, 1000));
+        assert!(trusted_server(0, 0));
+        assert!(!trusted_server(60010, 0));
+        assert!(!trusted_server(60010, 1000));
+        let e = ClientError::Untrusted {
+            socket: "/run/vaultguard/control.sock".into(),
+            uid: 60010,
+            pid: 4242,
+            euid: 0,
+        }
+        .to_string();
+        for part in [
+            "/run/vaultguard/control.sock",
+            "uid 60010",
+            "pid 4242",
+            "nothing was sent",
+        ] {
+            assert!(e.contains(part), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_listener_of_our_own_uid_is_trusted() {
+        let dir = std::env::temp_dir().join(format!("vg-client-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("s");
+        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let s = connect(&sock);
+        let _ = std::fs::remove_dir_all(&dir);
+        drop(l);
+        assert!(s.is_ok(), "{:?}", s.err());
     }
 
     #[test]

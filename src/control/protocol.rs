@@ -71,6 +71,10 @@ pub enum ProtocolError {
         uid: u32,
         cmd: &'static str,
     },
+    /// `control.allow` grants this uid no command: told once, then closed.
+    NoCommandAllowed {
+        uid: u32,
+    },
 }
 
 impl fmt::Display for ProtocolError {
@@ -108,6 +112,10 @@ impl fmt::Display for ProtocolError {
             ProtocolError::PermissionDenied { uid, cmd } => write!(
                 f,
                 "permission denied: uid {uid} may not run `{cmd}` (see control.allow in the configuration)"
+            ),
+            ProtocolError::NoCommandAllowed { uid } => write!(
+                f,
+                "permission denied: uid {uid} may run no command on this socket (see control.allow in the configuration); closing connection"
             ),
         }
     }

@@ -5,21 +5,34 @@
 //! Nothing here wakes up periodically: with no connection open the poll has no
 //! timeout and only the timerfd (armed for the next warning or lock) can end it.
 //! Every connection is non-blocking with its own buffers; a client that stalls
-//! mid-line is cut off after `read_timeout`, and connections beyond `max_clients`
-//! (or beyond a quarter of it from one non-root uid, so one local user cannot take
-//! every slot) are answered with an error and closed, so no client can delay the
-//! timer or another client. The vault sequences themselves (stop services, unmount, KDF)
+//! mid-line is cut off after `read_timeout`, so no client can delay the timer or
+//! another client. The vault sequences themselves (stop services, unmount, KDF)
 //! run inline: they are the vault's own work and are bounded by their tools.
+//!
+//! Connection slots are the one thing other local users can exhaust, so they are
+//! rationed by who is asking (see [`admit`]): a uid that `control.allow` grants no
+//! command is answered once and closed at accept; one non-root uid holds at most a
+//! quarter of `max_clients`; all non-root uids together leave [`root_reserve`]
+//! slots that only root can use. A connection's deadline is renewed only by a
+//! request it was allowed to run: denied or malformed lines are answered but do not
+//! keep a slot alive.
+//!
+//! The socket's directory is part of its security: whoever can write it can put
+//! their own listener where clients look for ours. [`bind`] creates missing
+//! directories with a fixed mode whatever the umask and refuses one that anyone
+//! but its owner (root or us) can write, and names the uid and pid of another
+//! user's listener found on the path.
 
 use super::activity::ActivityWatch;
 use super::backend::VaultBackend;
 use super::machine::{Machine, Now, Settings};
 use super::{log_info, log_warn, SupervisorError};
-use crate::config::Config;
+use crate::config::{Allow, Config, CONTROL_COMMANDS};
 use crate::control::framing::{Framed, LineBuffer};
 use crate::control::protocol::{parse_request, ProtocolError, Response};
-use crate::control::{peer_of, Peer};
+use crate::control::{authorise, peer_of, Peer};
 use rustix::event::{PollFd, PollFlags};
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -107,6 +120,9 @@ pub struct Supervisor {
     opts: Options,
     wakeups: Arc<AtomicU64>,
     accept_paused_until: u64,
+    /// `control.allow`: the machine decides with its own copy; this one rations
+    /// connection slots and deadlines by what a peer may run.
+    allow: BTreeMap<String, Allow>,
 }
 
 /// The clocks: CLOCK_BOOTTIME (suspend counts as idle) and wall time.
@@ -121,6 +137,60 @@ pub fn now() -> Now {
 /// Connections one non-root uid may hold at once.
 pub fn per_uid_limit(max_clients: usize) -> usize {
     (max_clients / 4).max(1)
+}
+
+/// Slots that non-root peers together can never take, so that root can always
+/// run `status` or `lock` (32 of the default 256). There is no admin role yet;
+/// when there is, it shares this reserve.
+pub fn root_reserve(max_clients: usize) -> usize {
+    (max_clients / 8).clamp(1, max_clients)
+}
+
+/// Why a new connection is refused at accept, if it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// `control.allow` grants this uid nothing: holding a slot would serve no one.
+    NoCommand,
+    /// Every slot this peer may use is taken.
+    Full,
+    /// This non-root uid holds its whole share.
+    UidShare,
+}
+
+/// May a peer of `uid` that may run some command (`may_run_any`) take a slot,
+/// given the uids of the connections already open? Pure policy, unit tested.
+pub fn admit(
+    uid: u32,
+    may_run_any: bool,
+    open_uids: impl Iterator<Item = u32>,
+    max_clients: usize,
+) -> Result<(), Refusal> {
+    if !may_run_any {
+        return Err(Refusal::NoCommand);
+    }
+    let (mut total, mut non_root, mut same) = (0usize, 0usize, 0usize);
+    for u in open_uids {
+        total += 1;
+        if u != 0 {
+            non_root += 1;
+        }
+        if u == uid {
+            same += 1;
+        }
+    }
+    if total >= max_clients {
+        return Err(Refusal::Full);
+    }
+    if uid == 0 {
+        return Ok(());
+    }
+    if non_root >= max_clients.saturating_sub(root_reserve(max_clients)) {
+        return Err(Refusal::Full);
+    }
+    if same >= per_uid_limit(max_clients) {
+        return Err(Refusal::UidShare);
+    }
+    Ok(())
 }
 
 fn sys_err(what: &'static str, e: rustix::io::Errno) -> SupervisorError {
@@ -189,6 +259,7 @@ impl Supervisor {
             opts,
             wakeups: Arc::new(AtomicU64::new(0)),
             accept_paused_until: 0,
+            allow: cfg.control.allow.clone(),
         })
     }
 
@@ -311,7 +382,7 @@ impl Supervisor {
                     flush(c);
                 }
                 if rev.intersects(PollFlags::IN | PollFlags::HUP) {
-                    busy_ms += serve(c, &mut self.machine, &self.opts);
+                    busy_ms += serve(c, &mut self.machine, &self.opts, &self.allow);
                     served = true;
                 }
             }
@@ -390,12 +461,7 @@ impl Supervisor {
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
-            if self.conns.len() >= self.opts.max_clients {
-                let line = Response::failed(&ProtocolError::TooManyConnections.to_string(), None)
-                    .to_line();
-                let _ = send(&stream, &line);
-                continue;
-            }
+            // Who is asking comes first: whether a slot is free depends on it.
             let peer = match peer_of(&stream) {
                 Ok(p) => p,
                 Err(e) => {
@@ -403,13 +469,24 @@ impl Supervisor {
                     continue;
                 }
             };
-            if peer.uid != 0 {
-                let same = self.conns.iter().filter(|c| c.peer.uid == peer.uid).count();
-                if same >= per_uid_limit(self.opts.max_clients) {
-                    let err = ProtocolError::TooManyConnectionsFromUid { uid: peer.uid };
-                    let _ = send(&stream, &Response::failed(&err.to_string(), None).to_line());
-                    continue;
-                }
+            let may_run_any = CONTROL_COMMANDS
+                .iter()
+                .any(|cmd| authorise(&self.allow, cmd, &peer));
+            let admitted = admit(
+                peer.uid,
+                may_run_any,
+                self.conns.iter().map(|c| c.peer.uid),
+                self.opts.max_clients,
+            );
+            if let Err(refusal) = admitted {
+                // One line into an empty socket buffer, then closed (dropped).
+                let err = match refusal {
+                    Refusal::NoCommand => ProtocolError::NoCommandAllowed { uid: peer.uid },
+                    Refusal::Full => ProtocolError::TooManyConnections,
+                    Refusal::UidShare => ProtocolError::TooManyConnectionsFromUid { uid: peer.uid },
+                };
+                let _ = send(&stream, &Response::failed(&err.to_string(), None).to_line());
+                continue;
             }
             self.conns.push(Conn {
                 stream,
@@ -458,7 +535,12 @@ impl Supervisor {
 
 /// Read what the connection has, answer every complete line. Returns the time
 /// spent inside the machine (vault sequences).
-fn serve(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
+fn serve(
+    c: &mut Conn,
+    machine: &mut Machine,
+    opts: &Options,
+    allow: &BTreeMap<String, Allow>,
+) -> u64 {
     let mut busy = 0;
     for _ in 0..16 {
         if c.closing || c.dead || c.out.len() > MAX_PENDING_OUT {
@@ -470,13 +552,13 @@ fn serve(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
                 // answered, then the connection closes once the answer is out.
                 if !c.input.is_empty() {
                     c.input.extend(b"\n");
-                    busy += answer_lines(c, machine, opts);
+                    busy += answer_lines(c, machine, opts, allow);
                 }
                 c.input.clear();
                 c.closing = true;
                 c.deadline = now().mono_ms + ms(opts.read_timeout);
             }
-            Ok(_) => busy += answer_lines(c, machine, opts),
+            Ok(_) => busy += answer_lines(c, machine, opts, allow),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => {
@@ -490,7 +572,15 @@ fn serve(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
     busy
 }
 
-fn answer_lines(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
+/// Answer every complete line in the connection's buffer. Only a request the peer
+/// may run renews its deadline: an answer to a denied or malformed line is not
+/// progress, or one such line every few seconds would hold a slot for ever.
+fn answer_lines(
+    c: &mut Conn,
+    machine: &mut Machine,
+    opts: &Options,
+    allow: &BTreeMap<String, Allow>,
+) -> u64 {
     let mut busy = 0;
     while c.out.len() <= MAX_PENDING_OUT {
         let framed = c.input.next_line(|line| {
@@ -510,14 +600,20 @@ fn answer_lines(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
             Some(Framed::Line(None)) => continue,
             Some(Framed::Line(Some(Err(e)))) => Response::failed(&e.to_string(), None),
             Some(Framed::Line(Some(Ok(req)))) => {
+                // The machine decides again (and audits a denial); this answer only
+                // says whether the line counts as progress.
+                let allowed = authorise(allow, req.name(), &c.peer);
                 let before = now();
                 let r = machine.handle(&c.peer, req, before);
-                busy += now().mono_ms.saturating_sub(before.mono_ms);
+                let after = now();
+                busy += after.mono_ms.saturating_sub(before.mono_ms);
+                if allowed {
+                    c.deadline = after.mono_ms + ms(opts.read_timeout);
+                }
                 r
             }
         };
         c.out.extend_from_slice(&response.to_line());
-        c.deadline = now().mono_ms + ms(opts.read_timeout);
         if c.closing {
             break;
         }
@@ -553,39 +649,288 @@ fn send(fd: impl AsFd, data: &[u8]) -> io::Result<usize> {
     .map_err(io::Error::from)
 }
 
-/// Bind the control socket: refuse if another supervisor answers on it, replace a
-/// stale one. Mode 0666: who may do what is decided by peer credentials, and
-/// refused clients get a clear answer instead of a bare EACCES.
+/// Mode of the directories created for the socket. Not 0700: users whom
+/// `control.allow` grants a command must traverse it to reach the socket (whose
+/// mode is 0666, peer credentials decide); 0755 still lets nobody but the owner
+/// add, remove or replace anything in it.
+pub const SOCKET_DIR_MODE: u32 = 0o755;
+
+/// Bind the control socket: refuse a directory that others could use to replace
+/// it, name another user's listener found on the path, refuse if another
+/// supervisor answers on it, replace a stale one. Mode 0666: who may do what is
+/// decided by peer credentials, and refused clients get a clear answer instead of
+/// a bare EACCES.
 fn bind(path: &Path) -> Result<UnixListener, SupervisorError> {
     let err = |err| SupervisorError::Socket {
         path: path.to_path_buf(),
         err,
     };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .create(dir)
-                .map_err(err)?;
-        }
-    }
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        if m.file_type().is_socket() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(SupervisorError::AlreadyRunning {
-                    path: path.to_path_buf(),
-                });
-            }
-            std::fs::remove_file(path).map_err(err)?;
-        } else {
+    let refuse = |msg: String| err(io::Error::new(io::ErrorKind::PermissionDenied, msg));
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    create_dirs(dir, SOCKET_DIR_MODE).map_err(err)?;
+    let me = rustix::process::geteuid().as_raw();
+    let live = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => listener_on(path),
+        Ok(_) => {
             return Err(err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
                 "exists and is not a socket; refusing to replace it",
+            )))
+        }
+        Err(_) => Listener::None,
+    };
+    // Another user's listener first: that is what the operator must hear about,
+    // and a directory that let it in is refused just below anyway.
+    if let Listener::Held(holder) = &live {
+        if holder.uid != 0 && holder.uid != me {
+            return Err(refuse(format!(
+                "is held by a listener of uid {} (pid {}), not by root or this supervisor's \
+                 uid {me}: another user is squatting the control socket's path. Stop that \
+                 process (`ps -o user,pid,args -p {}`), remove the socket, and keep {} \
+                 writable only by root",
+                holder.uid,
+                holder.pid,
+                holder.pid,
+                dir.display()
             )));
         }
+    }
+    check_socket_dir(dir, me).map_err(refuse)?;
+    match live {
+        Listener::Held(holder) => {
+            log_warn(&format!(
+                "{} is served by pid {} (uid {})",
+                path.display(),
+                holder.pid,
+                holder.uid
+            ));
+            return Err(SupervisorError::AlreadyRunning {
+                path: path.to_path_buf(),
+            });
+        }
+        Listener::Unidentified(why) => {
+            return Err(refuse(format!(
+                "a socket is there and who holds it cannot be read ({why}); refusing to \
+                 replace it: find its owner with `ss -xlp` and stop it, or remove it"
+            )))
+        }
+        Listener::Stale => std::fs::remove_file(path).map_err(err)?,
+        Listener::None => {}
     }
     let listener = UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(err)?;
     listener.set_nonblocking(true).map_err(err)?;
     Ok(listener)
+}
+
+/// What answers on an existing socket path.
+enum Listener {
+    None,
+    /// Nobody listens: a leftover of a supervisor that did not stop cleanly.
+    Stale,
+    /// A live listener, as the kernel recorded it when it called listen(2).
+    Held(Peer),
+    /// Someone may listen but no connection (and so no credentials) could be had
+    /// without waiting on it (its queue is full) or at all.
+    Unidentified(String),
+}
+
+/// Connect without blocking (a squatter must not stall our start) and read who
+/// listens. Nothing is sent.
+fn listener_on(path: &Path) -> Listener {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let unknown = |e: rustix::io::Errno| Listener::Unidentified(io::Error::from(e).to_string());
+    let addr = match SocketAddrUnix::new(path) {
+        Ok(a) => a,
+        Err(e) => return unknown(e),
+    };
+    let fd = match rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    ) {
+        Ok(fd) => fd,
+        Err(e) => return unknown(e),
+    };
+    match rustix::net::connect(&fd, &addr) {
+        Ok(()) => match peer_of(&fd) {
+            Ok(p) => Listener::Held(p),
+            Err(e) => Listener::Unidentified(e.to_string()),
+        },
+        Err(rustix::io::Errno::CONNREFUSED) => Listener::Stale,
+        Err(rustix::io::Errno::NOENT) => Listener::None,
+        Err(rustix::io::Errno::AGAIN) => {
+            Listener::Unidentified("it listens but accepts no connection: queue full".into())
+        }
+        Err(e) => unknown(e),
+    }
+}
+
+/// Create `dir` and its missing parents with exactly `mode`: mkdir's mode is
+/// narrowed by the umask and, with umask 000, a default 0777 would let anyone
+/// replace the socket; so each directory this creates is chmod-ed after mkdir.
+/// Directories that already exist are left to [`check_socket_dir`].
+fn create_dirs(dir: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    for d in missing.into_iter().rev() {
+        if d.as_os_str().is_empty() {
+            continue;
+        }
+        match std::fs::DirBuilder::new().mode(mode).create(d) {
+            Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode))?,
+            // Someone else created it meanwhile: not ours to chmod; checked later.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// May the socket live in `dir`? Whoever can write the directory can replace the
+/// socket with their own, so: owned by root or by us (`me`), writable by its owner
+/// only; and every directory above it owned by root or us and not writable by
+/// others unless sticky (as /tmp is), so that `dir` itself cannot be swapped.
+/// The error names the directory and what to do.
+fn check_socket_dir(dir: &Path, me: u32) -> Result<(), String> {
+    let shown = dir.display();
+    let real = std::fs::canonicalize(dir).map_err(|e| format!("its directory {shown}: {e}"))?;
+    let resolved = if real == dir {
+        String::new()
+    } else {
+        format!(" (resolves to {})", real.display())
+    };
+    let meta = std::fs::metadata(&real).map_err(|e| format!("its directory {shown}: {e}"))?;
+    let (mode, owner) = (meta.mode() & 0o7777, meta.uid());
+    if owner != 0 && owner != me {
+        return Err(format!(
+            "its directory {shown}{resolved} is owned by uid {owner}, not by root or this \
+             supervisor's uid {me}: its owner could replace the socket. Use a directory \
+             owned by root (`chown root: {shown}`), such as the default /run/vaultguard"
+        ));
+    }
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "its directory {shown}{resolved} (mode {mode:04o}) is writable by users other \
+             than its owner: any of them could put their own listener where clients look \
+             for the supervisor. Make it writable by its owner only (`chmod go-w {shown}`) \
+             or use the default /run/vaultguard"
+        ));
+    }
+    for a in real.ancestors().skip(1) {
+        let m = std::fs::metadata(a).map_err(|e| format!("{}: {e}", a.display()))?;
+        let (amode, aowner) = (m.mode() & 0o7777, m.uid());
+        if aowner != 0 && aowner != me {
+            return Err(format!(
+                "{} above its directory {shown} is owned by uid {aowner}, who could \
+                 replace {shown}: use a directory whose parents belong to root",
+                a.display()
+            ));
+        }
+        if amode & 0o022 != 0 && amode & 0o1000 == 0 {
+            return Err(format!(
+                "{} above its directory {shown} (mode {amode:04o}) is writable by others \
+                 without the sticky bit, so {shown} could be replaced: `chmod go-w {}`",
+                a.display(),
+                a.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admit_with(uid: u32, open: &[u32], max: usize) -> Result<(), Refusal> {
+        admit(uid, true, open.iter().copied(), max)
+    }
+
+    #[test]
+    fn a_peer_allowed_nothing_gets_no_slot_even_when_all_are_free() {
+        assert_eq!(
+            admit(1000, false, [].into_iter(), 256),
+            Err(Refusal::NoCommand)
+        );
+    }
+
+    #[test]
+    fn four_users_with_full_shares_leave_the_root_reserve() {
+        let max = 256;
+        assert_eq!((per_uid_limit(max), root_reserve(max)), (64, 32));
+        let mut open = Vec::new();
+        for uid in 60001..=60004u32 {
+            while admit_with(uid, &open, max).is_ok() {
+                open.push(uid);
+            }
+        }
+        // Three full shares, the fourth stopped by the reserve.
+        assert_eq!(open.len(), max - 32);
+        assert_eq!(open.iter().filter(|&&u| u == 60004).count(), 32);
+        assert_eq!(admit_with(60005, &open, max), Err(Refusal::Full));
+        // Root takes the reserve, and then nobody gets more.
+        for _ in 0..32 {
+            assert_eq!(admit_with(0, &open, max), Ok(()));
+            open.push(0);
+        }
+        assert_eq!(admit_with(0, &open, max), Err(Refusal::Full));
+    }
+
+    #[test]
+    fn one_uid_is_held_to_its_share() {
+        let open = vec![1000; 64];
+        assert_eq!(admit_with(1000, &open, 256), Err(Refusal::UidShare));
+        assert_eq!(admit_with(1001, &open, 256), Ok(()));
+        // Tiny limits still leave root one slot and each uid one.
+        assert_eq!(admit_with(1000, &[], 1), Err(Refusal::Full));
+        assert_eq!(admit_with(0, &[], 1), Ok(()));
+        assert_eq!(admit_with(1000, &[], 8), Ok(()));
+        assert_eq!(admit_with(1000, &[1000, 1000], 8), Err(Refusal::UidShare));
+    }
+
+    fn chmod(p: &Path, mode: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_parent_others_can_write_is_refused_unless_sticky() {
+        let t = crate::testutil::TmpDir::new("sockdir");
+        chmod(&t, 0o755);
+        let shared = t.join("shared");
+        let dir = shared.join("vg");
+        std::fs::create_dir_all(&dir).unwrap();
+        chmod(&dir, 0o755);
+        let me = rustix::process::geteuid().as_raw();
+        // Like /tmp: others may write, but only the owner may rename `vg` away.
+        chmod(&shared, 0o1777);
+        assert_eq!(check_socket_dir(&dir, me), Ok(()));
+        chmod(&shared, 0o777);
+        let e = check_socket_dir(&dir, me).unwrap_err();
+        assert!(e.contains(&shared.display().to_string()), "{e}");
+        assert!(e.contains("without the sticky bit"), "{e}");
+        // The socket's own directory gets no sticky exception.
+        chmod(&shared, 0o755);
+        chmod(&dir, 0o1777);
+        let e = check_socket_dir(&dir, me).unwrap_err();
+        assert!(e.contains("mode 1777"), "{e}");
+    }
+
+    #[test]
+    fn a_symlinked_directory_is_judged_by_its_target() {
+        let t = crate::testutil::TmpDir::new("sockdir-link");
+        chmod(&t, 0o755);
+        let real = t.join("real");
+        std::fs::create_dir(&real).unwrap();
+        chmod(&real, 0o777);
+        let link = t.join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = check_socket_dir(&link, rustix::process::geteuid().as_raw()).unwrap_err();
+        assert!(e.contains("resolves to"), "{e}");
+        assert!(e.contains("mode 0777"), "{e}");
+    }
 }
