@@ -94,6 +94,10 @@ impl VaultBackend for Fake {
         self.call("activate");
         Ok(())
     }
+    fn verify_passphrase(&mut self, _passphrase: &SecretBytes) -> Result<(), BackendError> {
+        self.call("verify");
+        Ok(())
+    }
     fn mount(&mut self) -> Result<(), BackendError> {
         self.call("mount");
         Ok(())
