@@ -136,6 +136,25 @@ pub struct AuditCmd {
 pub enum AuditSub {
     Verify(AuditVerifyCmd),
     Rotate(AuditRotateCmd),
+    Export(AuditExportCmd),
+}
+
+/// write every entry of every segment, signed (Ed25519), for verification elsewhere
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "export")]
+pub struct AuditExportCmd {
+    /// the signing key: Ed25519 private key, PKCS#8 PEM (`openssl genpkey -algorithm ed25519`)
+    #[argh(option)]
+    pub key: PathBuf,
+    /// the operator's version number of that key, recorded in the export (default 1)
+    #[argh(option, default = "1")]
+    pub key_version: u64,
+    /// write the export here (default: standard output)
+    #[argh(option, short = 'o')]
+    pub output: Option<PathBuf>,
+    /// the live log (default: audit.path from the configuration)
+    #[argh(positional)]
+    pub path: Option<PathBuf>,
 }
 
 /// close the current audit segment and start a new one chained onto it
@@ -151,7 +170,11 @@ pub struct AuditRotateCmd {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "verify")]
 pub struct AuditVerifyCmd {
-    /// the log to check (default: audit.path from the configuration)
+    /// check PATH as a signed export with these public keys (SPKI PEM; repeat for
+    /// rotated keys), without the appliance
+    #[argh(option)]
+    pub public_key: Vec<PathBuf>,
+    /// the log to check (default: audit.path from the configuration), or the export
     #[argh(positional)]
     pub path: Option<PathBuf>,
 }

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+use vaultguard::audit::export;
 use vaultguard::boot::commands;
 use vaultguard::cli::{Args, AuditSub, Command};
 use vaultguard::config::{self, Config};
@@ -122,9 +123,39 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             AuditSub::Verify(v) => {
                 let path = match &v.path {
                     Some(p) => p.clone(),
+                    None if !v.public_key.is_empty() => {
+                        return Err(
+                            "audit verify --public-key checks an export: give its path".into()
+                        )
+                    }
                     None => load_config(&args)?.audit.path,
                 };
-                println!("{}", vaultguard::audit::verify(&path)?);
+                if v.public_key.is_empty() {
+                    println!("{}", vaultguard::audit::verify(&path)?);
+                } else {
+                    let keys = v
+                        .public_key
+                        .iter()
+                        .map(|p| export::read_verifying_key(p))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let text = std::fs::read(&path)
+                        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                    let ok = export::verify_export(&path, &text, &keys)?;
+                    println!("{}: {ok}", path.display());
+                }
+            }
+            AuditSub::Export(x) => {
+                let path = match &x.path {
+                    Some(p) => p.clone(),
+                    None => load_config(&args)?.audit.path,
+                };
+                let key = export::read_signing_key(&x.key)?;
+                let out = export::export(&path, &key, x.key_version, vaultguard::audit::now_ms())?;
+                match &x.output {
+                    Some(o) => std::fs::write(o, &out)
+                        .map_err(|e| format!("cannot write {}: {e}", o.display()))?,
+                    None => std::io::Write::write_all(&mut std::io::stdout(), &out)?,
+                }
             }
             AuditSub::Rotate(r) => {
                 let path = match &r.path {

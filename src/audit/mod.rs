@@ -30,6 +30,7 @@
 //! Truncating whole lines off the end cannot be detected by a chain alone; that is
 //! what off-host log shipping is for.
 
+pub mod export;
 pub mod journal;
 
 use sha2::{Digest, Sha256};
@@ -559,7 +560,7 @@ pub fn verify_bytes(text: &[u8]) -> Result<Verified, (usize, String)> {
 
 /// One segment's bytes chained onto `start` (`None`: take the first entry's
 /// `prev_hash` as given, for a segment whose predecessor is gone).
-fn verify_from(text: &[u8], start: Option<&str>) -> Result<Verified, (usize, String)> {
+pub(crate) fn verify_from(text: &[u8], start: Option<&str>) -> Result<Verified, (usize, String)> {
     let mut prev = start.unwrap_or_default().to_string();
     let mut trust_first = start.is_none();
     let mut entries = 0;
@@ -823,7 +824,7 @@ fn write_canonical(v: &serde_json::Value, out: &mut String) {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
