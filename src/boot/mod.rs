@@ -61,6 +61,8 @@ pub enum BootError {
     },
     Verify(String),
     KeyFile(String),
+    /// The kernel's random number generator failed.
+    Random(std::io::Error),
 }
 
 impl fmt::Display for BootError {
@@ -92,6 +94,10 @@ impl fmt::Display for BootError {
             ),
             BootError::Verify(why) => write!(f, "enrolment check failed, nothing was written: {why}"),
             BootError::KeyFile(why) => write!(f, "key file: {why}"),
+            BootError::Random(e) => write!(
+                f,
+                "the kernel random number generator failed (getrandom: {e}); no key was made"
+            ),
         }
     }
 }
@@ -647,11 +653,18 @@ fn write_enrolment(
 }
 
 /// A recovery key as systemd formats them: 32 random bytes in modhex, dashed into
-/// eight groups of eight (easy to type, no ambiguous letters).
-pub fn make_recovery_key() -> SecretBytes {
+/// eight groups of eight (easy to type, no ambiguous letters). An RNG failure is
+/// an error: a key made of the zeroed buffer would be the same on every machine.
+pub fn make_recovery_key() -> Result<SecretBytes, BootError> {
+    make_recovery_key_with(crate::secret::fill_random)
+}
+
+fn make_recovery_key_with(
+    fill: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
+) -> Result<SecretBytes, BootError> {
     const MODHEX: &[u8; 16] = b"cbdefghijklnrtuv";
     let mut raw = SecretBytes::zeroed(32);
-    let _ = rustix::rand::getrandom(raw.as_mut_bytes(), rustix::rand::GetRandomFlags::empty());
+    fill(raw.as_mut_bytes()).map_err(BootError::Random)?;
     let mut out = SecretBytes::with_capacity(71);
     for (i, b) in raw.as_bytes().iter().enumerate() {
         if i > 0 && i % 4 == 0 {
@@ -660,11 +673,11 @@ pub fn make_recovery_key() -> SecretBytes {
         out.push(MODHEX[(b >> 4) as usize]);
         out.push(MODHEX[(b & 15) as usize]);
     }
-    out
+    Ok(out)
 }
 
 fn add_recovery_key(vault: &mut Vault, vk: &SecretBytes) -> Result<(SecretBytes, u32), BootError> {
-    let key = make_recovery_key();
+    let key = make_recovery_key()?;
     let slot = vault.add_keyslot(vk, key.as_bytes(), true)?;
     let token = serde_json::json!({"type": "systemd-recovery", "keyslots": [slot.to_string()]});
     if let Err(e) = vault.add_token(&token) {
@@ -788,8 +801,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn recovery_key_is_never_made_from_a_failed_rng() {
+        // The kernel RNG failing (e.g. interrupted while it blocks in an early
+        // initramfs, and the retry failing too) is an error, not a zero key.
+        let e = make_recovery_key_with(|b| {
+            crate::secret::fill_random_with(b, |_| Err(std::io::Error::from_raw_os_error(38)))
+        })
+        .err()
+        .expect("a recovery key from a failed RNG");
+        assert!(matches!(e, BootError::Random(_)), "{e}");
+        assert!(e.to_string().contains("random number generator"), "{e}");
+        // An interruption is retried: the key is made of the bytes that came.
+        let mut first = true;
+        let k = make_recovery_key_with(|b| {
+            crate::secret::fill_random_with(b, |b| {
+                if std::mem::take(&mut first) {
+                    return Err(std::io::Error::from_raw_os_error(4)); // EINTR
+                }
+                b.fill(0xff);
+                Ok(b.len())
+            })
+        })
+        .unwrap();
+        assert_eq!(
+            k.as_bytes(),
+            "vvvvvvvv-".repeat(8).trim_end_matches('-').as_bytes()
+        );
+    }
+
+    #[test]
     fn recovery_key_shape() {
-        let k = make_recovery_key();
+        let k = make_recovery_key().unwrap();
         let s = std::str::from_utf8(k.as_bytes()).unwrap();
         let groups: Vec<&str> = s.split('-').collect();
         assert_eq!(groups.len(), 8);
@@ -797,6 +839,6 @@ mod tests {
         assert!(s
             .bytes()
             .all(|b| b == b'-' || b"cbdefghijklnrtuv".contains(&b)));
-        assert_ne!(k.as_bytes(), make_recovery_key().as_bytes());
+        assert_ne!(k.as_bytes(), make_recovery_key().unwrap().as_bytes());
     }
 }

@@ -71,6 +71,8 @@ pub enum TpmError {
     BadToken(String),
     /// The phase-PCR extend did not take.
     LatchFailed(String),
+    /// The kernel's random number generator failed (nothing was sealed).
+    Random(std::io::Error),
 }
 
 impl fmt::Display for TpmError {
@@ -125,6 +127,10 @@ impl fmt::Display for TpmError {
             }
             TpmError::BadToken(why) => write!(f, "TPM2 token unusable: {why}"),
             TpmError::LatchFailed(why) => write!(f, "could not extend the phase PCR: {why}"),
+            TpmError::Random(e) => write!(
+                f,
+                "the kernel random number generator failed (getrandom: {e}); nothing was sealed"
+            ),
         }
     }
 }
@@ -212,8 +218,7 @@ impl Tpm {
         // The kernel RNG is the source (as systemd does); the TPM is not trusted to
         // be the only one.
         let mut out = SecretBytes::zeroed(len);
-        rustix::rand::getrandom(out.as_mut_bytes(), rustix::rand::GetRandomFlags::empty())
-            .map_err(|e| TpmError::BadToken(format!("getrandom: {e}")))?;
+        crate::secret::fill_random(out.as_mut_bytes()).map_err(TpmError::Random)?;
         Ok(out)
     }
 
