@@ -1265,8 +1265,7 @@ mod tests {
         let e = make_recovery_key_with(|b| {
             crate::secret::fill_random_with(b, |_| Err(std::io::Error::from_raw_os_error(38)))
         })
-        .err()
-        .expect("a recovery key from a failed RNG");
+        .expect_err("a recovery key from a failed RNG");
         assert!(matches!(e, BootError::Random(_)), "{e}");
         assert!(e.to_string().contains("random number generator"), "{e}");
         // An interruption is retried: the key is made of the bytes that came.
