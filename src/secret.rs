@@ -1,11 +1,18 @@
-//! Secret buffers and process hardening.
+//! Secret buffers, the kernel RNG, and process hardening.
 //!
 //! Every secret in the process (sealed secret, volume key, passphrase, PIN) lives in
 //! a [`SecretBytes`]: a fixed-capacity, mlock'ed buffer that is zeroized before its
 //! memory is released and that has no `Debug`/`Display` which could print it. This
 //! module never logs, stores or compares secrets in a way that leaks timing.
+//!
+//! Memory locks are per page and do not nest (one `munlock` undoes any number of
+//! `mlock`s), while small secrets share pages with each other. So pages are locked
+//! through a process-wide count of the live secrets on each: a page is unlocked
+//! only when the last secret on it is dropped.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Mutex;
 use zeroize::Zeroize;
 
 /// A secret byte string. Its capacity is fixed at creation so the buffer is never
@@ -130,19 +137,127 @@ impl fmt::Debug for SecretBytes {
     }
 }
 
+/// Per page (by page number): how many live secrets lie on it, and whether the
+/// page is locked.
+static PAGES: Mutex<BTreeMap<usize, PageUse>> = Mutex::new(BTreeMap::new());
+
+struct PageUse {
+    secrets: usize,
+    locked: bool,
+}
+
+fn page_size() -> usize {
+    static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SIZE.get_or_init(|| {
+        nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|n| n.is_power_of_two())
+            .unwrap_or(4096)
+    })
+}
+
+/// Page numbers that `[ptr, ptr + len)` touches.
+fn pages_of(ptr: *const u8, len: usize) -> std::ops::RangeInclusive<usize> {
+    let size = page_size();
+    let start = ptr as usize;
+    (start / size)..=((start + len - 1) / size)
+}
+
+fn mlock_page(page: usize) -> bool {
+    let size = page_size();
+    // SAFETY: the page holds (part of) a live allocation of the caller; mlock
+    // neither reads nor writes it, it only pins it in RAM. Failure
+    // (RLIMIT_MEMLOCK) is tolerated: the buffer is still wiped on drop, and core
+    // dumps are disabled by `harden_process`.
+    unsafe { rustix::mm::mlock((page * size) as *mut std::ffi::c_void, size).is_ok() }
+}
+
+fn munlock_page(page: usize) {
+    let size = page_size();
+    // SAFETY: the page was locked by `mlock_page` for a secret that has just been
+    // wiped, and no live secret lies on it any more (its count dropped to zero);
+    // munlock does not touch its contents.
+    let _ = unsafe { rustix::mm::munlock((page * size) as *mut std::ffi::c_void, size) };
+}
+
+/// Count a new secret on every page of its buffer, locking pages that are not
+/// locked yet. Returns whether the buffer was registered (it must then be
+/// unregistered exactly once, by `unlock_region`); whether the lock took is
+/// visible in /proc/self/smaps, not here.
 fn lock_region(ptr: *const u8, len: usize) -> bool {
     if len == 0 {
         return false;
     }
-    // SAFETY: the range is one live allocation owned by the caller; mlock does not
-    // read or write it. Failure (RLIMIT_MEMLOCK) is tolerated: the buffer is still
-    // wiped on drop, and core dumps are disabled by `harden_process`.
-    unsafe { rustix::mm::mlock(ptr as *mut std::ffi::c_void, len).is_ok() }
+    // A poisoned map is still a consistent map: every update below is complete
+    // before anything that could panic.
+    let mut pages = PAGES.lock().unwrap_or_else(|e| e.into_inner());
+    for page in pages_of(ptr, len) {
+        let entry = pages.entry(page).or_insert(PageUse {
+            secrets: 0,
+            locked: false,
+        });
+        entry.secrets += 1;
+        if !entry.locked {
+            entry.locked = mlock_page(page);
+        }
+    }
+    true
 }
 
+/// Uncount a dropped secret; pages with no live secret left are unlocked.
 fn unlock_region(ptr: *const u8, len: usize) {
-    // SAFETY: same allocation that `lock_region` locked, still live here.
-    let _ = unsafe { rustix::mm::munlock(ptr as *mut std::ffi::c_void, len) };
+    if len == 0 {
+        return;
+    }
+    let mut pages = PAGES.lock().unwrap_or_else(|e| e.into_inner());
+    for page in pages_of(ptr, len) {
+        let Some(entry) = pages.get_mut(&page) else {
+            continue;
+        };
+        entry.secrets -= 1;
+        if entry.secrets == 0 {
+            if entry.locked {
+                munlock_page(page);
+            }
+            pages.remove(&page);
+        }
+    }
+}
+
+/// Fill `buf` from the kernel RNG (getrandom(2), blocking until it is seeded).
+/// In an early initramfs the first call may block and a signal may interrupt it
+/// (EINTR), or hand back fewer bytes than asked: both are retried here, so a
+/// caller gets either a full buffer of random bytes or an error, never a buffer
+/// left partly zero.
+pub fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+    fill_random_with(buf, |b| {
+        rustix::rand::getrandom(b, rustix::rand::GetRandomFlags::empty())
+            .map_err(std::io::Error::from)
+    })
+}
+
+/// `fill_random` over any getrandom-like source (tests inject failures).
+pub fn fill_random_with(
+    buf: &mut [u8],
+    mut source: impl FnMut(&mut [u8]) -> std::io::Result<usize>,
+) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match source(&mut buf[filled..]) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "getrandom returned no bytes",
+                ))
+            }
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Keep secrets out of core dumps and away from ptrace by other users: no core
@@ -219,6 +334,112 @@ mod tests {
         assert_eq!(s.len(), cap);
         assert!(s.pop());
         assert_eq!(s.len(), cap - 1);
+    }
+
+    /// `Locked:` (kB) of the mapping holding `addr`, from /proc/self/smaps.
+    fn locked_kb_at(addr: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((a, b)) = first.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    inside = (a..b).contains(&addr);
+                    continue;
+                }
+            }
+            if inside {
+                if let Some(kb) = line.strip_prefix("Locked:") {
+                    return kb.trim().trim_end_matches("kB").trim().parse().unwrap();
+                }
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
+
+    /// The body of `dropping_one_secret_keeps_a_shared_page_locked`, run in a
+    /// process of its own: memory locks are per process, and other tests' secrets
+    /// would lock and unlock pages in the same mappings meanwhile.
+    #[test]
+    #[ignore = "run in its own process by dropping_one_secret_keeps_a_shared_page_locked"]
+    fn shared_page_probe() {
+        let page = |s: &SecretBytes| s.as_bytes().as_ptr() as usize / page_size();
+        // Two small secrets on one page (the allocator places them side by side;
+        // if a pair straddles a page boundary, the next pair does not).
+        let mut spare = Vec::new();
+        let (a, b) = loop {
+            let a = SecretBytes::from_slice(b"first secret");
+            let b = SecretBytes::from_slice(b"second secret");
+            if page(&a) == page(&b) {
+                break (a, b);
+            }
+            spare.push(a);
+            spare.push(b);
+        };
+        let addr = b.as_bytes().as_ptr() as usize;
+        let before = locked_kb_at(addr);
+        assert!(before > 0, "the secrets' page is not locked at all");
+        drop(a);
+        assert_eq!(
+            locked_kb_at(addr),
+            before,
+            "dropping one secret unlocked a page another live secret uses"
+        );
+        drop(b);
+        drop(spare);
+        assert!(
+            locked_kb_at(addr) < before,
+            "the page stayed locked after its last secret was dropped"
+        );
+    }
+
+    #[test]
+    fn dropping_one_secret_keeps_a_shared_page_locked() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "secret::tests::shared_page_probe",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn random_fill_retries_interruptions_and_short_reads_and_reports_failure() {
+        // EINTR twice, then short reads: the buffer ends up fully written.
+        let mut calls = 0;
+        let mut buf = [0u8; 32];
+        fill_random_with(&mut buf, |b| {
+            calls += 1;
+            if calls <= 2 {
+                return Err(std::io::Error::from_raw_os_error(4)); // EINTR
+            }
+            let n = b.len().min(5);
+            b[..n].fill(0xa5);
+            Ok(n)
+        })
+        .unwrap();
+        assert_eq!(buf, [0xa5; 32]);
+        assert_eq!(calls, 2 + 7);
+        // Any other error is the caller's, not a zero-filled buffer.
+        let e = fill_random_with(&mut [0u8; 32], |_| {
+            Err(std::io::Error::from_raw_os_error(38)) // ENOSYS
+        })
+        .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(38));
+        // The real thing.
+        let mut a = [0u8; 32];
+        fill_random(&mut a).unwrap();
+        assert_ne!(a, [0u8; 32]);
     }
 
     #[test]

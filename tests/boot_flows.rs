@@ -4,12 +4,12 @@
 
 mod common;
 
-use common::{luks_image, run, Swtpm, TempDir};
+use common::{luks_image, run, LoopDevice, Swtpm, TempDir};
 use std::process::Command;
 use std::time::Duration;
 use vaultguard::boot::{
-    acquire_volume_key, enroll, reseal, BootError, EnrollOptions, Method, NoEvents, TpmOptions,
-    UnlockOptions, Verification,
+    acquire_volume_key, enroll, reseal, BootError, EnrollOptions, Events, Method, NoEvents,
+    TpmOptions, UnlockOptions, Verification,
 };
 use vaultguard::luks::{ActivateFlags, Vault};
 use vaultguard::prompt::Scripted;
@@ -446,4 +446,86 @@ fn without_an_enrolment_the_tpm_is_not_waited_for() {
     );
     assert!(got.tpm.is_none());
     assert_eq!(got.vk.as_bytes(), reference_vk(&img).as_slice());
+}
+
+/// Makes the device read-only right after the `nth` keyslot an enrolment adds
+/// (so the token write that follows fails), and writable again when the rollback
+/// starts: a header write error in the middle, as a failing disk gives one.
+struct FailAfterKeyslot<'a> {
+    dev: &'a LoopDevice,
+    nth: usize,
+    added: usize,
+    events: Vec<String>,
+}
+
+impl Events for FailAfterKeyslot<'_> {
+    fn event(&mut self, name: &str, _fields: &[(&str, &str)]) {
+        self.events.push(name.to_string());
+        match name {
+            "keyslot_added" => {
+                self.added += 1;
+                if self.added == self.nth {
+                    self.dev.set_readonly(true);
+                }
+            }
+            "enrolment_rollback" => self.dev.set_readonly(false),
+            _ => {}
+        }
+    }
+}
+
+fn interrupted_enrolment_leaves_nothing(nth: usize, recovery_key: bool) {
+    let sw = Swtpm::start();
+    let dir = TempDir::new("rollback");
+    let img = luks_image(dir.path(), PASS);
+    let dev = LoopDevice::attach(&img);
+    let mut o = enroll_opts(&sw, &img);
+    o.device = dev.path.clone();
+    o.recovery_key = recovery_key;
+    let mut events = FailAfterKeyslot {
+        dev: &dev,
+        nth,
+        added: 0,
+        events: Vec::new(),
+    };
+    let e = enroll(&o, &mut Scripted::new(&[PASS]), &mut events).unwrap_err();
+    let seen = std::mem::take(&mut events.events);
+    drop(events);
+    drop(dev);
+    // The header as the next reader sees it: no token of any kind, no keyslot
+    // but the passphrase's, which still opens.
+    let d = dump(&img);
+    assert!(!d.contains("systemd-"), "{d}");
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    assert_eq!(v.token_refs().unwrap(), vec![], "{d}");
+    assert_eq!(v.active_keyslots(), vec![0], "{d}");
+    assert!(v.volume_key(Some(0), PASS.as_bytes()).is_ok());
+    // and the operator is told the header is as it was
+    assert!(
+        matches!(e, BootError::PartlyWritten { left: None, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("the header is as it was"), "{e}");
+    assert!(
+        seen.iter().any(|n| n == "enrolment_rolled_back"),
+        "{seen:?}"
+    );
+    // and enrolling again works (nothing half-written is in the way)
+    drop(v);
+    enroll(
+        &enroll_opts(&sw, &img),
+        &mut Scripted::new(&[PASS]),
+        &mut NoEvents,
+    )
+    .unwrap();
+}
+
+#[test]
+fn an_enrolment_whose_token_write_fails_leaves_no_token_and_no_keyslot() {
+    interrupted_enrolment_leaves_nothing(1, false);
+}
+
+#[test]
+fn an_enrolment_whose_recovery_token_write_fails_takes_the_tpm_enrolment_back_too() {
+    interrupted_enrolment_leaves_nothing(2, true);
 }

@@ -33,6 +33,7 @@ fn token_from(sealed: &vaultguard::tpm::Sealed, pcrs: &[u32], pin: bool) -> Tpm2
         salt: sealed.salt.clone(),
         srk: Some(sealed.srk.clone()),
         pcr_values: Some(sealed.pcr_values.iter().cloned().collect()),
+        keyslot_macs: Default::default(),
     }
 }
 
@@ -487,11 +488,48 @@ fn tampered_blobs_are_refused() {
     let mut t = good.clone();
     t.blob[10] ^= 1;
     assert!(tpm.unseal(&t, None).is_err());
-    // a policy hash that does not match what the object was sealed with
-    let mut t = good;
+    // a policy hash that does not match what the object was sealed with: the
+    // token contradicts itself, which no PCR change does; not a reason to reseal
+    let mut t = good.clone();
     t.policy_hash[0] ^= 1;
-    assert!(matches!(
-        tpm.check_policy(&t, Some(15)),
-        Err(TpmError::PcrMismatch { .. })
-    ));
+    let err = tpm.check_policy(&t, Some(15)).unwrap_err();
+    assert!(matches!(err, TpmError::TokenAltered(_)), "{err}");
+    assert!(err.to_string().contains("tpm2-policy-hash"), "{err}");
+    assert!(!err.to_string().contains("reseal"), "{err}");
+    // recorded PCR values that do not give the recorded policy
+    let mut t = good.clone();
+    t.pcr_values.as_mut().unwrap().insert(7, vec![7; 32]);
+    let err = tpm.check_policy(&t, Some(15)).unwrap_err();
+    assert!(matches!(err, TpmError::TokenAltered(_)), "{err}");
+    assert!(err.to_string().contains("vaultguard_pcr_values"), "{err}");
+    // the genuine token is consistent
+    assert!(vaultguard::tpm::check_token(&good).is_ok());
+}
+
+#[test]
+fn a_policy_refusal_names_the_tokens_pcrs() {
+    // The TPM's own refusal (no pre-check) names the PCRs the token binds, never
+    // an empty list.
+    let mut sw = Swtpm::start();
+    let mut tpm = open(&sw);
+    let sealed = seal(&mut tpm, &[7], None);
+    let token = token_from(&sealed, &[7], false);
+    drop(tpm);
+    sw.tool(
+        "tpm2_pcrextend",
+        &["7:sha256=0000000000000000000000000000000000000000000000000000000000000007"],
+    );
+    let mut tpm = open(&sw);
+    let err = tpm.unseal(&token, None).unwrap_err();
+    match &err {
+        TpmError::PcrMismatch { bound, .. } => assert_eq!(bound, &vec![7, 15]),
+        other => panic!("unexpected {other}"),
+    }
+    assert!(err.to_string().contains("bound to PCRs 7,15"), "{err}");
+    let empty = TpmError::PcrMismatch {
+        changed: vec![],
+        bound: vec![],
+        phase: None,
+    };
+    assert!(!empty.to_string().contains("PCRs )"), "{empty}");
 }

@@ -5,8 +5,8 @@
 //! operators' scripts match on them.
 
 use super::{
-    detach, enroll, reseal, unlock, BootError, EnrollOptions, EnrollReport, Events, Method,
-    TpmOptions, UnlockOptions, Verification,
+    detach, enroll, reseal, unlock, BootError, EnrollOptions, EnrollReport, Events, KeepReason,
+    Method, TpmOptions, UnlockOptions, Verification,
 };
 use crate::audit;
 use crate::config::{parse_pcr_list, Config};
@@ -286,26 +286,73 @@ fn enroll_options(
     })
 }
 
-fn print_enrolment(what: &str, r: &EnrollReport) {
+/// The console lines that report an enrolment or reseal (the recovery key, shown
+/// once, is written separately by `print_enrolment`).
+pub fn enrolment_lines(what: &str, r: &EnrollReport) -> Vec<String> {
     let pcrs = r
         .pcrs
         .iter()
         .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    println!(
+    let mut lines = vec![format!(
         "vaultguard: {what} TPM2 keyslot {} (token {}), bound to PCRs {pcrs}",
         r.keyslot, r.token
-    );
-    match r.verification {
-        Verification::Unsealed => println!("vaultguard: verified: the TPM unsealed the new secret"),
-        Verification::PolicyOnly => println!(
+    )];
+    lines.push(match r.verification {
+        Verification::Unsealed => "vaultguard: verified: the TPM unsealed the new secret".into(),
+        Verification::PolicyOnly => {
             "vaultguard: verified the policy against the TPM; a full unseal check is impossible \
              in this boot because the phase PCR is already extended (the next boot will use it)"
-        ),
+                .into()
+        }
+    });
+    for token in &r.removed_tokens {
+        let slots: Vec<u32> = r
+            .removed
+            .iter()
+            .filter(|(t, _)| t == token)
+            .map(|(_, s)| *s)
+            .collect();
+        if slots.is_empty() {
+            lines.push(format!(
+                "vaultguard: removed old token {token}; none of its keyslots was removed"
+            ));
+        }
+        for slot in slots {
+            lines.push(format!(
+                "vaultguard: removed old token {token} and keyslot {slot}"
+            ));
+        }
     }
-    for (token, slot) in &r.removed {
-        println!("vaultguard: removed old token {token} and keyslot {slot}");
+    for k in &r.kept {
+        let why = k
+            .reasons
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        // Only a keyslot nothing is known against may be the operator's to remove;
+        // never suggest removing one a key or token is known to use.
+        let hint = if k.reasons == [KeepReason::Unproven] {
+            format!(
+                "; if it is the old TPM keyslot, remove it with `cryptsetup luksKillSlot {} {}`",
+                r.device, k.slot
+            )
+        } else {
+            String::new()
+        };
+        lines.push(format!(
+            "vaultguard: kept keyslot {} (listed by old token {}): {why}{hint}",
+            k.slot, k.token
+        ));
+    }
+    lines
+}
+
+fn print_enrolment(what: &str, r: &EnrollReport) {
+    for line in enrolment_lines(what, r) {
+        println!("{line}");
     }
     if let (Some(key), Some(slot)) = (&r.recovery_key, r.recovery_keyslot) {
         let mut out = std::io::stdout().lock();

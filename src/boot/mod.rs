@@ -7,6 +7,12 @@
 //! again (fail closed). Enrolment and reseal write the new keyslot and token before
 //! touching anything old, and never remove the passphrase. Every outcome is
 //! reported through [`Events`]; no event carries a secret.
+//!
+//! The header is not trusted to say which keyslot is whose: anyone who can write
+//! it offline can make a TPM token list the passphrase's keyslot. A keyslot is
+//! destroyed only when it is proven to be the one being replaced (see
+//! [`keep_reasons`]), and a failed write is rolled back from the header as it is
+//! on disk, verified, never from libcryptsetup's memory of what it meant to write.
 
 pub mod commands;
 
@@ -61,6 +67,14 @@ pub enum BootError {
     },
     Verify(String),
     KeyFile(String),
+    /// The kernel's random number generator failed.
+    Random(std::io::Error),
+    /// A header write failed part-way through an enrolment; what it had written
+    /// was taken back, except `left` (what could not be, and how to remove it).
+    PartlyWritten {
+        error: Box<BootError>,
+        left: Option<String>,
+    },
 }
 
 impl fmt::Display for BootError {
@@ -92,6 +106,18 @@ impl fmt::Display for BootError {
             ),
             BootError::Verify(why) => write!(f, "enrolment check failed, nothing was written: {why}"),
             BootError::KeyFile(why) => write!(f, "key file: {why}"),
+            BootError::Random(e) => write!(
+                f,
+                "the kernel random number generator failed (getrandom: {e}); no key was made"
+            ),
+            BootError::PartlyWritten { error, left: None } => write!(
+                f,
+                "{error}; what this enrolment had written was removed again, the header is as it was"
+            ),
+            BootError::PartlyWritten {
+                error,
+                left: Some(left),
+            } => write!(f, "{error}; removing what it had written ALSO failed: {left}"),
         }
     }
 }
@@ -168,7 +194,62 @@ pub struct Unlocked {
 /// Why the TPM is not used for a volume that has no TPM2 token.
 const NO_ENROLMENT: &str = "no TPM2 enrolment in the LUKS header";
 
+/// Which secrets have been tried on which keyslots in this operation: a keyslot's
+/// KDF runs at most once per secret, however often the header lists it (in one
+/// token or in copies of it).
+#[derive(Default)]
+struct Trials {
+    done: Vec<(u32, SecretBytes, bool)>,
+}
+
+impl Trials {
+    /// Try `passphrase` on `slot`: the volume key if it opens it (first try
+    /// only), and whether it opens it.
+    fn try_slot(
+        &mut self,
+        vault: &mut Vault,
+        slot: u32,
+        passphrase: &SecretBytes,
+    ) -> (Option<SecretBytes>, Result<bool, LuksError>) {
+        if let Some((_, _, opened)) = self
+            .done
+            .iter()
+            .find(|(s, p, _)| *s == slot && p.ct_eq(passphrase.as_bytes()))
+        {
+            return (None, Ok(*opened));
+        }
+        match vault.volume_key(Some(slot), passphrase.as_bytes()) {
+            Ok((vk, _)) => {
+                self.done.push((slot, passphrase.clone(), true));
+                (Some(vk), Ok(true))
+            }
+            Err(e) if e.is_wrong_passphrase() => {
+                self.done.push((slot, passphrase.clone(), false));
+                (None, Ok(false))
+            }
+            Err(e) => (None, Err(e)),
+        }
+    }
+
+    /// Whether `passphrase` was found to open `slot` in this operation.
+    fn opened(&self, slot: u32, passphrase: &SecretBytes) -> bool {
+        self.done
+            .iter()
+            .any(|(s, p, ok)| *s == slot && *ok && p.ct_eq(passphrase.as_bytes()))
+    }
+}
+
+/// What a TPM2 token opened: the volume key, through which token and keyslot,
+/// and that token's unsealed secret (as the keyslot passphrase).
+struct TpmOpened {
+    vk: SecretBytes,
+    method: Method,
+    token: u32,
+    passphrase: SecretBytes,
+}
+
 /// Fetch the volume key through a usable TPM2 token, or say in one line why not.
+#[allow(clippy::too_many_arguments)]
 fn volume_key_via_tpm(
     vault: &mut Vault,
     tpm: &mut Tpm,
@@ -177,7 +258,8 @@ fn volume_key_via_tpm(
     tries: u32,
     prompter: &mut dyn Prompter,
     events: &mut dyn Events,
-) -> Result<(SecretBytes, Method), String> {
+    trials: &mut Trials,
+) -> Result<TpmOpened, String> {
     let tokens = vault.tpm2_tokens();
     if tokens.is_empty() {
         return Err(NO_ENROLMENT.into());
@@ -193,7 +275,7 @@ fn volume_key_via_tpm(
         };
         let secret = if token.pin {
             // Nobody is asked for a PIN the TPM would refuse anyway.
-            if let Some(why) = refusal(tpm, &token, opts.phase_pcr) {
+            if let Some(why) = refusal(tpm, id, &token, opts.phase_pcr) {
                 reason = why;
                 continue;
             }
@@ -210,35 +292,47 @@ fn volume_key_via_tpm(
             match tpm.unseal(&token, None) {
                 Ok(s) => s,
                 Err(e) => {
-                    reason = refusal(tpm, &token, opts.phase_pcr).unwrap_or_else(|| e.to_string());
+                    reason =
+                        refusal(tpm, id, &token, opts.phase_pcr).unwrap_or_else(|| e.to_string());
                     continue;
                 }
             }
         };
         let passphrase = base64_encode_secret(secret.as_bytes());
         for &slot in &token.keyslots {
-            match vault.volume_key(Some(slot), passphrase.as_bytes()) {
-                Ok((vk, _)) => {
-                    return Ok((
+            match trials.try_slot(vault, slot, &passphrase) {
+                (Some(vk), _) => {
+                    return Ok(TpmOpened {
                         vk,
-                        if token.pin {
+                        method: if token.pin {
                             Method::Tpm2Pin
                         } else {
                             Method::Tpm2
                         },
-                    ))
+                        token: id,
+                        passphrase,
+                    })
                 }
-                Err(e) => reason = format!("the TPM secret does not open keyslot {slot}: {e}"),
+                (None, Ok(_)) => {
+                    reason = format!("the TPM secret of token {id} does not open keyslot {slot}")
+                }
+                (None, Err(e)) => {
+                    reason = format!("the TPM secret of token {id}, keyslot {slot}: {e}")
+                }
             }
         }
     }
     Err(reason)
 }
 
-/// Why the TPM refuses `token` now, where that can be told without trying it: a
-/// cleared or replaced TPM (missing or foreign SRK) is named before the PCRs (a
-/// latched phase PCR would otherwise hide it), then the PCRs that changed.
-fn refusal(tpm: &mut Tpm, token: &Tpm2Token, phase_pcr: Option<u32>) -> Option<String> {
+/// Why the TPM refuses token `id` now, where that can be told without trying it:
+/// a token that contradicts itself (altered or damaged) first, in software; then
+/// a cleared or replaced TPM (missing or foreign SRK), before the PCRs (a latched
+/// phase PCR would otherwise hide it); then the PCRs that changed.
+fn refusal(tpm: &mut Tpm, id: u32, token: &Tpm2Token, phase_pcr: Option<u32>) -> Option<String> {
+    if let Err(e) = crate::tpm::check_token(token) {
+        return Some(format!("token {id}: {e}"));
+    }
     let pcrs = tpm.check_policy(token, phase_pcr).err()?;
     Some(match tpm.check_parent(token) {
         Err(srk) => srk.to_string(),
@@ -297,6 +391,17 @@ pub fn volume_key_via_passphrase(
     prompter: &mut dyn Prompter,
     events: &mut dyn Events,
 ) -> Result<SecretBytes, BootError> {
+    passphrase_and_slot(vault, name, tries, prompter, events).map(|(vk, _)| vk)
+}
+
+/// The volume key and the keyslot the passphrase opened.
+fn passphrase_and_slot(
+    vault: &mut Vault,
+    name: &str,
+    tries: u32,
+    prompter: &mut dyn Prompter,
+    events: &mut dyn Events,
+) -> Result<(SecretBytes, u32), BootError> {
     let device = vault.device().to_string();
     for attempt in 1..=tries {
         let pass = prompter.ask(
@@ -304,7 +409,7 @@ pub fn volume_key_via_passphrase(
             &format!("Passphrase for {name} ({device}): "),
         )?;
         match vault.volume_key(None, pass.as_bytes()) {
-            Ok((vk, _)) => return Ok(vk),
+            Ok(opened) => return Ok(opened),
             Err(e) if e.is_wrong_passphrase() => {
                 events.event("passphrase_wrong", &[("name", name)]);
                 let left = tries - attempt;
@@ -360,8 +465,17 @@ pub fn acquire_volume_key(
         Some(_) if vault.tpm2_tokens().is_empty() => Err(NO_ENROLMENT.to_string()),
         Some(t) => match Tpm::open(&t.tcti, t.timeout) {
             Ok(mut handle) => {
-                let r =
-                    volume_key_via_tpm(vault, &mut handle, t, name, opts.tries, prompter, events);
+                let r = volume_key_via_tpm(
+                    vault,
+                    &mut handle,
+                    t,
+                    name,
+                    opts.tries,
+                    prompter,
+                    events,
+                    &mut Trials::default(),
+                )
+                .map(|o| (o.vk, o.method));
                 tpm = Some(handle);
                 r
             }
@@ -551,13 +665,128 @@ pub enum Verification {
 
 #[derive(Debug)]
 pub struct EnrollReport {
+    pub device: String,
     pub keyslot: u32,
     pub token: u32,
     pub pcrs: Vec<u32>,
     pub verification: Verification,
     pub recovery_key: Option<SecretBytes>,
     pub recovery_keyslot: Option<u32>,
+    /// Old tokens removed by a reseal.
+    pub removed_tokens: Vec<u32>,
+    /// (old token, keyslot) destroyed by a reseal.
     pub removed: Vec<(u32, u32)>,
+    /// Keyslots an old token listed that a reseal kept, and why.
+    pub kept: Vec<Kept>,
+}
+
+/// A keyslot listed by a replaced token that was not destroyed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kept {
+    pub token: u32,
+    pub slot: u32,
+    pub reasons: Vec<KeepReason>,
+}
+
+/// Why a keyslot listed by a token being replaced is not destroyed. Any one is
+/// enough; all that apply are reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeepReason {
+    /// The new enrolment's keyslot (a token listed a number then free).
+    NewKeyslot,
+    /// The key that authorised this operation (passphrase, recovery key) opens it.
+    OperationKey,
+    /// A token that stays in the header refers to it.
+    OtherToken { id: u32, kind: String },
+    /// The old token's secret was unsealed and does not open it.
+    NotOpenedBySecret,
+    /// The old token's secret could not be unsealed now, and the token holds no
+    /// valid binding for this keyslot.
+    Unproven,
+    /// It would leave no keyslot that opens without the TPM.
+    LastWithoutTpm,
+}
+
+impl fmt::Display for KeepReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeepReason::NewKeyslot => write!(f, "it is the new enrolment's keyslot"),
+            KeepReason::OperationKey => {
+                write!(f, "the passphrase used for this reseal opens it")
+            }
+            KeepReason::OtherToken { id, kind } => write!(f, "token {id} ({kind}) refers to it"),
+            KeepReason::NotOpenedBySecret => {
+                write!(f, "the old token's TPM secret does not open it")
+            }
+            KeepReason::Unproven => write!(
+                f,
+                "nothing proves it is the old TPM enrolment's (its secret cannot be unsealed \
+                 now and the token holds no valid binding to it)"
+            ),
+            KeepReason::LastWithoutTpm => {
+                write!(f, "it is the last keyslot that opens without the TPM")
+            }
+        }
+    }
+}
+
+/// What is known about one keyslot listed by a token being replaced.
+#[derive(Debug, Clone, Default)]
+pub struct SlotFacts {
+    pub slot: u32,
+    /// The replaced token's own secret opened it in this operation, or the token
+    /// carries a valid volume-key binding to it.
+    pub proven_tpm: bool,
+    /// The replaced token's secret was unsealed (so "not proven" means "does not
+    /// open it").
+    pub secret_known: bool,
+    /// The (non-TPM) key that authorised the operation opened it.
+    pub operation_key: bool,
+    /// Tokens that stay in the header and refer to it: (id, type).
+    pub other_tokens: Vec<(u32, String)>,
+}
+
+/// Why `facts.slot` must be kept (empty: it may be destroyed). `new_slot` is the
+/// keyslot just written; `active` all active keyslots; `tpm_slots` those proven to
+/// open with a TPM secret (the new one included). A keyslot is destroyed only if
+/// it is proven the replaced token's, no other token and no key of this operation
+/// uses it, and it is not the last keyslot that opens without the TPM.
+pub fn keep_reasons(
+    facts: &SlotFacts,
+    new_slot: u32,
+    active: &[u32],
+    tpm_slots: &[u32],
+) -> Vec<KeepReason> {
+    let mut why = Vec::new();
+    if facts.slot == new_slot {
+        why.push(KeepReason::NewKeyslot);
+    }
+    if facts.operation_key {
+        why.push(KeepReason::OperationKey);
+    }
+    for (id, kind) in &facts.other_tokens {
+        why.push(KeepReason::OtherToken {
+            id: *id,
+            kind: kind.clone(),
+        });
+    }
+    if !facts.proven_tpm {
+        why.push(if facts.secret_known {
+            KeepReason::NotOpenedBySecret
+        } else {
+            KeepReason::Unproven
+        });
+        // Not proven a TPM keyslot: for all we know it opens with something else,
+        // and it must not be the last such keyslot.
+        let others_without_tpm = active
+            .iter()
+            .filter(|&&s| s != facts.slot && !tpm_slots.contains(&s))
+            .count();
+        if others_without_tpm == 0 {
+            why.push(KeepReason::LastWithoutTpm);
+        }
+    }
+    why
 }
 
 fn ask_new_pin(prompter: &mut dyn Prompter, name: &str) -> Result<SecretBytes, BootError> {
@@ -595,6 +824,7 @@ fn seal_and_verify(
         salt: sealed.salt.clone(),
         srk: Some(sealed.srk.clone()),
         pcr_values: Some(sealed.pcr_values.iter().cloned().collect()),
+        keyslot_macs: Default::default(), // set once the keyslot exists
     };
     let verification = match tpm.check_policy(&token, opts.tpm.phase_pcr) {
         Ok(()) => {
@@ -626,32 +856,136 @@ fn seal_and_verify(
     Ok((sealed, token, verification))
 }
 
-/// Add the TPM keyslot and token; roll the keyslot back if the token cannot be
-/// written, so no orphan slot is left.
+/// Add the TPM keyslot and its token (with the keyslot's volume-key binding).
+/// If the token cannot be written, what was written is rolled back.
 fn write_enrolment(
     vault: &mut Vault,
     vk: &SecretBytes,
     sealed: &Sealed,
     mut token: Tpm2Token,
+    events: &mut dyn Events,
 ) -> Result<(u32, u32), BootError> {
     let passphrase = base64_encode_secret(sealed.secret.as_bytes());
     let keyslot = vault.add_keyslot(vk, passphrase.as_bytes(), true)?;
-    token.keyslots = vec![keyslot];
-    match vault.add_token(&token.to_json()) {
+    events.event(
+        "keyslot_added",
+        &[
+            ("device", vault.device()),
+            ("keyslot", &keyslot.to_string()),
+        ],
+    );
+    let written = (|| {
+        let salt = vault.keyslot_salt(keyslot)?.ok_or(LuksError::Op {
+            what: "reading the new keyslot",
+            msg: format!("keyslot {keyslot} has no KDF salt in the header"),
+        })?;
+        token.keyslots = vec![keyslot];
+        token.keyslot_macs = [(keyslot, token.keyslot_mac(vk.as_bytes(), keyslot, &salt))]
+            .into_iter()
+            .collect();
+        vault.add_token(&token.to_json())
+    })();
+    match written {
         Ok(id) => Ok((keyslot, id)),
-        Err(e) => {
-            let _ = vault.destroy_keyslot(keyslot);
-            Err(e.into())
+        Err(e) => Err(roll_back(vault, keyslot, &passphrase, e.into(), events)),
+    }
+}
+
+/// Take back keyslot `slot`, written by this operation with `passphrase`, and
+/// any token that refers to it, after `error`. Works from the header as it is on
+/// disk (re-read), destroys the keyslot only if `passphrase` opens it there, and
+/// checks the result; returns `error` with what could not be removed.
+fn roll_back(
+    vault: &mut Vault,
+    slot: u32,
+    passphrase: &SecretBytes,
+    error: BootError,
+    events: &mut dyn Events,
+) -> BootError {
+    events.event(
+        "enrolment_rollback",
+        &[
+            ("device", vault.device()),
+            ("keyslot", &slot.to_string()),
+            ("error", &error.to_string()),
+        ],
+    );
+    let device = vault.device().to_string();
+    let result = (|| -> Result<(), LuksError> {
+        vault.reload()?;
+        // The keyslot did not exist before this operation, so a token that refers
+        // to it is this operation's (written, or half-written, by it).
+        for t in vault.token_refs()? {
+            if t.keyslots.contains(&slot) {
+                vault.remove_token(t.id)?;
+            }
         }
+        if vault.active_keyslots().contains(&slot) {
+            match vault.volume_key(Some(slot), passphrase.as_bytes()) {
+                Ok(_) => vault.destroy_keyslot(slot)?,
+                // Not the keyslot this operation wrote: someone else's, keep it.
+                Err(e) if e.is_wrong_passphrase() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    })();
+    // What the header says now, whatever the steps above reported.
+    let _ = vault.reload();
+    let tokens_left: Vec<u32> = vault
+        .token_refs()
+        .map(|refs| {
+            refs.into_iter()
+                .filter(|t| t.keyslots.contains(&slot))
+                .map(|t| t.id)
+                .collect()
+        })
+        .unwrap_or_default();
+    let slot_left = vault.active_keyslots().contains(&slot)
+        && vault.volume_key(Some(slot), passphrase.as_bytes()).is_ok();
+    let mut left = Vec::new();
+    if slot_left {
+        left.push(format!(
+            "keyslot {slot} (remove it with `cryptsetup luksKillSlot {device} {slot}`)"
+        ));
+    }
+    for id in tokens_left {
+        left.push(format!(
+            "token {id} (remove it with `cryptsetup token remove --token-id {id} {device}`)"
+        ));
+    }
+    let left = match (left.is_empty(), result) {
+        (true, _) => None,
+        (false, Err(e)) => Some(format!("{e}; left in the header: {}", left.join(", "))),
+        (false, Ok(())) => Some(format!("left in the header: {}", left.join(", "))),
+    };
+    events.event(
+        "enrolment_rolled_back",
+        &[
+            ("device", &device),
+            ("keyslot", &slot.to_string()),
+            ("complete", if left.is_none() { "yes" } else { "no" }),
+        ],
+    );
+    BootError::PartlyWritten {
+        error: Box::new(error),
+        left,
     }
 }
 
 /// A recovery key as systemd formats them: 32 random bytes in modhex, dashed into
-/// eight groups of eight (easy to type, no ambiguous letters).
-pub fn make_recovery_key() -> SecretBytes {
+/// eight groups of eight (easy to type, no ambiguous letters). An RNG failure is
+/// an error: a key made of the zeroed buffer would be the same on every machine.
+pub fn make_recovery_key() -> Result<SecretBytes, BootError> {
+    make_recovery_key_with(crate::secret::fill_random)
+}
+
+fn make_recovery_key_with(
+    fill: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
+) -> Result<SecretBytes, BootError> {
     const MODHEX: &[u8; 16] = b"cbdefghijklnrtuv";
     let mut raw = SecretBytes::zeroed(32);
-    let _ = rustix::rand::getrandom(raw.as_mut_bytes(), rustix::rand::GetRandomFlags::empty());
+    fill(raw.as_mut_bytes()).map_err(BootError::Random)?;
     let mut out = SecretBytes::with_capacity(71);
     for (i, b) in raw.as_bytes().iter().enumerate() {
         if i > 0 && i % 4 == 0 {
@@ -660,16 +994,23 @@ pub fn make_recovery_key() -> SecretBytes {
         out.push(MODHEX[(b >> 4) as usize]);
         out.push(MODHEX[(b & 15) as usize]);
     }
-    out
+    Ok(out)
 }
 
-fn add_recovery_key(vault: &mut Vault, vk: &SecretBytes) -> Result<(SecretBytes, u32), BootError> {
-    let key = make_recovery_key();
+fn add_recovery_key(
+    vault: &mut Vault,
+    vk: &SecretBytes,
+    events: &mut dyn Events,
+) -> Result<(SecretBytes, u32), BootError> {
+    let key = make_recovery_key()?;
     let slot = vault.add_keyslot(vk, key.as_bytes(), true)?;
+    events.event(
+        "keyslot_added",
+        &[("device", vault.device()), ("keyslot", &slot.to_string())],
+    );
     let token = serde_json::json!({"type": "systemd-recovery", "keyslots": [slot.to_string()]});
     if let Err(e) = vault.add_token(&token) {
-        let _ = vault.destroy_keyslot(slot);
-        return Err(e.into());
+        return Err(roll_back(vault, slot, &key, e.into(), events));
     }
     Ok((key, slot))
 }
@@ -699,10 +1040,36 @@ pub fn enroll(
     let mut tpm = Tpm::open(&opts.tpm.tcti, opts.tpm.timeout)?;
     let (sealed, token, verification) = seal_and_verify(&mut tpm, opts, pin.as_ref())?;
     let pcrs = token.pcrs.clone();
-    let (keyslot, token_id) = write_enrolment(&mut vault, &vk, &sealed, token)?;
+    let (keyslot, token_id) = write_enrolment(&mut vault, &vk, &sealed, token, events)?;
     let (recovery_key, recovery_keyslot) = if opts.recovery_key {
-        let (k, s) = add_recovery_key(&mut vault, &vk)?;
-        (Some(k), Some(s))
+        match add_recovery_key(&mut vault, &vk, events) {
+            Ok((k, s)) => (Some(k), Some(s)),
+            // All or nothing: an enrolment without the recovery key that was asked
+            // for would be refused as "already enrolled" on the next try.
+            Err(e) => {
+                let passphrase = base64_encode_secret(sealed.secret.as_bytes());
+                return Err(
+                    match roll_back(&mut vault, keyslot, &passphrase, e, events) {
+                        BootError::PartlyWritten { error, left } => BootError::PartlyWritten {
+                            error: Box::new(match *error {
+                                // The recovery key's own rollback already said its part.
+                                BootError::PartlyWritten {
+                                    error,
+                                    left: Some(l),
+                                } => BootError::PartlyWritten {
+                                    error,
+                                    left: Some(l),
+                                },
+                                BootError::PartlyWritten { error, left: None } => *error,
+                                other => other,
+                            }),
+                            left,
+                        },
+                        other => other,
+                    },
+                );
+            }
+        }
     } else {
         (None, None)
     };
@@ -711,19 +1078,24 @@ pub fn enroll(
         &[("device", &opts.device), ("keyslot", &keyslot.to_string())],
     );
     Ok(EnrollReport {
+        device: opts.device.clone(),
         keyslot,
         token: token_id,
         pcrs,
         verification,
         recovery_key,
         recovery_keyslot,
+        removed_tokens: Vec::new(),
         removed: Vec::new(),
+        kept: Vec::new(),
     })
 }
 
 /// Seal to the current PCR values. The new token and keyslot are written first;
 /// only then are the old ones removed, so a crash in between leaves two working
-/// enrolments, never none.
+/// enrolments, never none. The old tokens all go; a keyslot one of them listed
+/// is destroyed only as [`keep_reasons`] allows, proven to be that token's by its
+/// unsealed secret opening it, or by the token's volume-key binding to it.
 pub fn reseal(
     opts: &EnrollOptions,
     prompter: &mut dyn Prompter,
@@ -739,17 +1111,36 @@ pub fn reseal(
         return Err(BootError::NotEnrolled);
     }
     let mut tpm = Tpm::open(&opts.tpm.tcti, opts.tpm.timeout)?;
+    let mut trials = Trials::default();
     // The old enrolment may still open the vault (reseal from the initrd before the
     // latch); otherwise the passphrase or recovery key is needed.
-    let vk = match volume_key_via_tpm(
-        &mut vault, &mut tpm, &opts.tpm, &opts.name, opts.tries, prompter, events,
+    let (vk, operation_slot, mut secrets) = match volume_key_via_tpm(
+        &mut vault,
+        &mut tpm,
+        &opts.tpm,
+        &opts.name,
+        opts.tries,
+        prompter,
+        events,
+        &mut trials,
     ) {
-        Ok((vk, _)) => vk,
+        Ok(o) => (o.vk, None, vec![(o.token, o.passphrase)]),
         Err(reason) => {
             prompter.say(&format!("vaultguard: the current enrolment cannot unseal ({reason}); the passphrase or recovery key is needed"));
-            volume_key_via_passphrase(&mut vault, &opts.name, opts.tries, prompter, events)?
+            let (vk, slot) =
+                passphrase_and_slot(&mut vault, &opts.name, opts.tries, prompter, events)?;
+            (vk, Some(slot), Vec::new())
         }
     };
+    // The other old tokens' secrets, where the TPM still gives them without a
+    // PIN (a PIN would have to be asked again just to tidy up).
+    for (id, t) in &old {
+        if !t.pin && !secrets.iter().any(|(s, _)| s == id) {
+            if let Ok(secret) = tpm.unseal(t, None) {
+                secrets.push((*id, base64_encode_secret(secret.as_bytes())));
+            }
+        }
+    }
     let pin = if opts.pin || old.iter().any(|(_, t)| t.pin) {
         Some(ask_new_pin(prompter, &opts.name)?)
     } else {
@@ -757,15 +1148,92 @@ pub fn reseal(
     };
     let (sealed, token, verification) = seal_and_verify(&mut tpm, opts, pin.as_ref())?;
     let pcrs = token.pcrs.clone();
-    let (keyslot, token_id) = write_enrolment(&mut vault, &vk, &sealed, token)?;
+
+    // What is known of every keyslot an old token lists, from the header before
+    // anything is written.
+    let refs = vault.token_refs()?;
+    let mut facts: Vec<(u32, SlotFacts)> = Vec::new();
+    for (id, t) in &old {
+        let secret = secrets.iter().find(|(s, _)| s == id).map(|(_, p)| p);
+        for &slot in &t.keyslots {
+            let opened = match secret {
+                Some(p) => match trials.try_slot(&mut vault, slot, p) {
+                    (_, Ok(_)) => trials.opened(slot, p),
+                    (_, Err(_)) => false,
+                },
+                None => false,
+            };
+            let bound = match vault.keyslot_salt(slot)? {
+                Some(salt) => t.binds_keyslot(vk.as_bytes(), slot, &salt),
+                None => false,
+            };
+            facts.push((
+                *id,
+                SlotFacts {
+                    slot,
+                    proven_tpm: opened || bound,
+                    secret_known: secret.is_some(),
+                    operation_key: operation_slot == Some(slot),
+                    other_tokens: refs
+                        .iter()
+                        .filter(|r| {
+                            r.keyslots.contains(&slot) && !old.iter().any(|(o, _)| *o == r.id)
+                        })
+                        .map(|r| (r.id, r.kind.clone()))
+                        .collect(),
+                },
+            ));
+        }
+    }
+
+    let (keyslot, token_id) = write_enrolment(&mut vault, &vk, &sealed, token, events)?;
+    let active = vault.active_keyslots();
+    let mut tpm_slots: Vec<u32> = facts
+        .iter()
+        .filter(|(_, f)| f.proven_tpm)
+        .map(|(_, f)| f.slot)
+        .collect();
+    tpm_slots.push(keyslot);
+
+    let mut removed_tokens = Vec::new();
+    for (id, _) in &old {
+        vault.remove_token(*id)?;
+        removed_tokens.push(*id);
+    }
     let mut removed = Vec::new();
-    for (id, t) in old {
-        vault.remove_token(id)?;
-        for slot in t.keyslots {
-            if slot != keyslot {
-                vault.destroy_keyslot(slot)?;
-            }
-            removed.push((id, slot));
+    let mut kept = Vec::new();
+    for (id, f) in &facts {
+        let done = removed.iter().any(|(_, s)| *s == f.slot)
+            || kept.iter().any(|k: &Kept| k.slot == f.slot);
+        if done || !active.contains(&f.slot) {
+            continue;
+        }
+        let reasons = keep_reasons(f, keyslot, &active, &tpm_slots);
+        if reasons.is_empty() {
+            vault.destroy_keyslot(f.slot)?;
+            removed.push((*id, f.slot));
+        } else {
+            events.event(
+                "keyslot_kept",
+                &[
+                    ("device", &opts.device),
+                    ("keyslot", &f.slot.to_string()),
+                    ("token", &id.to_string()),
+                    (
+                        "why",
+                        &reasons
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    ),
+                ],
+            );
+            kept.push(Kept {
+                token: *id,
+                slot: f.slot,
+                reasons,
+            });
         }
     }
     events.event(
@@ -773,13 +1241,16 @@ pub fn reseal(
         &[("device", &opts.device), ("keyslot", &keyslot.to_string())],
     );
     Ok(EnrollReport {
+        device: opts.device.clone(),
         keyslot,
         token: token_id,
         pcrs,
         verification,
         recovery_key: None,
         recovery_keyslot: None,
+        removed_tokens,
         removed,
+        kept,
     })
 }
 
@@ -788,8 +1259,115 @@ mod tests {
     use super::*;
 
     #[test]
+    fn recovery_key_is_never_made_from_a_failed_rng() {
+        // The kernel RNG failing (e.g. interrupted while it blocks in an early
+        // initramfs, and the retry failing too) is an error, not a zero key.
+        let e = make_recovery_key_with(|b| {
+            crate::secret::fill_random_with(b, |_| Err(std::io::Error::from_raw_os_error(38)))
+        })
+        .expect_err("a recovery key from a failed RNG");
+        assert!(matches!(e, BootError::Random(_)), "{e}");
+        assert!(e.to_string().contains("random number generator"), "{e}");
+        // An interruption is retried: the key is made of the bytes that came.
+        let mut first = true;
+        let k = make_recovery_key_with(|b| {
+            crate::secret::fill_random_with(b, |b| {
+                if std::mem::take(&mut first) {
+                    return Err(std::io::Error::from_raw_os_error(4)); // EINTR
+                }
+                b.fill(0xff);
+                Ok(b.len())
+            })
+        })
+        .unwrap();
+        assert_eq!(
+            k.as_bytes(),
+            "vvvvvvvv-".repeat(8).trim_end_matches('-').as_bytes()
+        );
+    }
+
+    fn facts(slot: u32) -> SlotFacts {
+        SlotFacts {
+            slot,
+            proven_tpm: true,
+            secret_known: true,
+            ..SlotFacts::default()
+        }
+    }
+
+    #[test]
+    fn a_keyslot_goes_only_when_proven_the_tokens_and_used_by_nothing_else() {
+        // slot 0 passphrase, 1 old TPM, 2 new TPM
+        let active = [0, 1, 2];
+        assert_eq!(keep_reasons(&facts(1), 2, &active, &[1, 2]), vec![]);
+        // the operation's passphrase opened it
+        let f = SlotFacts {
+            operation_key: true,
+            ..facts(1)
+        };
+        assert_eq!(
+            keep_reasons(&f, 2, &active, &[1, 2]),
+            vec![KeepReason::OperationKey]
+        );
+        // another token refers to it
+        let f = SlotFacts {
+            other_tokens: vec![(3, "systemd-fido2".into())],
+            ..facts(1)
+        };
+        assert_eq!(
+            keep_reasons(&f, 2, &active, &[1, 2]),
+            vec![KeepReason::OtherToken {
+                id: 3,
+                kind: "systemd-fido2".into()
+            }]
+        );
+        // the secret was unsealed and does not open it
+        let f = SlotFacts {
+            proven_tpm: false,
+            ..facts(0)
+        };
+        assert_eq!(
+            keep_reasons(&f, 2, &active, &[2]),
+            vec![KeepReason::NotOpenedBySecret]
+        );
+        // nothing known either way
+        let f = SlotFacts {
+            proven_tpm: false,
+            secret_known: false,
+            ..facts(0)
+        };
+        assert_eq!(
+            keep_reasons(&f, 2, &active, &[2]),
+            vec![KeepReason::Unproven]
+        );
+        // the token listed the number the new enrolment took
+        assert_eq!(
+            keep_reasons(&facts(2), 2, &active, &[2]),
+            vec![KeepReason::NewKeyslot]
+        );
+    }
+
+    #[test]
+    fn the_last_keyslot_that_opens_without_the_tpm_is_kept() {
+        // Only the new TPM keyslot and slot 0 are active, and nothing proves slot
+        // 0 is a TPM keyslot: it is the last one that may open without the TPM.
+        let f = SlotFacts {
+            proven_tpm: false,
+            secret_known: false,
+            ..facts(0)
+        };
+        assert_eq!(
+            keep_reasons(&f, 2, &[0, 2], &[2]),
+            vec![KeepReason::Unproven, KeepReason::LastWithoutTpm]
+        );
+        // A proven TPM keyslot is not a way in without the TPM: it may go even
+        // when only TPM keyslots remain (a recovery-less, passphrase-less setup).
+        assert_eq!(keep_reasons(&facts(1), 2, &[1, 2], &[1, 2]), vec![]);
+    }
+
+    #[test]
     fn recovery_key_shape() {
-        let k = make_recovery_key();
+        let k = make_recovery_key().unwrap();
         let s = std::str::from_utf8(k.as_bytes()).unwrap();
         let groups: Vec<&str> = s.split('-').collect();
         assert_eq!(groups.len(), 8);
@@ -797,6 +1375,6 @@ mod tests {
         assert!(s
             .bytes()
             .all(|b| b == b'-' || b"cbdefghijklnrtuv".contains(&b)));
-        assert_ne!(k.as_bytes(), make_recovery_key().as_bytes());
+        assert_ne!(k.as_bytes(), make_recovery_key().unwrap().as_bytes());
     }
 }

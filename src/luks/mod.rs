@@ -106,6 +106,14 @@ fn errno(e: &LibcryptErr) -> Option<i32> {
 /// A parsed `systemd-tpm2` token, or why it cannot be used, by token id.
 pub type Tpm2Tokens = Vec<(u32, Result<Tpm2Token, TokenError>)>;
 
+/// A token as the header lists it, whatever its type: what refers to which keyslot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRef {
+    pub id: u32,
+    pub kind: String,
+    pub keyslots: Vec<u32>,
+}
+
 pub struct Vault {
     dev: CryptDevice,
     device: String,
@@ -136,6 +144,65 @@ impl Vault {
 
     pub fn device(&self) -> &str {
         &self.device
+    }
+
+    /// Read the header from the device again. libcryptsetup applies a change to
+    /// its in-memory header before writing it and keeps it there when the write
+    /// fails; the next successful write (say, a rollback) would then commit it.
+    /// After any failed write the copy in memory is thrown away for this reason.
+    pub fn reload(&mut self) -> Result<(), LuksError> {
+        self.tokens = None;
+        self.dev = Vault::open(&self.device)?.dev;
+        Ok(())
+    }
+
+    /// `result` of a header write; on failure the header is re-read (see `reload`).
+    fn written<T>(&mut self, result: Result<T, LuksError>) -> Result<T, LuksError> {
+        if result.is_err() {
+            // If even the re-read fails, the next operation fails to load too;
+            // the write's own error is the one to report.
+            let _ = self.reload();
+        }
+        result
+    }
+
+    /// The header's metadata (keyslots, tokens, digests; no key material) as
+    /// libcryptsetup dumps it.
+    fn header_json(&mut self) -> Result<serde_json::Value, LuksError> {
+        self.dev
+            .status_handle()
+            .dump_json()
+            .map_err(op("reading the LUKS2 header"))
+    }
+
+    /// The KDF salt of `slot`, as the header stores it (base64): random per
+    /// keyslot and bound to its key material, so it names that keyslot.
+    pub fn keyslot_salt(&mut self, slot: u32) -> Result<Option<String>, LuksError> {
+        let json = self.header_json()?;
+        Ok(json["keyslots"][slot.to_string()]["kdf"]["salt"]
+            .as_str()
+            .map(str::to_string))
+    }
+
+    /// Every token in the header, of any type, with the keyslots it refers to.
+    pub fn token_refs(&mut self) -> Result<Vec<TokenRef>, LuksError> {
+        let json = self.header_json()?;
+        let mut out = Vec::new();
+        if let Some(tokens) = json["tokens"].as_object() {
+            for (id, t) in tokens {
+                let Ok(id) = id.parse() else { continue };
+                out.push(TokenRef {
+                    id,
+                    kind: t["type"].as_str().unwrap_or("?").to_string(),
+                    keyslots: t["keyslots"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|k| k.as_str()?.parse().ok()).collect())
+                        .unwrap_or_default(),
+                });
+            }
+        }
+        out.sort_by_key(|t| t.id);
+        Ok(out)
     }
 
     pub fn uuid(&mut self) -> Result<String, LuksError> {
@@ -242,6 +309,7 @@ impl Vault {
                 CryptVolumeKey::empty(),
             )
             .map_err(op("adding a keyslot"));
+        let slot = self.written(slot);
         if minimal_kdf {
             // Back to the library default for anything added later in this context.
             if let Ok(default) = libcryptsetup_rs::CryptSettingsHandle::get_pbkdf_default(
@@ -256,27 +324,33 @@ impl Vault {
     pub fn destroy_keyslot(&mut self, slot: u32) -> Result<(), LuksError> {
         // Tokens lose their reference to a destroyed keyslot.
         self.tokens = None;
-        self.dev
+        let r = self
+            .dev
             .keyslot_handle()
             .destroy(slot)
-            .map_err(op("removing a keyslot"))
+            .map_err(op("removing a keyslot"));
+        self.written(r)
     }
 
     pub fn add_token(&mut self, json: &serde_json::Value) -> Result<u32, LuksError> {
         self.tokens = None;
-        self.dev
+        let r = self
+            .dev
             .token_handle()
             .json_set(TokenInput::AddToken(json))
-            .map_err(op("writing the LUKS2 token"))
+            .map_err(op("writing the LUKS2 token"));
+        self.written(r)
     }
 
     pub fn remove_token(&mut self, id: u32) -> Result<(), LuksError> {
         self.tokens = None;
-        self.dev
+        let r = self
+            .dev
             .token_handle()
             .json_set(TokenInput::RemoveToken(id))
             .map(|_| ())
-            .map_err(op("removing a LUKS2 token"))
+            .map_err(op("removing a LUKS2 token"));
+        self.written(r)
     }
 
     /// Create the dm-crypt mapping `name` from the volume key. libcryptsetup loads

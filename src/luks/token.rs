@@ -3,8 +3,14 @@
 //! One token format, the ecosystem's: what systemd-cryptenroll writes is read here
 //! and what is written here is what systemd-cryptsetup reads. vaultguard adds one
 //! field systemd ignores, `vaultguard_pcr_values` (the enrolled PCR values, which
-//! are not secret), so that a refusal can name the PCR that changed. Parsing is
-//! strict: a malformed or tampered token is refused with the field named.
+//! are not secret), so that a refusal can name the PCR that changed, and one more,
+//! `vaultguard_keyslot_macs`: per keyslot, an HMAC keyed with the volume key that
+//! binds the keyslot (by its KDF salt) to this token's sealed object. Whoever can
+//! write the header cannot make one without the volume key, so a later reseal
+//! can prove which keyslot is the old enrolment's even when the TPM can no longer
+//! unseal it (see `boot::reseal`). Parsing is strict: a malformed or tampered
+//! token is refused with the field named; a `keyslots` list is de-duplicated, so
+//! that no keyslot's KDF runs twice for one token.
 
 use crate::encoding::{base64_decode, base64_encode, hex_decode, hex_encode};
 use crate::tpm::policy::Bank;
@@ -14,6 +20,9 @@ use std::fmt;
 
 pub const TOKEN_TYPE: &str = "systemd-tpm2";
 const PCR_VALUES_FIELD: &str = "vaultguard_pcr_values";
+const KEYSLOT_MACS_FIELD: &str = "vaultguard_keyslot_macs";
+/// LUKS2 has keyslots 0-31.
+pub const MAX_KEYSLOTS: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrimaryAlg {
@@ -35,6 +44,9 @@ pub struct Tpm2Token {
     /// Serialized ESYS_TR of the SRK (absent in enrolments by systemd < 254).
     pub srk: Option<Vec<u8>>,
     pub pcr_values: Option<BTreeMap<u32, Vec<u8>>>,
+    /// Keyslot → HMAC-SHA256(volume key, binding of that keyslot to `blob`); see
+    /// [`Tpm2Token::keyslot_mac`]. Empty in enrolments by other tools.
+    pub keyslot_macs: BTreeMap<u32, Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,23 +108,51 @@ fn parse_pcr_array(v: &Value, name: &'static str) -> Result<Vec<u32>, TokenError
     Ok(out)
 }
 
+/// `keyslots`: numbers as strings, each keyslot once (a duplicate would only make
+/// its KDF run again: a token listing one slow keyslot twenty times would cost
+/// twenty runs at every boot), at most as many as LUKS2 has keyslots.
+fn parse_keyslots(v: &Value) -> Result<Vec<u32>, TokenError> {
+    let arr = v
+        .as_array()
+        .ok_or_else(|| field("keyslots", "missing or not an array"))?;
+    if arr.len() > MAX_KEYSLOTS {
+        return Err(field(
+            "keyslots",
+            format!(
+                "lists {} entries; LUKS2 has at most {MAX_KEYSLOTS} keyslots",
+                arr.len()
+            ),
+        ));
+    }
+    let mut out: Vec<u32> = Vec::with_capacity(arr.len());
+    for k in arr {
+        let n = k
+            .as_str()
+            .and_then(|s| s.parse::<u32>().ok())
+            .ok_or_else(|| field("keyslots", "entries must be keyslot numbers as strings"))?;
+        if n as usize >= MAX_KEYSLOTS {
+            return Err(field(
+                "keyslots",
+                format!("keyslot {n} out of range (LUKS2 has keyslots 0-31)"),
+            ));
+        }
+        if !out.contains(&n) {
+            out.push(n);
+        }
+    }
+    Ok(out)
+}
+
 impl Tpm2Token {
     pub fn from_json(v: &Value) -> Result<Tpm2Token, TokenError> {
         let obj = v.as_object().ok_or(TokenError::NotTpm2)?;
         if obj.get("type").and_then(Value::as_str) != Some(TOKEN_TYPE) {
             return Err(TokenError::NotTpm2);
         }
-        let keyslots = obj
-            .get("keyslots")
-            .and_then(Value::as_array)
-            .ok_or_else(|| field("keyslots", "missing or not an array"))?
-            .iter()
-            .map(|k| {
-                k.as_str()
-                    .and_then(|s| s.parse::<u32>().ok())
-                    .ok_or_else(|| field("keyslots", "entries must be keyslot numbers as strings"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let keyslots = parse_keyslots(
+            obj.get("keyslots")
+                .ok_or_else(|| field("keyslots", "missing or not an array"))?,
+        )?;
         if keyslots.is_empty() {
             return Err(field("keyslots", "is empty"));
         }
@@ -239,6 +279,33 @@ impl Tpm2Token {
             }
         };
 
+        let mut keyslot_macs = BTreeMap::new();
+        if let Some(m) = obj.get(KEYSLOT_MACS_FIELD) {
+            let m = m
+                .as_object()
+                .ok_or_else(|| field(KEYSLOT_MACS_FIELD, "is not an object"))?;
+            if m.len() > MAX_KEYSLOTS {
+                return Err(field(KEYSLOT_MACS_FIELD, "has more entries than keyslots"));
+            }
+            for (k, v) in m {
+                let slot = k
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|&s| (s as usize) < MAX_KEYSLOTS)
+                    .ok_or_else(|| {
+                        field(KEYSLOT_MACS_FIELD, format!("key `{k}` is not a keyslot"))
+                    })?;
+                let mac = v
+                    .as_str()
+                    .ok_or_else(|| field(KEYSLOT_MACS_FIELD, "values must be hex strings"))
+                    .and_then(|h| hex_decode(h).map_err(|e| field(KEYSLOT_MACS_FIELD, e)))?;
+                if mac.len() != 32 {
+                    return Err(field(KEYSLOT_MACS_FIELD, "values must be 32 bytes"));
+                }
+                keyslot_macs.insert(slot, mac);
+            }
+        }
+
         Ok(Tpm2Token {
             keyslots,
             blob,
@@ -250,7 +317,37 @@ impl Tpm2Token {
             salt,
             srk,
             pcr_values,
+            keyslot_macs,
         })
+    }
+
+    /// The binding of keyslot `slot` (whose KDF salt, as the header stores it, is
+    /// `salt`) to this token's sealed object, keyed with the volume key. The salt
+    /// is random per keyslot and cannot be changed without breaking the keyslot,
+    /// so the MAC names one keyslot; the blob's hash names one sealed object.
+    pub fn keyslot_mac(&self, volume_key: &[u8], slot: u32, salt: &str) -> Vec<u8> {
+        let mut data = b"vaultguard-tpm2-keyslot-v1\0".to_vec();
+        data.extend_from_slice(slot.to_string().as_bytes());
+        data.push(0);
+        data.extend_from_slice(salt.as_bytes());
+        data.push(0);
+        data.extend_from_slice(&Bank::Sha256.hash(&[&self.blob]));
+        Bank::Sha256.hmac(volume_key, &data).as_bytes().to_vec()
+    }
+
+    /// Whether the token carries a valid binding for `slot` (see `keyslot_mac`).
+    pub fn binds_keyslot(&self, volume_key: &[u8], slot: u32, salt: &str) -> bool {
+        let Some(recorded) = self.keyslot_macs.get(&slot) else {
+            return false;
+        };
+        let expected = self.keyslot_mac(volume_key, slot, salt);
+        // Constant time: the MAC is public, but the comparison costs nothing more.
+        recorded.len() == expected.len()
+            && recorded
+                .iter()
+                .zip(&expected)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
     }
 
     pub fn to_json(&self) -> Value {
@@ -297,6 +394,14 @@ impl Tpm2Token {
                 .collect();
             m.insert(PCR_VALUES_FIELD.into(), Value::Object(vm));
         }
+        if !self.keyslot_macs.is_empty() {
+            let vm: Map<String, Value> = self
+                .keyslot_macs
+                .iter()
+                .map(|(s, v)| (s.to_string(), Value::String(hex_encode(v))))
+                .collect();
+            m.insert(KEYSLOT_MACS_FIELD.into(), Value::Object(vm));
+        }
         Value::Object(m)
     }
 }
@@ -318,7 +423,48 @@ mod tests {
             salt: Some(vec![9; 32]),
             srk: Some(vec![0x81, 0, 0, 1, 0, 0]),
             pcr_values: Some([(7, vec![1; 32]), (15, vec![0; 32])].into_iter().collect()),
+            keyslot_macs: [(1, vec![0x33; 32])].into_iter().collect(),
         }
+    }
+
+    #[test]
+    fn keyslots_are_deduplicated_and_capped() {
+        let mut j = sample().to_json();
+        j["keyslots"] = json!(vec!["3"; 20]);
+        assert_eq!(Tpm2Token::from_json(&j).unwrap().keyslots, vec![3]);
+        j["keyslots"] = json!(["3", "1", "3", "1", "0"]);
+        assert_eq!(Tpm2Token::from_json(&j).unwrap().keyslots, vec![3, 1, 0]);
+        j["keyslots"] = json!(vec!["1"; 33]);
+        let e = Tpm2Token::from_json(&j).unwrap_err().to_string();
+        assert!(e.contains("keyslots") && e.contains("at most 32"), "{e}");
+        j["keyslots"] = json!(["32"]);
+        let e = Tpm2Token::from_json(&j).unwrap_err().to_string();
+        assert!(e.contains("keyslot 32 out of range"), "{e}");
+    }
+
+    #[test]
+    fn the_keyslot_binding_names_one_keyslot_one_salt_one_blob_one_volume_key() {
+        let mut t = sample();
+        let vk = [0x42u8; 64];
+        let mac = t.keyslot_mac(&vk, 1, "c2FsdA==");
+        t.keyslot_macs = [(1, mac)].into_iter().collect();
+        let t = Tpm2Token::from_json(&t.to_json()).unwrap();
+        assert!(t.binds_keyslot(&vk, 1, "c2FsdA=="));
+        assert!(!t.binds_keyslot(&vk, 0, "c2FsdA=="), "another slot number");
+        assert!(
+            !t.binds_keyslot(&vk, 1, "b3RoZXI="),
+            "another keyslot's salt"
+        );
+        assert!(
+            !t.binds_keyslot(&[0x43u8; 64], 1, "c2FsdA=="),
+            "another volume"
+        );
+        let mut other_blob = t.clone();
+        other_blob.blob.push(0);
+        assert!(
+            !other_blob.binds_keyslot(&vk, 1, "c2FsdA=="),
+            "another blob"
+        );
     }
 
     #[test]
@@ -345,6 +491,7 @@ mod tests {
         assert_eq!(t.keyslots, vec![2]);
         assert_eq!(t.pcrs, vec![7]);
         assert!(t.srk.is_none() && t.salt.is_none() && t.pcr_values.is_none());
+        assert!(t.keyslot_macs.is_empty());
         // systemd < 250: no bank, no primary alg
         let mut old = j.clone();
         old.as_object_mut().unwrap().remove("tpm2-pcr-bank");
@@ -406,6 +553,14 @@ mod tests {
             (
                 "vaultguard_pcr_values",
                 Box::new(|j| j["vaultguard_pcr_values"] = json!({"7": "00"})),
+            ),
+            (
+                "vaultguard_keyslot_macs",
+                Box::new(|j| j["vaultguard_keyslot_macs"] = json!({"1": "00"})),
+            ),
+            (
+                "vaultguard_keyslot_macs",
+                Box::new(|j| j["vaultguard_keyslot_macs"] = json!({"x": "00".repeat(32)})),
             ),
         ];
         for (name, mutate) in cases {

@@ -59,7 +59,13 @@ impl Drop for Cleanup {
 
 fn unique(tag: &str) -> String {
     let mut r = [0u8; 8];
-    let _ = rustix::rand::getrandom(&mut r, rustix::rand::GetRandomFlags::empty());
+    if crate::secret::fill_random(&mut r).is_err() {
+        // Not a secret, only a name that must not collide: without the RNG, the
+        // process id and a counter keep it unique.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return format!("{tag}.{}-{n}", std::process::id());
+    }
     format!("{tag}.{}", crate::encoding::hex_encode(&r))
 }
 

@@ -69,8 +69,14 @@ pub enum TpmError {
     Lockout { recovery_seconds: Option<u32> },
     /// The token's data is unusable.
     BadToken(String),
+    /// The token contradicts itself (its policy hash, its sealed object's policy
+    /// and its recorded PCR values do not agree): altered or damaged, not a PCR
+    /// change. Resealing would only paper over it.
+    TokenAltered(String),
     /// The phase-PCR extend did not take.
     LatchFailed(String),
+    /// The kernel's random number generator failed (nothing was sealed).
+    Random(std::io::Error),
 }
 
 impl fmt::Display for TpmError {
@@ -85,6 +91,11 @@ impl fmt::Display for TpmError {
                         f,
                         "PCR {p} (phase) is already extended: the vault was unlocked once this boot; \
                          the TPM will not release the key again until reboot"
+                    ),
+                    ([], _) if bound.is_empty() => write!(
+                        f,
+                        "the TPM refused the PCR policy: a bound PCR changed since enrolment; \
+                         run `vaultguard reseal` after verifying the change"
                     ),
                     ([], _) => write!(
                         f,
@@ -124,7 +135,17 @@ impl fmt::Display for TpmError {
                 Ok(())
             }
             TpmError::BadToken(why) => write!(f, "TPM2 token unusable: {why}"),
+            TpmError::TokenAltered(why) => write!(
+                f,
+                "the TPM2 token was altered or damaged: {why}. This is not a PCR change; \
+                 find out who wrote the LUKS header before trusting this machine \
+                 (the passphrase still opens the vault)"
+            ),
             TpmError::LatchFailed(why) => write!(f, "could not extend the phase PCR: {why}"),
+            TpmError::Random(e) => write!(
+                f,
+                "the kernel random number generator failed (getrandom: {e}); nothing was sealed"
+            ),
         }
     }
 }
@@ -212,8 +233,7 @@ impl Tpm {
         // The kernel RNG is the source (as systemd does); the TPM is not trusted to
         // be the only one.
         let mut out = SecretBytes::zeroed(len);
-        rustix::rand::getrandom(out.as_mut_bytes(), rustix::rand::GetRandomFlags::empty())
-            .map_err(|e| TpmError::BadToken(format!("getrandom: {e}")))?;
+        crate::secret::fill_random(out.as_mut_bytes()).map_err(TpmError::Random)?;
         Ok(out)
     }
 
@@ -399,12 +419,15 @@ impl Tpm {
     }
 
     /// Check the live PCRs against the enrolled policy before asking the TPM, naming
-    /// the PCRs that changed where the enrolment recorded their values.
+    /// the PCRs that changed where the enrolment recorded their values. A token
+    /// that contradicts itself is reported as such (see [`check_token`]), not as a
+    /// PCR change.
     pub fn check_policy(
         &mut self,
         token: &Tpm2Token,
         phase_pcr: Option<u32>,
     ) -> Result<(), TpmError> {
+        check_token(token)?;
         let (digest, live) = self.live_policy(token)?;
         if digest == token.policy_hash {
             return Ok(());
@@ -551,7 +574,15 @@ impl Tpm {
                     err,
                 }
             }
-            UnsealStep::Tpm(err) => self.classify(err, "Unseal"),
+            UnsealStep::Tpm(err) => match self.classify(err, "Unseal") {
+                // The refusal is about this token's PCRs: name them.
+                TpmError::PcrMismatch { changed, phase, .. } => TpmError::PcrMismatch {
+                    changed,
+                    bound: token.pcrs.clone(),
+                    phase,
+                },
+                other => other,
+            },
             UnsealStep::Load(err) => self.classify(err, "Load(sealed object)"),
             UnsealStep::Other(e) => e,
         })
@@ -862,6 +893,37 @@ impl Tpm {
         // closes, and there is nothing better to do with the error here.
         let _ = self.ctx.flush_context(handle);
     }
+}
+
+/// Whether `token` agrees with itself, in software: the policy digest it records
+/// (`tpm2-policy-hash`) must be the one its sealed object carries (the authPolicy
+/// inside `tpm2-blob`), and the one its recorded PCR values give, where it records
+/// them all. A PCR change moves none of these; only an edit of the header (or its
+/// corruption) does, so a mismatch is reported as tampering, never as "reseal".
+pub fn check_token(token: &Tpm2Token) -> Result<(), TpmError> {
+    let (_, public) =
+        split_blob(&token.blob).map_err(|e| TpmError::TokenAltered(format!("its {e}")))?;
+    if let Public::KeyedHash { auth_policy, .. } = &public {
+        if auth_policy.value() != token.policy_hash.as_slice() {
+            return Err(TpmError::TokenAltered(
+                "its tpm2-policy-hash is not the policy its sealed object (tpm2-blob) carries"
+                    .into(),
+            ));
+        }
+    }
+    if let Some(recorded) = &token.pcr_values {
+        if recorded.keys().copied().eq(token.pcrs.iter().copied()) {
+            let values: PcrValues = recorded.iter().map(|(p, v)| (*p, v.clone())).collect();
+            if policy::sealing_policy(token.bank, &values, token.pin) != token.policy_hash {
+                return Err(TpmError::TokenAltered(
+                    "its tpm2-policy-hash is not the policy its recorded PCR values \
+                     (vaultguard_pcr_values) give"
+                        .into(),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 enum UnsealStep {

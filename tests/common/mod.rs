@@ -340,6 +340,38 @@ pub fn luks_image(dir: &Path, passphrase: &str) -> PathBuf {
     img
 }
 
+/// A loop device over an image file, detached on drop. Unlike the file itself, a
+/// block device can be made read-only under an open descriptor (BLKROSET), which
+/// is how tests make one header write fail in the middle of an operation.
+pub struct LoopDevice {
+    pub path: String,
+}
+
+impl LoopDevice {
+    pub fn attach(img: &Path) -> LoopDevice {
+        let out = run(Command::new("losetup").args(["--find", "--show"]).arg(img));
+        LoopDevice {
+            path: String::from_utf8(out.stdout).unwrap().trim().to_string(),
+        }
+    }
+
+    /// Writes to the device fail with EPERM while it is read-only.
+    pub fn set_readonly(&self, ro: bool) {
+        run(Command::new("blockdev")
+            .arg(if ro { "--setro" } else { "--setrw" })
+            .arg(&self.path));
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("blockdev")
+            .args(["--setrw", &self.path])
+            .status();
+        let _ = Command::new("losetup").args(["-d", &self.path]).status();
+    }
+}
+
 /// The path of the built vaultguard binary (for CLI tests).
 pub fn vaultguard_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vaultguard"))
