@@ -98,7 +98,7 @@ pub fn run_unlock(
     };
     let mut prompter = system_prompter(headless);
     let mut events = AuditEvents::for_config(cfg);
-    report_unlock(&opts, prompter.as_mut(), &mut events)
+    report_unlock(cfg, &opts, prompter.as_mut(), &mut events)
 }
 
 /// A key file's contents as a secret (for the supervisor client as well).
@@ -107,6 +107,7 @@ pub fn read_key_file(path: &Path) -> Result<crate::secret::SecretBytes, BootErro
 }
 
 fn report_unlock(
+    cfg: &Config,
     opts: &UnlockOptions,
     prompter: &mut dyn Prompter,
     events: &mut dyn Events,
@@ -118,7 +119,7 @@ fn report_unlock(
     // Tell the supervisor, once it starts, how the vault was opened; it trusts this
     // only if the mapping is really there.
     let _ = state_file::write_boot_hint(
-        Path::new(state_file::DEFAULT_PATH),
+        &cfg.vault.state_path,
         "unlocked",
         done.method.as_str(),
     );
@@ -241,7 +242,7 @@ pub fn run_attach(
         flags: o.flags,
     };
     let mut events = AuditEvents::for_config(cfg);
-    report_unlock(&opts, prompter.as_mut(), &mut events)
+    report_unlock(cfg, &opts, prompter.as_mut(), &mut events)
 }
 
 /// `vaultguard detach NAME`.
