@@ -108,7 +108,7 @@ pub fn run_system(cfg: &Config, auto_lock: Option<Duration>) -> Result<(), Super
 
 /// Log lines go to stderr; under systemd (JOURNAL_STREAM set) they carry a syslog
 /// priority prefix so that journald files warnings as warnings.
-fn log(priority: u8, msg: &str) {
+pub(crate) fn log(priority: u8, msg: &str) {
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         eprintln!("<{priority}>{msg}");
     } else {

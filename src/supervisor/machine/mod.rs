@@ -1,0 +1,344 @@
+//! The supervisor's state machine, in two layers:
+//!
+//! - [`Core`] decides: vault state and detail, authorisation of each request, the
+//!   idle deadline, the lockout, and the lock ([`lock`]) and unlock ([`unlock`])
+//!   sequences over the [`VaultBackend`]. It returns what should follow as
+//!   [`Effect`]s (audit entries, the state to publish, the lockout to persist, log
+//!   lines) and performs none of it, so its tests read decisions and effects with a
+//!   recording fake backend and no file system. After any failed sequence the state
+//!   is re-derived from the kernel (`probe`): what `status` says is what is true.
+//! - [`Machine`] is the thin shell the event loop holds: it reads the boot hint and
+//!   the persisted lockout at start, hands each call to the core and performs the
+//!   effects in order (audit appends and rotation, state files, the lockout file,
+//!   journald-prefixed log lines), and tells the core when auditing fails.
+//!
+//! Neither layer touches sockets or clocks: times come in as [`Now`].
+
+mod core;
+mod effects;
+mod lock;
+#[cfg(test)]
+mod tests;
+mod unlock;
+
+pub use self::core::{Core, AUTO_LOCK_RETRY_MS};
+pub use effects::{Effect, Field, Priority};
+
+use super::backend::{BackendError, Reality, VaultBackend};
+use super::lockout::{Lockout, Policy};
+use super::state_file;
+use crate::audit;
+use crate::config::{Allow, Config};
+use crate::control::protocol::{Request, Response, StatusReply};
+use crate::control::Peer;
+use crate::secret::SecretBytes;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VaultState {
+    Locked,
+    Unlocked,
+    Unknown,
+    Locking,
+    Unlocking,
+}
+
+impl VaultState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VaultState::Locked => "locked",
+            VaultState::Unlocked => "unlocked",
+            VaultState::Unknown => "unknown",
+            VaultState::Locking => "locking",
+            VaultState::Unlocking => "unlocking",
+        }
+    }
+
+    pub(crate) fn of(r: Reality) -> VaultState {
+        match (r.mapping_active, r.mounted) {
+            (true, true) => VaultState::Unlocked,
+            (false, false) => VaultState::Locked,
+            _ => VaultState::Unknown,
+        }
+    }
+}
+
+/// The two clocks the machine needs: CLOCK_BOOTTIME for deadlines (counts suspend),
+/// wall time for reports and for the persisted lockout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub mono_ms: u64,
+    pub wall_ms: u64,
+}
+
+impl Now {
+    fn wall_s(self) -> u64 {
+        self.wall_ms / 1000
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockReason {
+    Manual,
+    Idle,
+}
+
+impl LockReason {
+    pub fn detail(self) -> &'static str {
+        match self {
+            LockReason::Manual => "manual_lock",
+            LockReason::Idle => "auto_lock_idle",
+        }
+    }
+}
+
+/// What the machine needs from the configuration (and the test hooks).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub services: Vec<String>,
+    /// Auto-lock after this much idle time; `None` disables.
+    pub auto_lock_ms: Option<u64>,
+    pub warn_before_ms: u64,
+    pub policy: Policy,
+    pub lockout_path: PathBuf,
+    pub audit_path: Option<PathBuf>,
+    /// Rotate the audit log past this size (0: never).
+    pub audit_rotate_size: u64,
+    /// The state file first, then the compatibility path if configured.
+    pub state_files: Vec<PathBuf>,
+    pub allow: BTreeMap<String, Allow>,
+}
+
+impl Settings {
+    /// From the configuration. `auto_lock_override` is the test hook for
+    /// sub-minute timeouts; the configuration only speaks whole minutes.
+    pub fn from_config(
+        cfg: &Config,
+        state_file: &Path,
+        auto_lock_override: Option<Duration>,
+        warn_before: Duration,
+    ) -> Settings {
+        // Bounded like the configuration's own minutes, so that no deadline
+        // arithmetic downstream can overflow.
+        let max_ms = crate::config::MAX_AUTO_LOCK_MINUTES * 60_000;
+        let auto_lock_ms = match auto_lock_override {
+            Some(d) => Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            None => Some(cfg.vault.auto_lock_timeout.saturating_mul(60_000)),
+        }
+        .map(|ms| ms.min(max_ms))
+        .filter(|&ms| ms > 0);
+        let mut state_files = vec![state_file.to_path_buf()];
+        if let Some(p) = &cfg.vault.state_compat_path {
+            state_files.push(p.clone());
+        }
+        Settings {
+            services: cfg.vault.services.clone(),
+            auto_lock_ms,
+            warn_before_ms: warn_before.as_millis() as u64,
+            policy: Policy::from_config(&cfg.auth),
+            lockout_path: cfg.auth.state_path.clone(),
+            audit_path: Some(cfg.audit.path.clone()),
+            audit_rotate_size: cfg.audit.rotate_size,
+            state_files,
+            allow: cfg.control.allow.clone(),
+        }
+    }
+}
+
+/// The state at start, from the kernel's view and the boot path's hint.
+pub fn derive_state(
+    reality: Result<Reality, &BackendError>,
+    hint: Option<(String, String)>,
+) -> (VaultState, String) {
+    let r = match reality {
+        Ok(r) => r,
+        Err(_) => return (VaultState::Unknown, "probe_failed".into()),
+    };
+    let state = VaultState::of(r);
+    let detail = match (state, hint) {
+        (VaultState::Unknown, _) if r.mapping_active => "mapping_open_not_mounted".into(),
+        (VaultState::Unknown, _) => "mounted_without_mapping".into(),
+        // The hint is only believed when it agrees with the kernel.
+        (s, Some((hs, hd))) if hs == s.as_str() && valid_detail(&hd) => hd,
+        (VaultState::Unlocked, _) => "found_unlocked".into(),
+        _ => "found_locked".into(),
+    };
+    (state, detail)
+}
+
+fn valid_detail(d: &str) -> bool {
+    !d.is_empty()
+        && d.len() <= 64
+        && d.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// The shell around [`Core`]: same calls, with the effects performed.
+pub struct Machine {
+    core: Core,
+    lockout_path: PathBuf,
+    audit_path: Option<PathBuf>,
+    audit_rotate_size: u64,
+    state_files: Vec<PathBuf>,
+}
+
+impl Machine {
+    /// Read the boot path's hint and the persisted lockout, derive the state from
+    /// reality, audit the start and publish the state file.
+    pub fn start(s: Settings, backend: Box<dyn VaultBackend>, now: Now) -> Machine {
+        let hint = s.state_files.first().and_then(|p| state_file::read_hint(p));
+        let lockout = Lockout::load(&s.lockout_path).map_err(|e| e.to_string());
+        let lockout_path = s.lockout_path.clone();
+        let audit_path = s.audit_path.clone();
+        let audit_rotate_size = s.audit_rotate_size;
+        let state_files = s.state_files.clone();
+        let (core, fx) = Core::start(s, backend, hint, lockout, now);
+        let mut m = Machine {
+            core,
+            lockout_path,
+            audit_path,
+            audit_rotate_size,
+            state_files,
+        };
+        m.perform(fx);
+        m
+    }
+
+    pub fn state(&self) -> VaultState {
+        self.core.state()
+    }
+
+    pub fn detail(&self) -> &str {
+        self.core.detail()
+    }
+
+    /// When the caller must next call [`Machine::on_timer`] (CLOCK_BOOTTIME ms);
+    /// `None`: nothing is scheduled.
+    pub fn next_wakeup(&self) -> Option<u64> {
+        self.core.next_wakeup()
+    }
+
+    /// The state as `uid` sees it.
+    pub fn status(&self, uid: u32, now: Now) -> StatusReply {
+        self.core.status(uid, now)
+    }
+
+    /// Activity from outside the socket (the activity file).
+    pub fn activity(&mut self, now: Now) {
+        let fx = self.core.activity(now);
+        self.perform(fx);
+    }
+
+    /// Authorise and run one request from `peer`.
+    pub fn handle(&mut self, peer: &Peer, req: Request, now: Now) -> Response {
+        if matches!(req, Request::Unlock(_)) {
+            self.retry_audit();
+        }
+        let (r, fx) = self.core.handle(peer, req, now);
+        self.perform(fx);
+        r
+    }
+
+    /// Lock now (`uid`: who asked; `None`: the supervisor itself).
+    pub fn lock(&mut self, reason: LockReason, uid: Option<u32>, now: Now) -> Response {
+        let (r, fx) = self.core.lock(reason, uid, now);
+        self.perform(fx);
+        r
+    }
+
+    /// Unlock with `passphrase` on behalf of `uid`.
+    pub fn unlock(&mut self, passphrase: &SecretBytes, uid: u32, now: Now) -> Response {
+        self.retry_audit();
+        let (r, fx) = self.core.unlock(passphrase, uid, now);
+        self.perform(fx);
+        r
+    }
+
+    /// The supervisor is stopping (the vault is left as it is).
+    pub fn stopping(&mut self) {
+        let fx = self.core.stopping();
+        self.perform(fx);
+    }
+
+    /// The idle timer fired (or the caller looked at the clock): warn or lock.
+    pub fn on_timer(&mut self, now: Now) {
+        let fx = self.core.on_timer(now);
+        self.perform(fx);
+    }
+
+    /// While auditing fails, try the core's `audit_resumed` entry before an
+    /// unlock; if it is written, auditing works again.
+    fn retry_audit(&mut self) {
+        let Some(Effect::Audit { event, fields }) = self.core.audit_retry() else {
+            return;
+        };
+        if self.append(event, &fields).is_ok() {
+            let fx = self.core.audit_recovered();
+            self.perform(fx);
+        }
+    }
+
+    fn perform(&mut self, effects: Vec<Effect>) {
+        for e in effects {
+            match e {
+                Effect::Audit { event, fields } => {
+                    if let Err(err) = self.append(event, &fields) {
+                        super::log(
+                            Priority::Warning as u8,
+                            &format!("`{event}` not audited: {err}"),
+                        );
+                        self.core.audit_failed(err.to_string());
+                    }
+                }
+                Effect::Publish(snap) => {
+                    for path in &self.state_files {
+                        if let Err(e) = state_file::write(path, &snap) {
+                            super::log_warn(&format!(
+                                "cannot write state file {}: {e}",
+                                path.display()
+                            ));
+                        }
+                    }
+                }
+                Effect::SaveLockout(file) => {
+                    if let Err(e) = Lockout::save(&file, &self.lockout_path) {
+                        super::log_warn(&e.to_string());
+                    }
+                }
+                Effect::Log(p, msg) => super::log(p as u8, &msg),
+            }
+        }
+    }
+
+    fn append(
+        &self,
+        event: &str,
+        fields: &[(&'static str, Field)],
+    ) -> Result<(), audit::AuditError> {
+        let Some(path) = &self.audit_path else {
+            return Ok(());
+        };
+        let fields: Vec<(&str, audit::Value<'_>)> =
+            fields.iter().map(|(k, v)| (*k, v.as_value())).collect();
+        audit::append(path, event, &fields)?;
+        self.rotate_audit_if_large(path);
+        Ok(())
+    }
+
+    fn rotate_audit_if_large(&self, path: &Path) {
+        let max = self.audit_rotate_size;
+        if max == 0 || std::fs::metadata(path).map_or(true, |m| m.len() < max) {
+            return;
+        }
+        match audit::rotate(path) {
+            Ok(Some(seg)) => super::log_info(&format!(
+                "audit log rotated: {} closed as {}",
+                path.display(),
+                seg.display()
+            )),
+            Ok(None) => {}
+            Err(e) => super::log_warn(&format!("audit log rotation failed: {e}")),
+        }
+    }
+}
