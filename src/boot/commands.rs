@@ -118,11 +118,7 @@ fn report_unlock(
     }
     // Tell the supervisor, once it starts, how the vault was opened; it trusts this
     // only if the mapping is really there.
-    let _ = state_file::write_boot_hint(
-        &cfg.vault.state_path,
-        "unlocked",
-        done.method.as_str(),
-    );
+    let _ = state_file::write_boot_hint(&cfg.vault.state_path, "unlocked", done.method.as_str());
     let how = match done.method {
         Method::Tpm2 => "with the TPM",
         Method::Tpm2Pin => "with the TPM and PIN",
