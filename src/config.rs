@@ -263,12 +263,17 @@ impl Config {
                 msg: "must be a JSON object ({…})".into(),
             });
         }
-        if let Some(field) = first_unknown_field(&value) {
-            return Err(ConfigError::UnknownField { field });
-        }
-        let cfg: Config = serde_json::from_value(value).map_err(|e| ConfigError::Parse {
-            path: origin.to_string(),
-            msg: e.to_string(),
+        // The path of whatever serde refuses, so the operator is told
+        // `vault.auto_lock_timeout`, not just the leaf or a line and column.
+        let cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let field = e.path().to_string();
+            let msg = e.into_inner().to_string();
+            // For an unknown key the path already ends with it.
+            if msg.starts_with("unknown field `") {
+                ConfigError::UnknownField { field }
+            } else {
+                ConfigError::Invalid { field, msg }
+            }
         })?;
         cfg.validate()?;
         Ok(cfg)
@@ -559,50 +564,6 @@ fn split_cmdline(s: &str) -> Vec<String> {
     words
 }
 
-/// The dotted name of the first key that the schema does not know.
-fn first_unknown_field(value: &serde_json::Value) -> Option<String> {
-    let known = serde_json::to_value(Config::default()).ok()?;
-    walk_unknown(value, &known, "")
-}
-
-fn walk_unknown(
-    value: &serde_json::Value,
-    known: &serde_json::Value,
-    prefix: &str,
-) -> Option<String> {
-    let (serde_json::Value::Object(v), serde_json::Value::Object(k)) = (value, known) else {
-        return None;
-    };
-    for (key, child) in v {
-        let name = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
-        // `control.allow` is a map keyed by command; its keys are checked by validate().
-        if name == "control.allow" {
-            if let serde_json::Value::Object(cmds) = child {
-                for (cmd, entry) in cmds {
-                    let allow = serde_json::to_value(Allow::default()).ok()?;
-                    if let Some(f) = walk_unknown(entry, &allow, &format!("{name}.{cmd}")) {
-                        return Some(f);
-                    }
-                }
-            }
-            continue;
-        }
-        match k.get(key) {
-            None => return Some(name),
-            Some(sub) => {
-                if let Some(f) = walk_unknown(child, sub, &name) {
-                    return Some(f);
-                }
-            }
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -651,6 +612,24 @@ mod tests {
         }
         let e = err(r#"{"vault":{"state_path":"state.json"}}"#);
         assert!(e.contains("vault.state_path"), "{e}");
+    }
+
+    #[test]
+    fn type_errors_and_unknown_keys_name_the_dotted_key() {
+        let err = |t: &str| Config::from_json(t, "test").unwrap_err().to_string();
+        let e = err(r#"{"vault":{"auto_lock_timeout":"30"}}"#);
+        assert!(e.contains("`vault.auto_lock_timeout`"), "{e}");
+        let e = err(r#"{"control":{"allow":{"status":{"uids":["x"]}}}}"#);
+        assert!(e.contains("`control.allow.status.uids[0]`"), "{e}");
+        let e = err(r#"{"control":{"allow":{"status":{"uid":[1]}}}}"#);
+        assert!(e.contains("`control.allow.status.uid`"), "{e}");
+        let e = err(r#"{"vault":{"auto_lock_timout":3}}"#);
+        assert!(
+            e.contains("unknown configuration key `vault.auto_lock_timout`"),
+            "{e}"
+        );
+        let e = err(r#"{"vaults":{}}"#);
+        assert!(e.contains("unknown configuration key `vaults`"), "{e}");
     }
 
     #[test]
