@@ -30,6 +30,7 @@
 //! Truncating whole lines off the end cannot be detected by a chain alone; that is
 //! what off-host log shipping is for.
 
+pub mod anchor;
 pub mod export;
 pub mod journal;
 
@@ -419,6 +420,8 @@ pub struct Verified {
     pub last_hash: String,
     /// Torn writes cut off before an append: (line of the entry recording it, bytes).
     pub torn_cuts: Vec<(usize, u64)>,
+    /// Every entry's hash, in order (what the TPM anchor was extended with).
+    pub entry_hashes: Vec<[u8; 32]>,
 }
 
 /// What [`verify`] found in an intact log of one or more segments.
@@ -432,6 +435,13 @@ pub struct VerifiedLog {
 }
 
 impl VerifiedLog {
+    /// Every entry's hash across the segments, oldest first.
+    pub fn entry_hashes(&self) -> impl Iterator<Item = &[u8; 32]> {
+        self.segments
+            .iter()
+            .flat_map(|(_, v)| v.entry_hashes.iter())
+    }
+
     pub fn entries(&self) -> usize {
         self.segments.iter().map(|(_, v)| v.entries).sum()
     }
@@ -565,11 +575,13 @@ pub(crate) fn verify_from(text: &[u8], start: Option<&str>) -> Result<Verified, 
     let mut trust_first = start.is_none();
     let mut entries = 0;
     let mut torn_cuts = Vec::new();
+    let mut entry_hashes = Vec::new();
     if text.is_empty() {
         return Ok(Verified {
             entries,
             last_hash: prev,
             torn_cuts,
+            entry_hashes,
         });
     }
     let body = match text.strip_suffix(b"\n") {
@@ -598,6 +610,7 @@ pub(crate) fn verify_from(text: &[u8], start: Option<&str>) -> Result<Verified, 
                 ),
             ));
         }
+        entry_hashes.push(digest_of_hex(&hash));
         prev = hash;
         entries += 1;
     }
@@ -605,6 +618,7 @@ pub(crate) fn verify_from(text: &[u8], start: Option<&str>) -> Result<Verified, 
         entries,
         last_hash: prev,
         torn_cuts,
+        entry_hashes,
     })
 }
 
@@ -640,6 +654,20 @@ fn check_line(raw: &[u8]) -> Result<(String, String, Option<u64>), String> {
         return Err("entry_hash does not match the entry's contents (entry edited)".into());
     }
     Ok((claimed, prev, torn))
+}
+
+/// An entry hash back to bytes (it was checked to be our own lowercase hex).
+fn digest_of_hex(h: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (i, pair) in h.as_bytes().chunks(2).take(32).enumerate() {
+        let v = |c: u8| match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => 0,
+        };
+        out[i] = v(pair[0]) << 4 | v(pair.get(1).copied().unwrap_or(b'0'));
+    }
+    out
 }
 
 fn short(h: &str) -> &str {
