@@ -1,5 +1,7 @@
-//! Command-line types (argh). No behaviour lives here: `main.rs` dispatches each
-//! command to the module that owns it.
+//! Command-line types (argh), and the one piece of argument handling argh cannot
+//! do itself: systemd-cryptsetup's `attach NAME DEVICE - OPTIONS`, whose lone `-`
+//! ([`argh_argv`]) argh would take for an option. Nothing else happens here:
+//! `main.rs` dispatches each command to the module that owns it.
 
 use argh::FromArgs;
 use std::path::PathBuf;
