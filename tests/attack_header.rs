@@ -44,6 +44,7 @@ fn enroll_opts(sw: &Swtpm, img: &Path) -> EnrollOptions {
         pin: false,
         recovery_key: false,
         tries: 3,
+        audit_nv_index: Some(vaultguard::tpm::nv::DEFAULT_AUDIT_NV_INDEX),
     }
 }
 

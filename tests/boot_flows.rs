@@ -8,8 +8,8 @@ use common::{luks_image, run, LoopDevice, Swtpm, TempDir};
 use std::process::Command;
 use std::time::Duration;
 use vaultguard::boot::{
-    acquire_volume_key, enroll, reseal, BootError, EnrollOptions, Events, Method, NoEvents,
-    TpmOptions, UnlockOptions, Verification,
+    acquire_volume_key, enroll, reseal, AuditAnchor, BootError, EnrollOptions, Events, Method,
+    NoEvents, TpmOptions, UnlockOptions, Verification,
 };
 use vaultguard::luks::{ActivateFlags, Vault};
 use vaultguard::prompt::Scripted;
@@ -35,6 +35,7 @@ fn enroll_opts(sw: &Swtpm, img: &std::path::Path) -> EnrollOptions {
         pin: false,
         recovery_key: false,
         tries: 3,
+        audit_nv_index: Some(vaultguard::tpm::nv::DEFAULT_AUDIT_NV_INDEX),
     }
 }
 
@@ -528,4 +529,120 @@ fn an_enrolment_whose_token_write_fails_leaves_no_token_and_no_keyslot() {
 #[test]
 fn an_enrolment_whose_recovery_token_write_fails_takes_the_tpm_enrolment_back_too() {
     interrupted_enrolment_leaves_nothing(2, true);
+}
+
+#[test]
+fn enrolment_defines_the_audit_anchor_once_and_says_so() {
+    let sw = Swtpm::start();
+    let dir = TempDir::new("anchor");
+    let img = luks_image(dir.path(), PASS);
+    let h = vaultguard::tpm::nv::DEFAULT_AUDIT_NV_INDEX;
+    let r = enroll(
+        &enroll_opts(&sw, &img),
+        &mut Scripted::new(&[PASS]),
+        &mut NoEvents,
+    )
+    .unwrap();
+    assert!(
+        matches!(r.audit_anchor, AuditAnchor::Created { handle } if handle == h),
+        "{:?}",
+        r.audit_anchor
+    );
+    let lines = vaultguard::boot::commands::enrolment_lines("enrolled", &r);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("defined the audit log's TPM anchor (NV index 0x013fa0d1)")),
+        "{lines:?}"
+    );
+    // Defined and not yet extended: the TPM has it, with no value.
+    let mut tpm = got_tpm_reopen(&sw);
+    assert_eq!(tpm.read_audit_index(h).unwrap(), None);
+    tpm.extend_audit_index(h, &[9; 32]).unwrap();
+    drop(tpm);
+    // A reseal finds it there and leaves its value alone.
+    let r = reseal(
+        &enroll_opts(&sw, &img),
+        &mut Scripted::new(&[PASS]),
+        &mut NoEvents,
+    )
+    .unwrap();
+    assert!(matches!(r.audit_anchor, AuditAnchor::AlreadyThere { .. }));
+    let mut tpm = got_tpm_reopen(&sw);
+    assert_eq!(
+        tpm.read_audit_index(h).unwrap(),
+        Some(vaultguard::tpm::nv::nv_extend(&[0; 32], &[9; 32]))
+    );
+}
+
+#[test]
+fn an_audit_anchor_that_cannot_be_defined_is_a_warning_not_a_failed_enrolment() {
+    let mut sw = Swtpm::start();
+    let dir = TempDir::new("anchor-owner");
+    let img = luks_image(dir.path(), PASS);
+    // An operator's own index sits at the handle.
+    sw.tool(
+        "tpm2_nvdefine",
+        &[
+            "0x013fa0d1",
+            "-C",
+            "o",
+            "-s",
+            "8",
+            "-a",
+            "ownerread|ownerwrite",
+        ],
+    );
+    let mut events = Recorded::default();
+    let r = enroll(
+        &enroll_opts(&sw, &img),
+        &mut Scripted::new(&[PASS]),
+        &mut events,
+    )
+    .unwrap();
+    assert!(
+        matches!(
+            r.audit_anchor,
+            AuditAnchor::Failed {
+                error: vaultguard::tpm::TpmError::NvIndexConflict { .. },
+                ..
+            }
+        ),
+        "{:?}",
+        r.audit_anchor
+    );
+    let lines = vaultguard::boot::commands::enrolment_lines("enrolled", &r);
+    assert!(
+        lines.iter().any(|l| l.contains("warning")
+            && l.contains("0x013fa0d1 exists but is not vaultguard's audit index")
+            && l.contains("enrolment is complete")),
+        "{lines:?}"
+    );
+    assert!(
+        events.0.iter().any(|e| e == "audit_anchor_failed"),
+        "{:?}",
+        events.0
+    );
+    // The enrolment works: the TPM opens the vault.
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    let mut p = Scripted::new(&[]);
+    let got = acquire_volume_key(&mut v, &unlock_opts(&sw, &img), &mut p, &mut NoEvents).unwrap();
+    assert_eq!(got.method, Method::Tpm2);
+    assert_eq!(got.vk.as_bytes(), reference_vk(&img).as_slice());
+    // Skipping it asks nothing of the TPM's NV.
+    let dir2 = TempDir::new("anchor-skip");
+    let img2 = luks_image(dir2.path(), PASS);
+    let mut opts = enroll_opts(&sw, &img2);
+    opts.audit_nv_index = None;
+    let r = enroll(&opts, &mut Scripted::new(&[PASS]), &mut NoEvents).unwrap();
+    assert!(matches!(r.audit_anchor, AuditAnchor::Skipped));
+}
+
+#[derive(Default)]
+struct Recorded(Vec<String>);
+
+impl Events for Recorded {
+    fn event(&mut self, name: &str, _fields: &[(&str, &str)]) {
+        self.0.push(name.to_string());
+    }
 }

@@ -92,6 +92,7 @@ fn enroll_opts(sw: &Swtpm, img: &Path, pcrs: Vec<u32>, pin: bool) -> EnrollOptio
         pin,
         recovery_key: false,
         tries: 3,
+        audit_nv_index: Some(vaultguard::tpm::nv::DEFAULT_AUDIT_NV_INDEX),
     }
 }
 

@@ -533,3 +533,164 @@ fn a_policy_refusal_names_the_tokens_pcrs() {
     };
     assert!(!empty.to_string().contains("PCRs )"), "{empty}");
 }
+
+// ---- The audit anchor's NV extend index (tpm::nv) ----
+
+use vaultguard::tpm::nv::{self as nv, Defined, NvDifference, DEFAULT_AUDIT_NV_INDEX};
+
+fn nv_hex(handle: u32) -> String {
+    format!("{handle:#010x}")
+}
+
+/// The index's value as tpm2-tools reads it (an implementation other than ours).
+fn tool_nvread(sw: &mut Swtpm, handle: u32) -> Vec<u8> {
+    sw.tool(
+        "tpm2_nvread",
+        &[&nv_hex(handle), "-C", &nv_hex(handle), "-s", "32"],
+    )
+    .stdout
+}
+
+#[test]
+fn defining_the_audit_index_twice_finds_it_already_there() {
+    let mut sw = Swtpm::start();
+    let mut tpm = open(&sw);
+    assert_eq!(
+        tpm.define_audit_index(DEFAULT_AUDIT_NV_INDEX).unwrap(),
+        Defined::Created
+    );
+    tpm.extend_audit_index(DEFAULT_AUDIT_NV_INDEX, &[7; 32])
+        .unwrap();
+    let value = tpm.read_audit_index(DEFAULT_AUDIT_NV_INDEX).unwrap();
+    assert_eq!(
+        tpm.define_audit_index(DEFAULT_AUDIT_NV_INDEX).unwrap(),
+        Defined::AlreadyThere
+    );
+    // Defining again kept the value (the anchor is never reset by enrolment).
+    assert_eq!(tpm.read_audit_index(DEFAULT_AUDIT_NV_INDEX).unwrap(), value);
+    drop(tpm);
+    // What the TPM says it holds, through tpm2-tools: TPMA_NV 0x22040044 =
+    // written (bit 29, set by the extend) | no_da (25) | authread (18) |
+    // TPM_NT_EXTEND (4, in bits 7:4) | authwrite (2); sha256; 32 bytes. (The
+    // tpm2-tools here prints the type as "nt=0x1" in its friendly line; the raw
+    // value is the TPM's.)
+    let out = sw.tool("tpm2_nvreadpublic", &[&nv_hex(DEFAULT_AUDIT_NV_INDEX)]);
+    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    for want in ["value: 0x22040044", "size: 32", "sha256"] {
+        assert!(text.contains(want), "{want} missing from:\n{text}");
+    }
+    assert!(!text.contains("ownerwrite"), "{text}");
+}
+
+#[test]
+fn an_index_with_other_attributes_is_refused_and_left_alone() {
+    let mut sw = Swtpm::start();
+    let h = DEFAULT_AUDIT_NV_INDEX;
+    sw.tool(
+        "tpm2_nvdefine",
+        &[
+            &nv_hex(h),
+            "-C",
+            "o",
+            "-s",
+            "16",
+            "-a",
+            "ownerread|ownerwrite|authread|authwrite",
+        ],
+    );
+    let mut tpm = open(&sw);
+    match tpm.define_audit_index(h) {
+        Err(TpmError::NvIndexConflict { handle, differs }) => {
+            assert_eq!(handle, h);
+            assert!(
+                differs.contains(&NvDifference::Type { found: 0 }),
+                "{differs:?}"
+            );
+            assert!(
+                differs.contains(&NvDifference::Size { found: 16 }),
+                "{differs:?}"
+            );
+            let msg = TpmError::NvIndexConflict { handle, differs }.to_string();
+            assert!(msg.contains("0x013fa0d1"), "{msg}");
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    drop(tpm);
+    // Still the operator's ordinary 16-byte index (ownerwrite|authwrite|ownerread|authread).
+    let out = sw.tool("tpm2_nvreadpublic", &[&nv_hex(h)]);
+    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(
+        text.contains("value: 0x60006") && text.contains("size: 16"),
+        "{text}"
+    );
+}
+
+#[test]
+fn nv_extend_matches_the_tpm() {
+    let mut sw = Swtpm::start();
+    let h = DEFAULT_AUDIT_NV_INDEX;
+    let mut tpm = open(&sw);
+    tpm.define_audit_index(h).unwrap();
+    // Defined, never extended: the TPM refuses to read it, which is `None`.
+    assert_eq!(tpm.read_audit_index(h).unwrap(), None);
+    let mut expected = [0u8; 32];
+    for i in 0..4u8 {
+        let data = [i.wrapping_mul(37).wrapping_add(1); 32];
+        tpm.extend_audit_index(h, &data).unwrap();
+        expected = nv::nv_extend(&expected, &data);
+        assert_eq!(
+            tpm.read_audit_index(h).unwrap(),
+            Some(expected),
+            "extend {i}"
+        );
+    }
+    // The connection was reopened after each extend: the rest of the API works.
+    assert_eq!(
+        tpm.read_pcrs(Bank::Sha256, &[15]).unwrap()[0].1,
+        vec![0; 32]
+    );
+    drop(tpm);
+    // tpm2-tools reads the same value.
+    assert_eq!(tool_nvread(&mut sw, h), expected.to_vec());
+    // And the value survives a power cycle (NV, not a PCR).
+    sw.restart();
+    let mut tpm = open(&sw);
+    assert_eq!(tpm.read_audit_index(h).unwrap(), Some(expected));
+}
+
+#[test]
+fn a_missing_audit_index_is_its_own_error() {
+    let sw = Swtpm::start();
+    let h = DEFAULT_AUDIT_NV_INDEX;
+    let mut tpm = open(&sw);
+    assert!(matches!(
+        tpm.read_audit_index(h),
+        Err(TpmError::NvIndexAbsent { handle }) if handle == h
+    ));
+    assert!(matches!(
+        tpm.extend_audit_index(h, &[1; 32]),
+        Err(TpmError::NvIndexAbsent { handle }) if handle == h
+    ));
+    // Out of the owner range: refused before asking the TPM.
+    assert!(matches!(
+        tpm.define_audit_index(0x0180_0420),
+        Err(TpmError::NvHandleOutOfRange { .. })
+    ));
+}
+
+#[test]
+fn an_owner_password_stops_the_definition_with_a_clear_error() {
+    let mut sw = Swtpm::start();
+    sw.tool("tpm2_changeauth", &["-c", "owner", "ownerpw"]);
+    let mut tpm = open(&sw);
+    let err = tpm.define_audit_index(DEFAULT_AUDIT_NV_INDEX).unwrap_err();
+    assert!(matches!(err, TpmError::OwnerAuthSet), "{err:?}");
+    assert!(err.to_string().contains("owner password"), "{err}");
+    drop(tpm);
+    // Nothing was defined, and the lockout counter did not move.
+    let out = sw.tool_status("tpm2_nvreadpublic", &[&nv_hex(DEFAULT_AUDIT_NV_INDEX)]);
+    assert!(!out.status.success());
+    let out = sw.tool("tpm2_getcap", &["properties-variable"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("TPM2_PT_LOCKOUT_COUNTER: 0x0"), "{text}");
+}

@@ -5,8 +5,8 @@
 //! operators' scripts match on them.
 
 use super::{
-    detach, enroll, reseal, unlock, BootError, EnrollOptions, EnrollReport, Events, KeepReason,
-    Method, TpmOptions, UnlockOptions, Verification,
+    detach, enroll, reseal, unlock, AuditAnchor, BootError, EnrollOptions, EnrollReport, Events,
+    KeepReason, Method, TpmOptions, UnlockOptions, Verification,
 };
 use crate::audit;
 use crate::config::{parse_pcr_list, Config};
@@ -280,6 +280,8 @@ fn enroll_options(
         pin,
         recovery_key,
         tries: cfg.auth.boot_tries,
+        // No config key or flag yet: the default index, always.
+        audit_nv_index: Some(crate::tpm::nv::DEFAULT_AUDIT_NV_INDEX),
     })
 }
 
@@ -304,6 +306,19 @@ pub fn enrolment_lines(what: &str, r: &EnrollReport) -> Vec<String> {
                 .into()
         }
     });
+    match &r.audit_anchor {
+        AuditAnchor::Skipped => {}
+        AuditAnchor::Created { handle } => lines.push(format!(
+            "vaultguard: defined the audit log's TPM anchor (NV index {handle:#010x})"
+        )),
+        AuditAnchor::AlreadyThere { handle } => lines.push(format!(
+            "vaultguard: the audit log's TPM anchor (NV index {handle:#010x}) is already defined; kept"
+        )),
+        AuditAnchor::Failed { error, .. } => lines.push(format!(
+            "vaultguard: warning: the audit log's TPM anchor was not defined: {error}. \
+             The enrolment is complete; the audit log is kept without its TPM anchor"
+        )),
+    }
     for token in &r.removed_tokens {
         let slots: Vec<u32> = r
             .removed

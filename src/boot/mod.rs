@@ -652,6 +652,28 @@ pub struct EnrollOptions {
     pub pin: bool,
     pub recovery_key: bool,
     pub tries: u32,
+    /// The NV index to define as the audit log's TPM anchor
+    /// ([`crate::tpm::nv::DEFAULT_AUDIT_NV_INDEX`] by default); `None` skips it.
+    pub audit_nv_index: Option<u32>,
+}
+
+/// What enrolment did about the audit log's TPM anchor (an NV extend index).
+#[derive(Debug)]
+pub enum AuditAnchor {
+    /// Not asked for.
+    Skipped,
+    Created {
+        handle: u32,
+    },
+    /// Already defined with the anchor's attributes (its value kept).
+    AlreadyThere {
+        handle: u32,
+    },
+    /// Could not be defined; the enrolment itself stands (see [`define_audit_anchor`]).
+    Failed {
+        handle: u32,
+        error: TpmError,
+    },
 }
 
 #[derive(Debug)]
@@ -678,6 +700,7 @@ pub struct EnrollReport {
     pub removed: Vec<(u32, u32)>,
     /// Keyslots an old token listed that a reseal kept, and why.
     pub kept: Vec<Kept>,
+    pub audit_anchor: AuditAnchor,
 }
 
 /// A keyslot listed by a replaced token that was not destroyed.
@@ -1077,6 +1100,7 @@ pub fn enroll(
         "enrolled",
         &[("device", &opts.device), ("keyslot", &keyslot.to_string())],
     );
+    let audit_anchor = define_audit_anchor(&mut tpm, opts.audit_nv_index, events);
     Ok(EnrollReport {
         device: opts.device.clone(),
         keyslot,
@@ -1088,7 +1112,49 @@ pub fn enroll(
         removed_tokens: Vec::new(),
         removed: Vec::new(),
         kept: Vec::new(),
+        audit_anchor,
     })
+}
+
+/// Define the audit log's TPM anchor at `handle` and audit the outcome.
+///
+/// Done after the enrolment is written, and a failure is a warning in the report,
+/// never a failed enrolment: the anchor protects the audit log, not the vault.
+/// Refusing the TPM unlock because, say, the owner hierarchy has a password (a
+/// common IT policy) or an unrelated index sits at the handle would cost the
+/// machine its unattended boot for a reason that has nothing to do with booting;
+/// without the anchor the audit chain is still verified, and `audit verify --tpm`
+/// says that the index is absent.
+pub fn define_audit_anchor(
+    tpm: &mut Tpm,
+    handle: Option<u32>,
+    events: &mut dyn Events,
+) -> AuditAnchor {
+    let Some(handle) = handle else {
+        return AuditAnchor::Skipped;
+    };
+    let index = format!("{handle:#010x}");
+    let outcome = match tpm.define_audit_index(handle) {
+        Ok(crate::tpm::nv::Defined::Created) => AuditAnchor::Created { handle },
+        Ok(crate::tpm::nv::Defined::AlreadyThere) => AuditAnchor::AlreadyThere { handle },
+        Err(error) => AuditAnchor::Failed { handle, error },
+    };
+    match &outcome {
+        AuditAnchor::Created { .. } => events.event(
+            "audit_anchor_defined",
+            &[("nv_index", &index), ("outcome", "created")],
+        ),
+        AuditAnchor::AlreadyThere { .. } => events.event(
+            "audit_anchor_defined",
+            &[("nv_index", &index), ("outcome", "already_there")],
+        ),
+        AuditAnchor::Failed { error, .. } => events.event(
+            "audit_anchor_failed",
+            &[("nv_index", &index), ("error", &error.to_string())],
+        ),
+        AuditAnchor::Skipped => {}
+    }
+    outcome
 }
 
 /// Seal to the current PCR values. The new token and keyslot are written first;
@@ -1240,6 +1306,9 @@ pub fn reseal(
         "resealed",
         &[("device", &opts.device), ("keyslot", &keyslot.to_string())],
     );
+    // After a TPM clear (recovery key, then reseal) the anchor is gone with
+    // everything else: reseal defines it again.
+    let audit_anchor = define_audit_anchor(&mut tpm, opts.audit_nv_index, events);
     Ok(EnrollReport {
         device: opts.device.clone(),
         keyslot,
@@ -1251,6 +1320,7 @@ pub fn reseal(
         removed_tokens,
         removed,
         kept,
+        audit_anchor,
     })
 }
 

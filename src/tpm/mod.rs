@@ -7,6 +7,7 @@
 //! crosses the bus in clear. This module never touches LUKS headers and never logs
 //! a secret: errors carry PCR numbers and TPM response kinds only.
 
+pub mod nv;
 pub mod policy;
 pub mod srk;
 
@@ -77,6 +78,19 @@ pub enum TpmError {
     LatchFailed(String),
     /// The kernel's random number generator failed (nothing was sealed).
     Random(std::io::Error),
+    /// No NV index is defined at `handle` (the audit anchor was never created,
+    /// or the TPM was cleared since).
+    NvIndexAbsent { handle: u32 },
+    /// An NV index at `handle` exists but is not the audit index: left alone.
+    NvIndexConflict {
+        handle: u32,
+        differs: Vec<nv::NvDifference>,
+    },
+    /// An NV handle outside the owner range (0x01000000-0x013FFFFF).
+    NvHandleOutOfRange { handle: u32 },
+    /// The owner hierarchy has an authorisation value; vaultguard defines NV
+    /// indexes only with the empty owner authorisation.
+    OwnerAuthSet,
 }
 
 impl fmt::Display for TpmError {
@@ -146,6 +160,38 @@ impl fmt::Display for TpmError {
                 f,
                 "the kernel random number generator failed (getrandom: {e}); nothing was sealed"
             ),
+            TpmError::NvIndexAbsent { handle } => write!(
+                f,
+                "the TPM has no NV index {handle:#010x} (the audit anchor): it was never \
+                 defined or the TPM was cleared; `vaultguard enroll` defines it"
+            ),
+            TpmError::NvIndexConflict { handle, differs } => {
+                write!(
+                    f,
+                    "NV index {handle:#010x} exists but is not vaultguard's audit index ("
+                )?;
+                for (i, d) in differs.iter().enumerate() {
+                    if i > 0 {
+                        write!(f, "; ")?;
+                    }
+                    write!(f, "{d}")?;
+                }
+                write!(
+                    f,
+                    "); it was left alone: choose another handle, or undefine it if it is unused"
+                )
+            }
+            TpmError::NvHandleOutOfRange { handle } => write!(
+                f,
+                "NV handle {handle:#010x} is outside the owner range 0x01000000-0x013fffff"
+            ),
+            TpmError::OwnerAuthSet => write!(
+                f,
+                "the TPM's owner hierarchy has an authorisation value (owner password) set: \
+                 vaultguard cannot define its audit NV index without it; clear the owner \
+                 password (tpm2_changeauth -c owner) or define the index yourself with the \
+                 attributes in `vaultguard::tpm::nv`"
+            ),
         }
     }
 }
@@ -185,7 +231,12 @@ pub struct SealRequest<'a> {
 }
 
 pub struct Tpm {
-    ctx: Context,
+    /// `None` only between closing the connection for a command tss-esapi does
+    /// not wrap (see [`nv`]) and reopening it; a failed reopen leaves it `None`
+    /// and every later call reports the TPM absent.
+    ctx: Option<Context>,
+    /// The TCTI string the connection was opened with, to reopen it.
+    tcti: String,
 }
 
 impl Tpm {
@@ -196,8 +247,7 @@ impl Tpm {
             tcti: tcti.to_string(),
             detail,
         };
-        let device = tcti.strip_prefix("device:");
-        if let Some(path) = device {
+        if let Some(path) = tcti.strip_prefix("device:") {
             let start = Instant::now();
             while !std::path::Path::new(path).exists() {
                 if start.elapsed() >= timeout {
@@ -209,26 +259,64 @@ impl Tpm {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        // A device path is taken as it is: tss-esapi's parser compiles regular
-        // expressions for it, a noticeable share of an emulated guest's unlock.
-        let conf = match device {
-            Some(path) => DeviceConfig::from_str(path).map(TctiNameConf::Device),
-            None => TctiNameConf::from_str(tcti),
-        }
-        .map_err(|e| absent(format!("bad TCTI string: {e}")))?;
-        let mut ctx = Context::new(conf).map_err(|e| absent(e.to_string()))?;
-        // The kernel's TPM driver starts the TPM when it probes it; a simulator
-        // reached over a socket may still need TPM2_Startup.
-        if device.is_none() {
-            match ctx.startup(StartupType::Clear) {
-                Ok(()) => {}
-                Err(e) if rc_kind(&e) == Some(Tss2ResponseCodeKind::Initialize) => {}
-                Err(e) => return Err(absent(format!("startup: {e}"))),
-            }
-        }
-        Ok(Tpm { ctx })
+        Ok(Tpm {
+            ctx: Some(connect(tcti)?),
+            tcti: tcti.to_string(),
+        })
     }
 
+    /// The open connection (see [`Tpm::ctx`]'s field documentation).
+    fn ctx(&mut self) -> Result<&mut Context, TpmError> {
+        let tcti = &self.tcti;
+        self.ctx.as_mut().ok_or_else(|| TpmError::Absent {
+            tcti: tcti.clone(),
+            detail: "the connection was closed and could not be reopened".into(),
+        })
+    }
+
+    /// Run `f` with this process's connection to the TPM closed, then reopen it.
+    /// For commands on a connection of their own (tss-esapi 7 does not wrap
+    /// every TPM command): a simulator and `/dev/tpm0` serve one connection at
+    /// a time. Handles obtained before (sessions, loaded objects) are gone after.
+    fn with_connection_closed<T>(
+        &mut self,
+        f: impl FnOnce(&str) -> Result<T, TpmError>,
+    ) -> Result<T, TpmError> {
+        drop(self.ctx.take());
+        let result = f(&self.tcti);
+        self.ctx = Some(connect(&self.tcti)?);
+        result
+    }
+}
+
+/// Open a connection to the TPM named by `tcti` (its device node, if any, exists).
+fn connect(tcti: &str) -> Result<Context, TpmError> {
+    let absent = |detail: String| TpmError::Absent {
+        tcti: tcti.to_string(),
+        detail,
+    };
+    let device = tcti.strip_prefix("device:");
+    // A device path is taken as it is: tss-esapi's parser compiles regular
+    // expressions for it, a noticeable share of an emulated guest's unlock.
+    let conf = match device {
+        Some(path) => DeviceConfig::from_str(path).map(TctiNameConf::Device),
+        None => TctiNameConf::from_str(tcti),
+    }
+    .map_err(|e| absent(format!("bad TCTI string: {e}")))?;
+    let mut ctx = Context::new(conf).map_err(|e| absent(e.to_string()))?;
+    // The kernel's TPM driver starts the TPM when it probes it; a simulator
+    // reached over a socket may still need TPM2_Startup.
+    if device.is_none() {
+        match ctx.startup(StartupType::Clear) {
+            Ok(()) => {}
+            Err(e) if rc_kind(&e) == Some(Tss2ResponseCodeKind::Initialize) => {}
+            Err(e) => return Err(absent(format!("startup: {e}"))),
+        }
+    }
+    Ok(ctx)
+}
+
+impl Tpm {
     pub fn random(&mut self, len: usize) -> Result<SecretBytes, TpmError> {
         // The kernel RNG is the source (as systemd does); the TPM is not trusted to
         // be the only one.
@@ -251,8 +339,8 @@ impl Tpm {
                 .with_selection(alg, &slots)
                 .build()
                 .map_err(cmd("PCR selection"))?;
-            let data = tss_esapi::abstraction::pcr::read_all(&mut self.ctx, sel)
-                .map_err(cmd("PCR_Read"))?;
+            let data =
+                tss_esapi::abstraction::pcr::read_all(self.ctx()?, sel).map_err(cmd("PCR_Read"))?;
             let bank_data = data.pcr_bank(alg).ok_or(TpmError::Command {
                 what: "PCR_Read",
                 err: tss_esapi::Error::WrapperError(
@@ -275,7 +363,7 @@ impl Tpm {
     /// PCR banks the TPM has active (extends must cover all of them).
     pub fn active_banks(&mut self) -> Result<Vec<Bank>, TpmError> {
         let (data, _) = self
-            .ctx
+            .ctx()?
             .get_capability(CapabilityType::AssignedPcr, 0, 16)
             .map_err(cmd("GetCapability(PCRs)"))?;
         let CapabilityData::AssignedPcr(list) = data else {
@@ -295,7 +383,7 @@ impl Tpm {
 
     fn persistent_exists(&mut self, handle: u32) -> Result<bool, TpmError> {
         let (data, _) = self
-            .ctx
+            .ctx()?
             .get_capability(CapabilityType::Handles, handle, 1)
             .map_err(cmd("GetCapability(handles)"))?;
         Ok(match data {
@@ -309,7 +397,7 @@ impl Tpm {
     fn persistent_handle(&mut self, handle: u32) -> Result<KeyHandle, TpmError> {
         let ph = PersistentTpmHandle::new(handle).map_err(cmd("persistent handle"))?;
         let obj = self
-            .ctx
+            .ctx()?
             .execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::Persistent(ph)))
             .map_err(cmd("TR_FromTPMPublic(SRK)"))?;
         Ok(KeyHandle::from(obj))
@@ -321,13 +409,13 @@ impl Tpm {
         if !self.persistent_exists(SRK_HANDLE)? {
             let template = srk_template(PrimaryAlg::Ecc, true)?;
             let primary = self
-                .ctx
+                .ctx()?
                 .execute_with_session(Some(AuthSession::Password), |c| {
                     c.create_primary(Hierarchy::Owner, template, None, None, None, None)
                 })
                 .map_err(cmd("CreatePrimary(SRK)"))?;
             let ph = PersistentTpmHandle::new(SRK_HANDLE).map_err(cmd("persistent handle"))?;
-            self.ctx
+            self.ctx()?
                 .execute_with_session(Some(AuthSession::Password), |c| {
                     c.evict_control(
                         Provision::Owner,
@@ -336,13 +424,13 @@ impl Tpm {
                     )
                 })
                 .map_err(cmd("EvictControl(SRK)"))?;
-            self.ctx
+            self.ctx()?
                 .flush_context(primary.key_handle.into())
                 .map_err(cmd("FlushContext"))?;
         }
         let handle = self.persistent_handle(SRK_HANDLE)?;
         let (public, name, _) = self
-            .ctx
+            .ctx()?
             .read_public(handle)
             .map_err(cmd("ReadPublic(SRK)"))?;
         check_storage_key(&public)?;
@@ -387,7 +475,7 @@ impl Tpm {
 
         let enc = self.encryption_session(srk, None)?;
         let created = self
-            .ctx
+            .ctx()?
             .execute_with_sessions((Some(enc), None, None), |c| {
                 c.create(srk, template, auth_value, Some(data), None, None)
             })
@@ -473,7 +561,7 @@ impl Tpm {
                     other => other?,
                 };
                 let name = self
-                    .ctx
+                    .ctx()?
                     .tr_get_name(handle.into())
                     .map_err(cmd("TR_GetName(SRK)"))?;
                 if name.value() != recorded.name.as_slice() {
@@ -496,7 +584,7 @@ impl Tpm {
                 // older template (no noDA) on every use.
                 let template = srk_template(token.primary_alg, false)?;
                 let primary = self
-                    .ctx
+                    .ctx()?
                     .execute_with_session(Some(AuthSession::Password), |c| {
                         c.create_primary(Hierarchy::Owner, template, None, None, None, None)
                     })
@@ -605,7 +693,7 @@ impl Tpm {
         // DA-protected object, so that a wrong PIN counts against the TPM's
         // dictionary-attack budget.
         let session = self
-            .ctx
+            .ctx()?
             .execute_without_session(|c| {
                 c.start_auth_session(
                     Some(parent),
@@ -626,7 +714,7 @@ impl Tpm {
                 .with_encrypt(!token.pin)
                 .with_continue_session(false)
                 .build();
-            self.ctx
+            self.ctx()?
                 .tr_sess_set_attributes(session, attrs, mask)
                 .map_err(UnsealStep::Tpm)?;
             let ps = PolicySession::try_from(session).map_err(UnsealStep::Tpm)?;
@@ -640,11 +728,11 @@ impl Tpm {
                 .with_selection(hashing_alg(token.bank), &slots)
                 .build()
                 .map_err(UnsealStep::Tpm)?;
-            self.ctx
+            self.ctx()?
                 .execute_without_session(|c| c.policy_pcr(ps, Digest::default(), sel))
                 .map_err(UnsealStep::Tpm)?;
             if token.pin {
-                self.ctx
+                self.ctx()?
                     .execute_without_session(|c| c.policy_auth_value(ps))
                     .map_err(UnsealStep::Tpm)?;
             }
@@ -653,7 +741,7 @@ impl Tpm {
                 None => {
                     let (private, public) = blob.clone();
                     let o = self
-                        .ctx
+                        .ctx()?
                         .execute_with_session(Some(AuthSession::Password), |c| {
                             c.load(parent, private, public)
                         })
@@ -663,7 +751,7 @@ impl Tpm {
                         let auth = policy::pin_auth_value(pin, token.salt.as_deref());
                         let auth = Auth::try_from(auth.as_bytes().to_vec())
                             .map_err(|e| UnsealStep::Other(cmd("auth value")(e)))?;
-                        self.ctx
+                        self.ctx()?
                             .tr_set_auth(o.into(), auth)
                             .map_err(|e| UnsealStep::Other(cmd("TR_SetAuth")(e)))?;
                     }
@@ -679,7 +767,7 @@ impl Tpm {
                 None
             };
             let data = self
-                .ctx
+                .ctx()?
                 .execute_with_sessions((Some(session), enc, None), |c| c.unseal(loaded.into()));
             if let Some(enc) = enc {
                 self.flush_session(enc);
@@ -690,7 +778,9 @@ impl Tpm {
         if outcome.is_ok() {
             // The TPM has flushed it; only our record of it is left.
             let mut handle = ObjectHandle::from(tss_esapi::handles::SessionHandle::from(session));
-            let _ = self.ctx.tr_close(&mut handle);
+            if let Some(ctx) = self.ctx.as_mut() {
+                let _ = ctx.tr_close(&mut handle);
+            }
         } else {
             self.flush_session(session);
         }
@@ -723,7 +813,7 @@ impl Tpm {
     /// which is wrong for counters such as the DA lockout counter).
     fn property(&mut self, tag: PropertyTag) -> Result<Option<u32>, TpmError> {
         let (data, _) = self
-            .ctx
+            .ctx()?
             .execute_without_session(|c| {
                 c.get_capability(CapabilityType::TpmProperties, tag.into(), 1)
             })
@@ -778,7 +868,7 @@ impl Tpm {
             );
         }
         let handle = pcr_handle(pcr)?;
-        self.ctx
+        self.ctx()?
             .execute_with_session(Some(AuthSession::Password), |c| {
                 c.pcr_extend(handle, values)
             })
@@ -804,7 +894,7 @@ impl Tpm {
         pin: bool,
     ) -> Result<Vec<u8>, TpmError> {
         let session = self
-            .ctx
+            .ctx()?
             .start_auth_session(
                 None,
                 None,
@@ -825,16 +915,16 @@ impl Tpm {
                 .with_selection(hashing_alg(bank), &slots)
                 .build()
                 .map_err(cmd("PCR selection"))?;
-            self.ctx
+            self.ctx()?
                 .execute_without_session(|c| c.policy_pcr(ps, Digest::default(), sel))
                 .map_err(cmd("PolicyPCR"))?;
             if pin {
-                self.ctx
+                self.ctx()?
                     .execute_without_session(|c| c.policy_auth_value(ps))
                     .map_err(cmd("PolicyAuthValue"))?;
             }
             let d = self
-                .ctx
+                .ctx()?
                 .execute_without_session(|c| c.policy_get_digest(ps))
                 .map_err(cmd("PolicyGetDigest"))?;
             Ok(d.value().to_vec())
@@ -849,7 +939,7 @@ impl Tpm {
         bind: Option<ObjectHandle>,
     ) -> Result<AuthSession, TpmError> {
         let session = self
-            .ctx
+            .ctx()?
             .execute_without_session(|c| {
                 c.start_auth_session(
                     Some(salt_key),
@@ -877,7 +967,7 @@ impl Tpm {
             .with_encrypt(true)
             .with_continue_session(true)
             .build();
-        self.ctx
+        self.ctx()?
             .tr_sess_set_attributes(session, attrs, mask)
             .map_err(cmd("TRSess_SetAttributes"))?;
         Ok(session)
@@ -891,7 +981,9 @@ impl Tpm {
     fn flush(&mut self, handle: ObjectHandle) {
         // Best effort: a leaked transient handle is reclaimed when the context
         // closes, and there is nothing better to do with the error here.
-        let _ = self.ctx.flush_context(handle);
+        if let Some(ctx) = self.ctx.as_mut() {
+            let _ = ctx.flush_context(handle);
+        }
     }
 }
 
@@ -930,6 +1022,12 @@ enum UnsealStep {
     Tpm(tss_esapi::Error),
     Load(tss_esapi::Error),
     Other(TpmError),
+}
+
+impl From<TpmError> for UnsealStep {
+    fn from(e: TpmError) -> Self {
+        UnsealStep::Other(e)
+    }
 }
 
 fn rc_kind_of(step: &UnsealStep) -> Option<Tss2ResponseCodeKind> {
