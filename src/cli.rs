@@ -176,6 +176,10 @@ pub struct AuditVerifyCmd {
     /// rotated keys), without the appliance
     #[argh(option)]
     pub public_key: Vec<PathBuf>,
+    /// also replay the log against the TPM's audit anchor (audit.tpm_nv_index) and
+    /// say whether anything anchored was rewritten
+    #[argh(switch)]
+    pub tpm: bool,
     /// the log to check (default: audit.path from the configuration), or the export
     #[argh(positional)]
     pub path: Option<PathBuf>,

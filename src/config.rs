@@ -117,6 +117,11 @@ pub struct AuditConfig {
     /// The supervisor closes the live segment once it grows past this many bytes
     /// (0: never; `vaultguard audit rotate` does it by hand).
     pub rotate_size: u64,
+    /// Extend every entry's hash into the TPM's audit anchor (an NV extend index
+    /// defined at enrolment) so that a rewritten log no longer replays to it.
+    pub tpm_anchor: bool,
+    /// The anchor's NV index (owner range, 0x01000000-0x013FFFFF).
+    pub tpm_nv_index: u32,
 }
 
 impl Default for VaultConfig {
@@ -179,6 +184,8 @@ impl Default for AuditConfig {
         AuditConfig {
             path: "/var/log/vaultguard/audit.jsonl".into(),
             rotate_size: 16 * 1024 * 1024,
+            tpm_anchor: true,
+            tpm_nv_index: crate::tpm::nv::DEFAULT_AUDIT_NV_INDEX,
         }
     }
 }
@@ -386,6 +393,15 @@ impl Config {
         .next()
         {
             return Err(e);
+        }
+        if !crate::tpm::nv::OWNER_NV_RANGE.contains(&self.audit.tpm_nv_index) {
+            return Err(invalid(
+                "audit.tpm_nv_index",
+                format!(
+                    "{:#010x} is outside the owner range 0x01000000-0x013fffff",
+                    self.audit.tpm_nv_index
+                ),
+            ));
         }
         if !self.vault.state_path.is_absolute() {
             return Err(invalid(

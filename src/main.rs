@@ -131,7 +131,11 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     None => load_config(&args)?.audit.path,
                 };
                 if v.public_key.is_empty() {
-                    println!("{}", vaultguard::audit::verify(&path)?);
+                    let log = vaultguard::audit::verify(&path)?;
+                    println!("{log}");
+                    if v.tpm {
+                        return anchor_verdict(&load_config(&args)?, &path, &log);
+                    }
                 } else {
                     let keys = v
                         .public_key
@@ -187,6 +191,37 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `audit verify --tpm`: the log's replay against the TPM's anchor.
+fn anchor_verdict(
+    cfg: &Config,
+    path: &Path,
+    log: &vaultguard::audit::VerifiedLog,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    use vaultguard::audit::anchor::{judge, Anchor};
+    if let Some(m) = &log.missing_predecessor {
+        return Err(format!(
+            "{}: cannot replay against the TPM: segment {m} is not here (the anchor covers \
+             the whole history)",
+            path.display()
+        )
+        .into());
+    }
+    let mut anchor =
+        vaultguard::supervisor::tpm_anchor::TpmAnchor::new(&cfg.tpm.tcti, cfg.audit.tpm_nv_index);
+    let value = anchor.read().map_err(|e| e.to_string())?;
+    let verdict = judge(log.entry_hashes(), value);
+    println!(
+        "{}: TPM anchor {:#010x}: {verdict}",
+        path.display(),
+        anchor.handle()
+    );
+    Ok(if verdict.intact() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn client_command(

@@ -20,12 +20,29 @@
 use sha2::{Digest, Sha256};
 use std::fmt;
 
+/// Why the anchor could not be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnchorError {
+    /// No TPM, or no anchor index in it: nothing to keep in this run.
+    Unavailable(String),
+    /// A command failed; it may work next time.
+    Failed(String),
+}
+
+impl fmt::Display for AnchorError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AnchorError::Unavailable(m) | AnchorError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
 /// The TPM side: an NV extend index.
 pub trait Anchor {
     /// Extend the index with one entry hash.
-    fn extend(&mut self, entry_hash: &[u8; 32]) -> Result<(), String>;
+    fn extend(&mut self, entry_hash: &[u8; 32]) -> Result<(), AnchorError>;
     /// The index's value; `None` while it was never extended.
-    fn read(&mut self) -> Result<Option<[u8; 32]>, String>;
+    fn read(&mut self) -> Result<Option<[u8; 32]>, AnchorError>;
 }
 
 /// One extend step, as the TPM computes it: SHA-256(old || data). A never-written
@@ -142,7 +159,7 @@ pub enum CaughtUp {
 pub fn catch_up<'a>(
     anchor: &mut dyn Anchor,
     hashes: impl IntoIterator<Item = &'a [u8; 32]>,
-) -> Result<CaughtUp, String> {
+) -> Result<CaughtUp, AnchorError> {
     let hashes: Vec<&[u8; 32]> = hashes.into_iter().collect();
     let tpm = anchor.read()?;
     let from = match judge(hashes.iter().copied(), tpm) {
@@ -168,16 +185,16 @@ pub struct MemoryAnchor {
 }
 
 impl Anchor for MemoryAnchor {
-    fn extend(&mut self, entry_hash: &[u8; 32]) -> Result<(), String> {
+    fn extend(&mut self, entry_hash: &[u8; 32]) -> Result<(), AnchorError> {
         if self.fail {
-            return Err("TPM unavailable".into());
+            return Err(AnchorError::Failed("TPM busy".into()));
         }
         self.value = Some(extend_step(&self.value.unwrap_or([0; 32]), entry_hash));
         Ok(())
     }
-    fn read(&mut self) -> Result<Option<[u8; 32]>, String> {
+    fn read(&mut self) -> Result<Option<[u8; 32]>, AnchorError> {
         if self.fail {
-            return Err("TPM unavailable".into());
+            return Err(AnchorError::Failed("TPM busy".into()));
         }
         Ok(self.value)
     }

@@ -177,6 +177,26 @@ pub fn append_at(
     event: &str,
     fields: &[(&str, Value<'_>)],
 ) -> Result<String, AuditError> {
+    Ok(append_entries(path, ts_ms, event, fields)?.entry_hash)
+}
+
+/// What one append wrote: the chain's tip before it, and the hashes of the
+/// entries it added (a `torn_write_cut` record first, when it cut one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub prev_hash: String,
+    pub hashes: Vec<String>,
+    /// The caller's entry (the last of `hashes`).
+    pub entry_hash: String,
+}
+
+/// [`append_at`], telling everything it wrote (for the TPM anchor).
+pub fn append_entries(
+    path: &Path,
+    ts_ms: u64,
+    event: &str,
+    fields: &[(&str, Value<'_>)],
+) -> Result<Appended, AuditError> {
     check_name(event, false)?;
     for (k, _) in fields {
         check_name(k, true)?;
@@ -218,6 +238,7 @@ pub fn append_at(
     }
 
     let mut line = String::new();
+    let tip = tail.prev_hash.clone();
     let mut prev = tail.prev_hash;
     let cut_fields = [("bytes", Value::UInt(torn))];
     let mut cut_hash = None;
@@ -240,7 +261,13 @@ pub fn append_at(
         journal::mirror(TORN_EVENT, &cut_fields, h);
     }
     journal::mirror(event, fields, &hash);
-    Ok(hash)
+    let mut hashes: Vec<String> = cut_hash.into_iter().collect();
+    hashes.push(hash.clone());
+    Ok(Appended {
+        prev_hash: tip,
+        hashes,
+        entry_hash: hash,
+    })
 }
 
 fn open_log(path: &Path) -> Result<File, AuditError> {
@@ -271,6 +298,11 @@ pub const SEGMENT_EVENT: &str = "segment_start";
 /// chains onto its last entry, so [`verify`] walks from the newest segment back to
 /// the first. Returns the closed segment's path (`None`: the log was empty).
 pub fn rotate(path: &Path) -> Result<Option<PathBuf>, AuditError> {
+    Ok(rotate_entries(path)?.map(|(segment, _)| segment))
+}
+
+/// [`rotate`], also telling the `segment_start` entry it wrote (for the TPM anchor).
+pub fn rotate_entries(path: &Path) -> Result<Option<(PathBuf, Appended)>, AuditError> {
     let mut file = open_log(path)?;
     loop {
         rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
@@ -344,7 +376,12 @@ pub fn rotate(path: &Path) -> Result<Option<PathBuf>, AuditError> {
         &[("prev_segment", Value::Str(&segment_name))],
         &hash,
     );
-    Ok(Some(segment))
+    let appended = Appended {
+        prev_hash: tail.prev_hash,
+        hashes: vec![hash.clone()],
+        entry_hash: hash,
+    };
+    Ok(Some((segment, appended)))
 }
 
 /// Take over another chain (the initramfs writes its boot events to /run, which
@@ -657,7 +694,7 @@ fn check_line(raw: &[u8]) -> Result<(String, String, Option<u64>), String> {
 }
 
 /// An entry hash back to bytes (it was checked to be our own lowercase hex).
-fn digest_of_hex(h: &str) -> [u8; 32] {
+pub fn digest_of_hex(h: &str) -> [u8; 32] {
     let mut out = [0u8; 32];
     for (i, pair) in h.as_bytes().chunks(2).take(32).enumerate() {
         let v = |c: u8| match c {

@@ -280,8 +280,7 @@ fn enroll_options(
         pin,
         recovery_key,
         tries: cfg.auth.boot_tries,
-        // No config key or flag yet: the default index, always.
-        audit_nv_index: Some(crate::tpm::nv::DEFAULT_AUDIT_NV_INDEX),
+        audit_nv_index: cfg.audit.tpm_anchor.then_some(cfg.audit.tpm_nv_index),
     })
 }
 

@@ -20,6 +20,7 @@ pub mod lockout;
 pub mod machine;
 pub mod state_file;
 pub mod system;
+pub mod tpm_anchor;
 
 pub use backend::{BackendError, Reality, VaultBackend};
 pub use event_loop::{Handle, Options, Supervisor};

@@ -14,6 +14,7 @@
 //!
 //! Neither layer touches sockets or clocks: times come in as [`Now`].
 
+mod anchoring;
 mod core;
 mod effects;
 mod lock;
@@ -28,6 +29,7 @@ use super::backend::{BackendError, Reality, VaultBackend};
 use super::lockout::{Lockout, Policy};
 use super::state_file;
 use crate::audit;
+use crate::audit::anchor::Anchor;
 use crate::config::{Allow, Config};
 use crate::control::protocol::{Request, Response, StatusReply};
 use crate::control::Peer;
@@ -105,6 +107,8 @@ pub struct Settings {
     pub audit_path: Option<PathBuf>,
     /// Rotate the audit log past this size (0: never).
     pub audit_rotate_size: u64,
+    /// The TPM audit anchor to keep: (TCTI, NV index).
+    pub audit_anchor: Option<(String, u32)>,
     /// The state file first, then the compatibility path if configured.
     pub state_files: Vec<PathBuf>,
     pub allow: BTreeMap<String, Allow>,
@@ -140,6 +144,10 @@ impl Settings {
             lockout_path: cfg.auth.state_path.clone(),
             audit_path: Some(cfg.audit.path.clone()),
             audit_rotate_size: cfg.audit.rotate_size,
+            audit_anchor: cfg
+                .audit
+                .tpm_anchor
+                .then(|| (cfg.tpm.tcti.clone(), cfg.audit.tpm_nv_index)),
             state_files,
             allow: cfg.control.allow.clone(),
         }
@@ -181,12 +189,35 @@ pub struct Machine {
     audit_path: Option<PathBuf>,
     audit_rotate_size: u64,
     state_files: Vec<PathBuf>,
+    anchoring: Option<anchoring::Anchoring>,
 }
 
 impl Machine {
     /// Read the boot path's hint and the persisted lockout, derive the state from
     /// reality, audit the start and publish the state file.
     pub fn start(s: Settings, backend: Box<dyn VaultBackend>, now: Now) -> Machine {
+        let anchor = s.audit_anchor.as_ref().map(|(tcti, index)| {
+            Box::new(super::tpm_anchor::TpmAnchor::new(tcti, *index)) as Box<dyn Anchor + Send>
+        });
+        Machine::start_with_anchor(s, backend, anchor, now)
+    }
+
+    /// [`Machine::start`] with the audit anchor given (a fake one in tests).
+    pub fn start_with_anchor(
+        s: Settings,
+        backend: Box<dyn VaultBackend>,
+        anchor: Option<Box<dyn Anchor + Send>>,
+        now: Now,
+    ) -> Machine {
+        // Before anything new is appended: extending on top of a gap would read
+        // as tampering.
+        let mut anchoring = None;
+        let mut notes = Vec::new();
+        if let (Some(a), Some(log)) = (anchor, &s.audit_path) {
+            let mut an = anchoring::Anchoring::new(a);
+            notes = an.sync(log);
+            anchoring = Some(an);
+        }
         let hint = s.state_files.first().and_then(|p| state_file::read_hint(p));
         let lockout = Lockout::load(&s.lockout_path).map_err(|e| e.to_string());
         let lockout_path = s.lockout_path.clone();
@@ -200,8 +231,10 @@ impl Machine {
             audit_path,
             audit_rotate_size,
             state_files,
+            anchoring,
         };
         m.perform(fx);
+        m.note(notes);
         m
     }
 
@@ -312,33 +345,69 @@ impl Machine {
     }
 
     fn append(
-        &self,
+        &mut self,
         event: &str,
         fields: &[(&'static str, Field)],
     ) -> Result<(), audit::AuditError> {
-        let Some(path) = &self.audit_path else {
+        let Some(path) = self.audit_path.clone() else {
             return Ok(());
         };
-        let fields: Vec<(&str, audit::Value<'_>)> =
+        let values: Vec<(&str, audit::Value<'_>)> =
             fields.iter().map(|(k, v)| (*k, v.as_value())).collect();
-        audit::append(path, event, &fields)?;
-        self.rotate_audit_if_large(path);
+        let appended = audit::append_entries(&path, audit::now_ms(), event, &values)?;
+        if let Some(an) = &mut self.anchoring {
+            let notes = an.after_append(&path, &appended);
+            self.note(notes);
+        }
+        if let Some(started) = self.rotate_audit_if_large(&path) {
+            if let Some(an) = &mut self.anchoring {
+                let notes = an.after_append(&path, &started);
+                self.note(notes);
+            }
+        }
         Ok(())
     }
 
-    fn rotate_audit_if_large(&self, path: &Path) {
+    /// Record what anchoring asked for.
+    fn note(&mut self, notes: Vec<anchoring::Note>) {
+        for n in notes {
+            match n {
+                anchoring::Note::Warn(m) => super::log_warn(&m),
+                anchoring::Note::Info(m) => super::log_info(&m),
+                anchoring::Note::Audit(event, fields) => {
+                    let fields: Vec<(&'static str, Field)> = fields
+                        .into_iter()
+                        .map(|(k, v)| (k, Field::Str(v)))
+                        .collect();
+                    if let Err(e) = self.append(event, &fields) {
+                        super::log_warn(&format!("`{event}` not audited: {e}"));
+                        self.core.audit_failed(e.to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rotate past the configured size; what the new segment starts with, if it did.
+    fn rotate_audit_if_large(&self, path: &Path) -> Option<audit::Appended> {
         let max = self.audit_rotate_size;
         if max == 0 || std::fs::metadata(path).map_or(true, |m| m.len() < max) {
-            return;
+            return None;
         }
-        match audit::rotate(path) {
-            Ok(Some(seg)) => super::log_info(&format!(
-                "audit log rotated: {} closed as {}",
-                path.display(),
-                seg.display()
-            )),
-            Ok(None) => {}
-            Err(e) => super::log_warn(&format!("audit log rotation failed: {e}")),
+        match audit::rotate_entries(path) {
+            Ok(Some((seg, started))) => {
+                super::log_info(&format!(
+                    "audit log rotated: {} closed as {}",
+                    path.display(),
+                    seg.display()
+                ));
+                Some(started)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                super::log_warn(&format!("audit log rotation failed: {e}"));
+                None
+            }
         }
     }
 }

@@ -165,6 +165,7 @@ fn settings() -> Settings {
         lockout_path: "/nonexistent/lockout.json".into(),
         audit_path: None,
         audit_rotate_size: 0,
+        audit_anchor: None,
         state_files: vec![],
         allow: crate::config::ControlConfig::default().allow,
     }
@@ -842,5 +843,144 @@ mod shell {
         assert_eq!(events(&dir), ["audit_resumed", "unlock"]);
         let v = line(&m.handle(&root(), Request::Status, at(4)));
         assert!(v.get("audit_error").is_none(), "{v}");
+    }
+
+    /// A memory anchor the test can look into while the machine holds it.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<crate::audit::anchor::MemoryAnchor>>);
+
+    impl crate::audit::anchor::Anchor for Shared {
+        fn extend(&mut self, h: &[u8; 32]) -> Result<(), crate::audit::anchor::AnchorError> {
+            self.0.lock().unwrap().extend(h)
+        }
+        fn read(&mut self) -> Result<Option<[u8; 32]>, crate::audit::anchor::AnchorError> {
+            self.0.lock().unwrap().read()
+        }
+    }
+
+    fn verdict(dir: &Path, a: &Shared) -> crate::audit::anchor::Verdict {
+        let v = audit::verify(&dir.join("audit.jsonl")).unwrap();
+        crate::audit::anchor::judge(v.entry_hashes(), a.0.lock().unwrap().value)
+    }
+
+    fn start_anchored(dir: &Path, a: &Shared, s: Settings) -> Machine {
+        let _ = dir;
+        Machine::start_with_anchor(
+            s,
+            Box::new(Fake::unlocked()),
+            Some(Box::new(a.clone())),
+            at(0),
+        )
+    }
+
+    #[test]
+    fn every_entry_is_extended_into_the_anchor() {
+        use crate::audit::anchor::Verdict;
+        let dir = TmpDir::new("machine-anchor");
+        let a = Shared::default();
+        let mut m = start_anchored(&dir, &a, settings_in(&dir));
+        m.handle(&root(), Request::Lock, at(1));
+        m.unlock(&SecretBytes::from_slice(b"wrong"), 0, at(2));
+        assert_eq!(verdict(&dir, &a), Verdict::Anchored { entries: 3 });
+        // Another writer appends (the CLI's enrol, say) without extending: the
+        // next append of ours replays and catches the TPM up first.
+        audit::append(&dir.join("audit.jsonl"), "enroll", &[]).unwrap();
+        m.unlock(&SecretBytes::from_slice(b"right"), 0, at(3));
+        assert_eq!(verdict(&dir, &a), Verdict::Anchored { entries: 6 });
+        assert!(events(&dir).contains(&"anchor_caught_up".to_string()));
+        // The TPM is busy for a while: nothing is extended on top of a gap, and
+        // once it answers the missed entries are caught up.
+        a.0.lock().unwrap().fail = true;
+        m.handle(&root(), Request::Lock, at(4));
+        a.0.lock().unwrap().fail = false;
+        m.handle(&root(), Request::Keepalive, at(5));
+        m.stopping();
+        assert!(
+            matches!(verdict(&dir, &a), Verdict::Anchored { .. }),
+            "{:?}",
+            verdict(&dir, &a)
+        );
+    }
+
+    #[test]
+    fn a_power_cut_between_append_and_extend_is_caught_up_at_start() {
+        use crate::audit::anchor::Verdict;
+        let dir = TmpDir::new("machine-anchor-cut");
+        let a = Shared::default();
+        let mut m = start_anchored(&dir, &a, settings_in(&dir));
+        m.handle(&root(), Request::Lock, at(1));
+        drop(m);
+        // Appended and fsynced, then the power went: never extended.
+        audit::append(&dir.join("audit.jsonl"), "lock", &[]).unwrap();
+        let v = verdict(&dir, &a);
+        assert_eq!(
+            v,
+            Verdict::Behind {
+                anchored: 2,
+                pending: 1
+            }
+        );
+        assert!(v.to_string().contains("power cut"), "{v}");
+        let _m = start_anchored(&dir, &a, settings_in(&dir));
+        assert!(matches!(verdict(&dir, &a), Verdict::Anchored { .. }));
+        let ev = events(&dir);
+        assert_eq!(
+            ev[2..],
+            ["lock", "supervisor_start", "anchor_caught_up"].map(String::from)
+        );
+    }
+
+    #[test]
+    fn a_rewritten_log_is_reported_and_left_as_evidence() {
+        use crate::audit::anchor::Verdict;
+        let dir = TmpDir::new("machine-anchor-tamper");
+        let a = Shared::default();
+        let mut m = start_anchored(&dir, &a, settings_in(&dir));
+        m.handle(&root(), Request::Lock, at(1));
+        m.unlock(&SecretBytes::from_slice(b"wrong"), 0, at(2));
+        drop(m);
+        // Root rewrites history and recomputes the whole chain: the file verifies.
+        let log = dir.join("audit.jsonl");
+        let text = std::fs::read_to_string(&log).unwrap();
+        std::fs::remove_file(&log).unwrap();
+        for l in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let ev = v["event"].as_str().unwrap();
+            if ev != "unlock_failed" {
+                audit::append(&log, ev, &[]).unwrap();
+            }
+        }
+        audit::verify(&log).unwrap();
+        let value_before = a.0.lock().unwrap().value;
+        assert!(matches!(verdict(&dir, &a), Verdict::Mismatch { .. }));
+        let mut m = start_anchored(&dir, &a, settings_in(&dir));
+        m.handle(&root(), Request::Keepalive, at(3));
+        assert!(events(&dir).contains(&"anchor_mismatch".to_string()));
+        assert_eq!(
+            a.0.lock().unwrap().value,
+            value_before,
+            "nothing extended after a mismatch"
+        );
+    }
+
+    #[test]
+    fn rotation_keeps_the_anchor_in_step() {
+        use crate::audit::anchor::Verdict;
+        let dir = TmpDir::new("machine-anchor-rotate");
+        let a = Shared::default();
+        let mut s = settings_in(&dir);
+        s.audit_rotate_size = 600;
+        let mut m = start_anchored(&dir, &a, s);
+        for i in 0..8 {
+            m.unlock(&SecretBytes::from_slice(b"wrong"), 1000 + i, at(i.into()));
+        }
+        let v = audit::verify(&dir.join("audit.jsonl")).unwrap();
+        assert!(v.segments.len() > 2, "rotated: {}", v.segments.len());
+        assert_eq!(
+            verdict(&dir, &a),
+            Verdict::Anchored {
+                entries: v.entries()
+            }
+        );
     }
 }
