@@ -295,7 +295,9 @@ fn pin_loop_stops_before_the_tpm_locks_out() {
     // The right PIN still works: the TPM is not locked out.
     let mut tpm = got_tpm_reopen(&sw);
     let token = v.tpm2_tokens().remove(0).1.unwrap();
-    assert!(tpm.unseal(&token, Some(b"1357")).is_ok());
+    assert!(tpm
+        .unseal(&vaultguard::boot::sealed_object(&token), Some(b"1357"))
+        .is_ok());
     // and once the counter has decayed (here: reset by the owner), the PIN path
     // opens the vault again without the passphrase
     drop(tpm);

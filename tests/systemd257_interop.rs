@@ -327,7 +327,7 @@ fn systemd_257_enrolment_opened_by_vaultguard(pin: Option<&str>) {
     let t = v.tpm2_tokens().remove(0).1.unwrap();
     assert!(t.srk.is_some(), "systemd 257 writes tpm2_srk");
     assert_eq!(t.pcrs, vec![7]);
-    assert_eq!(t.bank, Bank::Sha256);
+    assert_eq!(t.bank, vaultguard::luks::token::PcrBank::Sha256);
     assert_eq!(t.pin, pin.is_some());
     assert_eq!(t.salt.is_some(), pin.is_some(), "257 salts the PIN");
 

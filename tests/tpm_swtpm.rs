@@ -5,10 +5,10 @@ mod common;
 
 use common::{Swtpm, TempDir, TpmCommand};
 use std::time::Duration;
-use vaultguard::luks::token::{PrimaryAlg, Tpm2Token};
+use vaultguard::luks::token::Tpm2Token;
 use vaultguard::tpm::policy::{self, Bank};
 use vaultguard::tpm::srk::{SerializedKey, SRK_HANDLE};
-use vaultguard::tpm::{SealRequest, Tpm, TpmError};
+use vaultguard::tpm::{PrimaryAlg, SealRequest, SealedObject, Tpm, TpmError};
 
 fn open(sw: &Swtpm) -> Tpm {
     open_at(&sw.tcti())
@@ -18,12 +18,12 @@ fn open_at(tcti: &str) -> Tpm {
     Tpm::open(tcti, Duration::from_secs(5)).expect("connect to swtpm")
 }
 
-fn token_from(sealed: &vaultguard::tpm::Sealed, pcrs: &[u32], pin: bool) -> Tpm2Token {
+/// The TPM's input for `sealed`, as an enrolment to PCRs `pcrs` (+ 15) records it.
+fn token_from(sealed: &vaultguard::tpm::Sealed, pcrs: &[u32], pin: bool) -> SealedObject {
     let mut all: Vec<u32> = pcrs.to_vec();
     all.push(15);
     all.sort_unstable();
-    Tpm2Token {
-        keyslots: vec![1],
+    SealedObject {
         blob: sealed.blob.clone(),
         pcrs: all,
         bank: Bank::Sha256,
@@ -33,8 +33,25 @@ fn token_from(sealed: &vaultguard::tpm::Sealed, pcrs: &[u32], pin: bool) -> Tpm2
         salt: sealed.salt.clone(),
         srk: Some(sealed.srk.clone()),
         pcr_values: Some(sealed.pcr_values.iter().cloned().collect()),
-        keyslot_macs: Default::default(),
     }
+}
+
+/// The same through the `systemd-tpm2` token JSON the LUKS header stores.
+fn through_the_token(object: &SealedObject) -> SealedObject {
+    let token = Tpm2Token {
+        keyslots: vec![1],
+        blob: object.blob.clone(),
+        pcrs: object.pcrs.clone(),
+        bank: vaultguard::boot::token_bank(object.bank),
+        primary_alg: vaultguard::luks::token::PrimaryAlg::Ecc,
+        policy_hash: object.policy_hash.clone(),
+        pin: object.pin,
+        salt: object.salt.clone(),
+        srk: object.srk.clone(),
+        pcr_values: object.pcr_values.clone(),
+        keyslot_macs: Default::default(),
+    };
+    vaultguard::boot::sealed_object(&Tpm2Token::from_json(&token.to_json()).unwrap())
 }
 
 fn seal(tpm: &mut Tpm, pcrs: &[u32], pin: Option<&[u8]>) -> vaultguard::tpm::Sealed {
@@ -63,7 +80,7 @@ fn seal_then_unseal_returns_the_same_secret() {
     );
     let token = token_from(&sealed, &[0, 2, 4, 7], false);
     // through the JSON the header stores
-    let token = Tpm2Token::from_json(&token.to_json()).unwrap();
+    let token = through_the_token(&token);
     let secret = tpm.unseal(&token, None).expect("unseal");
     assert!(secret.ct_eq(sealed.secret.as_bytes()));
     // a second TPM context (as a later boot would open) gets it too
@@ -503,7 +520,7 @@ fn tampered_blobs_are_refused() {
     assert!(matches!(err, TpmError::TokenAltered(_)), "{err}");
     assert!(err.to_string().contains("vaultguard_pcr_values"), "{err}");
     // the genuine token is consistent
-    assert!(vaultguard::tpm::check_token(&good).is_ok());
+    assert!(vaultguard::tpm::check_sealed(&good).is_ok());
 }
 
 #[test]

@@ -17,12 +17,12 @@
 pub mod commands;
 
 use crate::encoding::base64_encode_secret;
-use crate::luks::token::{PrimaryAlg, Tpm2Token};
+use crate::luks::token::{self, PcrBank, Tpm2Token};
 use crate::luks::{self, ActivateFlags, LuksError, Vault};
 use crate::prompt::{PromptError, Prompter};
 use crate::secret::SecretBytes;
 use crate::tpm::policy::{self, Bank};
-use crate::tpm::{SealRequest, Sealed, Tpm, TpmError};
+use crate::tpm::{PrimaryAlg, SealRequest, Sealed, SealedObject, Tpm, TpmError};
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -273,13 +273,14 @@ fn volume_key_via_tpm(
                 continue;
             }
         };
+        let object = sealed_object(&token);
         let secret = if token.pin {
             // Nobody is asked for a PIN the TPM would refuse anyway.
-            if let Some(why) = refusal(tpm, id, &token, opts.phase_pcr) {
+            if let Some(why) = refusal(tpm, id, &object, opts.phase_pcr) {
                 reason = why;
                 continue;
             }
-            match unseal_with_pin(tpm, &token, name, tries, prompter, events) {
+            match unseal_with_pin(tpm, &object, name, tries, prompter, events) {
                 Ok(s) => s,
                 Err(why) => {
                     reason = why;
@@ -289,11 +290,11 @@ fn volume_key_via_tpm(
         } else {
             // Just try: checking the PCRs first would cost every boot a PCR read;
             // they are read only to explain a refusal.
-            match tpm.unseal(&token, None) {
+            match tpm.unseal(&object, None) {
                 Ok(s) => s,
                 Err(e) => {
                     reason =
-                        refusal(tpm, id, &token, opts.phase_pcr).unwrap_or_else(|| e.to_string());
+                        refusal(tpm, id, &object, opts.phase_pcr).unwrap_or_else(|| e.to_string());
                     continue;
                 }
             }
@@ -329,12 +330,17 @@ fn volume_key_via_tpm(
 /// a token that contradicts itself (altered or damaged) first, in software; then
 /// a cleared or replaced TPM (missing or foreign SRK), before the PCRs (a latched
 /// phase PCR would otherwise hide it); then the PCRs that changed.
-fn refusal(tpm: &mut Tpm, id: u32, token: &Tpm2Token, phase_pcr: Option<u32>) -> Option<String> {
-    if let Err(e) = crate::tpm::check_token(token) {
+fn refusal(
+    tpm: &mut Tpm,
+    id: u32,
+    object: &SealedObject,
+    phase_pcr: Option<u32>,
+) -> Option<String> {
+    if let Err(e) = crate::tpm::check_sealed(object) {
         return Some(format!("token {id}: {e}"));
     }
-    let pcrs = tpm.check_policy(token, phase_pcr).err()?;
-    Some(match tpm.check_parent(token) {
+    let pcrs = tpm.check_policy(object, phase_pcr).err()?;
+    Some(match tpm.check_parent(object) {
         Err(srk) => srk.to_string(),
         Ok(()) => pcrs.to_string(),
     })
@@ -345,7 +351,7 @@ fn refusal(tpm: &mut Tpm, id: u32, token: &Tpm2Token, phase_pcr: Option<u32>) ->
 /// push it into lockout (the passphrase is asked instead).
 fn unseal_with_pin(
     tpm: &mut Tpm,
-    token: &Tpm2Token,
+    object: &SealedObject,
     name: &str,
     tries: u32,
     prompter: &mut dyn Prompter,
@@ -370,7 +376,7 @@ fn unseal_with_pin(
                 &format!("TPM2 PIN for {name}: "),
             )
             .map_err(|e| e.to_string())?;
-        match tpm.unseal(token, Some(pin.as_bytes())) {
+        match tpm.unseal(object, Some(pin.as_bytes())) {
             Ok(s) => return Ok(s),
             Err(TpmError::WrongPin { tries_left }) => {
                 events.event("tpm_pin_wrong", &[("name", name)]);
@@ -824,6 +830,45 @@ fn ask_new_pin(prompter: &mut dyn Prompter, name: &str) -> Result<SecretBytes, B
     Ok(a)
 }
 
+/// The TPM's input for a `systemd-tpm2` token: `tpm` never reads LUKS tokens and
+/// `luks` never names TPM types, so the translation lives here, in the flow.
+pub fn sealed_object(t: &Tpm2Token) -> SealedObject {
+    SealedObject {
+        blob: t.blob.clone(),
+        pcrs: t.pcrs.clone(),
+        bank: tpm_bank(t.bank),
+        primary_alg: match t.primary_alg {
+            token::PrimaryAlg::Ecc => PrimaryAlg::Ecc,
+            token::PrimaryAlg::Rsa => PrimaryAlg::Rsa,
+        },
+        policy_hash: t.policy_hash.clone(),
+        pin: t.pin,
+        salt: t.salt.clone(),
+        srk: t.srk.clone(),
+        pcr_values: t.pcr_values.clone(),
+    }
+}
+
+/// The token format's bank name for a TPM bank.
+pub fn token_bank(b: Bank) -> PcrBank {
+    match b {
+        Bank::Sha1 => PcrBank::Sha1,
+        Bank::Sha256 => PcrBank::Sha256,
+        Bank::Sha384 => PcrBank::Sha384,
+        Bank::Sha512 => PcrBank::Sha512,
+    }
+}
+
+/// The TPM bank a token's `tpm2-pcr-bank` names.
+pub fn tpm_bank(b: PcrBank) -> Bank {
+    match b {
+        PcrBank::Sha1 => Bank::Sha1,
+        PcrBank::Sha256 => Bank::Sha256,
+        PcrBank::Sha384 => Bank::Sha384,
+        PcrBank::Sha512 => Bank::Sha512,
+    }
+}
+
 /// Seal, then check the result before anything is written to the header.
 fn seal_and_verify(
     tpm: &mut Tpm,
@@ -840,8 +885,8 @@ fn seal_and_verify(
         keyslots: vec![0], // set once the keyslot exists
         blob: sealed.blob.clone(),
         pcrs: sealed.pcr_values.iter().map(|(p, _)| *p).collect(),
-        bank: opts.bank,
-        primary_alg: PrimaryAlg::Ecc,
+        bank: token_bank(opts.bank),
+        primary_alg: token::PrimaryAlg::Ecc,
         policy_hash: sealed.policy_hash.clone(),
         pin: pin.is_some(),
         salt: sealed.salt.clone(),
@@ -849,9 +894,10 @@ fn seal_and_verify(
         pcr_values: Some(sealed.pcr_values.iter().cloned().collect()),
         keyslot_macs: Default::default(), // set once the keyslot exists
     };
-    let verification = match tpm.check_policy(&token, opts.tpm.phase_pcr) {
+    let object = sealed_object(&token);
+    let verification = match tpm.check_policy(&object, opts.tpm.phase_pcr) {
         Ok(()) => {
-            let back = tpm.unseal(&token, pin.map(SecretBytes::as_bytes))?;
+            let back = tpm.unseal(&object, pin.map(SecretBytes::as_bytes))?;
             if !back.ct_eq(sealed.secret.as_bytes()) {
                 return Err(BootError::Verify(
                     "the TPM returned a different secret".into(),
@@ -1202,7 +1248,7 @@ pub fn reseal(
     // PIN (a PIN would have to be asked again just to tidy up).
     for (id, t) in &old {
         if !t.pin && !secrets.iter().any(|(s, _)| s == id) {
-            if let Ok(secret) = tpm.unseal(t, None) {
+            if let Ok(secret) = tpm.unseal(&sealed_object(t), None) {
                 secrets.push((*id, base64_encode_secret(secret.as_bytes())));
             }
         }

@@ -11,7 +11,6 @@ pub mod nv;
 pub mod policy;
 pub mod srk;
 
-use crate::luks::token::{PrimaryAlg, Tpm2Token};
 use crate::secret::SecretBytes;
 use policy::Bank;
 use srk::{SerializedKey, SRK_HANDLE};
@@ -207,6 +206,35 @@ fn rc_kind(err: &tss_esapi::Error) -> Option<Tss2ResponseCodeKind> {
         tss_esapi::Error::Tss2Error(rc) => rc.kind(),
         tss_esapi::Error::WrapperError(_) => None,
     }
+}
+
+/// The algorithm of the storage key a sealed object lives under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrimaryAlg {
+    Ecc,
+    Rsa,
+}
+
+/// A sealed object and what unsealing it needs: this module's input, filled by
+/// the caller from wherever it keeps enrolments (`boot` from the LUKS token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedObject {
+    /// Marshalled TPM2B_PRIVATE followed by TPM2B_PUBLIC.
+    pub blob: Vec<u8>,
+    /// The PCRs the policy binds, ascending.
+    pub pcrs: Vec<u32>,
+    pub bank: Bank,
+    pub primary_alg: PrimaryAlg,
+    /// The policy digest recorded at sealing.
+    pub policy_hash: Vec<u8>,
+    /// Whether the policy includes PolicyAuthValue (a PIN).
+    pub pin: bool,
+    /// The PIN's PBKDF2 salt (absent: the PIN is hashed unsalted, systemd < 254).
+    pub salt: Option<Vec<u8>>,
+    /// Serialized ESYS_TR of the SRK (absent: a legacy transient primary).
+    pub srk: Option<Vec<u8>>,
+    /// The PCR values recorded at sealing, where known.
+    pub pcr_values: Option<std::collections::BTreeMap<u32, Vec<u8>>>,
 }
 
 /// What `seal` produced: everything a `systemd-tpm2` token needs, plus the secret.
@@ -501,33 +529,33 @@ impl Tpm {
     }
 
     /// Compute the policy digest that the live PCRs would produce for `token`.
-    pub fn live_policy(&mut self, token: &Tpm2Token) -> Result<(Vec<u8>, PcrValues), TpmError> {
-        let live = self.read_pcrs(token.bank, &token.pcrs)?;
-        Ok((policy::sealing_policy(token.bank, &live, token.pin), live))
+    pub fn live_policy(&mut self, sealed: &SealedObject) -> Result<(Vec<u8>, PcrValues), TpmError> {
+        let live = self.read_pcrs(sealed.bank, &sealed.pcrs)?;
+        Ok((policy::sealing_policy(sealed.bank, &live, sealed.pin), live))
     }
 
     /// Check the live PCRs against the enrolled policy before asking the TPM, naming
     /// the PCRs that changed where the enrolment recorded their values. A token
-    /// that contradicts itself is reported as such (see [`check_token`]), not as a
+    /// that contradicts itself is reported as such (see [`check_sealed`]), not as a
     /// PCR change.
     pub fn check_policy(
         &mut self,
-        token: &Tpm2Token,
+        sealed: &SealedObject,
         phase_pcr: Option<u32>,
     ) -> Result<(), TpmError> {
-        check_token(token)?;
-        let (digest, live) = self.live_policy(token)?;
-        if digest == token.policy_hash {
+        check_sealed(sealed)?;
+        let (digest, live) = self.live_policy(sealed)?;
+        if digest == sealed.policy_hash {
             return Ok(());
         }
         let mut changed = Vec::new();
-        if let Some(expected) = &token.pcr_values {
+        if let Some(expected) = &sealed.pcr_values {
             for (p, v) in &live {
                 if expected.get(p).is_some_and(|e| e != v) {
                     changed.push(*p);
                 }
             }
-        } else if let Some(phase) = phase_pcr.filter(|p| token.pcrs.contains(p)) {
+        } else if let Some(phase) = phase_pcr.filter(|p| sealed.pcrs.contains(p)) {
             // systemd enrolments record no values; the phase PCR is the one we can
             // judge (it is bound to zeros).
             if live
@@ -539,14 +567,14 @@ impl Tpm {
         }
         Err(TpmError::PcrMismatch {
             changed,
-            bound: token.pcrs.clone(),
+            bound: sealed.pcrs.clone(),
             phase: phase_pcr,
         })
     }
 
     /// Check the token's SRK against the TPM and return the parent to load under.
-    fn parent_for(&mut self, token: &Tpm2Token) -> Result<(KeyHandle, bool), TpmError> {
-        match &token.srk {
+    fn parent_for(&mut self, sealed: &SealedObject) -> Result<(KeyHandle, bool), TpmError> {
+        match &sealed.srk {
             Some(bytes) => {
                 let recorded = SerializedKey::parse_srk(bytes)
                     .map_err(|e| TpmError::BadToken(e.to_string()))?;
@@ -582,7 +610,7 @@ impl Tpm {
             None => {
                 // Enrolments from systemd < 254 derive a transient primary from the
                 // older template (no noDA) on every use.
-                let template = srk_template(token.primary_alg, false)?;
+                let template = srk_template(sealed.primary_alg, false)?;
                 let primary = self
                     .ctx()?
                     .execute_with_session(Some(AuthSession::Password), |c| {
@@ -596,8 +624,8 @@ impl Tpm {
 
     /// Whether the token's parent key is on this TPM (`tpm2_srk` matches the
     /// persistent SRK; a legacy token's primary can always be derived).
-    pub fn check_parent(&mut self, token: &Tpm2Token) -> Result<(), TpmError> {
-        let (parent, transient) = self.parent_for(token)?;
+    pub fn check_parent(&mut self, sealed: &SealedObject) -> Result<(), TpmError> {
+        let (parent, transient) = self.parent_for(sealed)?;
         if transient {
             self.flush(parent.into());
         }
@@ -607,14 +635,14 @@ impl Tpm {
     /// Unseal the token's secret. `pin` is required when the token says so.
     pub fn unseal(
         &mut self,
-        token: &Tpm2Token,
+        sealed: &SealedObject,
         pin: Option<&[u8]>,
     ) -> Result<SecretBytes, TpmError> {
-        if token.pin && pin.is_none() {
+        if sealed.pin && pin.is_none() {
             return Err(TpmError::BadToken("this enrolment needs a PIN".into()));
         }
-        let (parent, transient_parent) = self.parent_for(token)?;
-        let result = self.unseal_under(parent, token, pin);
+        let (parent, transient_parent) = self.parent_for(sealed)?;
+        let result = self.unseal_under(parent, sealed, pin);
         if transient_parent {
             self.flush(parent.into());
         }
@@ -628,14 +656,14 @@ impl Tpm {
     fn unseal_under(
         &mut self,
         parent: KeyHandle,
-        token: &Tpm2Token,
+        sealed: &SealedObject,
         pin: Option<&[u8]>,
     ) -> Result<SecretBytes, TpmError> {
-        let blob = split_blob(&token.blob)?;
+        let blob = split_blob(&sealed.blob)?;
         let mut object = None;
         let mut tries = 5;
         let result = loop {
-            let attempt = self.policy_unseal_once(parent, &mut object, &blob, token, pin);
+            let attempt = self.policy_unseal_once(parent, &mut object, &blob, sealed, pin);
             match attempt {
                 Err(e) if rc_kind_of(&e) == Some(Tss2ResponseCodeKind::PcrChanged) && tries > 0 => {
                     tries -= 1;
@@ -651,7 +679,7 @@ impl Tpm {
             // Without a PIN there is no authorisation value to get wrong: an
             // authorisation failure is the session's (its HMAC), not the operator's.
             UnsealStep::Tpm(err)
-                if !token.pin
+                if !sealed.pin
                     && matches!(
                         rc_kind(&err),
                         Some(Tss2ResponseCodeKind::AuthFail | Tss2ResponseCodeKind::BadAuth)
@@ -666,7 +694,7 @@ impl Tpm {
                 // The refusal is about this token's PCRs: name them.
                 TpmError::PcrMismatch { changed, phase, .. } => TpmError::PcrMismatch {
                     changed,
-                    bound: token.pcrs.clone(),
+                    bound: sealed.pcrs.clone(),
                     phase,
                 },
                 other => other,
@@ -681,7 +709,7 @@ impl Tpm {
         parent: KeyHandle,
         object: &mut Option<KeyHandle>,
         blob: &(Private, Public),
-        token: &Tpm2Token,
+        sealed: &SealedObject,
         pin: Option<&[u8]>,
     ) -> Result<SecretBytes, UnsealStep> {
         // The policy session is salted with the parent (only the real TPM can
@@ -711,27 +739,27 @@ impl Tpm {
         let outcome = (|| {
             // continueSession clear: a successful Unseal flushes the session.
             let (attrs, mask) = SessionAttributesBuilder::new()
-                .with_encrypt(!token.pin)
+                .with_encrypt(!sealed.pin)
                 .with_continue_session(false)
                 .build();
             self.ctx()?
                 .tr_sess_set_attributes(session, attrs, mask)
                 .map_err(UnsealStep::Tpm)?;
             let ps = PolicySession::try_from(session).map_err(UnsealStep::Tpm)?;
-            let slots: Vec<PcrSlot> = token
+            let slots: Vec<PcrSlot> = sealed
                 .pcrs
                 .iter()
                 .map(|&p| pcr_slot(p))
                 .collect::<Result<_, _>>()
                 .map_err(UnsealStep::Other)?;
             let sel = PcrSelectionListBuilder::new()
-                .with_selection(hashing_alg(token.bank), &slots)
+                .with_selection(hashing_alg(sealed.bank), &slots)
                 .build()
                 .map_err(UnsealStep::Tpm)?;
             self.ctx()?
                 .execute_without_session(|c| c.policy_pcr(ps, Digest::default(), sel))
                 .map_err(UnsealStep::Tpm)?;
-            if token.pin {
+            if sealed.pin {
                 self.ctx()?
                     .execute_without_session(|c| c.policy_auth_value(ps))
                     .map_err(UnsealStep::Tpm)?;
@@ -747,8 +775,8 @@ impl Tpm {
                         })
                         .map_err(UnsealStep::Load)?;
                     *object = Some(o);
-                    if let (true, Some(pin)) = (token.pin, pin) {
-                        let auth = policy::pin_auth_value(pin, token.salt.as_deref());
+                    if let (true, Some(pin)) = (sealed.pin, pin) {
+                        let auth = policy::pin_auth_value(pin, sealed.salt.as_deref());
                         let auth = Auth::try_from(auth.as_bytes().to_vec())
                             .map_err(|e| UnsealStep::Other(cmd("auth value")(e)))?;
                         self.ctx()?
@@ -758,7 +786,7 @@ impl Tpm {
                     o
                 }
             };
-            let enc = if token.pin {
+            let enc = if sealed.pin {
                 Some(
                     self.encryption_session(parent, Some(loaded.into()))
                         .map_err(UnsealStep::Other)?,
@@ -992,21 +1020,21 @@ impl Tpm {
 /// inside `tpm2-blob`), and the one its recorded PCR values give, where it records
 /// them all. A PCR change moves none of these; only an edit of the header (or its
 /// corruption) does, so a mismatch is reported as tampering, never as "reseal".
-pub fn check_token(token: &Tpm2Token) -> Result<(), TpmError> {
+pub fn check_sealed(sealed: &SealedObject) -> Result<(), TpmError> {
     let (_, public) =
-        split_blob(&token.blob).map_err(|e| TpmError::TokenAltered(format!("its {e}")))?;
+        split_blob(&sealed.blob).map_err(|e| TpmError::TokenAltered(format!("its {e}")))?;
     if let Public::KeyedHash { auth_policy, .. } = &public {
-        if auth_policy.value() != token.policy_hash.as_slice() {
+        if auth_policy.value() != sealed.policy_hash.as_slice() {
             return Err(TpmError::TokenAltered(
                 "its tpm2-policy-hash is not the policy its sealed object (tpm2-blob) carries"
                     .into(),
             ));
         }
     }
-    if let Some(recorded) = &token.pcr_values {
-        if recorded.keys().copied().eq(token.pcrs.iter().copied()) {
+    if let Some(recorded) = &sealed.pcr_values {
+        if recorded.keys().copied().eq(sealed.pcrs.iter().copied()) {
             let values: PcrValues = recorded.iter().map(|(p, v)| (*p, v.clone())).collect();
-            if policy::sealing_policy(token.bank, &values, token.pin) != token.policy_hash {
+            if policy::sealing_policy(sealed.bank, &values, sealed.pin) != sealed.policy_hash {
                 return Err(TpmError::TokenAltered(
                     "its tpm2-policy-hash is not the policy its recorded PCR values \
                      (vaultguard_pcr_values) give"
