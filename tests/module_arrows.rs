@@ -40,3 +40,14 @@ fn luks_does_not_import_tpm() {
     let bad = offending_lines("src/luks", &["crate::tpm", "tpm::policy"]);
     assert!(bad.is_empty(), "{bad:#?}");
 }
+
+#[test]
+fn boot_and_the_supervisor_meet_only_in_handoff() {
+    // The initrd → supervisor hand-off (audit import path, state-file hint, the
+    // initramfs test, dm UUID → LUKS UUID) lives in src/handoff.rs.
+    let bad = offending_lines(
+        "src/boot",
+        &["crate::supervisor", "initrd-release", "CRYPT-LUKS"],
+    );
+    assert!(bad.is_empty(), "{bad:#?}");
+}

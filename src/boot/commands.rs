@@ -12,7 +12,6 @@ use crate::audit;
 use crate::config::{parse_pcr_list, Config};
 use crate::luks::{self, ActivateFlags};
 use crate::prompt::{system_prompter, Prompter};
-use crate::supervisor::state_file;
 use crate::tpm::policy::Bank;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,17 +24,13 @@ pub struct AuditEvents {
     path: PathBuf,
 }
 
-pub const INITRD_AUDIT: &str = "/run/vaultguard/audit-initrd.jsonl";
+/// Kept for the supervisor's call site until it imports [`crate::handoff`].
+pub use crate::handoff::INITRD_AUDIT;
 
 impl AuditEvents {
     pub fn for_config(cfg: &Config) -> AuditEvents {
-        let in_initrd = Path::new("/etc/initrd-release").exists();
         AuditEvents {
-            path: if in_initrd {
-                PathBuf::from(INITRD_AUDIT)
-            } else {
-                cfg.audit.path.clone()
-            },
+            path: crate::handoff::boot_audit_path(&cfg.audit.path),
         }
     }
 }
@@ -118,7 +113,8 @@ fn report_unlock(
     }
     // Tell the supervisor, once it starts, how the vault was opened; it trusts this
     // only if the mapping is really there.
-    let _ = state_file::write_boot_hint(&cfg.vault.state_path, "unlocked", done.method.as_str());
+    let _ =
+        crate::handoff::write_boot_hint(&cfg.vault.state_path, "unlocked", done.method.as_str());
     let how = match done.method {
         Method::Tpm2 => "with the TPM",
         Method::Tpm2Pin => "with the TPM and PIN",

@@ -612,40 +612,13 @@ pub fn detach(name: &str, events: &mut dyn Events) -> Result<(), BootError> {
     if !luks::is_active(name)? {
         return Ok(());
     }
-    let uuid = luks_uuid_of_mapping(name);
+    let uuid = crate::handoff::mapping_luks_uuid(name);
     luks::close(name)?;
     if let Some(uuid) = uuid {
         let _ = crate::keyring::revoke_volume_keys(&uuid);
     }
     events.event("detached", &[("name", name)]);
     Ok(())
-}
-
-/// The LUKS UUID of an active mapping, from its dm UUID (`CRYPT-LUKS2-<hex>-<name>`).
-fn luks_uuid_of_mapping(name: &str) -> Option<String> {
-    let dm = std::fs::read_dir("/sys/block")
-        .ok()?
-        .filter_map(Result::ok)
-        .find(|e| {
-            std::fs::read_to_string(e.path().join("dm/name")).is_ok_and(|n| n.trim() == name)
-        })?;
-    let uuid = std::fs::read_to_string(dm.path().join("dm/uuid")).ok()?;
-    let hex = uuid
-        .trim()
-        .strip_prefix("CRYPT-LUKS2-")?
-        .split('-')
-        .next()?
-        .to_string();
-    (hex.len() == 32).then(|| {
-        format!(
-            "{}-{}-{}-{}-{}",
-            &hex[..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..]
-        )
-    })
 }
 
 #[derive(Debug, Clone)]
