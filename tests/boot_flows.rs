@@ -9,11 +9,12 @@ use std::process::Command;
 use std::time::Duration;
 use vaultguard::boot::{
     acquire_volume_key, enroll, reseal, AuditAnchor, BootError, EnrollOptions, Events, Method,
-    NoEvents, TpmOptions, UnlockOptions, Verification,
+    NoEvents, TpmOptions, TpmRefusal, UnlockOptions, Verification,
 };
 use vaultguard::luks::{ActivateFlags, Vault};
 use vaultguard::prompt::Scripted;
 use vaultguard::tpm::policy::Bank;
+use vaultguard::tpm::TpmError;
 
 const PASS: &str = "correct horse battery staple";
 
@@ -204,7 +205,11 @@ fn a_changed_pcr_falls_back_to_the_passphrase_with_the_reason() {
     let got = acquire_volume_key(&mut v, &unlock_opts(&sw, &img), &mut p, &mut NoEvents).unwrap();
     assert_eq!(got.method, Method::Passphrase);
     let reason = got.fallback_reason.unwrap();
-    assert!(reason.contains("PCR 2 changed"), "{reason}");
+    assert!(
+        matches!(&reason, TpmRefusal::Tpm(TpmError::PcrMismatch { changed, .. }) if changed == &[2]),
+        "{reason:?}"
+    );
+    assert!(reason.to_string().contains("PCR 2 changed"), "{reason}");
     assert!(
         p.said.iter().any(|l| l.contains("PCR 2 changed")),
         "{:?}",
@@ -286,7 +291,12 @@ fn pin_loop_stops_before_the_tpm_locks_out() {
     let mut v = Vault::open(img.to_str().unwrap()).unwrap();
     let got = acquire_volume_key(&mut v, &opts, &mut p, &mut NoEvents).unwrap();
     assert_eq!(got.method, Method::Passphrase);
-    assert!(got.fallback_reason.unwrap().contains("not risking it"));
+    let reason = got.fallback_reason.unwrap();
+    assert!(
+        matches!(reason, TpmRefusal::PinBudget { left: 1 }),
+        "{reason:?}"
+    );
+    assert!(reason.to_string().contains("not risking it"));
     let mut tpm = got.tpm.unwrap();
     assert_eq!(tpm.da_tries_left().unwrap(), 1);
     assert!(!tpm.in_lockout().unwrap(), "the TPM must not be in lockout");
@@ -363,13 +373,14 @@ fn recovery_key_opens_the_vault_after_the_tpm_is_wiped_and_reseal_restores_it() 
     let mut v = Vault::open(img.to_str().unwrap()).unwrap();
     let got = acquire_volume_key(&mut v, &unlock_opts(&sw, &img), &mut p, &mut NoEvents).unwrap();
     assert_eq!(got.method, Method::Passphrase);
+    let reason = got.fallback_reason.as_ref().unwrap();
     assert!(
-        got.fallback_reason
-            .as_deref()
-            .unwrap()
-            .contains("cleared or replaced"),
-        "{:?}",
-        got.fallback_reason
+        matches!(reason, TpmRefusal::Tpm(TpmError::SrkMissing)),
+        "{reason:?}"
+    );
+    assert!(
+        reason.to_string().contains("cleared or replaced"),
+        "{reason}"
     );
     drop(got);
     drop(v);
@@ -443,10 +454,9 @@ fn without_an_enrolment_the_tpm_is_not_waited_for() {
     let mut v = Vault::open(img.to_str().unwrap()).unwrap();
     let got = acquire_volume_key(&mut v, &opts, &mut p, &mut NoEvents).unwrap();
     assert_eq!(got.method, Method::Passphrase);
-    assert_eq!(
-        got.fallback_reason.as_deref(),
-        Some("no TPM2 enrolment in the LUKS header")
-    );
+    let reason = got.fallback_reason.unwrap();
+    assert!(matches!(reason, TpmRefusal::NoEnrolment), "{reason:?}");
+    assert_eq!(reason.to_string(), "no TPM2 enrolment in the LUKS header");
     assert!(got.tpm.is_none());
     assert_eq!(got.vk.as_bytes(), reference_vk(&img).as_slice());
 }

@@ -8,7 +8,10 @@ use std::time::Duration;
 use vaultguard::luks::token::Tpm2Token;
 use vaultguard::tpm::policy::{self, Bank};
 use vaultguard::tpm::srk::{SerializedKey, SRK_HANDLE};
-use vaultguard::tpm::{PrimaryAlg, SealRequest, SealedObject, Tpm, TpmError};
+use vaultguard::tpm::{
+    Alteration, BlobDefect, Malformed, PrimaryAlg, SealRequest, SealedObject, SrkDefect, Tpm,
+    TpmError,
+};
 
 fn open(sw: &Swtpm) -> Tpm {
     open_at(&sw.tcti())
@@ -262,7 +265,7 @@ fn pin_right_and_wrong() {
         .ct_eq(sealed.secret.as_bytes()));
     assert!(matches!(
         tpm.unseal(&token, None),
-        Err(TpmError::BadToken(_))
+        Err(TpmError::PinRequired)
     ));
 }
 
@@ -451,7 +454,7 @@ fn foreign_or_unusable_persistent_handles_are_rejected() {
     token.srk = Some(vec![1, 2, 3]);
     assert!(matches!(
         tpm.unseal(&token, None),
-        Err(TpmError::BadToken(_))
+        Err(TpmError::Malformed(Malformed::Srk(_)))
     ));
     drop(tpm);
 
@@ -486,7 +489,10 @@ fn foreign_or_unusable_persistent_handles_are_rejected() {
         })
         .err()
         .expect("sealing under a signing key must fail");
-    assert!(matches!(err, TpmError::SrkUnusable(_)), "{err}");
+    assert!(
+        matches!(err, TpmError::SrkUnusable(SrkDefect::NotStorageKey)),
+        "{err}"
+    );
 }
 
 #[test]
@@ -497,10 +503,18 @@ fn tampered_blobs_are_refused() {
     let good = token_from(&sealed, &[7], false);
     let mut t = good.clone();
     t.blob.push(0);
-    assert!(matches!(tpm.unseal(&t, None), Err(TpmError::BadToken(_))));
+    assert!(matches!(
+        tpm.unseal(&t, None),
+        Err(TpmError::Malformed(Malformed::Blob(
+            BlobDefect::TrailingBytes
+        )))
+    ));
     let mut t = good.clone();
     t.blob.truncate(10);
-    assert!(matches!(tpm.unseal(&t, None), Err(TpmError::BadToken(_))));
+    assert!(matches!(
+        tpm.unseal(&t, None),
+        Err(TpmError::Malformed(Malformed::Blob(BlobDefect::Truncated)))
+    ));
     // a flipped bit in the private part: the TPM's integrity check refuses it
     let mut t = good.clone();
     t.blob[10] ^= 1;
@@ -510,14 +524,20 @@ fn tampered_blobs_are_refused() {
     let mut t = good.clone();
     t.policy_hash[0] ^= 1;
     let err = tpm.check_policy(&t, Some(15)).unwrap_err();
-    assert!(matches!(err, TpmError::TokenAltered(_)), "{err}");
+    assert!(
+        matches!(err, TpmError::Altered(Alteration::PolicyNotTheObjects)),
+        "{err}"
+    );
     assert!(err.to_string().contains("tpm2-policy-hash"), "{err}");
     assert!(!err.to_string().contains("reseal"), "{err}");
     // recorded PCR values that do not give the recorded policy
     let mut t = good.clone();
     t.pcr_values.as_mut().unwrap().insert(7, vec![7; 32]);
     let err = tpm.check_policy(&t, Some(15)).unwrap_err();
-    assert!(matches!(err, TpmError::TokenAltered(_)), "{err}");
+    assert!(
+        matches!(err, TpmError::Altered(Alteration::PolicyNotTheRecordedPcrs)),
+        "{err}"
+    );
     assert!(err.to_string().contains("vaultguard_pcr_values"), "{err}");
     // the genuine token is consistent
     assert!(vaultguard::tpm::check_sealed(&good).is_ok());

@@ -28,19 +28,29 @@ pub enum TpmError {
     /// There is no SRK at 0x81000001 although the enrolment used one.
     SrkMissing,
     /// 0x81000001 holds something that is not a storage key.
-    SrkUnusable(String),
+    SrkUnusable(SrkDefect),
     /// Wrong PIN; the TPM's dictionary-attack counter moved.
     WrongPin { tries_left: Option<u32> },
     /// The TPM is in dictionary-attack lockout.
     Lockout { recovery_seconds: Option<u32> },
-    /// The token's data is unusable.
-    BadToken(String),
-    /// The token contradicts itself (its policy hash, its sealed object's policy
+    /// The sealed object's record (from the token) cannot be used as it is.
+    Malformed(Malformed),
+    /// The record contradicts itself (its policy hash, its sealed object's policy
     /// and its recorded PCR values do not agree): altered or damaged, not a PCR
     /// change. Resealing would only paper over it.
-    TokenAltered(String),
+    Altered(Alteration),
+    /// The enrolment has a PIN and none was given.
+    PinRequired,
     /// The phase-PCR extend did not take.
-    LatchFailed(String),
+    LatchFailed(LatchFailure),
+    /// A PCR number outside 0-23.
+    PcrOutOfRange { pcr: u32 },
+    /// The TPM does not report this PCR in this bank.
+    PcrUnavailable { pcr: u32, bank: &'static str },
+    /// StartAuthSession succeeded but handed back no session.
+    NoSession { what: &'static str },
+    /// The TPM answered with something other than what the command returns.
+    UnexpectedResponse { what: &'static str },
     /// The kernel's random number generator failed (nothing was sealed).
     Random(std::io::Error),
     /// No NV index is defined at `handle` (the audit anchor was never created,
@@ -101,7 +111,9 @@ impl fmt::Display for TpmError {
                 f,
                 "the TPM has no storage root key at 0x81000001: it was cleared or replaced since enrolment"
             ),
-            TpmError::SrkUnusable(why) => write!(f, "persistent handle 0x81000001 is unusable: {why}"),
+            TpmError::SrkUnusable(why) => {
+                write!(f, "persistent handle 0x81000001 is unusable: {why}")
+            }
             TpmError::WrongPin { tries_left: Some(n) } => {
                 write!(f, "wrong TPM PIN ({n} tries left before the TPM locks out)")
             }
@@ -113,14 +125,25 @@ impl fmt::Display for TpmError {
                 }
                 Ok(())
             }
-            TpmError::BadToken(why) => write!(f, "TPM2 token unusable: {why}"),
-            TpmError::TokenAltered(why) => write!(
+            TpmError::Malformed(why) => write!(f, "the sealed object's record is unusable: {why}"),
+            TpmError::Altered(why) => write!(
                 f,
                 "the TPM2 token was altered or damaged: {why}. This is not a PCR change; \
                  find out who wrote the LUKS header before trusting this machine \
                  (the passphrase still opens the vault)"
             ),
+            TpmError::PinRequired => write!(f, "this enrolment needs a PIN and none was given"),
             TpmError::LatchFailed(why) => write!(f, "could not extend the phase PCR: {why}"),
+            TpmError::PcrOutOfRange { pcr } => write!(f, "PCR {pcr} is out of range (0-23)"),
+            TpmError::PcrUnavailable { pcr, bank } => {
+                write!(f, "the TPM has no PCR {pcr} in the {bank} bank")
+            }
+            TpmError::NoSession { what } => {
+                write!(f, "TPM StartAuthSession({what}) returned no session")
+            }
+            TpmError::UnexpectedResponse { what } => {
+                write!(f, "the TPM answered {what} with data of another kind")
+            }
             TpmError::Random(e) => write!(
                 f,
                 "the kernel random number generator failed (getrandom: {e}); nothing was sealed"
@@ -162,6 +185,128 @@ impl fmt::Display for TpmError {
 }
 
 impl std::error::Error for TpmError {}
+
+/// Why the key at 0x81000001 cannot be the SRK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SrkDefect {
+    /// Not a restricted, fixedTPM decryption key without signing.
+    NotStorageKey,
+    NotRsaOrEcc,
+}
+
+impl fmt::Display for SrkDefect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SrkDefect::NotStorageKey => {
+                "the key there is not a restricted decryption (storage) key"
+            }
+            SrkDefect::NotRsaOrEcc => "the object there is not an RSA or ECC key",
+        })
+    }
+}
+
+/// What is wrong with `tpm2-blob` (TPM2B_PRIVATE then TPM2B_PUBLIC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobDefect {
+    Truncated,
+    TrailingBytes,
+    EmptyPart,
+    PrivateTooLarge,
+    PublicUnparsable,
+    NotSealedData,
+}
+
+impl fmt::Display for BlobDefect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BlobDefect::Truncated => "tpm2-blob is truncated",
+            BlobDefect::TrailingBytes => "tpm2-blob has trailing bytes",
+            BlobDefect::EmptyPart => "tpm2-blob has an empty part",
+            BlobDefect::PrivateTooLarge => "tpm2-blob's private part is too large",
+            BlobDefect::PublicUnparsable => "tpm2-blob's public part does not parse",
+            BlobDefect::NotSealedData => "tpm2-blob does not hold a sealed data object",
+        })
+    }
+}
+
+/// A sealed object's record that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Malformed {
+    Blob(BlobDefect),
+    /// `tpm2_srk` does not parse or names another handle.
+    Srk(super::srk::SrkError),
+    /// `tpm2_srk`'s name is not the name of the public area recorded beside it.
+    SrkNameNotOfPublic,
+    /// `tpm2_srk`'s public area does not parse.
+    SrkPublicUnparsable,
+}
+
+impl fmt::Display for Malformed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Malformed::Blob(d) => d.fmt(f),
+            Malformed::Srk(e) => e.fmt(f),
+            Malformed::SrkNameNotOfPublic => {
+                f.write_str("tpm2_srk: the recorded public area is not the one its name names")
+            }
+            Malformed::SrkPublicUnparsable => {
+                f.write_str("tpm2_srk: the public area does not parse")
+            }
+        }
+    }
+}
+
+/// How a sealed object's record contradicts itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alteration {
+    /// The blob itself is damaged.
+    Blob(BlobDefect),
+    /// `tpm2-policy-hash` is not the authPolicy inside `tpm2-blob`.
+    PolicyNotTheObjects,
+    /// `tpm2-policy-hash` is not what the recorded PCR values give.
+    PolicyNotTheRecordedPcrs,
+}
+
+impl fmt::Display for Alteration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Alteration::Blob(d) => write!(f, "its {d}"),
+            Alteration::PolicyNotTheObjects => f.write_str(
+                "its tpm2-policy-hash is not the policy its sealed object (tpm2-blob) carries",
+            ),
+            Alteration::PolicyNotTheRecordedPcrs => f.write_str(
+                "its tpm2-policy-hash is not the policy its recorded PCR values \
+                 (vaultguard_pcr_values) give",
+            ),
+        }
+    }
+}
+
+/// Why the phase-PCR latch failed.
+#[derive(Debug)]
+pub enum LatchFailure {
+    NoActiveBank,
+    /// TPM2_PCR_Extend failed.
+    Extend(tss_esapi::Error),
+    /// The PCR does not hold the value the extend should have given.
+    NotMoved {
+        pcr: u32,
+        bank: &'static str,
+    },
+}
+
+impl fmt::Display for LatchFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LatchFailure::NoActiveBank => f.write_str("the TPM reports no active PCR bank"),
+            LatchFailure::Extend(e) => write!(f, "PCR_Extend: {e}"),
+            LatchFailure::NotMoved { pcr, bank } => write!(
+                f,
+                "PCR {pcr} ({bank}) does not hold the expected value after the extend"
+            ),
+        }
+    }
+}
 
 pub(super) fn cmd(what: &'static str) -> impl FnOnce(tss_esapi::Error) -> TpmError {
     move |err| TpmError::Command { what, err }
@@ -208,7 +353,7 @@ mod tests {
 
     #[test]
     fn a_token_that_contradicts_itself_is_not_told_to_reseal() {
-        let t = TpmError::TokenAltered("x".into()).to_string();
+        let t = TpmError::Altered(Alteration::PolicyNotTheObjects).to_string();
         assert!(
             t.contains("not a PCR change") && !t.contains("run `vaultguard reseal`"),
             "{t}"

@@ -28,8 +28,8 @@ pub mod srk;
 mod template;
 mod unseal;
 
-pub use error::TpmError;
 use error::{cmd, rc_kind};
+pub use error::{Alteration, BlobDefect, LatchFailure, Malformed, SrkDefect, TpmError};
 use marshal::sized;
 pub use template::srk_template;
 use template::{check_storage_key, sealed_template};
@@ -348,7 +348,7 @@ impl Tpm {
                     err: e,
                 },
             })?
-            .ok_or(TpmError::BadToken("TPM returned no session".into()))?;
+            .ok_or(TpmError::NoSession { what: "salted" })?;
         let (attrs, mask) = SessionAttributesBuilder::new()
             .with_decrypt(true)
             .with_encrypt(true)

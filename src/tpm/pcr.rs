@@ -1,6 +1,7 @@
 //! PCRs: reading them, the active banks, the phase-PCR latch after activation,
 //! and the TPM's own policy computation (a trial session) to check ours against.
 
+use super::error::LatchFailure;
 use super::policy::{self, Bank};
 use super::{cmd, PcrValues, Tpm, TpmError};
 
@@ -36,12 +37,12 @@ impl Tpm {
                 ),
             })?;
             for (&p, slot) in chunk.iter().zip(&slots) {
-                let d = bank_data.get_digest(*slot).ok_or_else(|| {
-                    TpmError::BadToken(format!(
-                        "the TPM has no PCR {p} in the {} bank",
-                        bank.name()
-                    ))
-                })?;
+                let d = bank_data
+                    .get_digest(*slot)
+                    .ok_or_else(|| TpmError::PcrUnavailable {
+                        pcr: p,
+                        bank: bank.name(),
+                    })?;
                 out.push((p, d.value().to_vec()));
             }
         }
@@ -55,7 +56,9 @@ impl Tpm {
             .get_capability(CapabilityType::AssignedPcr, 0, 16)
             .map_err(cmd("GetCapability(PCRs)"))?;
         let CapabilityData::AssignedPcr(list) = data else {
-            return Err(TpmError::BadToken("unexpected capability data".into()));
+            return Err(TpmError::UnexpectedResponse {
+                what: "GetCapability(PCRs)",
+            });
         };
         Ok(list
             .get_selections()
@@ -80,9 +83,7 @@ impl Tpm {
     ) -> Result<(), TpmError> {
         let banks = self.active_banks()?;
         if banks.is_empty() {
-            return Err(TpmError::LatchFailed(
-                "the TPM reports no active PCR bank".into(),
-            ));
+            return Err(TpmError::LatchFailed(LatchFailure::NoActiveBank));
         }
         let mut before = Vec::new();
         let mut values = DigestValues::new();
@@ -100,14 +101,14 @@ impl Tpm {
             .execute_with_session(Some(AuthSession::Password), |c| {
                 c.pcr_extend(handle, values)
             })
-            .map_err(|e| TpmError::LatchFailed(e.to_string()))?;
+            .map_err(|e| TpmError::LatchFailed(LatchFailure::Extend(e)))?;
         for (bank, expected) in before {
             let now = self.read_pcrs(bank, &[pcr])?.remove(0).1;
             if now != expected {
-                return Err(TpmError::LatchFailed(format!(
-                    "PCR {pcr} ({}) does not hold the expected value after the extend",
-                    bank.name()
-                )));
+                return Err(TpmError::LatchFailed(LatchFailure::NotMoved {
+                    pcr,
+                    bank: bank.name(),
+                }));
             }
         }
         Ok(())
@@ -132,7 +133,7 @@ impl Tpm {
                 HashingAlgorithm::Sha256,
             )
             .map_err(cmd("StartAuthSession(trial)"))?
-            .ok_or(TpmError::BadToken("TPM returned no session".into()))?;
+            .ok_or(TpmError::NoSession { what: "trial" })?;
         let result = (|| {
             let ps = PolicySession::try_from(session).map_err(cmd("policy session"))?;
             let slots: Vec<PcrSlot> = pcrs
@@ -173,14 +174,14 @@ pub(super) fn hashing_alg(bank: Bank) -> HashingAlgorithm {
 
 pub(super) fn pcr_slot(pcr: u32) -> Result<PcrSlot, TpmError> {
     if pcr > 23 {
-        return Err(TpmError::BadToken(format!("PCR {pcr} out of range")));
+        return Err(TpmError::PcrOutOfRange { pcr });
     }
     PcrSlot::try_from(1u32 << pcr).map_err(cmd("PCR slot"))
 }
 
 pub(super) fn pcr_handle(pcr: u32) -> Result<PcrHandle, TpmError> {
     if pcr > 23 {
-        return Err(TpmError::LatchFailed(format!("PCR {pcr} out of range")));
+        return Err(TpmError::PcrOutOfRange { pcr });
     }
     PcrHandle::try_from(pcr).map_err(cmd("PCR handle"))
 }
@@ -193,9 +194,15 @@ mod tests {
     fn pcr_numbers_outside_0_to_23_are_refused() {
         assert!(pcr_slot(0).is_ok());
         assert!(pcr_slot(23).is_ok());
-        assert!(pcr_slot(24).is_err());
+        assert!(matches!(
+            pcr_slot(24),
+            Err(TpmError::PcrOutOfRange { pcr: 24 })
+        ));
         assert!(pcr_handle(15).is_ok());
-        assert!(pcr_handle(24).is_err());
+        assert!(matches!(
+            pcr_handle(24),
+            Err(TpmError::PcrOutOfRange { pcr: 24 })
+        ));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! and the check that what sits at the SRK handle is a storage key. Pure
 //! functions over tss-esapi structures; no TPM is asked.
 
+use super::error::SrkDefect;
 use super::{cmd, PrimaryAlg, TpmError};
 
 use tss_esapi::attributes::ObjectAttributesBuilder;
@@ -17,14 +18,10 @@ use tss_esapi::structures::{
 pub(super) fn check_storage_key(public: &Public) -> Result<(), TpmError> {
     let attrs = public.object_attributes();
     if !(attrs.restricted() && attrs.decrypt() && !attrs.sign_encrypt() && attrs.fixed_tpm()) {
-        return Err(TpmError::SrkUnusable(
-            "the key there is not a restricted decryption (storage) key".into(),
-        ));
+        return Err(TpmError::SrkUnusable(SrkDefect::NotStorageKey));
     }
     if !matches!(public, Public::Ecc { .. } | Public::Rsa { .. }) {
-        return Err(TpmError::SrkUnusable(
-            "the object there is not an RSA or ECC key".into(),
-        ));
+        return Err(TpmError::SrkUnusable(SrkDefect::NotRsaOrEcc));
     }
     Ok(())
 }
@@ -151,7 +148,7 @@ mod tests {
             // A sealed object is no storage key: it can never pass for the SRK.
             assert!(matches!(
                 check_storage_key(t),
-                Err(TpmError::SrkUnusable(_))
+                Err(TpmError::SrkUnusable(SrkDefect::NotStorageKey))
             ));
         }
     }

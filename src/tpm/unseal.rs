@@ -2,6 +2,7 @@
 //! gives it: the sealed object's self-consistency (tampering, in software), its
 //! parent key (a swapped or cleared TPM) and the PCR policy (which PCRs changed).
 
+use super::error::{Alteration, BlobDefect, Malformed};
 use super::marshal::Reader;
 use super::pcr::{hashing_alg, pcr_slot};
 use super::policy;
@@ -75,7 +76,7 @@ impl Tpm {
         match &sealed.srk {
             Some(bytes) => {
                 let recorded = SerializedKey::parse_srk(bytes)
-                    .map_err(|e| TpmError::BadToken(e.to_string()))?;
+                    .map_err(|e| TpmError::Malformed(Malformed::Srk(e)))?;
                 // One TPM command (ReadPublic, inside TR_FromTPMPublic, which also
                 // checks that the name it returns is the digest of the public area).
                 let handle = match self.persistent_handle(SRK_HANDLE) {
@@ -94,14 +95,12 @@ impl Tpm {
                     return Err(TpmError::SrkMismatch);
                 }
                 if !recorded.name_matches_public() {
-                    return Err(TpmError::BadToken(
-                        "tpm2_srk: the recorded public area is not the one its name names".into(),
-                    ));
+                    return Err(TpmError::Malformed(Malformed::SrkNameNotOfPublic));
                 }
                 // Same name, same public area: the key the enrolment recorded. Its
                 // attributes are judged from the token, without asking the TPM again.
                 let public = Public::unmarshall(&recorded.public)
-                    .map_err(|e| TpmError::BadToken(format!("tpm2_srk public area: {e}")))?;
+                    .map_err(|_| TpmError::Malformed(Malformed::SrkPublicUnparsable))?;
                 check_storage_key(&public)?;
                 Ok((handle, false))
             }
@@ -137,7 +136,7 @@ impl Tpm {
         pin: Option<&[u8]>,
     ) -> Result<SecretBytes, TpmError> {
         if sealed.pin && pin.is_none() {
-            return Err(TpmError::BadToken("this enrolment needs a PIN".into()));
+            return Err(TpmError::PinRequired);
         }
         let (parent, transient_parent) = self.parent_for(sealed)?;
         let result = self.unseal_under(parent, sealed, pin);
@@ -231,9 +230,7 @@ impl Tpm {
                 )
             })
             .map_err(UnsealStep::Tpm)?
-            .ok_or(UnsealStep::Other(TpmError::BadToken(
-                "TPM returned no session".into(),
-            )))?;
+            .ok_or(UnsealStep::Other(TpmError::NoSession { what: "policy" }))?;
         let outcome = (|| {
             // continueSession clear: a successful Unseal flushes the session.
             let (attrs, mask) = SessionAttributesBuilder::new()
@@ -342,25 +339,20 @@ impl Tpm {
 /// them all. A PCR change moves none of these; only an edit of the header (or its
 /// corruption) does, so a mismatch is reported as tampering, never as "reseal".
 pub fn check_sealed(sealed: &SealedObject) -> Result<(), TpmError> {
-    let (_, public) =
-        split_blob(&sealed.blob).map_err(|e| TpmError::TokenAltered(format!("its {e}")))?;
+    let (_, public) = split_blob(&sealed.blob).map_err(|e| match e {
+        TpmError::Malformed(Malformed::Blob(d)) => TpmError::Altered(Alteration::Blob(d)),
+        other => other,
+    })?;
     if let Public::KeyedHash { auth_policy, .. } = &public {
         if auth_policy.value() != sealed.policy_hash.as_slice() {
-            return Err(TpmError::TokenAltered(
-                "its tpm2-policy-hash is not the policy its sealed object (tpm2-blob) carries"
-                    .into(),
-            ));
+            return Err(TpmError::Altered(Alteration::PolicyNotTheObjects));
         }
     }
     if let Some(recorded) = &sealed.pcr_values {
         if recorded.keys().copied().eq(sealed.pcrs.iter().copied()) {
             let values: PcrValues = recorded.iter().map(|(p, v)| (*p, v.clone())).collect();
             if policy::sealing_policy(sealed.bank, &values, sealed.pin) != sealed.policy_hash {
-                return Err(TpmError::TokenAltered(
-                    "its tpm2-policy-hash is not the policy its recorded PCR values \
-                     (vaultguard_pcr_values) give"
-                        .into(),
-                ));
+                return Err(TpmError::Altered(Alteration::PolicyNotTheRecordedPcrs));
             }
         }
     }
@@ -388,21 +380,25 @@ pub(super) fn rc_kind_of(step: &UnsealStep) -> Option<Tss2ResponseCodeKind> {
 
 /// Split `tpm2-blob` (TPM2B_PRIVATE then TPM2B_PUBLIC) and refuse anything else.
 pub fn split_blob(blob: &[u8]) -> Result<(Private, Public), TpmError> {
-    let bad = |m: &str| TpmError::BadToken(format!("tpm2-blob {m}"));
+    let bad = |d: BlobDefect| TpmError::Malformed(Malformed::Blob(d));
     let mut r = Reader::new(blob);
-    let private = r.sized("private part").map_err(|_| bad("is truncated"))?;
-    let public = r.sized("public part").map_err(|_| bad("is truncated"))?;
+    let private = r
+        .sized("private part")
+        .map_err(|_| bad(BlobDefect::Truncated))?;
+    let public = r
+        .sized("public part")
+        .map_err(|_| bad(BlobDefect::Truncated))?;
     if r.remaining() != 0 {
-        return Err(bad("has trailing bytes"));
+        return Err(bad(BlobDefect::TrailingBytes));
     }
     if private.is_empty() || public.is_empty() {
-        return Err(bad("has an empty part"));
+        return Err(bad(BlobDefect::EmptyPart));
     }
     let private =
-        Private::try_from(private.to_vec()).map_err(|_| bad("private part is too large"))?;
-    let public = Public::unmarshall(public).map_err(|_| bad("public part does not parse"))?;
+        Private::try_from(private.to_vec()).map_err(|_| bad(BlobDefect::PrivateTooLarge))?;
+    let public = Public::unmarshall(public).map_err(|_| bad(BlobDefect::PublicUnparsable))?;
     if !matches!(public, Public::KeyedHash { .. }) {
-        return Err(bad("does not hold a sealed data object"));
+        return Err(bad(BlobDefect::NotSealedData));
     }
     Ok((private, public))
 }
