@@ -519,7 +519,10 @@ mod tests {
             )
         };
         let last = LAST_LOG.lock().unwrap().take().unwrap();
-        assert!(last.starts_with("Device /dev/disk/by-label/vault"), "{last}");
+        assert!(
+            last.starts_with("Device /dev/disk/by-label/vault"),
+            "{last}"
+        );
         assert!(last.ends_with("is not a valid LUKS device."), "{last}");
         // A level libcryptsetup-rs has no variant for, and non-error levels, are
         // ignored rather than fatal.
