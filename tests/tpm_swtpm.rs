@@ -219,6 +219,79 @@ fn policy_arithmetic_matches_the_tpm() {
     );
 }
 
+/// The policy digest tpm2-tools computes (a trial session on the TPM, with
+/// `tpm2_policypcr` over PCR values given in a file, then `tpm2_policyauthvalue`
+/// for a PIN): an implementation other than this crate's, and other than the
+/// tss-esapi trial session `trial_policy` runs.
+fn tpm2_tools_policy(
+    sw: &mut Swtpm,
+    dir: &std::path::Path,
+    pcrs: &str,
+    values: &[u8],
+    pin: bool,
+) -> Vec<u8> {
+    let session = dir.join("trial.ctx");
+    let digest = dir.join("policy.digest");
+    let values_file = dir.join("pcr.values");
+    std::fs::write(&values_file, values).unwrap();
+    let (s, d, f) = (
+        session.to_str().unwrap(),
+        digest.to_str().unwrap(),
+        values_file.to_str().unwrap(),
+    );
+    sw.tool("tpm2_startauthsession", &["-S", s]);
+    sw.tool(
+        "tpm2_policypcr",
+        &["-S", s, "-l", &format!("sha256:{pcrs}"), "-f", f, "-L", d],
+    );
+    if pin {
+        sw.tool("tpm2_policyauthvalue", &["-S", s, "-L", d]);
+    }
+    sw.tool("tpm2_flushcontext", &[s]);
+    std::fs::read(&digest).unwrap()
+}
+
+#[test]
+fn the_enrolled_policy_hash_is_the_one_tpm2_tools_computes() {
+    let mut sw = Swtpm::start();
+    let dir = common::TempDir::new("policypcr");
+    // Non-trivial values, and the phase PCR already extended: the enrolment must
+    // bind PCR 15 to zeros, not to its live value.
+    sw.tool(
+        "tpm2_pcrextend",
+        &["4:sha256=0101010101010101010101010101010101010101010101010101010101010101"],
+    );
+    sw.tool(
+        "tpm2_pcrextend",
+        &["15:sha256=0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f"],
+    );
+    // The live values of 0,2,4,7 as tpm2-tools reads them, then 32 zero bytes
+    // for PCR 15.
+    let live = dir.path().join("live.values");
+    sw.tool(
+        "tpm2_pcrread",
+        &["sha256:0,2,4,7", "-o", live.to_str().unwrap()],
+    );
+    let mut values = std::fs::read(&live).unwrap();
+    assert_eq!(values.len(), 4 * 32);
+    values.extend_from_slice(&[0; 32]);
+    for pin in [false, true] {
+        let theirs = tpm2_tools_policy(&mut sw, dir.path(), "0,2,4,7,15", &values, pin);
+        let mut tpm = open(&sw);
+        let sealed = seal(&mut tpm, &[0, 2, 4, 7], pin.then_some(b"2468".as_slice()));
+        drop(tpm);
+        assert_eq!(theirs.len(), 32);
+        assert_eq!(sealed.policy_hash, theirs, "pin={pin}");
+    }
+    // And a one-PCR policy over values tpm2-tools did not read: the arithmetic
+    // alone, against a known digest of the selection.
+    let theirs = tpm2_tools_policy(&mut sw, dir.path(), "7", &[0x5a; 32], false);
+    assert_eq!(
+        policy::sealing_policy(Bank::Sha256, &[(7, vec![0x5a; 32])], false),
+        theirs
+    );
+}
+
 #[test]
 fn extending_a_bound_pcr_is_refused_with_that_pcr_named() {
     let mut sw = Swtpm::start();
