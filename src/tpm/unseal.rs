@@ -24,14 +24,14 @@ use tss_esapi::structures::{
 use tss_esapi::traits::UnMarshall;
 
 impl Tpm {
-    /// Compute the policy digest that the live PCRs would produce for `token`.
+    /// Compute the policy digest that the live PCRs would produce for `sealed`.
     pub fn live_policy(&mut self, sealed: &SealedObject) -> Result<(Vec<u8>, PcrValues), TpmError> {
         let live = self.read_pcrs(sealed.bank, &sealed.pcrs)?;
         Ok((policy::sealing_policy(sealed.bank, &live, sealed.pin), live))
     }
 
     /// Check the live PCRs against the enrolled policy before asking the TPM, naming
-    /// the PCRs that changed where the enrolment recorded their values. A token
+    /// the PCRs that changed where the enrolment recorded their values. A record
     /// that contradicts itself is reported as such (see [`check_sealed`]), not as a
     /// PCR change.
     pub fn check_policy(
@@ -68,7 +68,7 @@ impl Tpm {
         })
     }
 
-    /// Check the token's SRK against the TPM and return the parent to load under.
+    /// Check the recorded SRK against the TPM and return the parent to load under.
     pub(super) fn parent_for(
         &mut self,
         sealed: &SealedObject,
@@ -98,7 +98,7 @@ impl Tpm {
                     return Err(TpmError::Malformed(Malformed::SrkNameNotOfPublic));
                 }
                 // Same name, same public area: the key the enrolment recorded. Its
-                // attributes are judged from the token, without asking the TPM again.
+                // attributes are judged from the record, without asking the TPM again.
                 let public = Public::unmarshall(&recorded.public)
                     .map_err(|_| TpmError::Malformed(Malformed::SrkPublicUnparsable))?;
                 check_storage_key(&public)?;
@@ -119,8 +119,8 @@ impl Tpm {
         }
     }
 
-    /// Whether the token's parent key is on this TPM (`tpm2_srk` matches the
-    /// persistent SRK; a legacy token's primary can always be derived).
+    /// Whether the sealed object's parent key is on this TPM (`tpm2_srk` matches the
+    /// persistent SRK; a legacy enrolment's primary can always be derived).
     pub fn check_parent(&mut self, sealed: &SealedObject) -> Result<(), TpmError> {
         let (parent, transient) = self.parent_for(sealed)?;
         if transient {
@@ -129,7 +129,7 @@ impl Tpm {
         Ok(())
     }
 
-    /// Unseal the token's secret. `pin` is required when the token says so.
+    /// Unseal the secret. `pin` is required when the record says so.
     pub fn unseal(
         &mut self,
         sealed: &SealedObject,
@@ -188,7 +188,7 @@ impl Tpm {
                 }
             }
             UnsealStep::Tpm(err) => match self.classify(err, "Unseal") {
-                // The refusal is about this token's PCRs: name them.
+                // The refusal is about this object's PCRs: name them.
                 TpmError::PcrMismatch { changed, phase, .. } => TpmError::PcrMismatch {
                     changed,
                     bound: sealed.pcrs.clone(),
@@ -333,7 +333,7 @@ impl Tpm {
     }
 }
 
-/// Whether `token` agrees with itself, in software: the policy digest it records
+/// Whether `sealed` agrees with itself, in software: the policy digest it records
 /// (`tpm2-policy-hash`) must be the one its sealed object carries (the authPolicy
 /// inside `tpm2-blob`), and the one its recorded PCR values give, where it records
 /// them all. A PCR change moves none of these; only an edit of the header (or its
