@@ -1,98 +1,38 @@
 //! Base64 (RFC 4648, standard alphabet, padded, as systemd writes it) and hex.
 //!
-//! Written here rather than pulled in as a crate: about eighty lines, and secret
-//! inputs (the sealed secret becomes a keyslot passphrase) can be encoded straight
-//! into a [`SecretBytes`] without an intermediate `String` that would not be wiped.
+//! Base64 is the `base64` crate's (already linked through tss-esapi's X.509
+//! dependency), strict as its STANDARD engine is: canonical padding required, no
+//! whitespace, no non-zero trailing bits. A secret (the sealed secret becomes a
+//! keyslot passphrase) is encoded straight into a zeroizing [`SecretBytes`], with
+//! no intermediate `String` that would not be wiped. Hex stays here: ten lines,
+//! and strict (digits only, no sign, no prefix), which `u8::from_str_radix` is not.
 
 use crate::secret::SecretBytes;
-
-const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-fn encode_into(input: &[u8], mut push: impl FnMut(u8)) {
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        push(ALPHABET[(n >> 18) as usize & 63]);
-        push(ALPHABET[(n >> 12) as usize & 63]);
-        push(if chunk.len() > 1 {
-            ALPHABET[(n >> 6) as usize & 63]
-        } else {
-            b'='
-        });
-        push(if chunk.len() > 2 {
-            ALPHABET[n as usize & 63]
-        } else {
-            b'='
-        });
-    }
-}
-
-fn encoded_len(n: usize) -> usize {
-    n.div_ceil(3) * 4
-}
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
 
 pub fn base64_encode(input: &[u8]) -> String {
-    let mut out = String::with_capacity(encoded_len(input.len()));
-    encode_into(input, |c| out.push(c as char));
-    out
+    STANDARD.encode(input)
 }
 
 /// Base64 of a secret, itself a secret.
 pub fn base64_encode_secret(input: &[u8]) -> SecretBytes {
-    let mut out = SecretBytes::with_capacity(encoded_len(input.len()));
-    encode_into(input, |c| {
-        out.push(c);
-    });
+    // Padded base64 of n bytes: 4 * ceil(n / 3), which cannot overflow for any
+    // slice in memory.
+    let mut out = SecretBytes::zeroed(input.len().div_ceil(3) * 4);
+    let written = STANDARD
+        .encode_slice(input, out.as_mut_bytes())
+        .expect("the buffer is exactly the padded encoding's length");
+    out.truncate(written);
     out
 }
 
-fn decode_char(c: u8) -> Option<u32> {
-    Some(match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'+' => 62,
-        b'/' => 63,
-        _ => return None,
-    } as u32)
-}
-
-/// Strict decoder: padding required, whitespace (which systemd's JSON never has) and
-/// stray characters refused.
+/// Strict decoder: padding required, whitespace (which systemd's JSON never has),
+/// stray characters and non-canonical trailing bits refused.
 pub fn base64_decode(input: &str) -> Result<Vec<u8>, String> {
-    let bytes = input.as_bytes();
-    if bytes.len() % 4 != 0 {
-        return Err("base64 length is not a multiple of 4".into());
-    }
-    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
-    for (i, quad) in bytes.chunks(4).enumerate() {
-        let last = i == bytes.len() / 4 - 1;
-        let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 || (pad > 0 && !last) {
-            return Err("misplaced base64 padding".into());
-        }
-        let mut n = 0u32;
-        for (j, &c) in quad.iter().enumerate() {
-            let v = if j >= 4 - pad {
-                0
-            } else {
-                decode_char(c).ok_or_else(|| format!("invalid base64 character {:?}", c as char))?
-            };
-            n = (n << 6) | v;
-        }
-        out.push((n >> 16) as u8);
-        if pad < 2 {
-            out.push((n >> 8) as u8);
-        }
-        if pad < 1 {
-            out.push(n as u8);
-        }
-    }
-    Ok(out)
+    STANDARD
+        .decode(input)
+        .map_err(|e| format!("invalid base64: {e}"))
 }
 
 pub fn hex_encode(input: &[u8]) -> String {
@@ -105,17 +45,20 @@ pub fn hex_encode(input: &[u8]) -> String {
     s
 }
 
+/// Hex digits (either case) in pairs, nothing else.
 pub fn hex_decode(input: &str) -> Result<Vec<u8>, String> {
-    if input.len() % 2 != 0 {
+    let digit = |c: u8| -> Result<u8, String> {
+        (c as char)
+            .to_digit(16)
+            .map(|d| d as u8)
+            .ok_or_else(|| format!("invalid hex digit {:?}", c as char))
+    };
+    let b = input.as_bytes();
+    if b.len() % 2 != 0 {
         return Err("hex string has an odd length".into());
     }
-    input
-        .as_bytes()
-        .chunks(2)
-        .map(|p| {
-            let s = std::str::from_utf8(p).map_err(|_| "non-ASCII in hex string".to_string())?;
-            u8::from_str_radix(s, 16).map_err(|_| format!("invalid hex digits {s:?}"))
-        })
+    b.chunks(2)
+        .map(|p| Ok((digit(p[0])? << 4) | digit(p[1])?))
         .collect()
 }
 
@@ -165,5 +108,21 @@ mod tests {
         assert_eq!(hex_decode("00ABff").unwrap(), vec![0, 0xab, 0xff]);
         assert!(hex_decode("abc").is_err());
         assert!(hex_decode("zz").is_err());
+    }
+
+    #[test]
+    fn hex_refuses_signs_and_spaces() {
+        // u8::from_str_radix takes a leading '+': "+f+a" must not decode to 0f 0a.
+        for bad in ["+f+a", "+f", "-1", " f", "f ", "0x", "é"] {
+            assert!(hex_decode(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn base64_refuses_non_canonical_trailing_bits() {
+        // "QQ==" is 'A'; "QR==" sets bits that padding discards: two spellings
+        // of one value, which a strict parser of a signed-off format refuses.
+        assert_eq!(base64_decode("QQ==").unwrap(), b"A");
+        assert!(base64_decode("QR==").is_err());
     }
 }

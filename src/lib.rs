@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod encoding;
+pub mod handoff;
 pub mod json;
 pub mod keyring;
 pub mod luks;

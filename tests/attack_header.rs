@@ -17,12 +17,14 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vaultguard::boot::commands::enrolment_lines;
+use vaultguard::boot::TpmRefusal;
 use vaultguard::boot::{
     acquire_volume_key, enroll, reseal, EnrollOptions, Method, NoEvents, TpmOptions, UnlockOptions,
 };
 use vaultguard::luks::{ActivateFlags, Vault};
 use vaultguard::prompt::Scripted;
 use vaultguard::tpm::policy::{self, Bank};
+use vaultguard::tpm::{Alteration, TpmError};
 
 const PASS: &str = "correct horse battery staple";
 
@@ -431,6 +433,17 @@ fn a_tampered_policy_hash_is_reported_as_tampering_not_as_a_pcr_change() {
     let got = acquire_volume_key(&mut v, &unlock_opts(&sw, &img), &mut p, &mut NoEvents).unwrap();
     assert_eq!(got.method, Method::Passphrase);
     let reason = got.fallback_reason.unwrap();
+    assert!(
+        matches!(
+            reason,
+            TpmRefusal::TokenAltered {
+                err: TpmError::Altered(Alteration::PolicyNotTheObjects),
+                ..
+            }
+        ),
+        "{reason:?}"
+    );
+    let reason = reason.to_string();
     assert!(reason.contains("was altered or damaged"), "{reason}");
     assert!(reason.contains("tpm2-policy-hash"), "{reason}");
     assert!(!reason.contains("reseal"), "{reason}");
@@ -446,6 +459,17 @@ fn a_tampered_policy_hash_is_reported_as_tampering_not_as_a_pcr_change() {
     let mut v = Vault::open(img.to_str().unwrap()).unwrap();
     let got = acquire_volume_key(&mut v, &unlock_opts(&sw, &img), &mut p, &mut NoEvents).unwrap();
     let reason = got.fallback_reason.unwrap();
+    assert!(
+        matches!(
+            reason,
+            TpmRefusal::TokenAltered {
+                err: TpmError::Altered(Alteration::PolicyNotTheObjects),
+                ..
+            }
+        ),
+        "{reason:?}"
+    );
+    let reason = reason.to_string();
     assert!(reason.contains("was altered or damaged"), "{reason}");
     assert!(!reason.contains("reseal"), "{reason}");
 }

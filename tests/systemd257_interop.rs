@@ -236,14 +236,19 @@ fn systemd_257_refuses_a_vaultguard_pin_enrolment_with_a_wrong_pin() {
         &mut NoEvents,
     )
     .unwrap();
-    let mut cmd = cryptenroll257();
+    // systemd-cryptenroll asks through /run/systemd/ask-password; it runs in a
+    // mount namespace of its own where that directory is ours, so that neither
+    // the host's password agents see the question nor this test answers theirs.
+    let agent_dir = dir.path().join("ask-password");
+    std::fs::create_dir(&agent_dir).unwrap();
+    let mut cmd = in_private_ask_password_dir(&agent_dir, cryptenroll257());
     cmd.arg(format!("--unlock-tpm2-device={}", sw.tcti()))
         .arg("--password")
         .arg(&img)
         .env("NEWPASSWORD", NEWPASS)
         .env("PIN", "1111")
         .env_remove("PASSWORD");
-    let agent = std::thread::spawn(cancel_the_pin_question);
+    let agent = std::thread::spawn(move || cancel_the_pin_question(&agent_dir));
     let out = run_bounded(cmd, dir.path(), Duration::from_secs(60));
     let asked = agent.join().unwrap();
     assert!(!out.status.success(), "a wrong PIN must not unseal");
@@ -256,10 +261,36 @@ fn systemd_257_refuses_a_vaultguard_pin_enrolment_with_a_wrong_pin() {
     assert!(v.volume_key(None, NEWPASS.as_bytes()).is_err());
 }
 
-/// Acts as a password agent for one request that asks for a TPM2 PIN: replies "-"
-/// (cancel) and returns the request's Message=.
-fn cancel_the_pin_question() -> String {
-    let dir = Path::new("/run/systemd/ask-password");
+/// `cmd`, run in a private mount namespace in which `dir` is mounted over
+/// /run/systemd/ask-password (over a private /run when the host has no such
+/// directory): the password-agent protocol between it and this test stays
+/// between them.
+fn in_private_ask_password_dir(dir: &Path, cmd: Command) -> Command {
+    let mut wrapped = Command::new("unshare");
+    wrapped
+        .args(["--mount", "--propagation", "private", "sh", "-ec"])
+        .arg(
+            "[ -d /run/systemd/ask-password ] || \
+               { mount -t tmpfs tmpfs /run; mkdir -p /run/systemd/ask-password; }
+             mount --bind \"$0\" /run/systemd/ask-password
+             exec \"$@\"",
+        )
+        .arg(dir)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => wrapped.env(k, v),
+            None => wrapped.env_remove(k),
+        };
+    }
+    wrapped
+}
+
+/// Acts as a password agent on `dir` (the child's /run/systemd/ask-password) for
+/// one request that asks for a TPM2 PIN: replies "-" (cancel) and returns the
+/// request's Message=.
+fn cancel_the_pin_question(dir: &Path) -> String {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
         for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -279,8 +310,13 @@ fn cancel_the_pin_question() -> String {
             if !message.contains("TPM2 PIN") {
                 continue;
             }
+            // Socket= is the child's path, /run/systemd/ask-password/sck.*: the
+            // same socket is in `dir` under its name.
+            let socket = field("Socket=");
+            assert!(socket.starts_with("/run/systemd/ask-password/"), "{socket}");
+            let name = Path::new(&socket).file_name().unwrap().to_owned();
             let sock = std::os::unix::net::UnixDatagram::unbound().unwrap();
-            sock.send_to(b"-", field("Socket=")).unwrap();
+            sock.send_to(b"-", dir.join(name)).unwrap();
             return message;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -327,7 +363,7 @@ fn systemd_257_enrolment_opened_by_vaultguard(pin: Option<&str>) {
     let t = v.tpm2_tokens().remove(0).1.unwrap();
     assert!(t.srk.is_some(), "systemd 257 writes tpm2_srk");
     assert_eq!(t.pcrs, vec![7]);
-    assert_eq!(t.bank, Bank::Sha256);
+    assert_eq!(t.bank, vaultguard::luks::token::PcrBank::Sha256);
     assert_eq!(t.pin, pin.is_some());
     assert_eq!(t.salt.is_some(), pin.is_some(), "257 salts the PIN");
 

@@ -125,6 +125,15 @@ fn a_changed_pcr_on_a_systemd_enrolment_is_refused_cleanly() {
     // message says what is bound and what to do.
     let why = got.fallback_reason.unwrap();
     assert!(
+        matches!(
+            &why,
+            vaultguard::boot::TpmRefusal::Tpm(vaultguard::tpm::TpmError::PcrMismatch { changed, .. })
+                if changed.is_empty()
+        ),
+        "{why:?}"
+    );
+    let why = why.to_string();
+    assert!(
         why.contains("no longer matches") && why.contains("reseal"),
         "{why}"
     );

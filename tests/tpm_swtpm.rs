@@ -5,10 +5,13 @@ mod common;
 
 use common::{Swtpm, TempDir, TpmCommand};
 use std::time::Duration;
-use vaultguard::luks::token::{PrimaryAlg, Tpm2Token};
+use vaultguard::luks::token::Tpm2Token;
 use vaultguard::tpm::policy::{self, Bank};
 use vaultguard::tpm::srk::{SerializedKey, SRK_HANDLE};
-use vaultguard::tpm::{SealRequest, Tpm, TpmError};
+use vaultguard::tpm::{
+    Alteration, BlobDefect, Malformed, PrimaryAlg, SealRequest, SealedObject, SrkDefect, Tpm,
+    TpmError,
+};
 
 fn open(sw: &Swtpm) -> Tpm {
     open_at(&sw.tcti())
@@ -18,12 +21,12 @@ fn open_at(tcti: &str) -> Tpm {
     Tpm::open(tcti, Duration::from_secs(5)).expect("connect to swtpm")
 }
 
-fn token_from(sealed: &vaultguard::tpm::Sealed, pcrs: &[u32], pin: bool) -> Tpm2Token {
+/// The TPM's input for `sealed`, as an enrolment to PCRs `pcrs` (+ 15) records it.
+fn token_from(sealed: &vaultguard::tpm::Sealed, pcrs: &[u32], pin: bool) -> SealedObject {
     let mut all: Vec<u32> = pcrs.to_vec();
     all.push(15);
     all.sort_unstable();
-    Tpm2Token {
-        keyslots: vec![1],
+    SealedObject {
         blob: sealed.blob.clone(),
         pcrs: all,
         bank: Bank::Sha256,
@@ -33,8 +36,25 @@ fn token_from(sealed: &vaultguard::tpm::Sealed, pcrs: &[u32], pin: bool) -> Tpm2
         salt: sealed.salt.clone(),
         srk: Some(sealed.srk.clone()),
         pcr_values: Some(sealed.pcr_values.iter().cloned().collect()),
-        keyslot_macs: Default::default(),
     }
+}
+
+/// The same through the `systemd-tpm2` token JSON the LUKS header stores.
+fn through_the_token(object: &SealedObject) -> SealedObject {
+    let token = Tpm2Token {
+        keyslots: vec![1],
+        blob: object.blob.clone(),
+        pcrs: object.pcrs.clone(),
+        bank: vaultguard::boot::token_bank(object.bank),
+        primary_alg: vaultguard::luks::token::PrimaryAlg::Ecc,
+        policy_hash: object.policy_hash.clone(),
+        pin: object.pin,
+        salt: object.salt.clone(),
+        srk: object.srk.clone(),
+        pcr_values: object.pcr_values.clone(),
+        keyslot_macs: Default::default(),
+    };
+    vaultguard::boot::sealed_object(&Tpm2Token::from_json(&token.to_json()).unwrap())
 }
 
 fn seal(tpm: &mut Tpm, pcrs: &[u32], pin: Option<&[u8]>) -> vaultguard::tpm::Sealed {
@@ -63,7 +83,7 @@ fn seal_then_unseal_returns_the_same_secret() {
     );
     let token = token_from(&sealed, &[0, 2, 4, 7], false);
     // through the JSON the header stores
-    let token = Tpm2Token::from_json(&token.to_json()).unwrap();
+    let token = through_the_token(&token);
     let secret = tpm.unseal(&token, None).expect("unseal");
     assert!(secret.ct_eq(sealed.secret.as_bytes()));
     // a second TPM context (as a later boot would open) gets it too
@@ -199,6 +219,79 @@ fn policy_arithmetic_matches_the_tpm() {
     );
 }
 
+/// The policy digest tpm2-tools computes (a trial session on the TPM, with
+/// `tpm2_policypcr` over PCR values given in a file, then `tpm2_policyauthvalue`
+/// for a PIN): an implementation other than this crate's, and other than the
+/// tss-esapi trial session `trial_policy` runs.
+fn tpm2_tools_policy(
+    sw: &mut Swtpm,
+    dir: &std::path::Path,
+    pcrs: &str,
+    values: &[u8],
+    pin: bool,
+) -> Vec<u8> {
+    let session = dir.join("trial.ctx");
+    let digest = dir.join("policy.digest");
+    let values_file = dir.join("pcr.values");
+    std::fs::write(&values_file, values).unwrap();
+    let (s, d, f) = (
+        session.to_str().unwrap(),
+        digest.to_str().unwrap(),
+        values_file.to_str().unwrap(),
+    );
+    sw.tool("tpm2_startauthsession", &["-S", s]);
+    sw.tool(
+        "tpm2_policypcr",
+        &["-S", s, "-l", &format!("sha256:{pcrs}"), "-f", f, "-L", d],
+    );
+    if pin {
+        sw.tool("tpm2_policyauthvalue", &["-S", s, "-L", d]);
+    }
+    sw.tool("tpm2_flushcontext", &[s]);
+    std::fs::read(&digest).unwrap()
+}
+
+#[test]
+fn the_enrolled_policy_hash_is_the_one_tpm2_tools_computes() {
+    let mut sw = Swtpm::start();
+    let dir = common::TempDir::new("policypcr");
+    // Non-trivial values, and the phase PCR already extended: the enrolment must
+    // bind PCR 15 to zeros, not to its live value.
+    sw.tool(
+        "tpm2_pcrextend",
+        &["4:sha256=0101010101010101010101010101010101010101010101010101010101010101"],
+    );
+    sw.tool(
+        "tpm2_pcrextend",
+        &["15:sha256=0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f"],
+    );
+    // The live values of 0,2,4,7 as tpm2-tools reads them, then 32 zero bytes
+    // for PCR 15.
+    let live = dir.path().join("live.values");
+    sw.tool(
+        "tpm2_pcrread",
+        &["sha256:0,2,4,7", "-o", live.to_str().unwrap()],
+    );
+    let mut values = std::fs::read(&live).unwrap();
+    assert_eq!(values.len(), 4 * 32);
+    values.extend_from_slice(&[0; 32]);
+    for pin in [false, true] {
+        let theirs = tpm2_tools_policy(&mut sw, dir.path(), "0,2,4,7,15", &values, pin);
+        let mut tpm = open(&sw);
+        let sealed = seal(&mut tpm, &[0, 2, 4, 7], pin.then_some(b"2468".as_slice()));
+        drop(tpm);
+        assert_eq!(theirs.len(), 32);
+        assert_eq!(sealed.policy_hash, theirs, "pin={pin}");
+    }
+    // And a one-PCR policy over values tpm2-tools did not read: the arithmetic
+    // alone, against a known digest of the selection.
+    let theirs = tpm2_tools_policy(&mut sw, dir.path(), "7", &[0x5a; 32], false);
+    assert_eq!(
+        policy::sealing_policy(Bank::Sha256, &[(7, vec![0x5a; 32])], false),
+        theirs
+    );
+}
+
 #[test]
 fn extending_a_bound_pcr_is_refused_with_that_pcr_named() {
     let mut sw = Swtpm::start();
@@ -245,7 +338,7 @@ fn pin_right_and_wrong() {
         .ct_eq(sealed.secret.as_bytes()));
     assert!(matches!(
         tpm.unseal(&token, None),
-        Err(TpmError::BadToken(_))
+        Err(TpmError::PinRequired)
     ));
 }
 
@@ -434,7 +527,7 @@ fn foreign_or_unusable_persistent_handles_are_rejected() {
     token.srk = Some(vec![1, 2, 3]);
     assert!(matches!(
         tpm.unseal(&token, None),
-        Err(TpmError::BadToken(_))
+        Err(TpmError::Malformed(Malformed::Srk(_)))
     ));
     drop(tpm);
 
@@ -469,7 +562,10 @@ fn foreign_or_unusable_persistent_handles_are_rejected() {
         })
         .err()
         .expect("sealing under a signing key must fail");
-    assert!(matches!(err, TpmError::SrkUnusable(_)), "{err}");
+    assert!(
+        matches!(err, TpmError::SrkUnusable(SrkDefect::NotStorageKey)),
+        "{err}"
+    );
 }
 
 #[test]
@@ -480,10 +576,18 @@ fn tampered_blobs_are_refused() {
     let good = token_from(&sealed, &[7], false);
     let mut t = good.clone();
     t.blob.push(0);
-    assert!(matches!(tpm.unseal(&t, None), Err(TpmError::BadToken(_))));
+    assert!(matches!(
+        tpm.unseal(&t, None),
+        Err(TpmError::Malformed(Malformed::Blob(
+            BlobDefect::TrailingBytes
+        )))
+    ));
     let mut t = good.clone();
     t.blob.truncate(10);
-    assert!(matches!(tpm.unseal(&t, None), Err(TpmError::BadToken(_))));
+    assert!(matches!(
+        tpm.unseal(&t, None),
+        Err(TpmError::Malformed(Malformed::Blob(BlobDefect::Truncated)))
+    ));
     // a flipped bit in the private part: the TPM's integrity check refuses it
     let mut t = good.clone();
     t.blob[10] ^= 1;
@@ -493,17 +597,23 @@ fn tampered_blobs_are_refused() {
     let mut t = good.clone();
     t.policy_hash[0] ^= 1;
     let err = tpm.check_policy(&t, Some(15)).unwrap_err();
-    assert!(matches!(err, TpmError::TokenAltered(_)), "{err}");
+    assert!(
+        matches!(err, TpmError::Altered(Alteration::PolicyNotTheObjects)),
+        "{err}"
+    );
     assert!(err.to_string().contains("tpm2-policy-hash"), "{err}");
     assert!(!err.to_string().contains("reseal"), "{err}");
     // recorded PCR values that do not give the recorded policy
     let mut t = good.clone();
     t.pcr_values.as_mut().unwrap().insert(7, vec![7; 32]);
     let err = tpm.check_policy(&t, Some(15)).unwrap_err();
-    assert!(matches!(err, TpmError::TokenAltered(_)), "{err}");
+    assert!(
+        matches!(err, TpmError::Altered(Alteration::PolicyNotTheRecordedPcrs)),
+        "{err}"
+    );
     assert!(err.to_string().contains("vaultguard_pcr_values"), "{err}");
     // the genuine token is consistent
-    assert!(vaultguard::tpm::check_token(&good).is_ok());
+    assert!(vaultguard::tpm::check_sealed(&good).is_ok());
 }
 
 #[test]

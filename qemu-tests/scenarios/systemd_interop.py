@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """systemd interop in the guest: systemd-cryptsetup opens a vaultguard enrolment; vaultguard opens systemd-cryptenroll's.
 
-One boot, three LUKS2 volumes, the guest's TPM:
+Two boots, three LUKS2 volumes, the guest's TPM:
 - vda: `vaultguard enroll` (passphrase typed); systemd-cryptsetup 257 (Debian 13)
-  attaches it headless from the systemd-tpm2 token alone;
+  attaches it headless from the systemd-tpm2 token alone, with
+  tpm2-measure-pcr=yes: the PCR 15 it leaves is read. Boot 2 (PCR 15 zero again):
+  `vaultguard attach` opens the same volume under the same name, and the PCR 15
+  its latch leaves must be systemd's, bank by bank that systemd measured;
 - vdb: systemd-cryptenroll 252 (Debian 12: transient primary key, no PIN);
   `vaultguard attach` opens it without a prompt;
 - vdc: systemd-cryptenroll 257 (persistent SRK, tpm2_srk, PIN); `vaultguard attach`
@@ -24,8 +27,15 @@ BODY = f"""
     pw=$(cat /etc/test-passphrase)
     vg enroll --device /dev/vda --pcrs 7
     value enroll-status $?
-    /opt/trixie/run systemd-cryptsetup attach vgenrolled /dev/vda - tpm2-device=auto,headless=true
+    value sd-pcr15-before "$(pcr sha256 15)"
+    # systemd measures only when a UKI's stub measured the kernel (not so under
+    # SeaBIOS); SYSTEMD_FORCE_MEASURE=1 is its documented override.
+    SYSTEMD_FORCE_MEASURE=1 \\
+    /opt/trixie/run systemd-cryptsetup attach vgenrolled /dev/vda - \
+        tpm2-device=auto,headless=true,tpm2-measure-pcr=yes
     value sd257-attach-status $?
+    value sd-pcr15-sha256 "$(pcr sha256 15)"
+    value sd-pcr15-sha1 "$(pcr sha1 15 2>/dev/null || echo none)"
     check sd257-opened-vaultguard-enrolment 'test -b /dev/mapper/vgenrolled'
     /opt/trixie/run systemd-cryptsetup detach vgenrolled
 
@@ -49,6 +59,20 @@ BODY = f"""
     check no-volume-keys-left '! grep -q "logon *cryptsetup:" /proc/keys'
 """
 
+# Boot 2: the same volume, the same name, opened by vaultguard; its latch (the
+# measurement systemd makes with tpm2-measure-pcr=yes) from a PCR 15 of zeros.
+BODY2 = """
+    value vg-pcr15-before "$(pcr sha256 15)"
+    vg attach vgenrolled /dev/vda - tpm2-device=auto,headless=true
+    value vg-attach-vda-status $?
+    check vg-opened-its-enrolment 'test -b /dev/mapper/vgenrolled'
+    value vg-pcr15-sha256 "$(pcr sha256 15)"
+    value vg-pcr15-sha1 "$(pcr sha1 15 2>/dev/null || echo none)"
+    vg detach vgenrolled
+"""
+ZERO256 = "0" * 64
+ZERO1 = "0" * 40
+
 
 def run(s):
     s.luks_disk("vault", size_mb=32)
@@ -68,8 +92,14 @@ def run(s):
     b.sendline(harness.PASSPHRASE)
     if b.value("enroll-status", 120) != "0":
         b.fail("vaultguard enroll failed")
+    if b.value("sd-pcr15-before", 60) != ZERO256:
+        b.fail("PCR 15 was not zero before systemd-cryptsetup attached")
     if b.value("sd257-attach-status", 120) != "0":
         b.fail("systemd-cryptsetup 257 could not attach the vaultguard enrolment")
+    sd256 = b.value("sd-pcr15-sha256")
+    sd1 = b.value("sd-pcr15-sha1")
+    if sd256 == ZERO256:
+        b.fail("systemd-cryptsetup 257 with tpm2-measure-pcr=yes did not extend PCR 15 (sha256)")
     b.expect_pass("sd257-opened-vaultguard-enrolment")
     if b.value("sd252-enroll-status", 120) != "0":
         b.fail("systemd-cryptenroll 252 failed")
@@ -89,6 +119,25 @@ def run(s):
     for c in ("vg-opened-sd257-pin-enrolment", "sd257-key-via-keyring", "no-volume-keys-left"):
         b.expect_pass(c)
     b.assert_absent(PIN, "the PIN was echoed")
+    b.expect_poweroff()
+
+    b = s.boot(BODY2, dynamic=harness.CRYPTSETUP, timeout=300)
+    if b.value("vg-pcr15-before", 90) != ZERO256:
+        b.fail("PCR 15 was not zero at boot 2")
+    if b.value("vg-attach-vda-status", 120) != "0":
+        b.fail("vaultguard could not attach its own enrolment in boot 2")
+    b.expect_pass("vg-opened-its-enrolment")
+    vg256 = b.value("vg-pcr15-sha256")
+    vg1 = b.value("vg-pcr15-sha1")
+    print(f"PCR 15 sha256: systemd-cryptsetup 257 {sd256}, vaultguard {vg256}")
+    print(f"PCR 15 sha1:   systemd-cryptsetup 257 {sd1}, vaultguard {vg1}")
+    if vg256 != sd256:
+        b.fail(f"PCR 15 (sha256) after vaultguard's latch is {vg256}; "
+               f"systemd-cryptsetup 257 left {sd256} on the same volume under the same name")
+    # systemd measures the banks it judges good; where it measured sha1 too, the
+    # values must agree there as well.
+    if sd1 not in (ZERO1, "none") and vg1 != sd1:
+        b.fail(f"PCR 15 (sha1) after vaultguard's latch is {vg1}; systemd left {sd1}")
     b.expect_poweroff()
 
 

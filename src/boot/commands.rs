@@ -5,14 +5,13 @@
 //! operators' scripts match on them.
 
 use super::{
-    detach, enroll, reseal, unlock, AuditAnchor, BootError, EnrollOptions, EnrollReport, Events,
-    KeepReason, Method, TpmOptions, UnlockOptions, Verification,
+    detach, enroll, reseal, unlock, ArgError, AuditAnchor, BootError, EnrollOptions, EnrollReport,
+    Events, KeepReason, Method, TpmOptions, UnlockOptions, Verification,
 };
 use crate::audit;
 use crate::config::{parse_pcr_list, Config};
 use crate::luks::{self, ActivateFlags};
 use crate::prompt::{system_prompter, Prompter};
-use crate::supervisor::state_file;
 use crate::tpm::policy::Bank;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,17 +24,13 @@ pub struct AuditEvents {
     path: PathBuf,
 }
 
-pub const INITRD_AUDIT: &str = "/run/vaultguard/audit-initrd.jsonl";
+/// Kept for the supervisor's call site until it imports [`crate::handoff`].
+pub use crate::handoff::INITRD_AUDIT;
 
 impl AuditEvents {
     pub fn for_config(cfg: &Config) -> AuditEvents {
-        let in_initrd = Path::new("/etc/initrd-release").exists();
         AuditEvents {
-            path: if in_initrd {
-                PathBuf::from(INITRD_AUDIT)
-            } else {
-                cfg.audit.path.clone()
-            },
+            path: crate::handoff::boot_audit_path(&cfg.audit.path),
         }
     }
 }
@@ -68,11 +63,7 @@ fn device(cfg: &Config, arg: Option<&str>) -> Result<String, BootError> {
     let spec = arg
         .map(str::to_string)
         .or_else(|| cfg.vault.device.clone())
-        .ok_or_else(|| {
-            BootError::KeyFile(
-                "no vault device: set vault.device, rd.vaultguard.device= or --device".into(),
-            )
-        })?;
+        .ok_or(BootError::NoDevice)?;
     Ok(luks::resolve_device(
         &spec,
         Duration::from_secs(cfg.tpm.timeout.max(5)),
@@ -118,7 +109,8 @@ fn report_unlock(
     }
     // Tell the supervisor, once it starts, how the vault was opened; it trusts this
     // only if the mapping is really there.
-    let _ = state_file::write_boot_hint(&cfg.vault.state_path, "unlocked", done.method.as_str());
+    let _ =
+        crate::handoff::write_boot_hint(&cfg.vault.state_path, "unlocked", done.method.as_str());
     let how = match done.method {
         Method::Tpm2 => "with the TPM",
         Method::Tpm2Pin => "with the TPM and PIN",
@@ -257,20 +249,22 @@ fn enroll_options(
     pin: bool,
     recovery_key: bool,
 ) -> Result<EnrollOptions, BootError> {
-    let bad = |m: String| BootError::Verify(m);
+    let bad = BootError::BadArgument;
     let pcrs = match pcrs {
-        Some(p) => parse_pcr_list(p).map_err(bad)?,
+        Some(p) => parse_pcr_list(p).map_err(|e| bad(ArgError::PcrList(e)))?,
         None => cfg.tpm.pcrs.clone(),
     };
     if pcrs.contains(&cfg.tpm.phase_pcr) {
-        return Err(bad(format!(
-            "PCR {} is the phase PCR; it is bound to zeros automatically",
-            cfg.tpm.phase_pcr
-        )));
+        return Err(bad(ArgError::PhasePcrListed {
+            pcr: cfg.tpm.phase_pcr,
+        }));
     }
     let bank_name = bank.unwrap_or(&cfg.tpm.bank);
-    let bank =
-        Bank::from_name(bank_name).ok_or_else(|| bad(format!("unknown PCR bank `{bank_name}`")))?;
+    let bank = Bank::from_name(bank_name).ok_or_else(|| {
+        bad(ArgError::UnknownBank {
+            name: bank_name.to_string(),
+        })
+    })?;
     Ok(EnrollOptions {
         device: device(cfg, device_arg)?,
         name: cfg.vault.name.clone(),
@@ -438,6 +432,46 @@ mod tests {
         assert_eq!(
             parse_attach_options("tpm2-measure-pcr=14").phase_pcr,
             Some(Some(14))
+        );
+    }
+
+    #[test]
+    fn enrolment_arguments_are_refused_as_what_they_are() {
+        let mut cfg = Config::default();
+        // No device anywhere: that is not a key-file problem.
+        assert!(matches!(
+            enroll_options(&cfg, None, None, None, false, false),
+            Err(BootError::NoDevice)
+        ));
+        cfg.vault.device = Some("/nonexistent/vault.img".into());
+        let phase = cfg.tpm.phase_pcr;
+        match enroll_options(&cfg, None, Some(&format!("7,{phase}")), None, false, false) {
+            Err(BootError::BadArgument(ArgError::PhasePcrListed { pcr })) => assert_eq!(pcr, phase),
+            other => panic!("{other:?}"),
+        }
+        match enroll_options(&cfg, None, Some("7"), Some("md5"), false, false) {
+            Err(BootError::BadArgument(ArgError::UnknownBank { name })) => assert_eq!(name, "md5"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            enroll_options(&cfg, None, Some("7,x"), None, false, false),
+            Err(BootError::BadArgument(ArgError::PcrList(_)))
+        ));
+    }
+
+    #[test]
+    fn a_missing_key_file_names_the_file_and_the_os_error() {
+        let err = crate::boot::read_keyfile(Path::new("/nonexistent/key")).unwrap_err();
+        match &err {
+            BootError::KeyFile { path, err } => {
+                assert_eq!(path, Path::new("/nonexistent/key"));
+                assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            err.to_string().starts_with("key file /nonexistent/key: "),
+            "{err}"
         );
     }
 }

@@ -17,12 +17,12 @@
 pub mod commands;
 
 use crate::encoding::base64_encode_secret;
-use crate::luks::token::{PrimaryAlg, Tpm2Token};
+use crate::luks::token::{self, PcrBank, Tpm2Token};
 use crate::luks::{self, ActivateFlags, LuksError, Vault};
 use crate::prompt::{PromptError, Prompter};
 use crate::secret::SecretBytes;
 use crate::tpm::policy::{self, Bank};
-use crate::tpm::{SealRequest, Sealed, Tpm, TpmError};
+use crate::tpm::{PrimaryAlg, SealRequest, Sealed, SealedObject, Tpm, TpmError};
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -65,8 +65,21 @@ pub enum BootError {
         why: String,
         closed: bool,
     },
-    Verify(String),
-    KeyFile(String),
+    /// Enrolment's own check of what it sealed failed; nothing was written.
+    Verify(VerifyFailure),
+    /// An argument or configuration value enrolment cannot use.
+    BadArgument(ArgError),
+    /// No vault device is configured or given.
+    NoDevice,
+    /// The key file could not be read.
+    KeyFile {
+        path: PathBuf,
+        err: std::io::Error,
+    },
+    /// The key file is larger than a key file can be (8 MiB, as cryptsetup).
+    KeyFileTooLarge {
+        path: PathBuf,
+    },
     /// The kernel's random number generator failed.
     Random(std::io::Error),
     /// A header write failed part-way through an enrolment; what it had written
@@ -105,7 +118,15 @@ impl fmt::Display for BootError {
                 }
             ),
             BootError::Verify(why) => write!(f, "enrolment check failed, nothing was written: {why}"),
-            BootError::KeyFile(why) => write!(f, "key file: {why}"),
+            BootError::BadArgument(why) => why.fmt(f),
+            BootError::NoDevice => write!(
+                f,
+                "no vault device: set vault.device, rd.vaultguard.device= or --device"
+            ),
+            BootError::KeyFile { path, err } => write!(f, "key file {}: {err}", path.display()),
+            BootError::KeyFileTooLarge { path } => {
+                write!(f, "key file {} is larger than 8 MiB", path.display())
+            }
             BootError::Random(e) => write!(
                 f,
                 "the kernel random number generator failed (getrandom: {e}); no key was made"
@@ -123,6 +144,127 @@ impl fmt::Display for BootError {
 }
 
 impl std::error::Error for BootError {}
+
+/// How enrolment's check of a fresh seal failed.
+#[derive(Debug)]
+pub enum VerifyFailure {
+    /// The TPM unsealed, but not the secret that was sealed.
+    DifferentSecret,
+    /// This crate's policy arithmetic and the TPM's trial session disagree.
+    PolicyDisagrees,
+    /// The TPM refused the fresh object's policy for another reason.
+    Refused(TpmError),
+}
+
+impl fmt::Display for VerifyFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VerifyFailure::DifferentSecret => f.write_str("the TPM returned a different secret"),
+            VerifyFailure::PolicyDisagrees => {
+                f.write_str("policy computation disagrees with the TPM")
+            }
+            VerifyFailure::Refused(e) => e.fmt(f),
+        }
+    }
+}
+
+/// An enrolment argument that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArgError {
+    /// `--pcrs` does not parse (the parser's message).
+    PcrList(String),
+    /// The phase PCR was listed: it is bound to zeros automatically.
+    PhasePcrListed {
+        pcr: u32,
+    },
+    UnknownBank {
+        name: String,
+    },
+}
+
+impl fmt::Display for ArgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ArgError::PcrList(why) => write!(f, "--pcrs: {why}"),
+            ArgError::PhasePcrListed { pcr } => write!(
+                f,
+                "PCR {pcr} is the phase PCR; it is bound to zeros automatically"
+            ),
+            ArgError::UnknownBank { name } => write!(f, "unknown PCR bank `{name}`"),
+        }
+    }
+}
+
+/// Why the TPM did not give the volume key (the passphrase is asked instead).
+#[derive(Debug)]
+pub enum TpmRefusal {
+    /// TPM use is switched off for this unlock.
+    Disabled,
+    NoEnrolment,
+    /// The TPM could not be opened.
+    Unavailable(TpmError),
+    /// The token does not parse.
+    TokenUnusable {
+        token: u32,
+        err: crate::luks::token::TokenError,
+    },
+    /// The token's record contradicts itself or is malformed (see
+    /// [`crate::tpm::check_sealed`]).
+    TokenAltered {
+        token: u32,
+        err: TpmError,
+    },
+    /// The TPM refused (PCRs, SRK, PIN, lockout, ...).
+    Tpm(TpmError),
+    /// The TPM gave a secret, and it opens none of the token's keyslots.
+    SecretOpensNoKeyslot {
+        token: u32,
+        slot: u32,
+    },
+    /// Trying the TPM's secret on a keyslot failed for another reason.
+    Keyslot {
+        token: u32,
+        slot: u32,
+        err: LuksError,
+    },
+    /// Asking once more could push the TPM into lockout.
+    PinBudget {
+        left: u32,
+    },
+    /// Every PIN try was wrong.
+    PinTries {
+        tries: u32,
+    },
+    /// The PIN prompt failed.
+    Prompt(PromptError),
+}
+
+impl fmt::Display for TpmRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TpmRefusal::Disabled => f.write_str("TPM use disabled"),
+            TpmRefusal::NoEnrolment => f.write_str("no TPM2 enrolment in the LUKS header"),
+            TpmRefusal::Unavailable(e) | TpmRefusal::Tpm(e) => e.fmt(f),
+            TpmRefusal::TokenUnusable { token, err } => {
+                write!(f, "token {token} is unusable: {err}")
+            }
+            TpmRefusal::TokenAltered { token, err } => write!(f, "token {token}: {err}"),
+            TpmRefusal::SecretOpensNoKeyslot { token, slot } => write!(
+                f,
+                "the TPM secret of token {token} does not open keyslot {slot}"
+            ),
+            TpmRefusal::Keyslot { token, slot, err } => {
+                write!(f, "the TPM secret of token {token}, keyslot {slot}: {err}")
+            }
+            TpmRefusal::PinBudget { left } => write!(
+                f,
+                "the TPM allows only {left} more wrong PIN(s) before it locks out; not risking it"
+            ),
+            TpmRefusal::PinTries { tries } => write!(f, "wrong TPM PIN {tries} times"),
+            TpmRefusal::Prompt(e) => e.fmt(f),
+        }
+    }
+}
 
 impl From<LuksError> for BootError {
     fn from(e: LuksError) -> Self {
@@ -185,14 +327,11 @@ impl Method {
 pub struct Unlocked {
     pub method: Method,
     /// Why the TPM was not used, when it was not.
-    pub fallback_reason: Option<String>,
+    pub fallback_reason: Option<TpmRefusal>,
     /// Whether the phase PCR was extended.
     pub latched: bool,
     pub already_active: bool,
 }
-
-/// Why the TPM is not used for a volume that has no TPM2 token.
-const NO_ENROLMENT: &str = "no TPM2 enrolment in the LUKS header";
 
 /// Which secrets have been tried on which keyslots in this operation: a keyslot's
 /// KDF runs at most once per secret, however often the header lists it (in one
@@ -259,27 +398,28 @@ fn volume_key_via_tpm(
     prompter: &mut dyn Prompter,
     events: &mut dyn Events,
     trials: &mut Trials,
-) -> Result<TpmOpened, String> {
+) -> Result<TpmOpened, TpmRefusal> {
     let tokens = vault.tpm2_tokens();
     if tokens.is_empty() {
-        return Err(NO_ENROLMENT.into());
+        return Err(TpmRefusal::NoEnrolment);
     }
-    let mut reason = String::new();
+    let mut reason = TpmRefusal::NoEnrolment;
     for (id, parsed) in tokens {
         let token = match parsed {
             Ok(t) => t,
-            Err(e) => {
-                reason = format!("token {id} is unusable: {e}");
+            Err(err) => {
+                reason = TpmRefusal::TokenUnusable { token: id, err };
                 continue;
             }
         };
+        let object = sealed_object(&token);
         let secret = if token.pin {
             // Nobody is asked for a PIN the TPM would refuse anyway.
-            if let Some(why) = refusal(tpm, id, &token, opts.phase_pcr) {
+            if let Some(why) = refusal(tpm, id, &object, opts.phase_pcr) {
                 reason = why;
                 continue;
             }
-            match unseal_with_pin(tpm, &token, name, tries, prompter, events) {
+            match unseal_with_pin(tpm, &object, name, tries, prompter, events) {
                 Ok(s) => s,
                 Err(why) => {
                     reason = why;
@@ -289,11 +429,11 @@ fn volume_key_via_tpm(
         } else {
             // Just try: checking the PCRs first would cost every boot a PCR read;
             // they are read only to explain a refusal.
-            match tpm.unseal(&token, None) {
+            match tpm.unseal(&object, None) {
                 Ok(s) => s,
                 Err(e) => {
                     reason =
-                        refusal(tpm, id, &token, opts.phase_pcr).unwrap_or_else(|| e.to_string());
+                        refusal(tpm, id, &object, opts.phase_pcr).unwrap_or(TpmRefusal::Tpm(e));
                     continue;
                 }
             }
@@ -313,11 +453,13 @@ fn volume_key_via_tpm(
                         passphrase,
                     })
                 }
-                (None, Ok(_)) => {
-                    reason = format!("the TPM secret of token {id} does not open keyslot {slot}")
-                }
-                (None, Err(e)) => {
-                    reason = format!("the TPM secret of token {id}, keyslot {slot}: {e}")
+                (None, Ok(_)) => reason = TpmRefusal::SecretOpensNoKeyslot { token: id, slot },
+                (None, Err(err)) => {
+                    reason = TpmRefusal::Keyslot {
+                        token: id,
+                        slot,
+                        err,
+                    }
                 }
             }
         }
@@ -329,15 +471,20 @@ fn volume_key_via_tpm(
 /// a token that contradicts itself (altered or damaged) first, in software; then
 /// a cleared or replaced TPM (missing or foreign SRK), before the PCRs (a latched
 /// phase PCR would otherwise hide it); then the PCRs that changed.
-fn refusal(tpm: &mut Tpm, id: u32, token: &Tpm2Token, phase_pcr: Option<u32>) -> Option<String> {
-    if let Err(e) = crate::tpm::check_token(token) {
-        return Some(format!("token {id}: {e}"));
+fn refusal(
+    tpm: &mut Tpm,
+    id: u32,
+    object: &SealedObject,
+    phase_pcr: Option<u32>,
+) -> Option<TpmRefusal> {
+    if let Err(err) = crate::tpm::check_sealed(object) {
+        return Some(TpmRefusal::TokenAltered { token: id, err });
     }
-    let pcrs = tpm.check_policy(token, phase_pcr).err()?;
-    Some(match tpm.check_parent(token) {
-        Err(srk) => srk.to_string(),
-        Ok(()) => pcrs.to_string(),
-    })
+    let pcrs = tpm.check_policy(object, phase_pcr).err()?;
+    Some(TpmRefusal::Tpm(match tpm.check_parent(object) {
+        Err(srk) => srk,
+        Ok(()) => pcrs,
+    }))
 }
 
 /// PIN prompts, bounded by `tries` and by the TPM's own dictionary-attack budget:
@@ -345,42 +492,39 @@ fn refusal(tpm: &mut Tpm, id: u32, token: &Tpm2Token, phase_pcr: Option<u32>) ->
 /// push it into lockout (the passphrase is asked instead).
 fn unseal_with_pin(
     tpm: &mut Tpm,
-    token: &Tpm2Token,
+    object: &SealedObject,
     name: &str,
     tries: u32,
     prompter: &mut dyn Prompter,
     events: &mut dyn Events,
-) -> Result<SecretBytes, String> {
+) -> Result<SecretBytes, TpmRefusal> {
     for _ in 0..tries {
         if tpm.in_lockout().unwrap_or(false) {
-            return Err(TpmError::Lockout {
+            return Err(TpmRefusal::Tpm(TpmError::Lockout {
                 recovery_seconds: None,
-            }
-            .to_string());
+            }));
         }
-        let left = tpm.da_tries_left().map_err(|e| e.to_string())?;
+        let left = tpm.da_tries_left().map_err(TpmRefusal::Tpm)?;
         if left <= 1 {
-            return Err(format!(
-                "the TPM allows only {left} more wrong PIN(s) before it locks out; not risking it"
-            ));
+            return Err(TpmRefusal::PinBudget { left });
         }
         let pin = prompter
             .ask(
                 &format!("cryptsetup-tpm2:{name}"),
                 &format!("TPM2 PIN for {name}: "),
             )
-            .map_err(|e| e.to_string())?;
-        match tpm.unseal(token, Some(pin.as_bytes())) {
+            .map_err(TpmRefusal::Prompt)?;
+        match tpm.unseal(object, Some(pin.as_bytes())) {
             Ok(s) => return Ok(s),
             Err(TpmError::WrongPin { tries_left }) => {
                 events.event("tpm_pin_wrong", &[("name", name)]);
                 let msg = TpmError::WrongPin { tries_left }.to_string();
                 prompter.say(&format!("vaultguard: {msg}"));
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(TpmRefusal::Tpm(e)),
         }
     }
-    Err(format!("wrong TPM PIN {tries} times"))
+    Err(TpmRefusal::PinTries { tries })
 }
 
 /// Ask for the passphrase (or recovery key) until one opens a keyslot.
@@ -426,18 +570,19 @@ fn passphrase_and_slot(
 
 pub fn read_keyfile(path: &std::path::Path) -> Result<SecretBytes, BootError> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| BootError::KeyFile(format!("{}: {e}", path.display())))?;
+    let key_file = |err| BootError::KeyFile {
+        path: path.to_path_buf(),
+        err,
+    };
+    let mut f = std::fs::File::open(path).map_err(key_file)?;
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     if len > 8 << 20 {
-        return Err(BootError::KeyFile(format!(
-            "{} is larger than 8 MiB",
-            path.display()
-        )));
+        return Err(BootError::KeyFileTooLarge {
+            path: path.to_path_buf(),
+        });
     }
     let mut buf = SecretBytes::zeroed(len as usize);
-    f.read_exact(buf.as_mut_bytes())
-        .map_err(|e| BootError::KeyFile(format!("{}: {e}", path.display())))?;
+    f.read_exact(buf.as_mut_bytes()).map_err(key_file)?;
     Ok(buf)
 }
 
@@ -445,7 +590,7 @@ pub fn read_keyfile(path: &std::path::Path) -> Result<SecretBytes, BootError> {
 pub struct Acquired {
     pub vk: SecretBytes,
     pub method: Method,
-    pub fallback_reason: Option<String>,
+    pub fallback_reason: Option<TpmRefusal>,
     pub tpm: Option<Tpm>,
 }
 
@@ -460,9 +605,9 @@ pub fn acquire_volume_key(
     let name = opts.name.as_str();
     let mut tpm = None;
     let tpm_result = match &opts.tpm {
-        None => Err("TPM use disabled".to_string()),
+        None => Err(TpmRefusal::Disabled),
         // Nothing to unseal: do not wait for the TPM (the latch opens it later).
-        Some(_) if vault.tpm2_tokens().is_empty() => Err(NO_ENROLMENT.to_string()),
+        Some(_) if vault.tpm2_tokens().is_empty() => Err(TpmRefusal::NoEnrolment),
         Some(t) => match Tpm::open(&t.tcti, t.timeout) {
             Ok(mut handle) => {
                 let r = volume_key_via_tpm(
@@ -479,7 +624,7 @@ pub fn acquire_volume_key(
                 tpm = Some(handle);
                 r
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(TpmRefusal::Unavailable(e)),
         },
     };
     let reason = match tpm_result {
@@ -496,7 +641,10 @@ pub fn acquire_volume_key(
     prompter.say(&format!(
         "vaultguard: TPM unlock of {name} not possible: {reason}"
     ));
-    events.event("tpm_refused", &[("name", name), ("reason", &reason)]);
+    events.event(
+        "tpm_refused",
+        &[("name", name), ("reason", &reason.to_string())],
+    );
     if let Some(path) = &opts.keyfile {
         let key = read_keyfile(path)?;
         match vault.volume_key(None, key.as_bytes()) {
@@ -606,40 +754,13 @@ pub fn detach(name: &str, events: &mut dyn Events) -> Result<(), BootError> {
     if !luks::is_active(name)? {
         return Ok(());
     }
-    let uuid = luks_uuid_of_mapping(name);
+    let uuid = crate::handoff::mapping_luks_uuid(name);
     luks::close(name)?;
     if let Some(uuid) = uuid {
         let _ = crate::keyring::revoke_volume_keys(&uuid);
     }
     events.event("detached", &[("name", name)]);
     Ok(())
-}
-
-/// The LUKS UUID of an active mapping, from its dm UUID (`CRYPT-LUKS2-<hex>-<name>`).
-fn luks_uuid_of_mapping(name: &str) -> Option<String> {
-    let dm = std::fs::read_dir("/sys/block")
-        .ok()?
-        .filter_map(Result::ok)
-        .find(|e| {
-            std::fs::read_to_string(e.path().join("dm/name")).is_ok_and(|n| n.trim() == name)
-        })?;
-    let uuid = std::fs::read_to_string(dm.path().join("dm/uuid")).ok()?;
-    let hex = uuid
-        .trim()
-        .strip_prefix("CRYPT-LUKS2-")?
-        .split('-')
-        .next()?
-        .to_string();
-    (hex.len() == 32).then(|| {
-        format!(
-            "{}-{}-{}-{}-{}",
-            &hex[..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..]
-        )
-    })
 }
 
 #[derive(Debug, Clone)]
@@ -824,6 +945,45 @@ fn ask_new_pin(prompter: &mut dyn Prompter, name: &str) -> Result<SecretBytes, B
     Ok(a)
 }
 
+/// The TPM's input for a `systemd-tpm2` token: `tpm` never reads LUKS tokens and
+/// `luks` never names TPM types, so the translation lives here, in the flow.
+pub fn sealed_object(t: &Tpm2Token) -> SealedObject {
+    SealedObject {
+        blob: t.blob.clone(),
+        pcrs: t.pcrs.clone(),
+        bank: tpm_bank(t.bank),
+        primary_alg: match t.primary_alg {
+            token::PrimaryAlg::Ecc => PrimaryAlg::Ecc,
+            token::PrimaryAlg::Rsa => PrimaryAlg::Rsa,
+        },
+        policy_hash: t.policy_hash.clone(),
+        pin: t.pin,
+        salt: t.salt.clone(),
+        srk: t.srk.clone(),
+        pcr_values: t.pcr_values.clone(),
+    }
+}
+
+/// The token format's bank name for a TPM bank.
+pub fn token_bank(b: Bank) -> PcrBank {
+    match b {
+        Bank::Sha1 => PcrBank::Sha1,
+        Bank::Sha256 => PcrBank::Sha256,
+        Bank::Sha384 => PcrBank::Sha384,
+        Bank::Sha512 => PcrBank::Sha512,
+    }
+}
+
+/// The TPM bank a token's `tpm2-pcr-bank` names.
+pub fn tpm_bank(b: PcrBank) -> Bank {
+    match b {
+        PcrBank::Sha1 => Bank::Sha1,
+        PcrBank::Sha256 => Bank::Sha256,
+        PcrBank::Sha384 => Bank::Sha384,
+        PcrBank::Sha512 => Bank::Sha512,
+    }
+}
+
 /// Seal, then check the result before anything is written to the header.
 fn seal_and_verify(
     tpm: &mut Tpm,
@@ -840,8 +1000,8 @@ fn seal_and_verify(
         keyslots: vec![0], // set once the keyslot exists
         blob: sealed.blob.clone(),
         pcrs: sealed.pcr_values.iter().map(|(p, _)| *p).collect(),
-        bank: opts.bank,
-        primary_alg: PrimaryAlg::Ecc,
+        bank: token_bank(opts.bank),
+        primary_alg: token::PrimaryAlg::Ecc,
         policy_hash: sealed.policy_hash.clone(),
         pin: pin.is_some(),
         salt: sealed.salt.clone(),
@@ -849,13 +1009,12 @@ fn seal_and_verify(
         pcr_values: Some(sealed.pcr_values.iter().cloned().collect()),
         keyslot_macs: Default::default(), // set once the keyslot exists
     };
-    let verification = match tpm.check_policy(&token, opts.tpm.phase_pcr) {
+    let object = sealed_object(&token);
+    let verification = match tpm.check_policy(&object, opts.tpm.phase_pcr) {
         Ok(()) => {
-            let back = tpm.unseal(&token, pin.map(SecretBytes::as_bytes))?;
+            let back = tpm.unseal(&object, pin.map(SecretBytes::as_bytes))?;
             if !back.ct_eq(sealed.secret.as_bytes()) {
-                return Err(BootError::Verify(
-                    "the TPM returned a different secret".into(),
-                ));
+                return Err(BootError::Verify(VerifyFailure::DifferentSecret));
             }
             Verification::Unsealed
         }
@@ -868,13 +1027,11 @@ fn seal_and_verify(
             let ours = policy::sealing_policy(opts.bank, &live, pin.is_some());
             let theirs = tpm.trial_policy(opts.bank, &token.pcrs, pin.is_some())?;
             if ours != theirs {
-                return Err(BootError::Verify(
-                    "policy computation disagrees with the TPM".into(),
-                ));
+                return Err(BootError::Verify(VerifyFailure::PolicyDisagrees));
             }
             Verification::PolicyOnly
         }
-        Err(e) => return Err(BootError::Verify(e.to_string())),
+        Err(e) => return Err(BootError::Verify(VerifyFailure::Refused(e))),
     };
     Ok((sealed, token, verification))
 }
@@ -1202,7 +1359,7 @@ pub fn reseal(
     // PIN (a PIN would have to be asked again just to tidy up).
     for (id, t) in &old {
         if !t.pin && !secrets.iter().any(|(s, _)| s == id) {
-            if let Ok(secret) = tpm.unseal(t, None) {
+            if let Ok(secret) = tpm.unseal(&sealed_object(t), None) {
                 secrets.push((*id, base64_encode_secret(secret.as_bytes())));
             }
         }

@@ -54,6 +54,12 @@ impl std::error::Error for LuksError {}
 /// error strings, only errno).
 static LAST_LOG: Mutex<Option<String>> = Mutex::new(None);
 
+// Written by hand rather than with libcryptsetup-rs's `c_logging_callback!`: that
+// macro `expect`s a known log level and a UTF-8 message, and a panic inside an
+// `extern "C"` callback aborts the process. Error messages quote device paths and
+// labels, which need not be UTF-8; an unlock in the initramfs must not die on
+// one. Here both are taken as they come (`to_string_lossy`, unknown levels
+// ignored). See `tests::a_non_utf8_log_line_is_kept_not_fatal`.
 unsafe extern "C" fn log_callback(level: c_int, msg: *const c_char, _usr: *mut c_void) {
     if msg.is_null() || level != libcryptsetup_rs_sys::CRYPT_LOG_ERROR as c_int {
         return;
@@ -494,4 +500,36 @@ fn find_by_uuid(uuid: &str) -> Option<String> {
             .and_then(|()| header_uuid(&head))
             .is_some_and(|u| u.eq_ignore_ascii_case(uuid))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_non_utf8_log_line_is_kept_not_fatal() {
+        let msg = b"Device /dev/disk/by-label/vault\xff\xfe is not a valid LUKS device.\0";
+        // SAFETY: a NUL-terminated message valid for the call, as libcryptsetup
+        // passes; the user pointer is unused.
+        unsafe {
+            log_callback(
+                libcryptsetup_rs_sys::CRYPT_LOG_ERROR as c_int,
+                msg.as_ptr().cast(),
+                std::ptr::null_mut(),
+            )
+        };
+        let last = LAST_LOG.lock().unwrap().take().unwrap();
+        assert!(
+            last.starts_with("Device /dev/disk/by-label/vault"),
+            "{last}"
+        );
+        assert!(last.ends_with("is not a valid LUKS device."), "{last}");
+        // A level libcryptsetup-rs has no variant for, and non-error levels, are
+        // ignored rather than fatal.
+        for level in [-3, 7, libcryptsetup_rs_sys::CRYPT_LOG_NORMAL as c_int] {
+            // SAFETY: as above.
+            unsafe { log_callback(level, msg.as_ptr().cast(), std::ptr::null_mut()) };
+        }
+        assert!(LAST_LOG.lock().unwrap().is_none());
+    }
 }

@@ -13,8 +13,9 @@
 //! that no keyslot's KDF runs twice for one token.
 
 use crate::encoding::{base64_decode, base64_encode, hex_decode, hex_encode};
-use crate::tpm::policy::Bank;
+use hmac::{KeyInit, Mac};
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -24,10 +25,53 @@ const KEYSLOT_MACS_FIELD: &str = "vaultguard_keyslot_macs";
 /// LUKS2 has keyslots 0-31.
 pub const MAX_KEYSLOTS: usize = 32;
 
+/// `tpm2-primary-alg`: the algorithm of the SRK (or legacy primary) the blob
+/// was sealed under. The token format's vocabulary; `boot` translates it for
+/// `tpm`, which this module never imports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrimaryAlg {
     Ecc,
     Rsa,
+}
+
+/// `tpm2-pcr-bank`: the PCR bank the policy binds, by the names systemd writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PcrBank {
+    Sha1,
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+impl PcrBank {
+    pub fn from_name(s: &str) -> Option<PcrBank> {
+        match s.to_ascii_lowercase().as_str() {
+            "sha1" => Some(PcrBank::Sha1),
+            "sha256" => Some(PcrBank::Sha256),
+            "sha384" => Some(PcrBank::Sha384),
+            "sha512" => Some(PcrBank::Sha512),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PcrBank::Sha1 => "sha1",
+            PcrBank::Sha256 => "sha256",
+            PcrBank::Sha384 => "sha384",
+            PcrBank::Sha512 => "sha512",
+        }
+    }
+
+    /// Length of one PCR value in this bank.
+    pub fn digest_len(self) -> usize {
+        match self {
+            PcrBank::Sha1 => 20,
+            PcrBank::Sha256 => 32,
+            PcrBank::Sha384 => 48,
+            PcrBank::Sha512 => 64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +80,7 @@ pub struct Tpm2Token {
     /// Marshalled TPM2B_PRIVATE followed by TPM2B_PUBLIC.
     pub blob: Vec<u8>,
     pub pcrs: Vec<u32>,
-    pub bank: Bank,
+    pub bank: PcrBank,
     pub primary_alg: PrimaryAlg,
     pub policy_hash: Vec<u8>,
     pub pin: bool,
@@ -173,12 +217,12 @@ impl Tpm2Token {
         )?;
 
         let bank = match obj.get("tpm2-pcr-bank") {
-            None => Bank::Sha256, // systemd < 250 always used sha256
+            None => PcrBank::Sha256, // systemd < 250 always used sha256
             Some(b) => {
                 let s = b
                     .as_str()
                     .ok_or_else(|| field("tpm2-pcr-bank", "is not a string"))?;
-                Bank::from_name(s)
+                PcrBank::from_name(s)
                     .ok_or_else(|| field("tpm2-pcr-bank", format!("unknown bank `{s}`")))?
             }
         };
@@ -331,8 +375,13 @@ impl Tpm2Token {
         data.push(0);
         data.extend_from_slice(salt.as_bytes());
         data.push(0);
-        data.extend_from_slice(&Bank::Sha256.hash(&[&self.blob]));
-        Bank::Sha256.hmac(volume_key, &data).as_bytes().to_vec()
+        data.extend_from_slice(&Sha256::digest(&self.blob));
+        // HMAC takes keys of any length: new_from_slice cannot fail.
+        let Ok(mut mac) = <hmac::Hmac<Sha256> as KeyInit>::new_from_slice(volume_key) else {
+            unreachable!("HMAC takes keys of any length")
+        };
+        mac.update(&data);
+        mac.finalize().into_bytes().to_vec()
     }
 
     /// Whether the token carries a valid binding for `slot` (see `keyslot_mac`).
@@ -416,7 +465,7 @@ mod tests {
             keyslots: vec![1],
             blob: vec![0, 2, 0xaa, 0xbb, 0, 1, 0xcc],
             pcrs: vec![0, 2, 4, 7, 15],
-            bank: Bank::Sha256,
+            bank: PcrBank::Sha256,
             primary_alg: PrimaryAlg::Ecc,
             policy_hash: vec![0x5a; 32],
             pin: true,
@@ -497,7 +546,7 @@ mod tests {
         old.as_object_mut().unwrap().remove("tpm2-pcr-bank");
         old.as_object_mut().unwrap().remove("tpm2-primary-alg");
         let t = Tpm2Token::from_json(&old).unwrap();
-        assert_eq!((t.bank, t.primary_alg), (Bank::Sha256, PrimaryAlg::Ecc));
+        assert_eq!((t.bank, t.primary_alg), (PcrBank::Sha256, PrimaryAlg::Ecc));
         // systemd >= 255 writes one-element arrays
         let mut new = j.clone();
         new["tpm2-blob"] = json!(["AAIBAgABAw=="]);

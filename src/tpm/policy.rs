@@ -1,5 +1,6 @@
-//! Pure TPM2 arithmetic: hash banks, HMAC, PBKDF2, PCR selections and policy
-//! digests, the PIN-to-authValue derivation systemd uses.
+//! Pure TPM2 arithmetic: hash banks, PCR selections and policy digests, the
+//! PIN-to-authValue derivation systemd uses. HMAC and PBKDF2 come from the
+//! RustCrypto `hmac` and `pbkdf2` crates (the same family as `sha2`).
 //!
 //! Computing the policy digest here rather than in a trial session lets enrolment
 //! bind the phase PCR to zeros even after this boot has already extended it, and lets
@@ -9,6 +10,7 @@
 
 use crate::encoding::base64_encode_secret;
 use crate::secret::SecretBytes;
+use hmac::{KeyInit, Mac};
 use sha2::Digest;
 
 pub const TPM_CC_POLICY_PCR: u32 = 0x0000_017F;
@@ -73,13 +75,6 @@ impl Bank {
         }
     }
 
-    fn block_len(self) -> usize {
-        match self {
-            Bank::Sha1 | Bank::Sha256 => 64,
-            Bank::Sha384 | Bank::Sha512 => 128,
-        }
-    }
-
     pub fn hash(self, parts: &[&[u8]]) -> Vec<u8> {
         fn run<D: Digest>(parts: &[&[u8]]) -> Vec<u8> {
             let mut d = D::new();
@@ -96,40 +91,34 @@ impl Bank {
         }
     }
 
-    /// HMAC (RFC 2104) with this bank's hash. The result is a secret when the key is.
+    /// HMAC (RFC 2104) with this bank's hash. The result is a secret when the key
+    /// is; the `hmac` crate (with its `zeroize` feature) wipes its key pads.
     pub fn hmac(self, key: &[u8], data: &[u8]) -> SecretBytes {
-        let block = self.block_len();
-        let mut k = SecretBytes::zeroed(block);
-        if key.len() > block {
-            let h = SecretBytes::from_vec(self.hash(&[key]));
-            k.as_mut_bytes()[..h.len()].copy_from_slice(h.as_bytes());
-        } else {
-            k.as_mut_bytes()[..key.len()].copy_from_slice(key);
+        fn run<D>(key: &[u8], data: &[u8]) -> SecretBytes
+        where
+            D: hmac::EagerHash,
+            hmac::Hmac<D>: KeyInit + Mac,
+        {
+            // HMAC accepts keys of any length: new_from_slice cannot fail here.
+            let Ok(mut mac) = <hmac::Hmac<D> as KeyInit>::new_from_slice(key) else {
+                unreachable!("HMAC takes keys of any length")
+            };
+            mac.update(data);
+            SecretBytes::from_slice(&mac.finalize().into_bytes())
         }
-        let mut ipad = SecretBytes::zeroed(block);
-        let mut opad = SecretBytes::zeroed(block);
-        for i in 0..block {
-            ipad.as_mut_bytes()[i] = k.as_bytes()[i] ^ 0x36;
-            opad.as_mut_bytes()[i] = k.as_bytes()[i] ^ 0x5c;
+        match self {
+            Bank::Sha1 => run::<sha1::Sha1>(key, data),
+            Bank::Sha256 => run::<sha2::Sha256>(key, data),
+            Bank::Sha384 => run::<sha2::Sha384>(key, data),
+            Bank::Sha512 => run::<sha2::Sha512>(key, data),
         }
-        let inner = SecretBytes::from_vec(self.hash(&[ipad.as_bytes(), data]));
-        SecretBytes::from_vec(self.hash(&[opad.as_bytes(), inner.as_bytes()]))
     }
 }
 
 /// PBKDF2-HMAC-SHA256 with a 32-byte output (one block), as systemd computes it.
 pub fn pbkdf2_hmac_sha256(pass: &[u8], salt: &[u8], iterations: u32) -> SecretBytes {
-    let mut first = Vec::with_capacity(salt.len() + 4);
-    first.extend_from_slice(salt);
-    first.extend_from_slice(&1u32.to_be_bytes());
-    let mut u = Bank::Sha256.hmac(pass, &first);
-    let mut out = u.clone();
-    for _ in 1..iterations {
-        u = Bank::Sha256.hmac(pass, u.as_bytes());
-        for (o, x) in out.as_mut_bytes().iter_mut().zip(u.as_bytes()) {
-            *o ^= x;
-        }
-    }
+    let mut out = SecretBytes::zeroed(32);
+    pbkdf2::pbkdf2_hmac::<sha2::Sha256>(pass, salt, iterations, out.as_mut_bytes());
     out
 }
 

@@ -6,6 +6,7 @@
 //! into an ESYS context) lets unlock compare the recorded name with the live SRK's
 //! and say plainly that the TPM was swapped or cleared.
 
+use super::marshal::{Reader, Truncated};
 use std::fmt;
 
 /// Where systemd and vaultguard keep the SRK (TCG provisioning guidance).
@@ -45,6 +46,12 @@ impl fmt::Display for SrkError {
     }
 }
 
+impl From<Truncated> for SrkError {
+    fn from(t: Truncated) -> Self {
+        SrkError::Truncated(t.0)
+    }
+}
+
 impl SerializedKey {
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(14 + self.name.len() + self.public.len());
@@ -61,7 +68,7 @@ impl SerializedKey {
     /// a crafted header cannot make vaultguard salt its session to a key of the
     /// attacker's choosing.
     pub fn parse_srk(bytes: &[u8]) -> Result<SerializedKey, SrkError> {
-        let mut r = Reader { b: bytes, at: 0 };
+        let mut r = Reader::new(bytes);
         let handle = r.u32("handle")?;
         let name = r.sized("name")?.to_vec();
         let kind = r.u32("resource type")?;
@@ -69,8 +76,8 @@ impl SerializedKey {
             return Err(SrkError::NotAKey(kind));
         }
         let public = r.sized("public area")?.to_vec();
-        if r.at != bytes.len() {
-            return Err(SrkError::TrailingBytes(bytes.len() - r.at));
+        if r.remaining() != 0 {
+            return Err(SrkError::TrailingBytes(r.remaining()));
         }
         if name.len() < 2 {
             return Err(SrkError::Truncated("name"));
@@ -98,30 +105,6 @@ impl SerializedKey {
             _ => return false,
         };
         ours == digest
-    }
-}
-
-struct Reader<'a> {
-    b: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], SrkError> {
-        let end = self.at.checked_add(n).filter(|&e| e <= self.b.len());
-        let end = end.ok_or(SrkError::Truncated(what))?;
-        let s = &self.b[self.at..end];
-        self.at = end;
-        Ok(s)
-    }
-    fn u32(&mut self, what: &'static str) -> Result<u32, SrkError> {
-        let s = self.take(4, what)?;
-        Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
-    }
-    fn sized(&mut self, what: &'static str) -> Result<&'a [u8], SrkError> {
-        let s = self.take(2, what)?;
-        let n = u16::from_be_bytes([s[0], s[1]]) as usize;
-        self.take(n, what)
     }
 }
 
