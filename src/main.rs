@@ -35,9 +35,7 @@ fn load_config(args: &Args) -> Result<Config, Box<dyn std::error::Error>> {
     let mut cfg = Config::load(path, explicit)?;
     // In the initramfs the kernel command line applies without being asked for.
     let cmdline = args.cmdline.clone().or_else(|| {
-        Path::new("/etc/initrd-release")
-            .exists()
-            .then(|| std::path::PathBuf::from("/proc/cmdline"))
+        vaultguard::handoff::in_initrd().then(|| std::path::PathBuf::from("/proc/cmdline"))
     });
     if let Some(cmdline) = &cmdline {
         let text = std::fs::read_to_string(cmdline)
@@ -55,8 +53,10 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let cfg = load_config(&args)?;
             // After boot a running supervisor owns the vault: ask it, so that its
             // lockout, audit and idle timer see the unlock.
-            let in_initrd = Path::new("/etc/initrd-release").exists();
-            if !c.local && !in_initrd && client::is_serving(&cfg.control.socket) {
+            if !c.local
+                && !vaultguard::handoff::in_initrd()
+                && client::is_serving(&cfg.control.socket)
+            {
                 let pass = match &c.key_file {
                     Some(path) => Some(commands::read_key_file(path)?),
                     None => None,

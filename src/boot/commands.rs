@@ -24,9 +24,6 @@ pub struct AuditEvents {
     path: PathBuf,
 }
 
-/// Kept for the supervisor's call site until it imports [`crate::handoff`].
-pub use crate::handoff::INITRD_AUDIT;
-
 impl AuditEvents {
     pub fn for_config(cfg: &Config) -> AuditEvents {
         AuditEvents {

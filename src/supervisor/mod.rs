@@ -87,10 +87,7 @@ pub fn run_system(cfg: &Config, auto_lock: Option<Duration>) -> Result<(), Super
         },
     )?;
     // The boot unlock ran in the initramfs before the real audit log was mounted.
-    match crate::audit::import(
-        Path::new(crate::boot::commands::INITRD_AUDIT),
-        &cfg.audit.path,
-    ) {
+    match crate::audit::import(Path::new(crate::handoff::INITRD_AUDIT), &cfg.audit.path) {
         Ok(0) => {}
         Ok(n) => log_info(&format!("took over {n} audit entries from the initramfs")),
         Err(e) => log_warn(&format!("initramfs audit entries not taken over: {e}")),

@@ -218,7 +218,10 @@ impl Machine {
             notes = an.sync(log);
             anchoring = Some(an);
         }
-        let hint = s.state_files.first().and_then(|p| state_file::read_hint(p));
+        let hint = s
+            .state_files
+            .first()
+            .and_then(|p| crate::handoff::read_boot_hint(p));
         let lockout = Lockout::load(&s.lockout_path).map_err(|e| e.to_string());
         let lockout_path = s.lockout_path.clone();
         let audit_path = s.audit_path.clone();
