@@ -287,7 +287,7 @@ impl Machine {
             Request::Status => {
                 let r = Response::status(&self.status(peer.uid, now));
                 match self.audit_error.borrow().as_deref() {
-                    Some(e) => r.with("audit_error", e.into()),
+                    Some(e) => r.with_audit_error(e),
                     None => r,
                 }
             }
@@ -435,7 +435,7 @@ impl Machine {
                 );
                 log_warn(&msg);
                 self.audit("key_revoke_failed", &[("error", msg.as_str().into())]);
-                Response::failed(&msg, None).with("state", "locked".into())
+                Response::failed(&msg, None).with_state("locked")
             }
         }
     }
@@ -459,7 +459,7 @@ impl Machine {
             fields.push(("uid", u.into()));
         }
         self.audit("lock_failed", &fields);
-        Response::failed(&msg, None).with("state", self.state.as_str().into())
+        Response::failed(&msg, None).with_state(self.state.as_str())
     }
 
     /// The unlock sequence: lockout check, the passphrase checked against a keyslot
@@ -548,7 +548,7 @@ impl Machine {
         log_info("vault unlocked with a passphrase");
         let r = Response::ok(Some("unlocked"));
         match warning {
-            Some(w) => r.with("warning", w.into()),
+            Some(w) => r.with_warning(&w),
             None => r,
         }
     }

@@ -502,7 +502,10 @@ mod tests {
             MsFlags::empty(),
             None::<&str>,
         ) {
-            panic!("root tier: cannot mount a tmpfs on {} ({e}); run as root", dir.display());
+            panic!(
+                "root tier: cannot mount a tmpfs on {} ({e}); run as root",
+                dir.display()
+            );
         }
         let holder = std::process::Command::new("sleep")
             .arg("30")
