@@ -54,7 +54,10 @@ def begin(section):
     """Start recording `section`: row() and RESULTS now belong to it."""
     global RESULTS, CURRENT
     CURRENT = section
-    SECTIONS[section] = {"results": {}, "rows": []}
+    # The commit and machine as the section starts; and what else ran meanwhile: on
+    # a shared machine the figures move with it.
+    run = dict(run_info(section), loadavg_at_start=round(os.getloadavg()[0], 2))
+    SECTIONS[section] = {"results": {}, "rows": [], "run": run}
     RESULTS = SECTIONS[section]["results"]
 
 
@@ -479,7 +482,7 @@ def main(argv):
         bench_fuzz()
     # This run's sections replace their last run; the others keep theirs.
     for name, sec in SECTIONS.items():
-        previous.setdefault("sections", {})[name] = dict(sec, run=run_info(name))
+        previous.setdefault("sections", {})[name] = sec
     report.save(previous)
     report.write_markdown(previous)
     rows = [r for sec in SECTIONS.values() for r in sec["rows"]]

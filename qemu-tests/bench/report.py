@@ -48,8 +48,16 @@ def _run(data, name):
     if not sec:
         return f"*No recorded run of `{name}` yet: run `qemu-tests/bench.sh {name}`.*"
     r = sec["run"]
-    return (f"Measured {r['date']} at commit `{r['commit']}` on {r['machine']}, "
+    text = (f"Measured {r['date']} at commit `{r['commit']}` on {r['machine']}, "
             f"by `{r['command']}`.")
+    load = r.get("loadavg_at_start")
+    if load is not None:
+        text += f" Load average when the section started: {load:.2f}"
+        if load >= 0.5:
+            text += (" (other work was running on this shared machine, and throughput and "
+                     "latency figures suffer from it)")
+        text += "."
+    return text
 
 
 def _cell(text):
