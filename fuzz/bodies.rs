@@ -34,16 +34,16 @@ pub fn config(data: &[u8]) {
     let Ok(json) = std::str::from_utf8(json) else {
         return;
     };
-    let mut cfg = match Config::from_json(json, "fuzz") {
-        Ok(c) => c,
-        Err(_) => Config::default(),
-    };
+    let mut cfg = Config::from_json(json, "fuzz").unwrap_or_default();
     let _ = cfg.apply_cmdline(&String::from_utf8_lossy(cmdline));
     let _ = cfg.validate();
 }
 
-/// Every target by its name (the name of its `fuzz_targets/` file and corpus folder).
-pub const TARGETS: [(&str, fn(&[u8])); 3] = [
+/// A target's name (that of its `fuzz_targets/` file and corpus folder) and body.
+pub type Target = (&'static str, fn(&[u8]));
+
+/// Every target.
+pub const TARGETS: [Target; 3] = [
     ("control_request", control_request),
     ("token_json", token_json),
     ("config", config),
