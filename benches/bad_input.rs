@@ -10,7 +10,10 @@
 //! connection and counts requests without an answer. The stalled clients and the
 //! flood come from ATTACKER_UID (a local user: that thread alone changes uid), the
 //! malformed lines and the wrong passphrases from root (authorised, so the lockout
-//! is exercised).
+//! is exercised). A uid that `control.allow` grants nothing is closed at accept, so
+//! the supervisor under test should allow ATTACKER_UID `status` (qemu-tests/bench.py
+//! does): then the attacker holds its share of slots until the read timeout and the
+//! rest are refused. `closed_why` in the output counts each reason.
 //!
 //!   cargo bench --bench bad_input -- SOCKET CONNS SECONDS ATTACKER_UID
 //!
@@ -162,28 +165,50 @@ fn main() {
 
     let rest = Duration::from_secs_f64(secs).saturating_sub(t.elapsed());
     std::thread::sleep(rest);
-    // What became of the held connections: closed by the server (bounded) or open.
+    // What became of the held connections: closed by the server (bounded) or open,
+    // and why, by the error line that came before the end of the stream: refused at
+    // accept (the uid may run nothing, its share of slots is taken, or all are) or
+    // cut off by the read timeout.
     let mut closed_by_server = 0;
+    let mut why: std::collections::BTreeMap<&str, usize> = Default::default();
     for mut s in flood.into_iter().chain(stalled) {
         s.set_read_timeout(Some(Duration::from_millis(2))).ok();
         let mut b = [0u8; 512];
-        // An error line may come first; the end of the stream is what counts.
+        let mut said = Vec::new();
         for _ in 0..4 {
             match s.read(&mut b) {
                 Ok(0) => {
                     closed_by_server += 1;
+                    let said = String::from_utf8_lossy(&said);
+                    let reason = if said.contains("may run no command") {
+                        "no_command"
+                    } else if said.contains("too many connections from uid") {
+                        "uid_share"
+                    } else if said.contains("too many connections") {
+                        "full"
+                    } else if said.contains("not completed in time") {
+                        "read_timeout"
+                    } else {
+                        "silent"
+                    };
+                    *why.entry(reason).or_default() += 1;
                     break;
                 }
-                Ok(_) => continue,
+                Ok(n) => said.extend_from_slice(&b[..n]),
                 Err(_) => break,
             }
         }
     }
+    let why = why
+        .iter()
+        .map(|(k, v)| format!("\"{k}\":{v}"))
+        .collect::<Vec<_>>()
+        .join(",");
     stop.store(true, Ordering::Relaxed);
     probe.join().unwrap();
     let lost = probe_lost.load(Ordering::Relaxed);
     println!(
-        "{{\"malformed\":{malformed_total},\"malformed_answered\":{malformed_answered},\"oversize\":20,\"oversize_bounded\":{oversize_handled},\"stalled\":50,\"flood\":{conns},\"flood_refused\":{refused},\"flood_connect_ms\":{flood_ms},\"held_closed_by_server\":{closed_by_server},\"wrong_passphrases\":20,\"wrong_refused\":{wrong_refused},\"retry_after_seen\":{retry_after_seen},\"probe_requests\":{},\"probe_lost\":{lost},\"probe_max_ms\":{:.1}}}",
+        "{{\"malformed\":{malformed_total},\"malformed_answered\":{malformed_answered},\"oversize\":20,\"oversize_bounded\":{oversize_handled},\"stalled\":50,\"flood\":{conns},\"flood_refused\":{refused},\"flood_connect_ms\":{flood_ms},\"held_closed_by_server\":{closed_by_server},\"closed_why\":{{{why}}},\"wrong_passphrases\":20,\"wrong_refused\":{wrong_refused},\"retry_after_seen\":{retry_after_seen},\"probe_requests\":{},\"probe_lost\":{lost},\"probe_max_ms\":{:.1}}}",
         probe_sent.load(Ordering::Relaxed),
         probe_max_us.load(Ordering::Relaxed) as f64 / 1000.0
     );

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks (issue 6): each figure beside its comparison, measured in the same run.
 # Installs what is missing, builds, then runs qemu-tests/bench.py [SECTION...]
-# (size, supervisor, guest, fuzz; all by default). About 10 minutes once built.
-# Record the printed table in BENCHMARKS.md with the machine it came from.
+# (size, supervisor, guest, fuzz; all by default). About 15 minutes once built.
+# The sections run are recorded in BENCHMARKS.json (with date, commit, machine) and
+# BENCHMARKS.md is regenerated from it: commit both.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"

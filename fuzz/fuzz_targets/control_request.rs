@@ -2,7 +2,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|line: &[u8]| {
-    // Any outcome is fine except a panic, a hang or an unbounded allocation.
-    let _ = vaultguard::control::protocol::parse_request(line);
-});
+#[path = "../bodies.rs"]
+mod bodies;
+
+fuzz_target!(|data: &[u8]| bodies::control_request(data));

@@ -8,6 +8,12 @@ socket speaking the same JSON lines as vaultguard (status, keepalive, lock), ser
 by socketserver's thread-per-connection server. It is here only to be measured
 side by side with `vaultguard supervise` by qemu-tests/bench.py.
 
+The design under comparison is the 30 s polling thread. socketserver's
+serve_forever() also wakes every 0.5 s by default, only to check for its own
+shutdown request: that is a default of the library, not the appliance's design, so
+the server blocks in select() here unless `--server-poll SECONDS` asks for the
+default's behaviour (bench.py measures that variant separately).
+
 --lock-cmd runs a command to lock (e.g. `umount ... && cryptsetup close ...`);
 without it the lock is recorded only. Each lock prints `locked late_by=<s>`: how
 long after the idle deadline the lock happened."""
@@ -91,6 +97,9 @@ def main():
     p.add_argument("--poll", type=float, default=30)
     p.add_argument("--activity-file")
     p.add_argument("--lock-cmd")
+    p.add_argument("--server-poll", type=float, default=None,
+                   help="serve_forever's shutdown poll (socketserver's default is 0.5 s); "
+                        "by default none: the server sleeps until a client connects")
     args = p.parse_args()
     try:
         os.unlink(args.socket)
@@ -100,7 +109,8 @@ def main():
     server.args = args
     threading.Thread(target=poller, args=(args,), daemon=True).start()
     print("ready", flush=True)
-    server.serve_forever()
+    # Stopped by a signal (bench.py sends SIGTERM), never by shutdown(): no poll needed.
+    server.serve_forever(poll_interval=args.server_poll)
 
 
 if __name__ == "__main__":

@@ -69,16 +69,9 @@ pub fn peer_of(fd: impl AsFd) -> Result<Peer, AuthError> {
     })
 }
 
-/// SO_PEERGROUPS, where this architecture's constant is the generic one.
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64"
-))]
+/// SO_PEERGROUPS (Linux 4.13+). The option number differs between architectures
+/// (59 on most, 0x3d on SPARC, 0x4034 on PA-RISC): the libc crate carries each.
 fn peer_groups(fd: i32) -> Option<Vec<u32>> {
-    const SO_PEERGROUPS: i32 = 59;
     let mut groups = vec![0u32; 64];
     for _ in 0..2 {
         let mut len = (groups.len() * std::mem::size_of::<u32>()) as nix::libc::socklen_t;
@@ -88,7 +81,7 @@ fn peer_groups(fd: i32) -> Option<Vec<u32>> {
             nix::libc::getsockopt(
                 fd,
                 nix::libc::SOL_SOCKET,
-                SO_PEERGROUPS,
+                nix::libc::SO_PEERGROUPS,
                 groups.as_mut_ptr().cast(),
                 &mut len,
             )
@@ -103,17 +96,6 @@ fn peer_groups(fd: i32) -> Option<Vec<u32>> {
         }
         groups.resize(n.max(groups.len() * 2), 0);
     }
-    None
-}
-
-#[cfg(not(any(
-    target_arch = "x86_64",
-    target_arch = "x86",
-    target_arch = "aarch64",
-    target_arch = "arm",
-    target_arch = "riscv64"
-)))]
-fn peer_groups(_fd: i32) -> Option<Vec<u32>> {
     None
 }
 
@@ -204,5 +186,21 @@ mod tests {
         assert_eq!(p.uid, rustix::process::getuid().as_raw());
         assert_eq!(p.gid, rustix::process::getgid().as_raw());
         assert_eq!(p.pid, std::process::id() as i32);
+    }
+
+    #[test]
+    fn so_peergroups_answers_with_our_supplementary_groups() {
+        // From the kernel directly, not the /proc fallback: a wrong option number
+        // would be ENOPROTOOPT here, i.e. None.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut got = peer_groups(a.as_raw_fd()).expect("SO_PEERGROUPS refused");
+        let mut want: Vec<u32> = nix::unistd::getgroups()
+            .unwrap()
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        got.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(got, want);
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! Requests are `{"cmd":"status"}`, `{"cmd":"lock"}`, `{"cmd":"keepalive"}` and
 //! `{"cmd":"unlock","passphrase":"..."}`; unknown extra keys are ignored so that the
-//! appliance's existing clients keep working. Responses are written with their keys
-//! in the documented order.
+//! appliance's existing clients keep working. Responses are serde-derived types whose
+//! field order is the documented key order.
 //!
 //! **Passphrase handling.** serde_json would unescape a passphrase containing
 //! escapes (`\"`, `\u00e9` as Python's `json.dumps` writes) into its private scratch
@@ -15,6 +15,7 @@
 //! copies. The caller (the framing in [`super::framing`]) wipes the line afterwards.
 
 use crate::secret::SecretBytes;
+use serde::Serialize;
 use std::fmt;
 
 /// Longest request line accepted, without its newline.
@@ -355,95 +356,125 @@ fn hex4(h: &[u8]) -> Option<u32> {
     u32::from_str_radix(s, 16).ok()
 }
 
-/// A response object with keys in the documented order.
-#[derive(Debug, Clone, Default)]
-pub struct Response {
-    body: String,
+/// A response line. serde writes a struct's fields in declaration order, so the
+/// order of the fields below is the documented order of the keys; an absent
+/// optional key is left out, never written as `null`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Response {
+    /// `{"success":...}` with its optional keys.
+    Outcome(Outcome),
+    /// The answer to `status`.
+    Status(Status),
+}
+
+/// The answer to `lock`, `unlock`, `keepalive`, and every refusal.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Outcome {
+    success: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    /// Seconds until the lockout ends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warning: Option<String>,
+}
+
+/// The answer to `status`: the reply's keys, then `audit_error` when the audit log
+/// cannot be written.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    #[serde(flatten)]
+    reply: StatusReply,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audit_error: Option<String>,
 }
 
 impl Response {
-    fn new() -> Self {
-        Response {
-            body: String::from("{"),
-        }
-    }
-
-    fn field(mut self, key: &str, value: serde_json::Value) -> Self {
-        if self.body.len() > 1 {
-            self.body.push(',');
-        }
-        self.body
-            .push_str(&serde_json::Value::String(key.into()).to_string());
-        self.body.push(':');
-        self.body.push_str(&value.to_string());
-        self
-    }
-
     /// `{"success":true}` plus `state` when given.
     pub fn ok(state: Option<&str>) -> Self {
-        let r = Response::new().field("success", true.into());
-        match state {
-            Some(s) => r.field("state", s.into()),
-            None => r,
-        }
+        Response::Outcome(Outcome {
+            success: true,
+            error: None,
+            retry_after: None,
+            state: state.map(str::to_owned),
+            warning: None,
+        })
     }
 
     /// `{"success":false,"error":"..."}` plus `retry_after` when locked out.
     pub fn failed(error: &str, retry_after: Option<u64>) -> Self {
-        let r = Response::new()
-            .field("success", false.into())
-            .field("error", error.into());
-        match retry_after {
-            Some(s) => r.field("retry_after", s.into()),
-            None => r,
-        }
-    }
-
-    /// Add a key (for extras such as `state` on a failed lock or a `warning`).
-    pub fn with(self, key: &str, value: serde_json::Value) -> Self {
-        self.field(key, value)
+        Response::Outcome(Outcome {
+            success: false,
+            error: Some(error.to_owned()),
+            retry_after,
+            state: None,
+            warning: None,
+        })
     }
 
     pub fn status(s: &StatusReply) -> Self {
-        let mut r = Response::new()
-            .field("state", s.state.into())
-            .field("detail", s.detail.as_str().into())
-            .field("idle_seconds", s.idle_seconds.into())
-            .field("last_activity", last_activity_value(s.last_activity_ms));
-        if let Some(l) = s.lock_in_seconds {
-            r = r.field("lock_in_seconds", l.into());
+        Response::Status(Status {
+            reply: s.clone(),
+            audit_error: None,
+        })
+    }
+
+    /// An outcome's `state` (a failed lock says where the vault was left). A status
+    /// answer has its state already and is returned unchanged.
+    pub fn with_state(mut self, state: &str) -> Self {
+        if let Response::Outcome(o) = &mut self {
+            o.state = Some(state.to_owned());
         }
-        if let Some(l) = s.lockout_seconds {
-            r = r.field("lockout_seconds", l.into());
+        self
+    }
+
+    /// An outcome's `warning` (unlocked, but a service did not start). A status
+    /// answer is returned unchanged.
+    pub fn with_warning(mut self, warning: &str) -> Self {
+        if let Response::Outcome(o) = &mut self {
+            o.warning = Some(warning.to_owned());
         }
-        r
+        self
+    }
+
+    /// A status answer's `audit_error`. An outcome is returned unchanged.
+    pub fn with_audit_error(mut self, error: &str) -> Self {
+        if let Response::Status(s) = &mut self {
+            s.audit_error = Some(error.to_owned());
+        }
+        self
     }
 
     /// The line to send, newline included.
     pub fn to_line(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(self.body.len() + 2);
-        v.extend_from_slice(self.body.as_bytes());
-        v.extend_from_slice(b"}\n");
+        // Only strings, integers and a finite float: serialising cannot fail.
+        let mut v = serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec());
+        v.push(b'\n');
         v
     }
 }
 
-/// Seconds since the epoch as a float with millisecond precision (`1741444200.0`).
-fn last_activity_value(ms: u64) -> serde_json::Value {
-    let secs = (ms / 1000) as f64 + (ms % 1000) as f64 / 1000.0;
-    serde_json::Number::from_f64(secs)
-        .map(serde_json::Value::Number)
-        .unwrap_or(serde_json::Value::Null)
+/// Milliseconds since the epoch, written as seconds with millisecond precision
+/// (`1741444200.0`), as the appliance's API did.
+fn ms_as_seconds<S: serde::Serializer>(ms: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((ms / 1000) as f64 + (ms % 1000) as f64 / 1000.0)
 }
 
-/// What `status` reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What `status` reports, in the documented key order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StatusReply {
     pub state: &'static str,
     pub detail: String,
     pub idle_seconds: u64,
+    #[serde(rename = "last_activity", serialize_with = "ms_as_seconds")]
     pub last_activity_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub lock_in_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub lockout_seconds: Option<u64>,
 }
 
@@ -665,6 +696,36 @@ mod tests {
         assert_eq!(
             String::from_utf8(Response::status(&s).to_line()).unwrap(),
             "{\"state\":\"unlocked\",\"detail\":\"tpm2_unseal\",\"idle_seconds\":142,\"last_activity\":1741444200.0,\"lock_in_seconds\":1658}\n"
+        );
+        // The optional keys, each where the documented order puts it.
+        let s = StatusReply {
+            state: "locked",
+            detail: "auto_lock_idle".into(),
+            idle_seconds: 0,
+            last_activity_ms: 1_741_444_200_125,
+            lock_in_seconds: None,
+            lockout_seconds: Some(60),
+        };
+        assert_eq!(
+            String::from_utf8(Response::status(&s).with_audit_error("disk full").to_line()).unwrap(),
+            "{\"state\":\"locked\",\"detail\":\"auto_lock_idle\",\"idle_seconds\":0,\"last_activity\":1741444200.125,\"lockout_seconds\":60,\"audit_error\":\"disk full\"}\n"
+        );
+        assert_eq!(
+            Response::failed("busy \"x\"", None)
+                .with_state("unlocked")
+                .to_line(),
+            b"{\"success\":false,\"error\":\"busy \\\"x\\\"\",\"state\":\"unlocked\"}\n"
+        );
+        assert_eq!(
+            Response::ok(Some("unlocked"))
+                .with_warning("ollama.service: failed")
+                .to_line(),
+            b"{\"success\":true,\"state\":\"unlocked\",\"warning\":\"ollama.service: failed\"}\n"
+        );
+        // Extras that belong to the other kind of answer change nothing.
+        assert_eq!(
+            Response::ok(None).with_audit_error("x").to_line(),
+            b"{\"success\":true}\n"
         );
     }
 }

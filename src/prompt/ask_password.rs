@@ -206,10 +206,16 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: run `cargo test --features root-tests` as root"
+    )]
     fn answer_and_cancel_through_the_protocol() {
-        if !nix::unistd::geteuid().is_root() {
-            return; // agents' answers are only accepted from root
-        }
+        // The fake agent is a thread of this process, and only root's answers count.
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "root tier: an agent's answer is accepted only from uid 0; run as root"
+        );
         let dir = std::env::temp_dir().join(format!("vg-ask-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let a = agent(dir.clone(), b"+s3cret");

@@ -263,13 +263,46 @@ impl VaultBackend for SystemBackend {
     }
 }
 
+/// Mode of a mount point this creates. While the vault is locked the directory is
+/// what sits at its path: 0700 (root's) keeps anyone else from planting files there
+/// or a workload from writing plaintext onto the root filesystem. Mounted, the
+/// vault's own root directory decides access, so this costs workloads nothing.
+pub const MOUNT_POINT_MODE: u32 = 0o700;
+/// Mode of missing parents this creates: others must traverse them to reach the
+/// mounted vault, and only the owner may rename or replace what is inside.
+pub const MOUNT_PARENT_MODE: u32 = 0o755;
+
+/// Create a missing mount point and its missing parents with exactly
+/// [`MOUNT_POINT_MODE`] and [`MOUNT_PARENT_MODE`]: mkdir's mode is narrowed by the
+/// umask, and under umask 000 the default would be 0777. Existing directories are
+/// left as the operator made them.
+fn create_mount_point(target: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let missing: Vec<&Path> = target
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .collect();
+    for d in missing.into_iter().rev() {
+        let mode = if d == target {
+            MOUNT_POINT_MODE
+        } else {
+            MOUNT_PARENT_MODE
+        };
+        match std::fs::DirBuilder::new().mode(mode).create(d) {
+            Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode))?,
+            // Made by someone else meanwhile: theirs, not ours to chmod.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Mount `source` at `target` with the first filesystem type the kernel accepts.
 fn mount_first_type(source: &Path, target: &Path, types: &[&str]) -> Result<(), BackendError> {
     let shown = target.display();
-    if !target.exists() {
-        std::fs::create_dir_all(target)
-            .map_err(|e| failed("create the mount point", format!("{shown}: {e}")))?;
-    }
+    create_mount_point(target)
+        .map_err(|e| failed("create the mount point", format!("{shown}: {e}")))?;
     let mut last = Errno::EINVAL;
     for t in types {
         match nix::mount::mount(
@@ -383,6 +416,7 @@ pub fn luks_uuid_from_dm(dm_uuid: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     const MOUNTINFO: &str = "\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
@@ -414,21 +448,64 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_mount_point_is_created_0700_and_its_parents_0755_whatever_the_umask() {
+        // The supervisor may run with umask 000; mkdir's default would then be 0777.
+        // Run in a child: the umask is per process and the harness is threaded.
+        let t = crate::testutil::TmpDir::new("mountpoint");
+        let parent = t.join("srv");
+        let target = parent.join("ai").join("vault");
+        // SAFETY: the child makes system calls, allocates (glibc's malloc is
+        // fork-safe) and leaves with _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+                // No such device: the mount fails, after the mount point is made.
+                let r = mount_first_type(Path::new("/dev/mapper/vg-no-such"), &target, &["ext4"]);
+                // SAFETY: _exit skips the parent's atexit handlers and buffers.
+                unsafe { nix::libc::_exit(if r.is_err() { 0 } else { 1 }) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+            }
+        }
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&target), 0o700, "{}", target.display());
+        assert_eq!(mode(&parent.join("ai")), 0o755);
+        assert_eq!(mode(&parent), 0o755);
+    }
+
+    #[test]
+    fn an_existing_mount_point_keeps_its_mode() {
+        // The operator's choice (e.g. a group-readable mount point) is not ours to change.
+        let t = crate::testutil::TmpDir::new("mountpoint-kept");
+        let target = t.join("vault");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o750)).unwrap();
+        assert!(mount_first_type(Path::new("/dev/mapper/vg-no-such"), &target, &["ext4"]).is_err());
+        assert_eq!(std::fs::metadata(&target).unwrap().mode() & 0o7777, 0o750);
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: run `cargo test --features root-tests` as root"
+    )]
     fn unmount_of_a_busy_mount_is_reported_as_busy() {
         // A real tmpfs mount held busy by a process cwd'ed inside it.
         let dir = std::env::temp_dir().join(format!("vg-busy-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        if nix::mount::mount(
+        if let Err(e) = nix::mount::mount(
             Some("tmpfs"),
             &dir,
             Some("tmpfs"),
             MsFlags::empty(),
             None::<&str>,
-        )
-        .is_err()
-        {
-            eprintln!("skipping: cannot mount tmpfs here (not root?)");
-            return;
+        ) {
+            panic!(
+                "root tier: cannot mount a tmpfs on {} ({e}); run as root",
+                dir.display()
+            );
         }
         let holder = std::process::Command::new("sleep")
             .arg("30")
@@ -456,6 +533,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: run `cargo test --features root-tests` as root"
+    )]
     fn mounts_from_a_sandboxed_namespace_land_in_the_hosts() {
         // What systemd's ProtectSystem= does to the service: a private mount
         // namespace, propagation slave. A mount made there directly would stay
@@ -513,10 +594,11 @@ mod tests {
                 let seen_direct = is_mount_point(&mi, &direct);
                 let _ = nix::mount::umount2(&via_host, MntFlags::MNT_DETACH);
                 let _ = std::fs::remove_dir_all(&dir);
-                if status == nix::sys::wait::WaitStatus::Exited(child, 10) {
-                    eprintln!("skipping: cannot unshare a mount namespace here");
-                    return;
-                }
+                assert_ne!(
+                    status,
+                    nix::sys::wait::WaitStatus::Exited(child, 10),
+                    "root tier: cannot unshare a mount namespace (needs CAP_SYS_ADMIN); run as root"
+                );
                 assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
                 assert!(
                     seen_via_host,

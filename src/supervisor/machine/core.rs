@@ -151,7 +151,7 @@ impl Core {
                 Request::Status => {
                     let r = Response::status(&self.status(peer.uid, now));
                     match &self.audit_error {
-                        Some(e) => r.with("audit_error", e.as_str().into()),
+                        Some(e) => r.with_audit_error(e),
                         None => r,
                     }
                 }

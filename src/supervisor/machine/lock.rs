@@ -111,7 +111,7 @@ impl Core {
                 );
                 self.fx.warn(msg.clone());
                 self.audit("key_revoke_failed", vec![("error", msg.as_str().into())]);
-                Response::failed(&msg, None).with("state", "locked".into())
+                Response::failed(&msg, None).with_state("locked")
             }
         }
     }
@@ -135,6 +135,6 @@ impl Core {
             fields.push(("uid", u.into()));
         }
         self.audit("lock_failed", fields);
-        Response::failed(&msg, None).with("state", self.state.as_str().into())
+        Response::failed(&msg, None).with_state(self.state.as_str())
     }
 }

@@ -116,7 +116,7 @@ impl Core {
         self.fx.info("vault unlocked with a passphrase");
         let r = Response::ok(Some("unlocked"));
         match warning {
-            Some(w) => r.with("warning", w.into()),
+            Some(w) => r.with_warning(&w),
             None => r,
         }
     }

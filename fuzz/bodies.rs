@@ -1,0 +1,50 @@
+//! The fuzz targets' bodies, in one place for two runners: the libFuzzer targets in
+//! `fuzz_targets/` (cargo fuzz, nightly, in CI for a bounded time) and
+//! `tests/fuzz_corpus.rs`, which replays every committed input in `corpus/` and
+//! `regressions/` through the same bodies on stable, in the ordinary `cargo test`.
+//! A body's only failure is a panic (or a hang, or an unbounded allocation).
+#![allow(dead_code)] // each fuzz target uses one body
+
+/// One request line from a local client of the control socket.
+pub fn control_request(line: &[u8]) {
+    let _ = vaultguard::control::protocol::parse_request(line);
+}
+
+/// A LUKS2 token's JSON, as read from a header an attacker may have written. What
+/// is accepted must write back so that it reads the same.
+pub fn token_json(data: &[u8]) {
+    use vaultguard::luks::token::Tpm2Token;
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    if let Ok(t) = Tpm2Token::from_json(&v) {
+        let again = Tpm2Token::from_json(&t.to_json()).expect("a written token parses");
+        assert_eq!(again.to_json(), t.to_json());
+    }
+}
+
+/// The configuration file, then rd.vaultguard.* options from a kernel command line
+/// (the input's part after the first NUL byte).
+pub fn config(data: &[u8]) {
+    use vaultguard::config::Config;
+    let (json, cmdline) = match data.iter().position(|&b| b == 0) {
+        Some(i) => (&data[..i], &data[i + 1..]),
+        None => (data, &[][..]),
+    };
+    let Ok(json) = std::str::from_utf8(json) else {
+        return;
+    };
+    let mut cfg = Config::from_json(json, "fuzz").unwrap_or_default();
+    let _ = cfg.apply_cmdline(&String::from_utf8_lossy(cmdline));
+    let _ = cfg.validate();
+}
+
+/// A target's name (that of its `fuzz_targets/` file and corpus folder) and body.
+pub type Target = (&'static str, fn(&[u8]));
+
+/// Every target.
+pub const TARGETS: [Target; 3] = [
+    ("control_request", control_request),
+    ("token_json", token_json),
+    ("config", config),
+];
