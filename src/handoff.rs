@@ -9,8 +9,7 @@
 //! hint only when the kernel agrees (`supervisor::machine`).
 
 use serde::{Deserialize, Serialize};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io;
 use std::path::{Path, PathBuf};
 
 /// Where the boot unlock appends its audit entries while the real log is not
@@ -56,39 +55,7 @@ pub fn write_boot_hint(path: &Path, state: &str, detail: &str) -> io::Result<()>
     };
     let mut text = serde_json::to_vec(&hint).map_err(io::Error::other)?;
     text.push(b'\n');
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(dir)?;
-    // Temporary in the same directory, fsync, rename, fsync the directory: a
-    // reader sees the old file or the new one, never a part.
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(&tmp)?;
-    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
-    f.write_all(&text)?;
-    f.sync_all()?;
-    drop(f);
-    if let Err(e) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::File::open(dir)?.sync_all()
+    crate::atomic_file::write_atomic(path, &text, 0o644, 0o755)
 }
 
 /// The (state, detail) the boot path (or a previous supervisor) left at `path`.

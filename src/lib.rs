@@ -5,6 +5,7 @@
 //! idle time, locks the vault and serves a small JSON control socket. `main.rs` only
 //! dispatches; each module below owns one real thing.
 
+pub mod atomic_file;
 pub mod audit;
 pub mod boot;
 pub mod cli;

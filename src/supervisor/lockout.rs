@@ -13,7 +13,7 @@
 //! so a far-future time (a tampered file, a clock stepped back) ends like any other.
 //! This module only counts; it never sees a passphrase.
 
-use super::state_file::write_atomic;
+use crate::atomic_file::write_atomic;
 use crate::config::AuthConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

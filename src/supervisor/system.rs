@@ -108,7 +108,7 @@ impl SystemBackend {
     }
 
     fn learn_uuid(&mut self) {
-        if let Some(u) = dm_luks_uuid(&self.name) {
+        if let Some(u) = crate::handoff::mapping_luks_uuid(&self.name) {
             self.uuid = Some(u);
         }
     }
@@ -383,36 +383,6 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// LUKS UUID of the active mapping `name`, from its device-mapper UUID
-/// (`CRYPT-LUKS2-<32 hex>-<name>`).
-fn dm_luks_uuid(name: &str) -> Option<String> {
-    let rdev = std::fs::metadata(Path::new("/dev/mapper").join(name))
-        .ok()?
-        .rdev();
-    let (maj, min) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
-    let dm = std::fs::read_to_string(format!("/sys/dev/block/{maj}:{min}/dm/uuid")).ok()?;
-    luks_uuid_from_dm(dm.trim())
-}
-
-pub fn luks_uuid_from_dm(dm_uuid: &str) -> Option<String> {
-    let rest = dm_uuid
-        .strip_prefix("CRYPT-LUKS2-")
-        .or_else(|| dm_uuid.strip_prefix("CRYPT-LUKS1-"))?;
-    let hex = rest.get(..32)?;
-    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let h = hex.to_ascii_lowercase();
-    Some(format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,16 +405,6 @@ mod tests {
             MOUNTINFO,
             Path::new("/var/lib/secure-ai-2")
         ));
-    }
-
-    #[test]
-    fn dm_uuid_names_the_luks_uuid() {
-        assert_eq!(
-            luks_uuid_from_dm("CRYPT-LUKS2-0f9c7e3a111122223333444455556666-secure-ai-vault"),
-            Some("0f9c7e3a-1111-2222-3333-444455556666".into())
-        );
-        assert_eq!(luks_uuid_from_dm("CRYPT-PLAIN-x"), None);
-        assert_eq!(luks_uuid_from_dm("CRYPT-LUKS2-short"), None);
     }
 
     #[test]
