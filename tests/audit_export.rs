@@ -6,11 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vg-export-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmpdir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("vg-export-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 fn openssl(args: &[&str]) {
@@ -62,7 +62,8 @@ fn s(p: &Path) -> &str {
 
 #[test]
 fn an_export_verifies_elsewhere_and_refuses_every_edit() {
-    let dir = tmpdir("main");
+    let tmp = tmpdir("main");
+    let dir = tmp.path();
     let log = dir.join("audit.jsonl");
     for i in 0..4u64 {
         vaultguard::audit::append(&log, "lock", &[("n", i.into())]).unwrap();
@@ -70,7 +71,7 @@ fn an_export_verifies_elsewhere_and_refuses_every_edit() {
     // A rotation in between: the export covers both segments.
     vaultguard::audit::rotate(&log).unwrap().unwrap();
     vaultguard::audit::append(&log, "unlock", &[("uid", 0u32.into())]).unwrap();
-    let (k1, p1) = keypair(&dir, "k1");
+    let (k1, p1) = keypair(dir, "k1");
     let ex1 = dir.join("export1.jsonl");
     let (ok, out) = vg(&[
         "audit",
@@ -93,7 +94,7 @@ fn an_export_verifies_elsewhere_and_refuses_every_edit() {
     assert!(out.contains("(version 1)"), "{out}");
 
     // Key rotation: a new key signs new exports; both verify given both public keys.
-    let (k2, p2) = keypair(&dir, "k2");
+    let (k2, p2) = keypair(dir, "k2");
     vaultguard::audit::append(&log, "lock", &[]).unwrap();
     let ex2 = dir.join("export2.jsonl");
     assert!(
@@ -180,5 +181,4 @@ fn an_export_verifies_elsewhere_and_refuses_every_edit() {
     let (ok, out) = vg(&["audit", "export", "--key", s(&rsa), s(&log)]);
     assert!(!ok);
     assert!(out.contains("not an Ed25519 private key"), "{out}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

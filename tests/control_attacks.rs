@@ -108,14 +108,13 @@ impl VaultBackend for Fake {
 
 /// A fresh directory, mode 0755 so that other uids can reach a socket inside.
 fn tmpdir(name: &str) -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "vg-attack-{}-{name}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
+    // Kept (not removed on drop): the harness removes it when the test is done.
+    let d = tempfile::Builder::new()
+        .prefix(&format!("vg-attack-{name}-"))
+        .tempdir()
+        .unwrap()
+        .keep();
+    // Other uids must reach the socket inside.
     std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
     d
 }

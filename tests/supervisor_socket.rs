@@ -12,7 +12,6 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -126,15 +125,13 @@ impl VaultBackend for Fake {
 // ---------------------------------------------------------------- harness
 
 fn tmpdir(name: &str) -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "vg-sock-{}-{name}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    // Other uids (the denial test) must reach the socket inside.
+    // Kept (not removed on drop): the harness removes it when the test is done.
+    let d = tempfile::Builder::new()
+        .prefix(&format!("vg-sock-{name}-"))
+        .tempdir()
+        .unwrap()
+        .keep();
+    // Other uids must reach the socket inside.
     std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
     d
 }

@@ -1314,9 +1314,7 @@ mod tests {
 
     #[test]
     fn import_carries_the_initrd_chain_over_and_removes_it() {
-        let dir = std::env::temp_dir().join(format!("vg-audit-import-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::testutil::TmpDir::new("audit-import");
         let initrd = dir.join("initrd.jsonl");
         let main = dir.join("main.jsonl");
         append(&main, "supervisor_start", &[]).unwrap();
@@ -1349,6 +1347,5 @@ mod tests {
             .unwrap()
             .contains("initrd_audit_broken"));
         assert_eq!(verify(&main).unwrap().entries(), 4);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

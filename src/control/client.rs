@@ -453,13 +453,10 @@ mod tests {
 
     #[test]
     fn a_listener_of_our_own_uid_is_trusted() {
-        let dir = std::env::temp_dir().join(format!("vg-client-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::testutil::TmpDir::new("client");
         let sock = dir.join("s");
         let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
         let s = connect(&sock);
-        let _ = std::fs::remove_dir_all(&dir);
         drop(l);
         assert!(s.is_ok(), "{:?}", s.err());
     }

@@ -216,15 +216,14 @@ mod tests {
             nix::unistd::geteuid().is_root(),
             "root tier: an agent's answer is accepted only from uid 0; run as root"
         );
-        let dir = std::env::temp_dir().join(format!("vg-ask-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let a = agent(dir.clone(), b"+s3cret");
+        let dir = crate::testutil::TmpDir::new("ask");
+        let a = agent(dir.to_path_buf(), b"+s3cret");
         let got = AskPassword::in_dir(&dir)
             .ask("cryptsetup:v", "Passphrase for v")
             .unwrap();
         assert_eq!(got.as_bytes(), b"s3cret");
         assert!(a.join().unwrap().contains("Message=Passphrase for v"));
-        let a = agent(dir.clone(), b"-");
+        let a = agent(dir.to_path_buf(), b"-");
         assert!(matches!(
             AskPassword::in_dir(&dir).ask("i", "m"),
             Err(PromptError::Cancelled)
@@ -232,6 +231,5 @@ mod tests {
         a.join().unwrap();
         // request and socket files are gone afterwards
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -157,8 +157,7 @@ mod tests {
 
     #[test]
     fn newer_mtime_is_activity_and_older_is_not() {
-        let dir = std::env::temp_dir().join(format!("vg-activity-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = crate::testutil::TmpDir::new("activity");
         let file = dir.join("run").join("last-activity");
         // The directory does not exist yet: the parent is watched until it does.
         std::fs::create_dir_all(&dir).unwrap();
@@ -180,6 +179,5 @@ mod tests {
         touch(&dir.join("run").join("other"), 3_000_000);
         assert!(wait_readable(&w));
         assert!(!w.drain());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

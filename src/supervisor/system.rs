@@ -453,8 +453,8 @@ mod tests {
     )]
     fn unmount_of_a_busy_mount_is_reported_as_busy() {
         // A real tmpfs mount held busy by a process cwd'ed inside it.
-        let dir = std::env::temp_dir().join(format!("vg-busy-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = crate::testutil::TmpDir::new("busy");
+        let dir = tmp.to_path_buf();
         if let Err(e) = nix::mount::mount(
             Some("tmpfs"),
             &dir,
@@ -489,7 +489,6 @@ mod tests {
         b.unmount().unwrap();
         let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!is_mount_point(&mi, &dir));
-        let _ = std::fs::remove_dir(&dir);
     }
 
     #[test]
@@ -504,8 +503,8 @@ mod tests {
         // The test process plays PID 1's part (reading PID 1's namespace may be
         // refused in a container).
         let host_pid = std::process::id();
-        let dir = std::env::temp_dir().join(format!("vg-ns-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = crate::testutil::TmpDir::new("ns");
+        let dir = tmp.to_path_buf();
         let direct = dir.join("direct");
         let via_host = dir.join("via-host");
         std::fs::create_dir_all(&direct).unwrap();
@@ -553,7 +552,6 @@ mod tests {
                 let seen_via_host = is_mount_point(&mi, &via_host);
                 let seen_direct = is_mount_point(&mi, &direct);
                 let _ = nix::mount::umount2(&via_host, MntFlags::MNT_DETACH);
-                let _ = std::fs::remove_dir_all(&dir);
                 assert_ne!(
                     status,
                     nix::sys::wait::WaitStatus::Exited(child, 10),

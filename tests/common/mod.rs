@@ -8,25 +8,20 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-pub struct TempDir(pub PathBuf);
+/// A fresh temporary directory (the `tempfile` crate), removed when dropped
+/// (`None`: a placeholder that owns nothing).
+pub struct TempDir(pub PathBuf, Option<tempfile::TempDir>);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let p = std::env::temp_dir().join(format!("vg-test-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
+        let t = tempfile::Builder::new()
+            .prefix(&format!("vg-test-{tag}-"))
+            .tempdir()
+            .expect("a temporary directory");
+        TempDir(t.path().to_path_buf(), Some(t))
     }
     pub fn path(&self) -> &Path {
         &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -110,7 +105,7 @@ impl Swtpm {
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let state = std::mem::replace(&mut self.state, TempDir(PathBuf::new()));
+        let state = std::mem::replace(&mut self.state, TempDir(PathBuf::new(), None));
         let fresh = Swtpm::start_in(state);
         let old = std::mem::replace(self, fresh);
         drop(old);
