@@ -11,55 +11,20 @@
 
 mod common;
 
-use common::{luks_image, run, Swtpm, TempDir};
+use common::{enroll_opts, luks_image, run, unlock_opts, Swtpm, TempDir};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vaultguard::boot::commands::enrolment_lines;
 use vaultguard::boot::TpmRefusal;
-use vaultguard::boot::{
-    acquire_volume_key, enroll, reseal, EnrollOptions, Method, NoEvents, TpmOptions, UnlockOptions,
-};
-use vaultguard::luks::{ActivateFlags, Vault};
+use vaultguard::boot::{acquire_volume_key, enroll, reseal, Method, NoEvents};
+use vaultguard::luks::Vault;
 use vaultguard::prompt::Scripted;
 use vaultguard::tpm::policy::{self, Bank};
 use vaultguard::tpm::{Alteration, TpmError};
 
 const PASS: &str = "correct horse battery staple";
-
-fn tpm_opts(sw: &Swtpm) -> TpmOptions {
-    TpmOptions {
-        tcti: sw.tcti(),
-        timeout: Duration::from_secs(5),
-        phase_pcr: Some(15),
-    }
-}
-
-fn enroll_opts(sw: &Swtpm, img: &Path) -> EnrollOptions {
-    EnrollOptions {
-        device: img.display().to_string(),
-        name: "secure-ai-vault".into(),
-        tpm: tpm_opts(sw),
-        bank: Bank::Sha256,
-        pcrs: vec![0, 2, 4, 7],
-        pin: false,
-        recovery_key: false,
-        tries: 3,
-        audit_nv_index: Some(vaultguard::tpm::nv::DEFAULT_AUDIT_NV_INDEX),
-    }
-}
-
-fn unlock_opts(sw: &Swtpm, img: &Path) -> UnlockOptions {
-    UnlockOptions {
-        name: "secure-ai-vault".into(),
-        device: img.display().to_string(),
-        tpm: Some(tpm_opts(sw)),
-        tries: 3,
-        keyfile: None,
-        flags: ActivateFlags::default(),
-    }
-}
 
 fn export_token(img: &Path, id: u32) -> Value {
     let out = run(Command::new("cryptsetup")

@@ -4,52 +4,18 @@
 
 mod common;
 
-use common::{luks_image, run, LoopDevice, Swtpm, TempDir};
+use common::{enroll_opts, luks_image, run, unlock_opts, LoopDevice, Swtpm, TempDir};
 use std::process::Command;
 use std::time::Duration;
 use vaultguard::boot::{
-    acquire_volume_key, enroll, reseal, AuditAnchor, BootError, EnrollOptions, Events, Method,
-    NoEvents, TpmOptions, TpmRefusal, UnlockOptions, Verification,
+    acquire_volume_key, enroll, reseal, AuditAnchor, BootError, Events, Method, NoEvents,
+    TpmOptions, TpmRefusal, UnlockOptions, Verification,
 };
 use vaultguard::luks::{ActivateFlags, Vault};
 use vaultguard::prompt::Scripted;
-use vaultguard::tpm::policy::Bank;
 use vaultguard::tpm::TpmError;
 
 const PASS: &str = "correct horse battery staple";
-
-fn tpm_opts(sw: &Swtpm) -> TpmOptions {
-    TpmOptions {
-        tcti: sw.tcti(),
-        timeout: Duration::from_secs(5),
-        phase_pcr: Some(15),
-    }
-}
-
-fn enroll_opts(sw: &Swtpm, img: &std::path::Path) -> EnrollOptions {
-    EnrollOptions {
-        device: img.display().to_string(),
-        name: "secure-ai-vault".into(),
-        tpm: tpm_opts(sw),
-        bank: Bank::Sha256,
-        pcrs: vec![0, 2, 4, 7],
-        pin: false,
-        recovery_key: false,
-        tries: 3,
-        audit_nv_index: Some(vaultguard::tpm::nv::DEFAULT_AUDIT_NV_INDEX),
-    }
-}
-
-fn unlock_opts(sw: &Swtpm, img: &std::path::Path) -> UnlockOptions {
-    UnlockOptions {
-        name: "secure-ai-vault".into(),
-        device: img.display().to_string(),
-        tpm: Some(tpm_opts(sw)),
-        tries: 3,
-        keyfile: None,
-        flags: ActivateFlags::default(),
-    }
-}
 
 /// The volume key as the passphrase opens it: the reference every path must match.
 fn reference_vk(img: &std::path::Path) -> Vec<u8> {

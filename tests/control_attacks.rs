@@ -21,6 +21,9 @@
 //! child's uid. Needs root (to change uid), like the peer-credential tests in
 //! tests/supervisor_socket.rs.
 
+mod common;
+
+use common::{closed_within, read_line};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
@@ -201,35 +204,6 @@ impl Drop for Harness {
             let _ = t.join();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Read up to and excluding the first newline; `None` on EOF, reset or timeout.
-fn read_line(s: &mut UnixStream) -> Option<String> {
-    let mut out = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        match s.read(&mut b) {
-            Ok(0) => return None,
-            Ok(_) if b[0] == b'\n' => return Some(String::from_utf8(out).unwrap()),
-            Ok(_) => out.push(b[0]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return None,
-        }
-    }
-}
-
-/// True once the peer has closed (EOF or reset) within `within`.
-fn closed_within(s: &mut UnixStream, within: Duration) -> bool {
-    s.set_read_timeout(Some(within)).unwrap();
-    let mut b = [0u8; 256];
-    loop {
-        match s.read(&mut b) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
-            Err(_) => return false,
-        }
     }
 }
 

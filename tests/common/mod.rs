@@ -371,3 +371,74 @@ impl Drop for LoopDevice {
 pub fn vaultguard_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vaultguard"))
 }
+
+// ---------------------------------------------------------------- boot flows
+
+/// The TPM options of a test: swtpm's TCTI, the phase PCR latch on.
+pub fn tpm_opts(sw: &Swtpm) -> vaultguard::boot::TpmOptions {
+    vaultguard::boot::TpmOptions {
+        tcti: sw.tcti(),
+        timeout: Duration::from_secs(5),
+        phase_pcr: Some(15),
+    }
+}
+
+/// An enrolment of `img` as `vaultguard enroll` makes it by default.
+pub fn enroll_opts(sw: &Swtpm, img: &Path) -> vaultguard::boot::EnrollOptions {
+    vaultguard::boot::EnrollOptions {
+        device: img.display().to_string(),
+        name: "secure-ai-vault".into(),
+        tpm: tpm_opts(sw),
+        bank: vaultguard::tpm::policy::Bank::Sha256,
+        pcrs: vec![0, 2, 4, 7],
+        pin: false,
+        recovery_key: false,
+        tries: 3,
+        audit_nv_index: Some(vaultguard::tpm::nv::DEFAULT_AUDIT_NV_INDEX),
+    }
+}
+
+/// The boot unlock of `img` by TPM (then key file or prompt).
+pub fn unlock_opts(sw: &Swtpm, img: &Path) -> vaultguard::boot::UnlockOptions {
+    vaultguard::boot::UnlockOptions {
+        name: "secure-ai-vault".into(),
+        device: img.display().to_string(),
+        tpm: Some(tpm_opts(sw)),
+        tries: 3,
+        keyfile: None,
+        flags: vaultguard::luks::ActivateFlags::default(),
+    }
+}
+
+// ---------------------------------------------------------------- control socket
+
+/// Read up to and excluding the first newline; `None` on EOF, reset or timeout.
+pub fn read_line(s: &mut std::os::unix::net::UnixStream) -> Option<String> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return None,
+            Ok(_) if b[0] == b'\n' => return Some(String::from_utf8(out).unwrap()),
+            Ok(_) => out.push(b[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// True once the peer has closed (EOF or reset) within `within`.
+pub fn closed_within(s: &mut std::os::unix::net::UnixStream, within: Duration) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 256];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
