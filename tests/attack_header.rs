@@ -11,10 +11,10 @@
 
 mod common;
 
-use common::{enroll_opts, luks_image, run, unlock_opts, Swtpm, TempDir};
+use common::{enroll_opts, luks_image, run, run_with_input, unlock_opts, Swtpm, TempDir};
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use vaultguard::boot::commands::enrolment_lines;
 use vaultguard::boot::TpmRefusal;
@@ -35,32 +35,17 @@ fn export_token(img: &Path, id: u32) -> Value {
 
 /// Write `token` as token `id`, replacing what is there (an offline edit).
 fn import_token(img: &Path, id: u32, token: &Value) {
-    let mut child = Command::new("cryptsetup")
-        .args([
-            "token",
-            "import",
-            "--token-replace",
-            "--token-id",
-            &id.to_string(),
-        ])
-        .arg(img)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(token.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "token import: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_with_input(
+        Command::new("cryptsetup")
+            .args([
+                "token",
+                "import",
+                "--token-replace",
+                "--token-id",
+                &id.to_string(),
+            ])
+            .arg(img),
+        token.to_string().as_bytes(),
     );
 }
 

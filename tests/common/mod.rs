@@ -295,42 +295,46 @@ impl Drop for Swtpm {
     }
 }
 
+/// Run `cmd` with `input` on its standard input; panics with its stderr if it fails.
+pub fn run_with_input(cmd: &mut Command, input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A LUKS2 image in a file with `passphrase` in keyslot 0 (cheap KDF for tests).
 pub fn luks_image(dir: &Path, passphrase: &str) -> PathBuf {
     let img = dir.join("vault.img");
     let f = std::fs::File::create(&img).unwrap();
     f.set_len(32 << 20).unwrap();
-    let mut child = Command::new("cryptsetup")
-        .args([
-            "luksFormat",
-            "--batch-mode",
-            "--type",
-            "luks2",
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-            "--key-file",
-            "-",
-        ])
-        .arg(&img)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(passphrase.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "luksFormat: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_with_input(
+        Command::new("cryptsetup")
+            .args([
+                "luksFormat",
+                "--batch-mode",
+                "--type",
+                "luks2",
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+                "--key-file",
+                "-",
+            ])
+            .arg(&img),
+        passphrase.as_bytes(),
     );
     img
 }
