@@ -20,6 +20,9 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32, dir_mode: u32) -> io::R
             .recursive(true)
             .mode(dir_mode)
             .create(dir)?;
+        // mkdir applies the umask: a state directory readers cannot enter (umask
+        // 077) is as wrong as one others can write.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))?;
     }
     let name = path
         .file_name()
@@ -64,5 +67,28 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"x");
         assert_eq!(mode(&p), 0o600);
         assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_new_directory_gets_its_mode_whatever_the_umask() {
+        let dir = crate::testutil::TmpDir::new("atomic-umask");
+        let p = dir.join("run").join("state.json");
+        // The umask is per process and the test harness is threaded: in a child.
+        // SAFETY: the child only makes system calls and leaves with _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+                let code = i32::from(write_atomic(&p, b"{}", 0o644, 0o755).is_err());
+                // SAFETY: _exit skips the parent's atexit handlers and buffers.
+                unsafe { nix::libc::_exit(code) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let st = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(st, nix::sys::wait::WaitStatus::Exited(child, 0));
+            }
+        }
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(p.parent().unwrap()), 0o755);
+        assert_eq!(mode(&p), 0o644);
     }
 }
