@@ -129,11 +129,13 @@ fn the_supervisor_is_not_dumpable_and_has_no_core_limit() {
     .unwrap();
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
 
+    // A copy the other uid can reach: the build tree may sit below a directory
+    // only root can enter (a CI clone in a 0700 temporary directory).
+    let bin = dir.0.join("vaultguard");
+    std::fs::copy(env!("CARGO_BIN_EXE_vaultguard"), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     let child = spawn_as(
-        Command::new(env!("CARGO_BIN_EXE_vaultguard"))
-            .arg("-c")
-            .arg(&config)
-            .arg("supervise"),
+        Command::new(&bin).arg("-c").arg(&config).arg("supervise"),
         uid,
         gid,
     );
