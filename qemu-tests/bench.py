@@ -460,8 +460,16 @@ def run_info(section):
             "command": f"qemu-tests/bench.py {section}"}
 
 
+ALL_SECTIONS = ["size", "supervisor", "guest", "fuzz"]
+
+
 def main(argv):
-    sections = argv or ["size", "supervisor", "guest", "fuzz"]
+    unknown = [a for a in argv if a not in ALL_SECTIONS]
+    if unknown:
+        print(f"usage: bench.py [{'|'.join(ALL_SECTIONS)}]... (all by default); "
+              f"not a section: {' '.join(unknown)}", file=sys.stderr)
+        return 2
+    sections = argv or ALL_SECTIONS
     print(f"vaultguard benchmarks, {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()}: "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
           f"kernel {platform.release()}", flush=True)
