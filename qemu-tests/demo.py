@@ -6,7 +6,7 @@ QEMU guest with a software TPM (swtpm) and the static vaultguard in a minimal
 initramfs; what the guest prints is shown as it happens, with a word on each step.
 Every narrated step is also a check (enrol status, TPM unlock, keyring key, PCR 15,
 mount, supervisor, keepalive, auto-lock with unmount, closed mapping and revoked key,
-unlock over the socket, audit verdict): any that fails fails the demo, and
+unlock over the socket, audit verdict, TPM anchor): any that fails fails the demo, and
 qemu-tests/test.sh runs it as its last test step."""
 import os
 import re
@@ -141,6 +141,9 @@ def main():
             verdict=$(vg audit verify 2>&1); rc=$?
             echo "demo: audit chain: $verdict"
             check audit-verified "[ $rc = 0 ]"
+            anchor=$(vg audit verify --tpm 2>&1); rc=$?
+            echo "demo: against the TPM: $anchor"
+            check audit-anchored '[ $rc = 0 ] && printf "%s" "$anchor" | grep -q "nothing anchored was rewritten"'
             kill %1
         """, dynamic=harness.CRYPTSETUP, files={"/etc/pass": harness.PASSPHRASE})
         step(b, rf"vaultguard: {NAME} unlocked with the TPM, phase PCR extended\n", 120)
@@ -154,6 +157,9 @@ def main():
             "it again over the control socket.")
         checked(b, "socket-unlock", "unlocked-by-passphrase", "remounted", "audit-verified",
                 timeout=60)
+        say("The audit chain also replays to the TPM's anchor, which only ever moves "
+            "forward: a rewritten log would not.")
+        checked(b, "audit-anchored", timeout=30)
         b.expect_poweroff()
         say(f"Done in {time.time() - t0:.0f} s: every step above was checked. "
             f"Serial logs: {s.dir}/")
