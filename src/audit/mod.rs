@@ -949,6 +949,13 @@ mod tests {
         }
     }
 
+    /// Recompute an edited entry's own hash, as a forger would.
+    fn rehash(entry: &mut serde_json::Value) {
+        entry.as_object_mut().unwrap().remove("entry_hash");
+        let h = hex(&Sha256::digest(canonical(entry).as_bytes()));
+        entry["entry_hash"] = h.into();
+    }
+
     fn tmp(name: &str) -> TmpLog {
         let dir = TmpDir::new(&format!("audit-{name}"));
         TmpLog {
@@ -1080,9 +1087,7 @@ mod tests {
         let mut ls = lines(&p);
         let mut v: serde_json::Value = serde_json::from_str(&ls[1]).unwrap();
         v["who"] = "mallory".into();
-        v.as_object_mut().unwrap().remove("entry_hash");
-        let h = hex(&Sha256::digest(canonical(&v).as_bytes()));
-        v["entry_hash"] = h.into();
+        rehash(&mut v);
         ls[1] = v.to_string();
         rewrite(&p, &ls);
         assert_eq!(broken_line(&p), 3);
@@ -1193,9 +1198,7 @@ mod tests {
         let mut ls = lines(&seg2);
         let mut e: serde_json::Value = serde_json::from_str(&ls[0]).unwrap();
         e["prev_segment"] = "../etc/passwd".into();
-        e.as_object_mut().unwrap().remove("entry_hash");
-        let h = hex(&Sha256::digest(canonical(&e).as_bytes()));
-        e["entry_hash"] = h.into();
+        rehash(&mut e);
         ls[0] = e.to_string();
         rewrite(&seg2, &ls);
         assert!(verify(&p)
