@@ -19,7 +19,7 @@ pub mod commands;
 use crate::encoding::base64_encode_secret;
 use crate::luks::token::{self, PcrBank, Tpm2Token};
 use crate::luks::{self, ActivateFlags, LuksError, Vault};
-use crate::prompt::{PromptError, Prompter};
+use crate::prompt::{Ask, PromptError, Prompter, SecretKind};
 use crate::secret::SecretBytes;
 use crate::tpm::policy::{self, Bank};
 use crate::tpm::{PrimaryAlg, SealRequest, Sealed, SealedObject, Tpm, TpmError};
@@ -509,10 +509,11 @@ fn unseal_with_pin(
             return Err(TpmRefusal::PinBudget { left });
         }
         let pin = prompter
-            .ask(
-                &format!("cryptsetup-tpm2:{name}"),
-                &format!("TPM2 PIN for {name}: "),
-            )
+            .ask(&Ask::new(
+                SecretKind::Pin,
+                format!("cryptsetup-tpm2:{name}"),
+                format!("TPM2 PIN for {name}: "),
+            ))
             .map_err(TpmRefusal::Prompt)?;
         match tpm.unseal(object, Some(pin.as_bytes())) {
             Ok(s) => return Ok(s),
@@ -548,10 +549,11 @@ fn passphrase_and_slot(
 ) -> Result<(SecretBytes, u32), BootError> {
     let device = vault.device().to_string();
     for attempt in 1..=tries {
-        let pass = prompter.ask(
-            &format!("cryptsetup:{name}"),
-            &format!("Passphrase for {name} ({device}): "),
-        )?;
+        let pass = prompter.ask(&Ask::new(
+            SecretKind::Passphrase,
+            format!("cryptsetup:{name}"),
+            format!("Passphrase for {name} ({device}): "),
+        ))?;
         match vault.volume_key(None, pass.as_bytes()) {
             Ok(opened) => return Ok(opened),
             Err(e) if e.is_wrong_passphrase() => {
@@ -934,8 +936,9 @@ pub fn keep_reasons(
 }
 
 fn ask_new_pin(prompter: &mut dyn Prompter, name: &str) -> Result<SecretBytes, BootError> {
-    let a = prompter.ask(&format!("cryptenroll-pin:{name}"), "New TPM2 PIN: ")?;
-    let b = prompter.ask(&format!("cryptenroll-pin:{name}"), "Repeat the TPM2 PIN: ")?;
+    let id = format!("cryptenroll-pin:{name}");
+    let a = prompter.ask(&Ask::new(SecretKind::NewPin, id.clone(), "New TPM2 PIN: "))?;
+    let b = prompter.ask(&Ask::new(SecretKind::NewPin, id, "Repeat the TPM2 PIN: "))?;
     if a.is_empty() {
         return Err(BootError::EmptyPin);
     }

@@ -261,7 +261,11 @@ pub fn request(socket: &Path, line: &[u8], timeout: Duration) -> Result<Reply, C
 pub fn read_passphrase() -> Result<SecretBytes, ClientError> {
     use crate::prompt::Prompter;
     crate::prompt::Console::new()
-        .ask("vaultguard:unlock", "Vault passphrase: ")
+        .ask(&crate::prompt::Ask::new(
+            crate::prompt::SecretKind::Unlock,
+            "vaultguard:unlock",
+            "Vault passphrase: ",
+        ))
         .map_err(|e| ClientError::Prompt(e.to_string()))
 }
 

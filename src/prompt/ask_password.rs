@@ -3,7 +3,7 @@
 //! `systemd-tty-ask-password-agent`) sends `+<passphrase>` or `-` there. Only
 //! answers from root are accepted (SO_PASSCRED).
 
-use super::{PromptError, Prompter, MAX_SECRET};
+use super::{Ask, PromptError, Prompter, MAX_SECRET};
 use crate::secret::SecretBytes;
 use nix::sys::socket::{
     bind, recvmsg, setsockopt, socket, sockopt, AddressFamily, ControlMessageOwned, MsgFlags,
@@ -81,7 +81,8 @@ pub fn request_text(pid: u32, socket: &Path, id: &str, message: &str) -> String 
 }
 
 impl Prompter for AskPassword {
-    fn ask(&mut self, id: &str, message: &str) -> Result<SecretBytes, PromptError> {
+    fn ask(&mut self, req: &Ask) -> Result<SecretBytes, PromptError> {
+        let (id, message) = (req.id.as_str(), req.message.as_str());
         let io = |e: nix::Error| PromptError::Io(std::io::Error::from(e));
         let sock_path = self.dir.join(unique("sck"));
         let ask_path = self.dir.join(unique("ask"));
@@ -152,6 +153,7 @@ impl Prompter for AskPassword {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prompt::SecretKind;
     use nix::sys::socket::{sendto, MsgFlags as F};
 
     #[test]
@@ -219,13 +221,17 @@ mod tests {
         let dir = crate::testutil::TmpDir::new("ask");
         let a = agent(dir.to_path_buf(), b"+s3cret");
         let got = AskPassword::in_dir(&dir)
-            .ask("cryptsetup:v", "Passphrase for v")
+            .ask(&Ask::new(
+                SecretKind::Passphrase,
+                "cryptsetup:v",
+                "Passphrase for v",
+            ))
             .unwrap();
         assert_eq!(got.as_bytes(), b"s3cret");
         assert!(a.join().unwrap().contains("Message=Passphrase for v"));
         let a = agent(dir.to_path_buf(), b"-");
         assert!(matches!(
-            AskPassword::in_dir(&dir).ask("i", "m"),
+            AskPassword::in_dir(&dir).ask(&Ask::new(SecretKind::Passphrase, "i", "m")),
             Err(PromptError::Cancelled)
         ));
         a.join().unwrap();

@@ -38,11 +38,68 @@ impl fmt::Display for PromptError {
 
 impl std::error::Error for PromptError {}
 
+/// What a secret is for: decides the wording, the cache and the credential that apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretKind {
+    /// A LUKS passphrase or recovery key for a volume.
+    Passphrase,
+    /// The TPM2 PIN of a volume's token.
+    Pin,
+    /// A new TPM2 PIN being chosen at enrolment.
+    NewPin,
+    /// The vault passphrase sent to the supervisor.
+    Unlock,
+}
+
+/// How typed characters are shown (systemd-cryptsetup's `password-echo=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Echo {
+    /// Nothing is shown (`password-echo=no`).
+    Off,
+    /// One `*` per character (`password-echo=masked`, systemd's default).
+    #[default]
+    Masked,
+    /// The characters themselves (`password-echo=yes`).
+    On,
+}
+
+/// One request for a secret.
+#[derive(Debug, Clone)]
+pub struct Ask {
+    /// The ask-password `Id=`; agents (plymouth, clevis-luks-askpass) match on it,
+    /// so it follows systemd: `cryptsetup:<device path>`.
+    pub id: String,
+    /// The text shown.
+    pub message: String,
+    pub kind: SecretKind,
+    /// The kernel keyring cache name (systemd's `cryptsetup`), or none.
+    pub keyname: Option<String>,
+    /// Whether a cached answer may be used (systemd's `AcceptCached=`).
+    pub accept_cached: bool,
+    /// How long to wait for an answer (crypttab's `timeout=`); none: forever.
+    pub timeout: Option<std::time::Duration>,
+    pub echo: Echo,
+}
+
+impl Ask {
+    /// A request with no cache, no timeout and echo off.
+    pub fn new(kind: SecretKind, id: impl Into<String>, message: impl Into<String>) -> Ask {
+        Ask {
+            id: id.into(),
+            message: message.into(),
+            kind,
+            keyname: None,
+            accept_cached: false,
+            timeout: None,
+            echo: Echo::Off,
+        }
+    }
+}
+
 /// Something that can ask for a secret and tell the operator one line.
 pub trait Prompter {
-    /// Ask for a secret. `id` identifies the request (`cryptsetup:NAME`), `message`
-    /// is shown. Returns `Err(Cancelled)` on EOF or cancel.
-    fn ask(&mut self, id: &str, message: &str) -> Result<SecretBytes, PromptError>;
+    /// Ask for a secret. Returns `Err(Cancelled)` on EOF or cancel.
+    fn ask(&mut self, req: &Ask) -> Result<SecretBytes, PromptError>;
     /// Show one line to the operator (status, reasons for a fallback).
     fn say(&mut self, line: &str);
 }
@@ -62,7 +119,7 @@ pub fn system_prompter(headless: bool) -> Box<dyn Prompter> {
 pub struct Headless;
 
 impl Prompter for Headless {
-    fn ask(&mut self, _id: &str, _message: &str) -> Result<SecretBytes, PromptError> {
+    fn ask(&mut self, _req: &Ask) -> Result<SecretBytes, PromptError> {
         Err(PromptError::NoTerminal("running headless".into()))
     }
     fn say(&mut self, line: &str) {
@@ -112,9 +169,9 @@ impl Default for Console {
 }
 
 impl Prompter for Console {
-    fn ask(&mut self, _id: &str, message: &str) -> Result<SecretBytes, PromptError> {
+    fn ask(&mut self, req: &Ask) -> Result<SecretBytes, PromptError> {
         let tty = self.open()?;
-        write!(tty, "{message}").map_err(PromptError::Io)?;
+        write!(tty, "{}", req.message).map_err(PromptError::Io)?;
         tty.flush().map_err(PromptError::Io)?;
         let guard = EchoOff::new(tty.as_fd().try_clone_to_owned().map_err(PromptError::Io)?)?;
         let answer = read_line(tty);
@@ -213,8 +270,8 @@ impl Scripted {
 }
 
 impl Prompter for Scripted {
-    fn ask(&mut self, id: &str, message: &str) -> Result<SecretBytes, PromptError> {
-        self.asked.push(format!("{id}|{message}"));
+    fn ask(&mut self, req: &Ask) -> Result<SecretBytes, PromptError> {
+        self.asked.push(format!("{}|{}", req.id, req.message));
         self.answers.pop_front().ok_or(PromptError::Cancelled)
     }
     fn say(&mut self, line: &str) {
@@ -248,9 +305,10 @@ mod tests {
     #[test]
     fn scripted_answers_in_order_then_cancels() {
         let mut p = Scripted::new(&["a", "b"]);
-        assert_eq!(p.ask("x", "m").unwrap().as_bytes(), b"a");
-        assert_eq!(p.ask("x", "m").unwrap().as_bytes(), b"b");
-        assert!(matches!(p.ask("x", "m"), Err(PromptError::Cancelled)));
+        let q = Ask::new(SecretKind::Passphrase, "x", "m");
+        assert_eq!(p.ask(&q).unwrap().as_bytes(), b"a");
+        assert_eq!(p.ask(&q).unwrap().as_bytes(), b"b");
+        assert!(matches!(p.ask(&q), Err(PromptError::Cancelled)));
         assert_eq!(p.asked.len(), 3);
     }
 }
