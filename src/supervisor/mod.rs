@@ -18,6 +18,7 @@ pub mod event_loop;
 pub mod idle;
 pub mod lockout;
 pub mod machine;
+pub mod metrics;
 pub mod state_file;
 pub mod system;
 pub mod tpm_anchor;
