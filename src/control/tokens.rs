@@ -248,6 +248,31 @@ pub fn save(path: &Path, file: &TokenFile) -> Result<(), TokenError> {
     })
 }
 
+/// At the supervisor's start: a token whose role does not exist (the
+/// configuration lost it since `token issue`) is refused by name, like a grant of
+/// an unknown role. An unreadable file is not an error here: token clients are
+/// refused with the reason while root keeps the socket.
+pub fn check_roles(path: &Path, has_role: impl Fn(&str) -> bool) -> Result<(), String> {
+    let Ok(file) = load(path) else {
+        return Ok(());
+    };
+    match file
+        .tokens
+        .iter()
+        .find(|e| e.revoked.is_none() && !has_role(&e.role))
+    {
+        Some(e) => Err(format!(
+            "token `{}` in {} has role `{}`, which does not exist in the configuration: \
+             define it under control.roles, or `vaultguard token revoke {}`",
+            e.name,
+            path.display(),
+            e.role.escape_default(),
+            e.name
+        )),
+        None => Ok(()),
+    }
+}
+
 /// A token that was accepted: its name and role.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {

@@ -207,6 +207,13 @@ impl Supervisor {
         backend: Box<dyn VaultBackend>,
         opts: Options,
     ) -> Result<Supervisor, SupervisorError> {
+        // The configuration was validated at load; a policy error here means it
+        // was built by hand, and is refused the same way. Both before the socket
+        // is bound, so that a refused start leaves nothing behind.
+        let policy = crate::control::roles::Policy::from_config(&cfg.control)
+            .map_err(|e| SupervisorError::Access(e.to_string()))?;
+        crate::control::tokens::check_roles(&cfg.control.tokens_file, |r| policy.has_role(r))
+            .map_err(SupervisorError::Access)?;
         let socket_path = cfg.control.socket.clone();
         let listener = bind(&socket_path)?;
         let meta = std::fs::metadata(&socket_path).map_err(|err| SupervisorError::Socket {
@@ -239,14 +246,6 @@ impl Supervisor {
             opts.auto_lock_override,
             opts.warn_before,
         );
-        // The configuration was validated at load; a policy error here means
-        // it was built by hand, and is refused the same way.
-        let policy = crate::control::roles::Policy::from_config(&cfg.control).map_err(|e| {
-            SupervisorError::Sys {
-                what: "control configuration",
-                err: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
-            }
-        })?;
         let machine = Machine::start(settings, backend, now()).with_access(
             policy,
             &cfg.control.tokens_file,
