@@ -87,11 +87,9 @@ impl Metrics {
     /// Count what one effect says happened.
     pub fn observe(&mut self, e: &Effect) {
         match e {
-            Effect::Publish(snap) => {
-                if snap.state != self.state {
-                    self.state = snap.state.clone();
-                    self.dirty = true;
-                }
+            Effect::Publish(snap) if snap.state != self.state => {
+                self.state = snap.state.clone();
+                self.dirty = true;
             }
             Effect::Audit { event, fields } => {
                 match *event {
