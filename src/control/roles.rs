@@ -111,7 +111,7 @@ impl CommandSet {
 }
 
 /// Who is asking: the name every audit entry and metric uses (`uid:1000`,
-/// `token:ci-runner`, `root`), what it may run and at what rate.
+/// `token:ci-runner`, `uid:0` for root), what it may run and at what rate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub name: String,
@@ -249,7 +249,7 @@ impl Policy {
     pub fn for_peer(&self, peer: &Peer) -> Identity {
         if peer.uid == 0 {
             return Identity {
-                name: "root".into(),
+                name: "uid:0".into(),
                 uid: 0,
                 pid: peer.pid,
                 role: "admin".into(),

@@ -10,8 +10,9 @@
 //! run inline: they are the vault's own work and are bounded by their tools.
 //!
 //! Connection slots are the one thing other local users can exhaust, so they are
-//! rationed by who is asking (see [`admit`]): a uid that `control.allow` grants no
-//! command is answered once and closed at accept; one non-root uid holds at most a
+//! rationed by who is asking (see [`admit`]): a uid that neither `control.allow`
+//! nor `control.grants` gives a command is answered once and closed at accept
+//! (unless a usable bearer token exists, which any uid may present); one non-root uid holds at most a
 //! quarter of `max_clients`; all non-root uids together leave [`root_reserve`]
 //! slots that only root can use. A connection's deadline is renewed only by a
 //! request it was allowed to run: denied or malformed lines are answered but do not
