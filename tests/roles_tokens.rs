@@ -606,6 +606,15 @@ fn malformed_and_huge_tokens_get_one_error_and_slow_nobody() {
         reasons.contains(&"malformed") && reasons.contains(&"unknown"),
         "{reasons:?}"
     );
+    // The 1 MiB line is audited too, naming who sent it and nothing of it.
+    let long: Vec<&Value> = audit
+        .iter()
+        .filter(|e| e["event"] == "request_too_long")
+        .collect();
+    assert_eq!(long.len(), 1, "{long:?}");
+    assert_eq!(long[0]["identity"], "uid:0");
+    let text = h.audit_text();
+    assert!(!text.contains(&"A".repeat(64)) && !text.contains(&good));
 }
 
 #[test]

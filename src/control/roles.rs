@@ -587,6 +587,30 @@ impl Gate {
         }]
     }
 
+    /// A request line over the length limit (a 1 MiB token, say): nothing of it
+    /// was parsed, so the entry names the peer's uid only.
+    pub fn oversized(&mut self, peer: &Peer, now_ms: u64) -> Vec<Note> {
+        let identity = format!("uid:{}", peer.uid);
+        let Some(suppressed) = self.coalesced(&identity, "request_too_long", now_ms) else {
+            return Vec::new();
+        };
+        vec![Note {
+            event: "request_too_long",
+            fields: vec![
+                ("identity", Val::Str(identity)),
+                ("uid", u64::from(peer.uid).into()),
+                ("pid", u64::try_from(peer.pid).unwrap_or(0).into()),
+                ("suppressed_since_last", suppressed.into()),
+            ],
+            log: Some(format!(
+                "refused a request line over {} bytes from uid {} (pid {})",
+                crate::control::protocol::MAX_LINE,
+                peer.uid,
+                peer.pid
+            )),
+        }]
+    }
+
     /// What was counted but not yet written: one entry per identity and event,
     /// so that a stop loses no count.
     pub fn flush(&mut self) -> Vec<Note> {

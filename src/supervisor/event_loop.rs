@@ -590,6 +590,8 @@ fn answer_lines(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
             Some(Framed::TooLong) => {
                 c.input.clear();
                 c.closing = true;
+                // Whatever it carried (a 1 MiB token, a passphrase) was not read.
+                machine.oversized(&c.peer, now());
                 Response::failed(&ProtocolError::LineTooLong.to_string(), None)
             }
             Some(Framed::Line(None)) => continue,

@@ -420,6 +420,13 @@ impl Machine {
         (r, true)
     }
 
+    /// A request line over the limit was refused (and its connection closed):
+    /// audited, coalesced per uid, without anything it carried.
+    pub fn oversized(&mut self, peer: &Peer, now: Now) {
+        let notes = self.gate.oversized(peer, now.mono_ms);
+        self.notes(notes);
+    }
+
     /// A lock or unlock sequence that succeeded: how long it took.
     fn time_sequence(&mut self, fx: &[Effect], started: std::time::Instant) {
         let secs = started.elapsed().as_secs_f64();
