@@ -1,8 +1,10 @@
 //! Wire format of the control socket (SPEC §3): one JSON object per line in, one out.
 //!
-//! Requests are `{"cmd":"status"}`, `{"cmd":"lock"}`, `{"cmd":"keepalive"}` and
-//! `{"cmd":"unlock","passphrase":"..."}`; unknown extra keys are ignored so that the
-//! appliance's existing clients keep working. Responses are serde-derived types whose
+//! Requests are `{"cmd":"status"}`, `{"cmd":"lock"}`, `{"cmd":"keepalive"}`,
+//! `{"cmd":"metrics"}` and `{"cmd":"unlock","passphrase":"..."}`; any of them may
+//! carry `"token":"vg_..."` (a bearer token, judged and hashed in place by
+//! [`crate::control::tokens::presented`], never copied). Unknown extra keys are
+//! ignored so that the appliance's existing clients keep working. Responses are serde-derived types whose
 //! field order is the documented key order.
 //!
 //! **Passphrase handling.** serde_json would unescape a passphrase containing
