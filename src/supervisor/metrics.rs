@@ -126,8 +126,9 @@ impl Metrics {
         bump(&mut self.rate_limited, identity);
     }
 
-    /// The start of a run of rate-limited requests (audited): worth a write.
-    pub fn rate_limit_begun(&mut self) {
+    /// Something worth a textfile write that no effect shows (the start of a run
+    /// of rate-limited requests, audited: the counts so far go out with it).
+    pub fn mark_changed(&mut self) {
         self.dirty = true;
     }
 

@@ -264,7 +264,6 @@ impl Machine {
         };
         m.perform(fx);
         m.note(notes);
-        m.write_textfile();
         m
     }
 
@@ -283,7 +282,7 @@ impl Machine {
         }
         self.tokens = Some(store);
         self.textfile = textfile_dir.map(|d| d.join(super::metrics::TEXTFILE_NAME));
-        self.metrics.rate_limit_begun();
+        // The start's counts are still unwritten (there was no path): now.
         self.write_textfile();
         self
     }
@@ -295,10 +294,6 @@ impl Machine {
             || self.tokens.as_mut().is_some_and(|t| t.any_usable())
     }
 
-    /// The Prometheus text exposition of the metrics.
-    pub fn metrics_text(&self) -> String {
-        self.metrics.render()
-    }
     pub fn state(&self) -> VaultState {
         self.core.state()
     }
@@ -361,7 +356,6 @@ impl Machine {
                                 .token_refused(peer, r.name.as_deref(), r.why, now.mono_ms);
                         self.metrics.token_refused(r.why.as_str());
                         self.notes(notes);
-                        self.write_textfile();
                         return (Response::failed(&r.message, None), false);
                     }
                 }
@@ -390,7 +384,8 @@ impl Machine {
             Verdict::RateLimited { retry_after } => {
                 self.metrics.rate_limited(&who.name);
                 if begun {
-                    self.metrics.rate_limit_begun();
+                    // Written once per run, not per refused request.
+                    self.metrics.mark_changed();
                     self.write_textfile();
                 }
                 return (Response::failed("rate limited", Some(retry_after)), false);
@@ -472,12 +467,12 @@ impl Machine {
 
     /// Rewrite the textfile if a metric it shows changed.
     fn write_textfile(&mut self) {
-        if !self.metrics.take_dirty() {
-            return;
-        }
         let Some(path) = &self.textfile else {
             return;
         };
+        if !self.metrics.take_dirty() {
+            return;
+        }
         // 0644: node-exporter runs as its own user and must read it.
         if let Err(e) =
             crate::atomic_file::write_atomic(path, self.metrics.render().as_bytes(), 0o644, 0o755)
