@@ -116,11 +116,11 @@ impl fmt::Display for ProtocolError {
             ),
             ProtocolError::PermissionDenied { uid, cmd } => write!(
                 f,
-                "permission denied: uid {uid} may not run `{cmd}` (see control.allow in the configuration)"
+                "permission denied: uid {uid} may not run `{cmd}` (see control.grants and control.allow in the configuration, or present a token)"
             ),
             ProtocolError::NoCommandAllowed { uid } => write!(
                 f,
-                "permission denied: uid {uid} may run no command on this socket (see control.allow in the configuration); closing connection"
+                "permission denied: uid {uid} may run no command on this socket (see control.grants and control.allow in the configuration); closing connection"
             ),
         }
     }
