@@ -454,7 +454,8 @@ pub struct Gate {
     buckets: HashMap<String, (Bucket, RateLimitConfig)>,
     /// Identities inside a run of rate-limited requests (begun, not yet ended).
     limited: HashMap<String, u64>,
-    coalesce: HashMap<(String, &'static str), Coalesced>,
+    /// Per event, per identity.
+    coalesce: HashMap<&'static str, HashMap<String, Coalesced>>,
 }
 
 impl Gate {
@@ -502,11 +503,16 @@ impl Gate {
         }
         if let Some(limit) = who.limit.filter(|l| l.rate > 0) {
             self.forget_idle(now_ms);
-            let (bucket, _) = self
-                .buckets
-                .entry(who.name.clone())
-                .or_insert_with(|| (Bucket::full(limit, now_ms), limit));
-            if let Err(retry_after) = bucket.take(limit, now_ms) {
+            // Looked up by reference: the common case allocates nothing.
+            if !self.buckets.contains_key(&who.name) {
+                self.buckets
+                    .insert(who.name.clone(), (Bucket::full(limit, now_ms), limit));
+            }
+            let taken = match self.buckets.get_mut(&who.name) {
+                Some((bucket, _)) => bucket.take(limit, now_ms),
+                None => Ok(()),
+            };
+            if let Err(retry_after) = taken {
                 let run = self.limited.entry(who.name.clone()).or_insert(0);
                 *run += 1;
                 if *run == 1 {
@@ -530,7 +536,7 @@ impl Gate {
                     }
                 } else {
                     // Inside a run: counted into the next `rate_limited` entry.
-                    self.count_suppressed(&who.name, "rate_limited");
+                    self.count_suppressed(&who.name, "rate_limited", now_ms);
                 }
                 return (Verdict::RateLimited { retry_after }, notes);
             }
@@ -617,8 +623,9 @@ impl Gate {
         let mut out: Vec<Note> = self
             .coalesce
             .iter()
-            .filter(|(_, c)| c.suppressed > 0)
-            .map(|((who, event), c)| Note {
+            .flat_map(|(event, m)| m.iter().map(move |(who, c)| (who, event, c)))
+            .filter(|(_, _, c)| c.suppressed > 0)
+            .map(|(who, event, c)| Note {
                 event: "suppressed_summary",
                 fields: vec![
                     ("identity", Val::Str(who.clone())),
@@ -629,7 +636,7 @@ impl Gate {
             })
             .collect();
         out.sort_by_key(|n| format!("{:?}", n.fields));
-        for c in self.coalesce.values_mut() {
+        for c in self.coalesce.values_mut().flat_map(|m| m.values_mut()) {
             c.suppressed = 0;
         }
         out
@@ -637,12 +644,7 @@ impl Gate {
 
     /// `Some(count suppressed since the last)`: write an entry now; `None`: count it.
     fn coalesced(&mut self, who: &str, event: &'static str, now_ms: u64) -> Option<u64> {
-        if self.coalesce.len() >= MAX_TRACKED {
-            self.coalesce.retain(|_, c| {
-                c.suppressed > 0 || now_ms.saturating_sub(c.last_ms) < AUDIT_INTERVAL_MS
-            });
-        }
-        let c = self.coalesce.entry((who.to_string(), event)).or_default();
+        let c = self.entry(who, event, now_ms);
         if c.last_ms != 0 && now_ms.saturating_sub(c.last_ms) < AUDIT_INTERVAL_MS {
             c.suppressed = c.suppressed.saturating_add(1);
             return None;
@@ -655,9 +657,24 @@ impl Gate {
         Some(suppressed)
     }
 
-    fn count_suppressed(&mut self, who: &str, event: &'static str) {
-        let c = self.coalesce.entry((who.to_string(), event)).or_default();
+    fn count_suppressed(&mut self, who: &str, event: &'static str, now_ms: u64) {
+        let c = self.entry(who, event, now_ms);
         c.suppressed = c.suppressed.saturating_add(1);
+    }
+
+    /// The coalescing record of `who` for `event` (entries written more than an
+    /// interval ago with nothing pending are forgotten once there are many).
+    fn entry(&mut self, who: &str, event: &'static str, now_ms: u64) -> &mut Coalesced {
+        let m = self.coalesce.entry(event).or_default();
+        if !m.contains_key(who) {
+            if m.len() >= MAX_TRACKED {
+                m.retain(|_, c| {
+                    c.suppressed > 0 || now_ms.saturating_sub(c.last_ms) < AUDIT_INTERVAL_MS
+                });
+            }
+            m.insert(who.to_string(), Coalesced::default());
+        }
+        m.get_mut(who).expect("inserted just above")
     }
 
     /// Forget buckets that are full again (they would start full anyway).
