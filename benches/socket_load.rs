@@ -3,7 +3,11 @@
 //! for a fixed time. Prints requests per second and latency percentiles as one JSON
 //! line, so qemu-tests/bench.sh can put the figures side by side.
 //!
-//!   cargo bench --bench socket_load -- SOCKET CLIENTS SECONDS
+//!   cargo bench --bench socket_load -- SOCKET CLIENTS SECONDS [TOKENS]
+//!
+//! With TOKENS (a file of bearer tokens, one per line, as `vaultguard token issue`
+//! prints them), client i sends token i mod n as `"token"` in every request, so
+//! each client is its own identity and every request is authenticated by token.
 //!
 //! Works against anything that answers one JSON line per request line (vaultguard
 //! supervise, the Python watchdog of the benchmark).
@@ -16,8 +20,25 @@ fn main() {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    if args.len() != 3 {
-        eprintln!("usage: socket_load SOCKET CLIENTS SECONDS");
+    if !(3..=4).contains(&args.len()) {
+        eprintln!("usage: socket_load SOCKET CLIENTS SECONDS [TOKENS]");
+        std::process::exit(2);
+    }
+    let tokens: Vec<String> = match args.get(3) {
+        None => Vec::new(),
+        Some(p) => std::fs::read_to_string(p)
+            .unwrap_or_else(|e| {
+                eprintln!("socket_load: cannot read the tokens file {p}: {e}");
+                std::process::exit(2)
+            })
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    };
+    if args.len() == 4 && tokens.is_empty() {
+        eprintln!("socket_load: no token in {}", args[3]);
         std::process::exit(2);
     }
     let socket = args[0].clone();
@@ -26,8 +47,12 @@ fn main() {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let started = Instant::now();
     let workers: Vec<_> = (0..clients)
-        .map(|_| {
+        .map(|i| {
             let socket = socket.clone();
+            let request = match tokens.get(i % tokens.len().max(1)) {
+                Some(t) => format!("{{\"cmd\":\"status\",\"token\":\"{t}\"}}\n"),
+                None => "{\"cmd\":\"status\"}\n".to_string(),
+            };
             std::thread::spawn(move || -> Result<(Vec<u32>, usize), String> {
                 let stream = UnixStream::connect(&socket).map_err(|e| format!("connect: {e}"))?;
                 stream
@@ -40,7 +65,7 @@ fn main() {
                 let mut line = String::new();
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    w.write_all(b"{\"cmd\":\"status\"}\n")
+                    w.write_all(request.as_bytes())
                         .map_err(|e| format!("write: {e}"))?;
                     line.clear();
                     let n = r.read_line(&mut line).map_err(|e| format!("read: {e}"))?;
@@ -78,7 +103,8 @@ fn main() {
         }
     };
     println!(
-        "{{\"clients\":{clients},\"requests\":{},\"per_second\":{:.0},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"bad_replies\":{errors},\"failed_clients\":{}}}",
+        "{{\"clients\":{clients},\"tokens\":{},\"requests\":{},\"per_second\":{:.0},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"bad_replies\":{errors},\"failed_clients\":{}}}",
+        tokens.len(),
         all.len(),
         all.len() as f64 / elapsed,
         pct(0.50),

@@ -38,6 +38,8 @@ pub enum Command {
     Audit(AuditCmd),
     Config(ConfigCmd),
     Version(VersionCmd),
+    Token(TokenCmd),
+    Metrics(MetricsCmd),
 }
 
 /// Arguments as argh should see them. systemd-cryptsetup's `attach NAME DEVICE -
@@ -193,6 +195,60 @@ pub struct ConfigCmd {
     #[argh(option)]
     pub get: Option<String>,
 }
+
+/// manage the control socket's bearer tokens (root; works with the supervisor stopped)
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "token")]
+pub struct TokenCmd {
+    #[argh(subcommand)]
+    pub command: TokenSub,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum TokenSub {
+    Issue(TokenIssueCmd),
+    List(TokenListCmd),
+    Revoke(TokenRevokeCmd),
+}
+
+/// issue a token for a client and print it once
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "issue")]
+pub struct TokenIssueCmd {
+    /// the token's name, as audit entries and metrics show it (a-z, 0-9, _ and -)
+    #[argh(option)]
+    pub name: String,
+    /// the role it carries: admin, operator, viewer, agent or one of control.roles
+    #[argh(option)]
+    pub role: String,
+    /// valid for this long (systemd time span: 90d, 12h, 30min); default: no expiry
+    #[argh(option)]
+    pub expires: Option<String>,
+}
+
+/// list the tokens: name, role, created, expires, revoked (never the token)
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "list")]
+pub struct TokenListCmd {
+    /// print JSON instead of a table
+    #[argh(switch)]
+    pub json: bool,
+}
+
+/// revoke a token by name; the supervisor refuses it from its next request
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "revoke")]
+pub struct TokenRevokeCmd {
+    /// the token's name
+    #[argh(positional)]
+    pub name: String,
+}
+
+/// print the supervisor's metrics in the Prometheus text format
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "metrics")]
+pub struct MetricsCmd {}
 
 /// print the version and the versions of the linked C libraries
 #[derive(FromArgs, Debug)]

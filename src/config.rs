@@ -26,7 +26,7 @@ pub const MAX_CHECK_INTERVAL_SECONDS: u64 = 24 * 3600;
 pub const MAX_ATTEMPTS: u32 = 1000;
 
 /// Commands of the control socket that can be authorised separately.
-pub const CONTROL_COMMANDS: [&str; 4] = ["status", "lock", "unlock", "keepalive"];
+pub const CONTROL_COMMANDS: [&str; 5] = ["status", "lock", "unlock", "keepalive", "metrics"];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -36,6 +36,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub control: ControlConfig,
     pub audit: AuditConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +102,31 @@ pub struct ControlConfig {
     pub socket: PathBuf,
     /// Per command, who may run it. Root is always allowed.
     pub allow: BTreeMap<String, Allow>,
+    /// Custom roles: name -> the commands it may run (see control::roles).
+    pub roles: BTreeMap<String, Vec<String>>,
+    /// Per role (built-in or custom), the uids and gids that hold it.
+    pub grants: BTreeMap<String, Allow>,
+    /// Root-only file of the bearer tokens' SHA-256 hashes (`vaultguard token`).
+    pub tokens_file: PathBuf,
+    /// Per role, requests per second and burst of each identity holding it.
+    pub rate_limit: BTreeMap<String, RateLimitConfig>,
+}
+
+/// A token bucket: `burst` requests at once, refilled at `rate` per second
+/// (`rate` 0: no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub rate: u32,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// node-exporter textfile collector directory: `vaultguard.prom` is
+    /// rewritten there (atomically) whenever a metric changes.
+    pub textfile_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +201,10 @@ impl Default for ControlConfig {
         ControlConfig {
             socket: "/run/vaultguard/control.sock".into(),
             allow,
+            roles: BTreeMap::new(),
+            grants: BTreeMap::new(),
+            tokens_file: "/var/lib/vaultguard/tokens.json".into(),
+            rate_limit: BTreeMap::new(),
         }
     }
 }
@@ -430,6 +460,15 @@ impl Config {
                     field: format!("control.allow.{cmd}"),
                 });
             }
+        }
+        if let Err(e) = crate::control::roles::Policy::from_config(&self.control) {
+            return Err(invalid(&e.field, e.msg));
+        }
+        if !self.control.tokens_file.is_absolute() {
+            return Err(invalid(
+                "control.tokens_file",
+                "must be an absolute path".into(),
+            ));
         }
         for s in &self.vault.services {
             if s.is_empty() || s.starts_with('-') || s.contains(char::is_whitespace) {

@@ -183,6 +183,8 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 Some(key) => println!("{}", cfg.get(key)?),
             }
         }
+        Command::Token(t) => return vaultguard::control::token_cli::run(&load_config(&args)?, t),
+        Command::Metrics(_) => return vaultguard::control::metrics_cli::run(&load_config(&args)?),
         Command::Version(_) => {
             println!("vaultguard {}", env!("CARGO_PKG_VERSION"));
             println!("libcryptsetup {} (static)", env!("VG_CRYPTSETUP_VERSION"));

@@ -359,9 +359,17 @@ fn every_request_has_the_documented_response_shape() {
         std::fs::read(dir.join("state.json")).unwrap(),
         std::fs::read(dir.join("compat").join("vault-state")).unwrap()
     );
+    // A keepalive postpones the auto-lock: its decision is audited (coalesced
+    // per identity, issue 17); status reads are not.
     assert_eq!(
         h.audit_events(),
-        ["supervisor_start", "lock", "unlock_failed", "unlock"]
+        [
+            "supervisor_start",
+            "lock",
+            "unlock_failed",
+            "unlock",
+            "keepalive"
+        ]
     );
     // No passphrase anywhere on disk.
     for f in [dir.join("audit.jsonl"), dir.join("state.json")] {

@@ -1,8 +1,10 @@
 //! Wire format of the control socket (SPEC §3): one JSON object per line in, one out.
 //!
-//! Requests are `{"cmd":"status"}`, `{"cmd":"lock"}`, `{"cmd":"keepalive"}` and
-//! `{"cmd":"unlock","passphrase":"..."}`; unknown extra keys are ignored so that the
-//! appliance's existing clients keep working. Responses are serde-derived types whose
+//! Requests are `{"cmd":"status"}`, `{"cmd":"lock"}`, `{"cmd":"keepalive"}`,
+//! `{"cmd":"metrics"}` and `{"cmd":"unlock","passphrase":"..."}`; any of them may
+//! carry `"token":"vg_..."` (a bearer token, judged and hashed in place by
+//! [`crate::control::tokens::presented`], never copied). Unknown extra keys are
+//! ignored so that the appliance's existing clients keep working. Responses are serde-derived types whose
 //! field order is the documented key order.
 //!
 //! **Passphrase handling.** serde_json would unescape a passphrase containing
@@ -29,6 +31,7 @@ pub enum Request {
     Lock,
     Keepalive,
     Unlock(SecretBytes),
+    Metrics,
 }
 
 impl Request {
@@ -39,6 +42,7 @@ impl Request {
             Request::Lock => "lock",
             Request::Keepalive => "keepalive",
             Request::Unlock(_) => "unlock",
+            Request::Metrics => "metrics",
         }
     }
 }
@@ -92,7 +96,7 @@ impl fmt::Display for ProtocolError {
             ProtocolError::DuplicateField(k) => write!(f, "duplicate field `{k}`"),
             ProtocolError::UnknownCommand(c) => write!(
                 f,
-                "unknown command `{}` (expected status, lock, unlock or keepalive)",
+                "unknown command `{}` (expected status, lock, unlock, keepalive or metrics)",
                 c.escape_default()
             ),
             ProtocolError::NotUtf8(k) => write!(f, "field `{k}` is not valid UTF-8"),
@@ -112,11 +116,11 @@ impl fmt::Display for ProtocolError {
             ),
             ProtocolError::PermissionDenied { uid, cmd } => write!(
                 f,
-                "permission denied: uid {uid} may not run `{cmd}` (see control.allow in the configuration)"
+                "permission denied: uid {uid} may not run `{cmd}` (see control.grants and control.allow in the configuration, or present a token)"
             ),
             ProtocolError::NoCommandAllowed { uid } => write!(
                 f,
-                "permission denied: uid {uid} may run no command on this socket (see control.allow in the configuration); closing connection"
+                "permission denied: uid {uid} may run no command on this socket (see control.grants and control.allow in the configuration); closing connection"
             ),
         }
     }
@@ -127,6 +131,14 @@ impl std::error::Error for ProtocolError {}
 /// Parse one request line (without its newline). The line may hold a passphrase:
 /// nothing here copies it except into the returned [`SecretBytes`].
 pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
+    parse_request_with_token(line).map(|(r, _)| r)
+}
+
+/// [`parse_request`], and the request's `token` field if it has one, judged and
+/// hashed straight from the line (see [`crate::control::tokens::presented`]).
+pub fn parse_request_with_token(
+    line: &[u8],
+) -> Result<(Request, Option<crate::control::tokens::Presented>), ProtocolError> {
     if line.len() > MAX_LINE {
         return Err(ProtocolError::LineTooLong);
     }
@@ -135,10 +147,12 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
     let fields = scan_top_level(line)?;
     let mut cmd_span = None;
     let mut pass_span = None;
+    let mut token_span = None;
     for (key, value) in fields {
         let slot = match key.as_str() {
             "cmd" => &mut cmd_span,
             "passphrase" => &mut pass_span,
+            "token" => &mut token_span,
             _ => continue,
         };
         if slot.is_some() {
@@ -158,10 +172,23 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
             })
         }
     };
-    match cmd.as_str() {
+    let token = match token_span {
+        None => None,
+        Some((_, Scanned::Str(raw))) => {
+            Some(crate::control::tokens::presented(&line[raw.0..raw.1]))
+        }
+        Some(_) => {
+            return Err(ProtocolError::WrongType {
+                field: "token",
+                expected: "a string",
+            })
+        }
+    };
+    let req = match cmd.as_str() {
         "status" => Ok(Request::Status),
         "lock" => Ok(Request::Lock),
         "keepalive" => Ok(Request::Keepalive),
+        "metrics" => Ok(Request::Metrics),
         "unlock" => match pass_span {
             None => Err(ProtocolError::MissingField("passphrase")),
             Some((_, Scanned::Str(raw))) => {
@@ -182,7 +209,8 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
             }),
         },
         _ => Err(ProtocolError::UnknownCommand(cmd)),
-    }
+    }?;
+    Ok((req, token))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -381,6 +409,9 @@ pub struct Outcome {
     state: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     warning: Option<String>,
+    /// The answer to `metrics`: the Prometheus text exposition.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics: Option<String>,
 }
 
 /// The answer to `status`: the reply's keys, then `audit_error` when the audit log
@@ -402,6 +433,19 @@ impl Response {
             retry_after: None,
             state: state.map(str::to_owned),
             warning: None,
+            metrics: None,
+        })
+    }
+
+    /// `{"success":true,"metrics":"<Prometheus text>"}`.
+    pub fn metrics(text: String) -> Self {
+        Response::Outcome(Outcome {
+            success: true,
+            error: None,
+            retry_after: None,
+            state: None,
+            warning: None,
+            metrics: Some(text),
         })
     }
 
@@ -413,6 +457,7 @@ impl Response {
             retry_after,
             state: None,
             warning: None,
+            metrics: None,
         })
     }
 
@@ -512,6 +557,37 @@ mod tests {
             b"hunter2"
         );
         assert_eq!(pass(r#"{"passphrase":"p","cmd":"unlock"}"#), b"p");
+    }
+
+    #[test]
+    fn a_token_field_is_judged_and_hashed_never_kept() {
+        use crate::control::tokens::{hash, Presented};
+        let tok = format!("vg_{}", "A".repeat(43));
+        let line = format!(r#"{{"cmd":"status","token":"{tok}"}}"#);
+        let (req, t) = parse_request_with_token(line.as_bytes()).unwrap();
+        assert!(matches!(req, Request::Status));
+        assert_eq!(t, Some(Presented::Digest(hash(tok.as_bytes()))));
+        let (_, t) = parse_request_with_token(br#"{"cmd":"metrics","token":"nope"}"#).unwrap();
+        assert_eq!(t, Some(Presented::Malformed));
+        assert_eq!(
+            parse_request_with_token(br#"{"cmd":"lock"}"#).unwrap().1,
+            None
+        );
+        assert_eq!(
+            err(r#"{"cmd":"status","token":7}"#),
+            ProtocolError::WrongType {
+                field: "token",
+                expected: "a string"
+            }
+        );
+        assert_eq!(
+            err(r#"{"cmd":"status","token":"a","token":"b"}"#),
+            ProtocolError::DuplicateField("token".into())
+        );
+        assert_eq!(
+            Response::metrics("a 1\n".into()).to_line(),
+            b"{\"success\":true,\"metrics\":\"a 1\\n\"}\n"
+        );
     }
 
     #[test]
@@ -628,7 +704,9 @@ mod tests {
         let e = err(r#"{"cmd":"reboot"}"#);
         assert_eq!(e, ProtocolError::UnknownCommand("reboot".into()));
         assert!(e.to_string().contains("`reboot`"));
-        assert!(e.to_string().contains("status, lock, unlock or keepalive"));
+        assert!(e
+            .to_string()
+            .contains("status, lock, unlock, keepalive or metrics"));
         // Case matters: the API is lower case.
         assert!(matches!(
             err(r#"{"cmd":"STATUS"}"#),

@@ -10,8 +10,9 @@
 //! run inline: they are the vault's own work and are bounded by their tools.
 //!
 //! Connection slots are the one thing other local users can exhaust, so they are
-//! rationed by who is asking (see [`admit`]): a uid that `control.allow` grants no
-//! command is answered once and closed at accept; one non-root uid holds at most a
+//! rationed by who is asking (see [`admit`]): a uid that neither `control.allow`
+//! nor `control.grants` gives a command is answered once and closed at accept
+//! (unless a usable bearer token exists, which any uid may present); one non-root uid holds at most a
 //! quarter of `max_clients`; all non-root uids together leave [`root_reserve`]
 //! slots that only root can use. A connection's deadline is renewed only by a
 //! request it was allowed to run: denied or malformed lines are answered but do not
@@ -27,12 +28,11 @@ use super::activity::ActivityWatch;
 use super::backend::VaultBackend;
 use super::machine::{Machine, Now, Settings};
 use super::{log_info, log_warn, SupervisorError};
-use crate::config::{Allow, Config, CONTROL_COMMANDS};
+use crate::config::Config;
 use crate::control::framing::{Framed, LineBuffer};
-use crate::control::protocol::{parse_request, ProtocolError, Response};
-use crate::control::{authorise, peer_of, Peer};
+use crate::control::protocol::{parse_request_with_token, ProtocolError, Response};
+use crate::control::{peer_of, Peer};
 use rustix::event::{PollFd, PollFlags};
-use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -120,9 +120,6 @@ pub struct Supervisor {
     opts: Options,
     wakeups: Arc<AtomicU64>,
     accept_paused_until: u64,
-    /// `control.allow`: the machine decides with its own copy; this one rations
-    /// connection slots and deadlines by what a peer may run.
-    allow: BTreeMap<String, Allow>,
 }
 
 /// The clocks: CLOCK_BOOTTIME (suspend counts as idle) and wall time.
@@ -211,6 +208,13 @@ impl Supervisor {
         backend: Box<dyn VaultBackend>,
         opts: Options,
     ) -> Result<Supervisor, SupervisorError> {
+        // The configuration was validated at load; a policy error here means it
+        // was built by hand, and is refused the same way. Both before the socket
+        // is bound, so that a refused start leaves nothing behind.
+        let policy = crate::control::roles::Policy::from_config(&cfg.control)
+            .map_err(|e| SupervisorError::Access(e.to_string()))?;
+        crate::control::tokens::check_roles(&cfg.control.tokens_file, |r| policy.has_role(r))
+            .map_err(SupervisorError::Access)?;
         let socket_path = cfg.control.socket.clone();
         let listener = bind(&socket_path)?;
         let meta = std::fs::metadata(&socket_path).map_err(|err| SupervisorError::Socket {
@@ -243,7 +247,11 @@ impl Supervisor {
             opts.auto_lock_override,
             opts.warn_before,
         );
-        let machine = Machine::start(settings, backend, now());
+        let machine = Machine::start(settings, backend, now()).with_access(
+            policy,
+            &cfg.control.tokens_file,
+            cfg.metrics.textfile_dir.as_deref(),
+        );
         log_info(&format!("control socket {}", socket_path.display()));
         Ok(Supervisor {
             machine,
@@ -259,7 +267,6 @@ impl Supervisor {
             opts,
             wakeups: Arc::new(AtomicU64::new(0)),
             accept_paused_until: 0,
-            allow: cfg.control.allow.clone(),
         })
     }
 
@@ -382,7 +389,7 @@ impl Supervisor {
                     flush(c);
                 }
                 if rev.intersects(PollFlags::IN | PollFlags::HUP) {
-                    busy_ms += serve(c, &mut self.machine, &self.opts, &self.allow);
+                    busy_ms += serve(c, &mut self.machine, &self.opts);
                     served = true;
                 }
             }
@@ -469,9 +476,7 @@ impl Supervisor {
                     continue;
                 }
             };
-            let may_run_any = CONTROL_COMMANDS
-                .iter()
-                .any(|cmd| authorise(&self.allow, cmd, &peer));
+            let may_run_any = self.machine.may_connect(&peer);
             let admitted = admit(
                 peer.uid,
                 may_run_any,
@@ -535,12 +540,7 @@ impl Supervisor {
 
 /// Read what the connection has, answer every complete line. Returns the time
 /// spent inside the machine (vault sequences).
-fn serve(
-    c: &mut Conn,
-    machine: &mut Machine,
-    opts: &Options,
-    allow: &BTreeMap<String, Allow>,
-) -> u64 {
+fn serve(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
     let mut busy = 0;
     for _ in 0..16 {
         if c.closing || c.dead || c.out.len() > MAX_PENDING_OUT {
@@ -552,13 +552,13 @@ fn serve(
                 // answered, then the connection closes once the answer is out.
                 if !c.input.is_empty() {
                     c.input.extend(b"\n");
-                    busy += answer_lines(c, machine, opts, allow);
+                    busy += answer_lines(c, machine, opts);
                 }
                 c.input.clear();
                 c.closing = true;
                 c.deadline = now().mono_ms + ms(opts.read_timeout);
             }
-            Ok(_) => busy += answer_lines(c, machine, opts, allow),
+            Ok(_) => busy += answer_lines(c, machine, opts),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => {
@@ -575,19 +575,14 @@ fn serve(
 /// Answer every complete line in the connection's buffer. Only a request the peer
 /// may run renews its deadline: an answer to a denied or malformed line is not
 /// progress, or one such line every few seconds would hold a slot for ever.
-fn answer_lines(
-    c: &mut Conn,
-    machine: &mut Machine,
-    opts: &Options,
-    allow: &BTreeMap<String, Allow>,
-) -> u64 {
+fn answer_lines(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
     let mut busy = 0;
     while c.out.len() <= MAX_PENDING_OUT {
         let framed = c.input.next_line(|line| {
             if line.iter().all(u8::is_ascii_whitespace) {
                 None
             } else {
-                Some(parse_request(line))
+                Some(parse_request_with_token(line))
             }
         });
         let response = match framed {
@@ -595,16 +590,17 @@ fn answer_lines(
             Some(Framed::TooLong) => {
                 c.input.clear();
                 c.closing = true;
+                // Whatever it carried (a 1 MiB token, a passphrase) was not read.
+                machine.oversized(&c.peer, now());
                 Response::failed(&ProtocolError::LineTooLong.to_string(), None)
             }
             Some(Framed::Line(None)) => continue,
             Some(Framed::Line(Some(Err(e)))) => Response::failed(&e.to_string(), None),
-            Some(Framed::Line(Some(Ok(req)))) => {
-                // The machine decides again (and audits a denial); this answer only
-                // says whether the line counts as progress.
-                let allowed = authorise(allow, req.name(), &c.peer);
+            Some(Framed::Line(Some(Ok((req, token))))) => {
+                // The machine identifies, authorises and rate-limits once; it says
+                // whether the request ran, which is what counts as progress.
                 let before = now();
-                let r = machine.handle(&c.peer, req, before);
+                let (r, allowed) = machine.request(&c.peer, token, req, before);
                 let after = now();
                 busy += after.mono_ms.saturating_sub(before.mono_ms);
                 if allowed {

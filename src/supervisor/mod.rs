@@ -18,6 +18,7 @@ pub mod event_loop;
 pub mod idle;
 pub mod lockout;
 pub mod machine;
+pub mod metrics;
 pub mod state_file;
 pub mod system;
 pub mod tpm_anchor;
@@ -45,6 +46,8 @@ pub enum SupervisorError {
         what: &'static str,
         err: std::io::Error,
     },
+    /// Roles, grants or the token file refused at start (the message names it).
+    Access(String),
 }
 
 impl fmt::Display for SupervisorError {
@@ -59,6 +62,7 @@ impl fmt::Display for SupervisorError {
                 path.display()
             ),
             SupervisorError::Sys { what, err } => write!(f, "{what} failed: {err}"),
+            SupervisorError::Access(m) => write!(f, "{m}"),
         }
     }
 }

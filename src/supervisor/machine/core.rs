@@ -135,7 +135,9 @@ impl Core {
         self.publish(now);
     }
 
-    /// Authorise and run one request from `peer`.
+    /// Authorise by `control.allow` alone and run one request from `peer` (the
+    /// supervisor's shell decides with roles and tokens instead and calls
+    /// [`Core::run`]).
     pub fn handle(&mut self, peer: &Peer, req: Request, now: Now) -> (Response, Vec<Effect>) {
         let cmd = req.name();
         let r = if !authorise(&self.s.allow, cmd, peer) {
@@ -145,11 +147,20 @@ impl Core {
                 None,
             )
         } else {
+            return self.run(peer.uid, req, now);
+        };
+        (r, self.fx.take())
+    }
+
+    /// Run one request that the caller has already authorised (the supervisor's
+    /// gate: roles, tokens, rate limits), on behalf of `uid` (its lockout key).
+    pub fn run(&mut self, uid: u32, req: Request, now: Now) -> (Response, Vec<Effect>) {
+        let r = {
             match req {
                 // Reading the state is not activity: a dashboard polling status
                 // must not keep the vault open forever.
                 Request::Status => {
-                    let r = Response::status(&self.status(peer.uid, now));
+                    let r = Response::status(&self.status(uid, now));
                     match &self.audit_error {
                         Some(e) => r.with_audit_error(e),
                         None => r,
@@ -161,9 +172,11 @@ impl Core {
                 }
                 Request::Lock => {
                     self.idle.touch(now.mono_ms, now.wall_ms);
-                    self.lock_sequence(LockReason::Manual, Some(peer.uid), now)
+                    self.lock_sequence(LockReason::Manual, Some(uid), now)
                 }
-                Request::Unlock(passphrase) => self.unlock_sequence(&passphrase, peer.uid, now),
+                Request::Unlock(passphrase) => self.unlock_sequence(&passphrase, uid, now),
+                // The shell owns the counters and answers this itself.
+                Request::Metrics => Response::failed("metrics are not available here", None),
             }
         };
         (r, self.fx.take())

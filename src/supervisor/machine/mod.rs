@@ -12,6 +12,11 @@
 //!   effects in order (audit appends and rotation, state files, the lockout file,
 //!   journald-prefixed log lines), and tells the core when auditing fails.
 //!
+//! The shell also holds the gate of the control socket (roles, bearer tokens, rate
+//! limits: [`crate::control::roles`], [`crate::control::tokens`]), so that each
+//! request is authorised once, before the core runs it, and the metrics
+//! ([`super::metrics`]), counted from the effects it performs.
+//!
 //! Neither layer touches sockets or clocks: times come in as [`Now`].
 
 mod anchoring;
@@ -32,8 +37,11 @@ use crate::audit;
 use crate::audit::anchor::Anchor;
 use crate::config::{Allow, Config};
 use crate::control::protocol::{Request, Response, StatusReply};
+use crate::control::roles::{self, Gate, Note, Val, Verdict};
+use crate::control::tokens;
 use crate::control::Peer;
 use crate::secret::SecretBytes;
+use crate::supervisor::metrics::Metrics;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -185,6 +193,10 @@ fn valid_detail(d: &str) -> bool {
 /// The shell around [`Core`]: same calls, with the effects performed.
 pub struct Machine {
     core: Core,
+    gate: Gate,
+    tokens: Option<tokens::Store>,
+    metrics: Metrics,
+    textfile: Option<PathBuf>,
     lockout_path: PathBuf,
     audit_path: Option<PathBuf>,
     audit_rotate_size: u64,
@@ -227,9 +239,23 @@ impl Machine {
         let audit_path = s.audit_path.clone();
         let audit_rotate_size = s.audit_rotate_size;
         let state_files = s.state_files.clone();
+        // Until `with_access` gives the full control configuration: the
+        // `control.allow` table the settings carry (no roles, no tokens).
+        let policy = roles::Policy::from_config(&crate::config::ControlConfig {
+            allow: s.allow.clone(),
+            ..crate::config::ControlConfig::default()
+        })
+        .unwrap_or_else(|_| {
+            roles::Policy::from_config(&crate::config::ControlConfig::default())
+                .expect("the default control configuration is valid")
+        });
         let (core, fx) = Core::start(s, backend, hint, lockout, now);
         let mut m = Machine {
             core,
+            gate: Gate::new(policy),
+            tokens: None,
+            metrics: Metrics::new(),
+            textfile: None,
             lockout_path,
             audit_path,
             audit_rotate_size,
@@ -239,6 +265,33 @@ impl Machine {
         m.perform(fx);
         m.note(notes);
         m
+    }
+
+    /// Authorise with the configuration's roles, grants, rate limits and token
+    /// file, and write the metrics textfile to `textfile_dir` on each change.
+    pub fn with_access(
+        mut self,
+        policy: roles::Policy,
+        tokens_file: &Path,
+        textfile_dir: Option<&Path>,
+    ) -> Machine {
+        self.gate = Gate::new(policy);
+        let mut store = tokens::Store::new(tokens_file);
+        if let Some(e) = store.news.take() {
+            super::log_warn(&format!("{e}; token clients are refused until it is fixed"));
+        }
+        self.tokens = Some(store);
+        self.textfile = textfile_dir.map(|d| d.join(super::metrics::TEXTFILE_NAME));
+        // The start's counts are still unwritten (there was no path): now.
+        self.write_textfile();
+        self
+    }
+
+    /// May `peer` hold a connection at all: some command is granted to it, or a
+    /// token could be presented on it.
+    pub fn may_connect(&mut self, peer: &Peer) -> bool {
+        !self.gate.policy().for_peer(peer).commands.is_empty()
+            || self.tokens.as_mut().is_some_and(|t| t.any_usable())
     }
 
     pub fn state(&self) -> VaultState {
@@ -266,14 +319,169 @@ impl Machine {
         self.perform(fx);
     }
 
-    /// Authorise and run one request from `peer`.
+    /// Authorise and run one request from `peer` (no token).
     pub fn handle(&mut self, peer: &Peer, req: Request, now: Now) -> Response {
+        self.request(peer, None, req, now).0
+    }
+
+    /// Identify (by `token` if one was presented, else by the peer's
+    /// credentials), authorise and rate-limit once, then run one request. The
+    /// bool: the request was allowed to run (it counts as a connection's progress).
+    pub fn request(
+        &mut self,
+        peer: &Peer,
+        token: Option<tokens::Presented>,
+        req: Request,
+        now: Now,
+    ) -> (Response, bool) {
+        let who = match token {
+            None => self.gate.policy().for_peer(peer),
+            Some(p) => {
+                let found = match &mut self.tokens {
+                    Some(store) => store.lookup(&p, now.wall_s()),
+                    None => Err(tokens::Refused {
+                        why: crate::control::roles::TokenRefusal::StoreUnreadable,
+                        name: None,
+                        message: "this supervisor accepts no tokens".into(),
+                    }),
+                };
+                if let Some(e) = self.tokens.as_mut().and_then(|t| t.news.take()) {
+                    super::log_warn(&format!("{e}; token clients are refused until it is fixed"));
+                }
+                match found {
+                    Ok(a) => self.gate.policy().for_token(&a.name, &a.role, peer),
+                    Err(r) => {
+                        let notes =
+                            self.gate
+                                .token_refused(peer, r.name.as_deref(), r.why, now.mono_ms);
+                        self.metrics.token_refused(r.why.as_str());
+                        self.notes(notes);
+                        return (Response::failed(&r.message, None), false);
+                    }
+                }
+            }
+        };
+        let cmd = req.name();
+        let (verdict, notes) = self.gate.decide(&who, cmd, now.mono_ms);
+        let begun = notes.iter().any(|n| n.event == "rate_limited");
+        self.notes(notes);
+        match verdict {
+            Verdict::Allowed => {}
+            Verdict::Denied => {
+                let msg = match &who.token {
+                    None => crate::control::protocol::ProtocolError::PermissionDenied {
+                        uid: peer.uid,
+                        cmd,
+                    }
+                    .to_string(),
+                    Some(name) => format!(
+                        "permission denied: token `{name}` (role {}) may not run `{cmd}`",
+                        who.role
+                    ),
+                };
+                return (Response::failed(&msg, None), false);
+            }
+            Verdict::RateLimited { retry_after } => {
+                self.metrics.rate_limited(&who.name);
+                if begun {
+                    // Written once per run, not per refused request.
+                    self.metrics.mark_changed();
+                    self.write_textfile();
+                }
+                return (Response::failed("rate limited", Some(retry_after)), false);
+            }
+        }
+        if matches!(req, Request::Metrics) {
+            return (Response::metrics(self.metrics.render()), true);
+        }
         if matches!(req, Request::Unlock(_)) {
             self.retry_audit();
         }
-        let (r, fx) = self.core.handle(peer, req, now);
+        let timed = matches!(req, Request::Lock | Request::Unlock(_));
+        let started = std::time::Instant::now();
+        let (r, mut fx) = self.core.run(who.uid, req, now);
+        if timed {
+            self.time_sequence(&fx, started);
+        }
+        // Every entry this request caused names who asked (`token:ci`, `uid:1000`).
+        for e in &mut fx {
+            if let Effect::Audit { fields, .. } = e {
+                if !fields.iter().any(|(k, _)| *k == "identity") {
+                    fields.push(("identity", Field::Str(who.name.clone())));
+                }
+            }
+        }
         self.perform(fx);
-        r
+        (r, true)
+    }
+
+    /// A request line over the limit was refused (and its connection closed):
+    /// audited, coalesced per uid, without anything it carried.
+    pub fn oversized(&mut self, peer: &Peer, now: Now) {
+        let notes = self.gate.oversized(peer, now.mono_ms);
+        self.notes(notes);
+    }
+
+    /// A lock or unlock sequence that succeeded: how long it took.
+    fn time_sequence(&mut self, fx: &[Effect], started: std::time::Instant) {
+        let secs = started.elapsed().as_secs_f64();
+        for e in fx {
+            if let Effect::Audit { event, .. } = e {
+                match *event {
+                    "lock" => self.metrics.lock_took(secs),
+                    "unlock" => self.metrics.unlock_took(secs),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Append the gate's entries (and log what it asks to).
+    fn notes(&mut self, notes: Vec<Note>) {
+        let fx = notes
+            .into_iter()
+            .flat_map(|n| {
+                let fields = n
+                    .fields
+                    .into_iter()
+                    .map(|(k, v)| {
+                        (
+                            k,
+                            match v {
+                                Val::Str(s) => Field::Str(s),
+                                Val::UInt(u) => Field::UInt(u),
+                            },
+                        )
+                    })
+                    .collect();
+                let log = n.log.map(|m| Effect::Log(Priority::Warning, m));
+                std::iter::once(Effect::Audit {
+                    event: n.event,
+                    fields,
+                })
+                .chain(log)
+            })
+            .collect();
+        self.perform(fx);
+    }
+
+    /// Rewrite the textfile if a metric it shows changed.
+    fn write_textfile(&mut self) {
+        let Some(path) = &self.textfile else {
+            return;
+        };
+        if !self.metrics.take_dirty() {
+            return;
+        }
+        // 0644: node-exporter runs as its own user and must read it.
+        if let Err(e) =
+            crate::atomic_file::write_atomic(path, self.metrics.render().as_bytes(), 0o644, 0o755)
+        {
+            super::log_warn(&format!(
+                "cannot write the metrics textfile {}: {e}",
+                path.display()
+            ));
+        }
     }
 
     /// Lock now (`uid`: who asked; `None`: the supervisor itself).
@@ -293,13 +501,18 @@ impl Machine {
 
     /// The supervisor is stopping (the vault is left as it is).
     pub fn stopping(&mut self) {
+        // Counts of coalesced entries first: a stop loses none.
+        let notes = self.gate.flush();
+        self.notes(notes);
         let fx = self.core.stopping();
         self.perform(fx);
     }
 
     /// The idle timer fired (or the caller looked at the clock): warn or lock.
     pub fn on_timer(&mut self, now: Now) {
+        let started = std::time::Instant::now();
         let fx = self.core.on_timer(now);
+        self.time_sequence(&fx, started);
         self.perform(fx);
     }
 
@@ -316,6 +529,9 @@ impl Machine {
     }
 
     fn perform(&mut self, effects: Vec<Effect>) {
+        for e in &effects {
+            self.metrics.observe(e);
+        }
         for e in effects {
             match e {
                 Effect::Audit { event, fields } => {
@@ -345,6 +561,7 @@ impl Machine {
                 Effect::Log(p, msg) => super::log(p as u8, &msg),
             }
         }
+        self.write_textfile();
     }
 
     fn append(

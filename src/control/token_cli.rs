@@ -1,0 +1,168 @@
+//! `vaultguard token issue|list|revoke`: edit the token file (see
+//! [`super::tokens`]) directly, so they work with the supervisor stopped; a
+//! running supervisor notices the new file at its next token lookup.
+//!
+//! A new token is printed once, on standard output alone (so that a script can
+//! capture it), and never stored: only its SHA-256 goes into the file. Nothing
+//! here prints a token's hash, in full or in part.
+
+use super::roles::{valid_name, Policy};
+use super::tokens::{self, Entry};
+use crate::cli::{TokenCmd, TokenSub};
+use crate::config::Config;
+use std::io::Write;
+use std::process::ExitCode;
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+pub fn run(cfg: &Config, cmd: &TokenCmd) -> Result<ExitCode> {
+    if rustix::process::geteuid().as_raw() != 0 {
+        return Err(format!(
+            "token commands need root: the token file {} is root's alone (run with sudo)",
+            cfg.control.tokens_file.display()
+        )
+        .into());
+    }
+    let path = &cfg.control.tokens_file;
+    let now = crate::audit::now_ms() / 1000;
+    match &cmd.command {
+        TokenSub::Issue(c) => {
+            if !valid_name(&c.name) {
+                return Err(format!(
+                    "`{}` is not a token name: use 1-64 characters from a-z, 0-9, `_` and `-`",
+                    c.name.escape_default()
+                )
+                .into());
+            }
+            let policy = Policy::from_config(&cfg.control).map_err(|e| e.to_string())?;
+            if !policy.has_role(&c.role) {
+                return Err(format!(
+                    "role `{}` does not exist (known: {}; define others under control.roles)",
+                    c.role.escape_default(),
+                    policy.role_names().join(", ")
+                )
+                .into());
+            }
+            let expires = match &c.expires {
+                None => None,
+                Some(s) => {
+                    let span = tokens::parse_span(s)?;
+                    if span == 0 {
+                        return Err("--expires must be longer than 0 s".into());
+                    }
+                    Some(now.saturating_add(span))
+                }
+            };
+            let mut file = tokens::load(path)?;
+            if let Some(e) = file.tokens.iter().find(|e| e.name == c.name) {
+                return Err(format!(
+                    "a token named `{}` exists already (role {}{}); choose another name, or \
+                     revoke it and issue one under a new name",
+                    e.name,
+                    e.role,
+                    if e.revoked.is_some() { ", revoked" } else { "" }
+                )
+                .into());
+            }
+            let token = tokens::generate()
+                .map_err(|e| format!("the kernel random number generator failed: {e}"))?;
+            file.tokens.push(Entry {
+                name: c.name.clone(),
+                role: c.role.clone(),
+                sha256: crate::encoding::hex_encode(&tokens::hash(token.as_bytes()).0),
+                created: now,
+                expires,
+                revoked: None,
+            });
+            tokens::save(path, &file)?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(token.as_bytes())?;
+            out.write_all(b"\n")?;
+            out.flush()?;
+            eprintln!(
+                "vaultguard: token `{}` (role {}) issued{}; it is shown only this once. A client \
+                 sends it as \"token\" in each request.",
+                c.name,
+                c.role,
+                match expires {
+                    Some(at) => format!(", valid until {}", when(at)),
+                    None => ", without expiry".into(),
+                }
+            );
+        }
+        TokenSub::List(c) => {
+            let file = tokens::load(path)?;
+            if c.json {
+                let list: Vec<serde_json::Value> = file
+                    .tokens
+                    .iter()
+                    .map(|e| {
+                        serde_json::json!({
+                            "name": e.name,
+                            "role": e.role,
+                            "created": when(e.created),
+                            "expires": e.expires.map(when),
+                            "revoked": e.revoked.map(when),
+                            "expired": e.expires.is_some_and(|at| now >= at),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                println!(
+                    "{:<24} {:<12} {:<20} {:<20} REVOKED",
+                    "NAME", "ROLE", "CREATED", "EXPIRES"
+                );
+                for e in &file.tokens {
+                    let exp = match e.expires {
+                        None => "never".to_string(),
+                        Some(at) if now >= at => format!("{} (expired)", when(at)),
+                        Some(at) => when(at),
+                    };
+                    println!(
+                        "{:<24} {:<12} {:<20} {:<20} {}",
+                        e.name,
+                        e.role,
+                        when(e.created),
+                        exp,
+                        e.revoked.map_or("-".into(), when)
+                    );
+                }
+            }
+        }
+        TokenSub::Revoke(c) => {
+            let mut file = tokens::load(path)?;
+            let Some(e) = file.tokens.iter_mut().find(|e| e.name == c.name) else {
+                return Err(format!(
+                    "no token named `{}` in {} (`vaultguard token list` shows them)",
+                    c.name.escape_default(),
+                    path.display()
+                )
+                .into());
+            };
+            if let Some(at) = e.revoked {
+                eprintln!(
+                    "vaultguard: token `{}` was already revoked at {}",
+                    e.name,
+                    when(at)
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            e.revoked = Some(now);
+            let name = e.name.clone();
+            tokens::save(path, &file)?;
+            eprintln!("vaultguard: token `{name}` revoked; the supervisor refuses it from its next request");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Seconds since the epoch as `2026-11-25T20:00:00Z`.
+fn when(s: u64) -> String {
+    let t = crate::audit::rfc3339_ms(s.saturating_mul(1000));
+    // Whole seconds: drop the `.000`.
+    match t.strip_suffix(".000Z") {
+        Some(base) => format!("{base}Z"),
+        None => t,
+    }
+}
