@@ -5,8 +5,9 @@
 //! operators' scripts match on them.
 
 use super::{
-    detach, enroll, reseal, unlock, ArgError, AuditAnchor, BootError, EnrollOptions, EnrollReport,
-    Events, KeepReason, Method, TpmOptions, UnlockOptions, Verification,
+    detach, enroll, reseal, unlock, ArgError, AuditAnchor, BootError, CrypttabUnlock,
+    EnrollOptions, EnrollReport, Events, KeepReason, Method, TpmOptions, UnlockOptions,
+    Verification,
 };
 use crate::audit;
 use crate::config::{parse_pcr_list, Config};
@@ -83,6 +84,7 @@ pub fn run_unlock(
         tries: cfg.auth.boot_tries,
         keyfile,
         flags: ActivateFlags::default(),
+        crypttab: CrypttabUnlock::default(),
     };
     let mut prompter = system_prompter(headless);
     let mut events = AuditEvents::for_config(cfg);
@@ -123,74 +125,6 @@ fn report_unlock(
     Ok(())
 }
 
-/// crypttab-style options of `vaultguard attach`.
-#[derive(Debug, Default, PartialEq)]
-pub struct AttachOptions {
-    pub flags: ActivateFlags,
-    pub headless: bool,
-    pub tries: Option<u32>,
-    pub tcti: Option<String>,
-    pub no_tpm: bool,
-    pub phase_pcr: Option<Option<u32>>,
-    pub tpm_timeout: Option<u64>,
-    pub warnings: Vec<String>,
-}
-
-/// Parse systemd-cryptsetup's option string. Unknown options are warned about, not
-/// fatal, as systemd does: a crypttab typo must not stop the boot.
-pub fn parse_attach_options(s: &str) -> AttachOptions {
-    let mut o = AttachOptions::default();
-    for opt in s
-        .split(',')
-        .map(str::trim)
-        .filter(|x| !x.is_empty() && *x != "-" && *x != "none")
-    {
-        let (k, v) = opt
-            .split_once('=')
-            .map_or((opt, None), |(k, v)| (k, Some(v)));
-        let yes = |v: Option<&str>| !matches!(v, Some("0" | "no" | "false" | "off"));
-        match k {
-            "discard" => o.flags.discard = true,
-            "readonly" | "read-only" => o.flags.readonly = true,
-            "no-read-workqueue" => o.flags.no_read_workqueue = true,
-            "no-write-workqueue" => o.flags.no_write_workqueue = true,
-            "headless" => o.headless = yes(v),
-            "tries" => match v.and_then(|v| v.parse().ok()) {
-                Some(0) | None => o
-                    .warnings
-                    .push(format!("ignoring `{opt}`: tries must be a positive number")),
-                Some(n) => o.tries = Some(n),
-            },
-            "tpm2-device" => match v {
-                Some("auto") | None => {}
-                Some(p) if p.starts_with('/') => o.tcti = Some(format!("device:{p}")),
-                Some(p) => o.tcti = Some(p.to_string()),
-            },
-            "tpm2-measure-pcr" => match v {
-                Some("no" | "false" | "0" | "off") => o.phase_pcr = Some(None),
-                Some("yes" | "true" | "on") | None => o.phase_pcr = Some(Some(15)),
-                Some(n) => match n.parse::<u32>() {
-                    Ok(p) if p < 24 => o.phase_pcr = Some(Some(p)),
-                    _ => o.warnings.push(format!("ignoring `{opt}`: not a PCR")),
-                },
-            },
-            "timeout" | "token-timeout" | "x-systemd.device-timeout" => {
-                match v.and_then(|v| v.trim_end_matches('s').parse().ok()) {
-                    Some(n) => o.tpm_timeout = Some(n),
-                    None => o.warnings.push(format!("ignoring `{opt}`: not seconds")),
-                }
-            }
-            // Options that change nothing here (PIN use and PCRs come from the token).
-            "luks" | "nofail" | "noauto" | "tpm2-pin" | "tpm2-pcrs" | "tpm2-signature"
-            | "password-echo" | "silent" | "token-only" | "keyfile-timeout" => {}
-            k if k.starts_with("x-systemd.") || k.starts_with("x-initrd.") => {}
-            "tpm2-device-none" => o.no_tpm = true,
-            _ => o.warnings.push(format!("ignoring unknown option `{opt}`")),
-        }
-    }
-    o
-}
-
 /// `vaultguard attach NAME DEVICE [KEYFILE] [OPTIONS]` (systemd-cryptsetup's syntax).
 pub fn run_attach(
     cfg: &Config,
@@ -199,11 +133,25 @@ pub fn run_attach(
     keyfile: Option<&str>,
     options: Option<&str>,
 ) -> Result<(), BootError> {
-    let o = parse_attach_options(options.unwrap_or(""));
-    let mut prompter = system_prompter(o.headless);
-    for w in &o.warnings {
+    let (opts, headless, warnings) = attach_options(cfg, name, device_arg, keyfile, options)?;
+    let mut prompter = system_prompter(headless);
+    for w in &warnings {
         prompter.say(&format!("vaultguard: {w}"));
     }
+    let mut events = AuditEvents::for_config(cfg);
+    report_unlock(cfg, &opts, prompter.as_mut(), &mut events)
+}
+
+/// The unlock an `attach` line asks for: the option table applied over the
+/// configuration. Returns the options, `headless`, and the console warnings.
+fn attach_options(
+    cfg: &Config,
+    name: &str,
+    device_arg: &str,
+    keyfile: Option<&str>,
+    options: Option<&str>,
+) -> Result<(UnlockOptions, bool, Vec<String>), BootError> {
+    let o = super::options::parse(options.unwrap_or("")).map_err(BootError::Option)?;
     let mut tpm = tpm_options(cfg);
     if let Some(t) = &o.tcti {
         tpm.tcti = t.clone();
@@ -211,8 +159,8 @@ pub fn run_attach(
     if let Some(p) = o.phase_pcr {
         tpm.phase_pcr = p;
     }
-    if let Some(t) = o.tpm_timeout {
-        tpm.timeout = Duration::from_secs(t);
+    if let Some(t) = o.token_timeout {
+        tpm.timeout = t;
     }
     let device = luks::resolve_device(device_arg, tpm.timeout.max(Duration::from_secs(5)))?;
     let keyfile = keyfile
@@ -222,12 +170,23 @@ pub fn run_attach(
         name: name.to_string(),
         device,
         tpm: (!o.no_tpm).then_some(tpm),
-        tries: o.tries.unwrap_or(cfg.auth.boot_tries),
+        tries: match o.tries {
+            // systemd: 0 is unlimited.
+            Some(0) => u32::MAX,
+            Some(n) => n,
+            None => cfg.auth.boot_tries,
+        },
         keyfile,
         flags: o.flags,
+        crypttab: CrypttabUnlock {
+            token_only: o.token_only,
+            keyfile_offset: o.keyfile_offset,
+            keyfile_size: o.keyfile_size,
+            header: o.header.clone(),
+            prompt: o.prompt(),
+        },
     };
-    let mut events = AuditEvents::for_config(cfg);
-    report_unlock(cfg, &opts, prompter.as_mut(), &mut events)
+    Ok((opts, o.headless, o.warnings))
 }
 
 /// `vaultguard detach NAME`.
@@ -404,33 +363,6 @@ pub fn run_reseal(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn crypttab_options() {
-        let o = parse_attach_options(
-            "discard,tpm2-device=auto,headless=true,tries=2,luks,x-systemd.device-timeout=30s",
-        );
-        assert!(o.flags.discard && o.headless);
-        assert_eq!(o.tries, Some(2));
-        assert_eq!(o.tcti, None);
-        assert_eq!(o.tpm_timeout, Some(30));
-        assert!(o.warnings.is_empty(), "{:?}", o.warnings);
-
-        let o = parse_attach_options(
-            "tpm2-device=/dev/tpmrm1,tpm2-measure-pcr=no,read-only,colour=red,tries=0",
-        );
-        assert_eq!(o.tcti.as_deref(), Some("device:/dev/tpmrm1"));
-        assert_eq!(o.phase_pcr, Some(None));
-        assert!(o.flags.readonly);
-        assert_eq!(o.warnings.len(), 2, "{:?}", o.warnings);
-        assert!(o.warnings[0].contains("colour"));
-
-        assert_eq!(parse_attach_options("-"), AttachOptions::default());
-        assert_eq!(
-            parse_attach_options("tpm2-measure-pcr=14").phase_pcr,
-            Some(Some(14))
-        );
-    }
 
     #[test]
     fn enrolment_arguments_are_refused_as_what_they_are() {

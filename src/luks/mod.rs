@@ -28,6 +28,9 @@ pub enum LuksError {
     WrongPassphrase,
     /// Something else in libcryptsetup or the kernel failed.
     Op { what: &'static str, msg: String },
+    /// The kernel has no device-mapper (dm_mod not loaded): nothing can be
+    /// activated or closed, whatever the name.
+    NoDeviceMapper { what: &'static str },
 }
 
 impl LuksError {
@@ -44,6 +47,12 @@ impl fmt::Display for LuksError {
             }
             LuksError::WrongPassphrase => write!(f, "no keyslot accepts this passphrase"),
             LuksError::Op { what, msg } => write!(f, "{what} failed: {msg}"),
+            LuksError::NoDeviceMapper { what } => write!(
+                f,
+                "{what} failed: the kernel has no device-mapper ({DM_CONTROL} is missing); \
+                 load it with `modprobe dm_mod` (in the initramfs: add dm_mod and dm_crypt \
+                 to it)"
+            ),
         }
     }
 }
@@ -81,6 +90,19 @@ pub fn init_library() {
     libcryptsetup_rs::set_log_callback::<()>(Some(log_callback), None);
     // SAFETY: plain library call without arguments.
     unsafe { libcryptsetup_rs_sys::crypt_token_external_disable() };
+}
+
+/// device-mapper's control node: absent when dm_mod is not loaded.
+const DM_CONTROL: &str = "/dev/mapper/control";
+
+/// Refuse early, and say why, when there is no device-mapper: libcryptsetup
+/// would report it as a name "invalid or still in use".
+fn need_device_mapper(what: &'static str, control: &Path) -> Result<(), LuksError> {
+    if control.exists() {
+        Ok(())
+    } else {
+        Err(LuksError::NoDeviceMapper { what })
+    }
 }
 
 fn op(what: &'static str) -> impl FnOnce(LibcryptErr) -> LuksError {
@@ -130,11 +152,27 @@ pub struct Vault {
 
 impl Vault {
     pub fn open(device: &str) -> Result<Vault, LuksError> {
+        Vault::open_with_header(device, None)
+    }
+
+    /// Open `device` whose LUKS2 header is `header` (crypttab's `header=`, a
+    /// detached header), or on the device itself.
+    pub fn open_with_header(device: &str, header: Option<&Path>) -> Result<Vault, LuksError> {
         let open_err = |e: LibcryptErr| LuksError::Open {
             device: device.to_string(),
-            msg: describe(&e),
+            msg: match header {
+                Some(h) => format!("with the header {}: {}", h.display(), describe(&e)),
+                None => describe(&e),
+            },
         };
-        let mut dev = CryptInit::init(Path::new(device)).map_err(open_err)?;
+        let mut dev = match header {
+            Some(h) => CryptInit::init_with_data_device(libcryptsetup_rs::Either::Right((
+                h,
+                Path::new(device),
+            ))),
+            None => CryptInit::init(Path::new(device)),
+        }
+        .map_err(open_err)?;
         dev.context_handle()
             .load::<()>(Some(EncryptionFormat::Luks2), None)
             .map_err(|e| LuksError::Open {
@@ -367,6 +405,7 @@ impl Vault {
         vk: &SecretBytes,
         flags: ActivateFlags,
     ) -> Result<(), LuksError> {
+        need_device_mapper("activating the mapping", Path::new(DM_CONTROL))?;
         self.dev
             .activate_handle()
             .activate_by_volume_key(Some(name), Some(vk.as_bytes()), flags.to_crypt())
@@ -392,6 +431,9 @@ pub struct ActivateFlags {
     /// Bypass dm-crypt's queues (`no-read-workqueue`, `no-write-workqueue`).
     pub no_read_workqueue: bool,
     pub no_write_workqueue: bool,
+    /// dm-crypt's CPU placement (`same-cpu-crypt`, `submit-from-crypt-cpus`).
+    pub same_cpu_crypt: bool,
+    pub submit_from_crypt_cpus: bool,
 }
 
 impl ActivateFlags {
@@ -409,6 +451,12 @@ impl ActivateFlags {
         if self.no_write_workqueue {
             f |= CryptActivate::NO_WRITE_WORKQUEUE;
         }
+        if self.same_cpu_crypt {
+            f |= CryptActivate::SAME_CPU_CRYPT;
+        }
+        if self.submit_from_crypt_cpus {
+            f |= CryptActivate::SUBMIT_FROM_CRYPT_CPUS;
+        }
         f
     }
 }
@@ -423,6 +471,7 @@ fn libc_enoent() -> i32 {
 
 /// Is the mapping `name` present?
 pub fn is_active(name: &str) -> Result<bool, LuksError> {
+    need_device_mapper("querying the mapping", Path::new(DM_CONTROL))?;
     match libcryptsetup_rs::status(None, name) {
         Ok(CryptStatusInfo::Active) | Ok(CryptStatusInfo::Busy) => Ok(true),
         Ok(_) => Ok(false),
@@ -505,6 +554,19 @@ fn find_by_uuid(uuid: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_device_mapper_is_named_as_such() {
+        let e = need_device_mapper("activating the mapping", Path::new("/nonexistent/control"))
+            .unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("no device-mapper") && m.contains("modprobe dm_mod"),
+            "{m}"
+        );
+        assert!(!m.contains("in use"), "{m}");
+        assert!(need_device_mapper("x", Path::new("/")).is_ok());
+    }
 
     #[test]
     fn a_non_utf8_log_line_is_kept_not_fatal() {
