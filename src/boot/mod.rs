@@ -769,6 +769,42 @@ pub fn acquire_volume_key(
     }
 }
 
+/// What `unlock --test` found: which keyslot the first key that works opens,
+/// with nothing activated and no PCR extended.
+#[derive(Debug)]
+pub struct Tested {
+    pub method: Method,
+    pub slot: u32,
+    /// The type of the LUKS2 token that lists the keyslot (`systemd-tpm2`,
+    /// `systemd-recovery`), if one does.
+    pub token_type: Option<String>,
+    /// Why the TPM was not used, when it was not.
+    pub fallback_reason: Option<TpmRefusal>,
+}
+
+/// "Will this unlock at the next boot?": the unlock up to the volume key, which
+/// is then dropped. Works without device-mapper: activation is never tried.
+pub fn test_unlock(
+    opts: &UnlockOptions,
+    prompter: &mut dyn Prompter,
+    events: &mut dyn Events,
+) -> Result<Tested, BootError> {
+    let mut vault = Vault::open_with_header(&opts.device, opts.crypttab.header.as_deref())?;
+    let got = acquire_volume_key(&mut vault, opts, prompter, events)?;
+    drop(got.vk);
+    let token_type = vault
+        .token_refs()?
+        .into_iter()
+        .find(|t| t.keyslots.contains(&got.slot))
+        .map(|t| t.kind);
+    Ok(Tested {
+        method: got.method,
+        slot: got.slot,
+        token_type,
+        fallback_reason: got.fallback_reason,
+    })
+}
+
 /// Open the vault: TPM first, then key file, then passphrase; create the mapping
 /// and latch the phase PCR.
 pub fn unlock(
