@@ -336,7 +336,7 @@ pub fn run_attach(
 
 /// The unlock an `attach` line asks for: the option table applied over the
 /// configuration. Returns the options, `headless`, and the console warnings.
-fn attach_options(
+pub fn attach_options(
     cfg: &Config,
     name: &str,
     device_arg: &str,
@@ -385,7 +385,11 @@ fn attach_options(
 /// Not open is not an error (systemd-cryptsetup: "already inactive", status 0),
 /// but it is said as such.
 pub fn run_detach(cfg: &Config, name: &str) -> Result<Summary, BootError> {
-    let was_open = luks::is_active(name)?;
+    let was_open = match luks::is_active(name) {
+        // No device-mapper: nothing can be open.
+        Err(luks::LuksError::NoDeviceMapper { .. }) => false,
+        other => other?,
+    };
     if was_open {
         let mut events = AuditEvents::for_config(cfg);
         detach(name, &mut events)?;

@@ -49,7 +49,8 @@ impl fmt::Display for LuksError {
             LuksError::Op { what, msg } => write!(f, "{what} failed: {msg}"),
             LuksError::NoDeviceMapper { what } => write!(
                 f,
-                "{what} failed: the kernel has no device-mapper ({DM_CONTROL} is missing); \
+                "{what} failed: the kernel has no device-mapper ({DM_CONTROL} is missing or has \
+                 no driver); \
                  load it with `modprobe dm_mod` (in the initramfs: add dm_mod and dm_crypt \
                  to it)"
             ),
@@ -96,13 +97,32 @@ pub fn init_library() {
 const DM_CONTROL: &str = "/dev/mapper/control";
 
 /// Refuse early, and say why, when there is no device-mapper: libcryptsetup
-/// would report it as a name "invalid or still in use".
+/// would report it as a name "invalid or still in use". The node can exist with
+/// no driver behind it (a container's static /dev): opening it is the test.
 fn need_device_mapper(what: &'static str, control: &Path) -> Result<(), LuksError> {
-    if control.exists() {
-        Ok(())
-    } else {
-        Err(LuksError::NoDeviceMapper { what })
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(control)
+    {
+        Err(e) if no_driver(&e) => Err(LuksError::NoDeviceMapper { what }),
+        // Anything else (permissions, ...) is libcryptsetup's to report.
+        _ => Ok(()),
     }
+}
+
+/// Whether opening the control node failed because there is no driver.
+fn no_driver(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound
+        || e.raw_os_error().is_some_and(|n| {
+            n == rustix::io::Errno::NODEV.raw_os_error()
+                || n == rustix::io::Errno::NXIO.raw_os_error()
+        })
+}
+
+/// Whether this kernel has a device-mapper to activate on.
+pub fn has_device_mapper() -> bool {
+    need_device_mapper("", Path::new(DM_CONTROL)).is_ok()
 }
 
 fn op(what: &'static str) -> impl FnOnce(LibcryptErr) -> LuksError {
@@ -556,6 +576,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn crypttab_flags_become_libcryptsetup_activation_flags() {
+        let all = ActivateFlags {
+            discard: true,
+            readonly: true,
+            no_read_workqueue: true,
+            no_write_workqueue: true,
+            same_cpu_crypt: true,
+            submit_from_crypt_cpus: true,
+        };
+        let f = all.to_crypt();
+        for (i, want) in [
+            CryptActivate::ALLOW_DISCARDS,
+            CryptActivate::READONLY,
+            CryptActivate::NO_READ_WORKQUEUE,
+            CryptActivate::NO_WRITE_WORKQUEUE,
+            CryptActivate::SAME_CPU_CRYPT,
+            CryptActivate::SUBMIT_FROM_CRYPT_CPUS,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            assert!(f.contains(want), "flag {i} missing: {:#x}", f.bits());
+        }
+        assert_eq!(ActivateFlags::default().to_crypt().bits(), 0);
+    }
+
+    #[test]
     fn a_missing_device_mapper_is_named_as_such() {
         let e = need_device_mapper("activating the mapping", Path::new("/nonexistent/control"))
             .unwrap_err();
@@ -565,7 +612,16 @@ mod tests {
             "{m}"
         );
         assert!(!m.contains("in use"), "{m}");
-        assert!(need_device_mapper("x", Path::new("/")).is_ok());
+        // A node with no driver behind it (a container's static /dev) opens with
+        // ENODEV; a permission problem is not a missing driver.
+        assert!(no_driver(&std::io::Error::from_raw_os_error(
+            rustix::io::Errno::NODEV.raw_os_error()
+        )));
+        assert!(!no_driver(&std::io::Error::from_raw_os_error(
+            rustix::io::Errno::ACCESS.raw_os_error()
+        )));
+        // The null device opens: that is a driver, whatever it is.
+        assert!(need_device_mapper("x", Path::new("/dev/null")).is_ok());
     }
 
     #[test]
