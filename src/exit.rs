@@ -90,7 +90,7 @@ pub fn classify(e: &(dyn Error + 'static)) -> Exit {
     if let Some(b) = e.downcast_ref::<BootError>() {
         return match b {
             BootError::BadArgument(_) | BootError::NoDevice | BootError::Option(_) => Exit::Usage,
-            BootError::TokenOnly(r) => of_refusal(r),
+            BootError::TokenOnly(r) | BootError::TestRefused(r) => of_refusal(r),
             BootError::Tpm(t) => of_tpm(t),
             _ => Exit::Error,
         };

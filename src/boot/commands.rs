@@ -120,10 +120,15 @@ fn report_test(
 ) -> Result<Summary, BootError> {
     // Nothing but the TPM can answer without a prompt: say why it refused rather
     // than that nobody could be asked.
-    if headless && opts.keyfile.is_none() && opts.tpm.is_some() {
+    let tpm_alone = headless && opts.keyfile.is_none() && opts.tpm.is_some();
+    if tpm_alone {
         opts.crypttab.token_only = true;
     }
-    let t = test_unlock(&opts, prompter, &mut super::NoEvents)?;
+    let t = match test_unlock(&opts, prompter, &mut super::NoEvents) {
+        Ok(t) => t,
+        Err(BootError::TokenOnly(why)) if tpm_alone => return Err(BootError::TestRefused(why)),
+        Err(e) => return Err(e),
+    };
     let what = match (t.method, t.token_type.as_deref()) {
         (Method::Tpm2 | Method::Tpm2Pin, _) => "the TPM2 token",
         (Method::KeyFile, _) => "the key file",

@@ -68,6 +68,9 @@ pub enum BootError {
     },
     /// `token-only`: the TPM did not open the volume and nothing else may be tried.
     TokenOnly(TpmRefusal),
+    /// `unlock --test`: the TPM would not open the volume (and nothing else was
+    /// given to try).
+    TestRefused(TpmRefusal),
     /// A crypttab option vaultguard will not run with.
     Option(options::OptionError),
     /// Enrolment's own check of what it sealed failed; nothing was written.
@@ -127,6 +130,10 @@ impl fmt::Display for BootError {
                 "the TPM2 token did not open the volume ({why}) and `token-only` allows nothing else"
             ),
             BootError::Option(e) => e.fmt(f),
+            BootError::TestRefused(why) => write!(
+                f,
+                "the TPM2 token would not unlock the volume: {why} (test only, nothing was activated)"
+            ),
             BootError::Verify(why) => write!(f, "enrolment check failed, nothing was written: {why}"),
             BootError::BadArgument(why) => why.fmt(f),
             BootError::NoDevice => write!(
