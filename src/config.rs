@@ -50,6 +50,11 @@ pub struct VaultConfig {
     pub mount: PathBuf,
     /// Filesystem type for the mount (`auto` probes ext4, xfs, btrfs).
     pub fstype: String,
+    /// crypttab options for the boot unlock (`vaultguard unlock`), as the fourth
+    /// crypttab field: the same table as `vaultguard attach` (README, "crypttab
+    /// options"); `rd.vaultguard.options=` sets it, as `rd.luks.options=` does
+    /// for systemd.
+    pub options: String,
     /// Minutes of inactivity before the supervisor locks the vault; 0 disables.
     pub auto_lock_timeout: u64,
     /// Seconds; accepted for compatibility with the appliance's polling watchdog. The
@@ -131,6 +136,7 @@ impl Default for VaultConfig {
             name: "secure-ai-vault".into(),
             mount: "/var/lib/secure-ai".into(),
             fstype: "auto".into(),
+            options: String::new(),
             auto_lock_timeout: 30,
             check_interval: 30,
             services: Vec::new(),
@@ -529,7 +535,7 @@ impl Config {
     /// Set one key by its dotted name (or a short alias). Used by the command line.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
         let full = match key {
-            "device" | "name" | "mount" | "fstype" => format!("vault.{key}"),
+            "device" | "name" | "mount" | "fstype" | "options" => format!("vault.{key}"),
             "pcrs" | "bank" | "phase_pcr" | "tcti" => format!("tpm.{key}"),
             "tpm_timeout" => "tpm.timeout".into(),
             "tries" => "auth.boot_tries".into(),
@@ -548,6 +554,7 @@ impl Config {
             "vault.name" => self.vault.name = value.into(),
             "vault.mount" => self.vault.mount = value.into(),
             "vault.fstype" => self.vault.fstype = value.into(),
+            "vault.options" => self.vault.options = value.into(),
             "vault.auto_lock_timeout" => self.vault.auto_lock_timeout = num(value)?,
             "tpm.pcrs" => self.tpm.pcrs = parse_pcr_list(value).map_err(bad)?,
             "tpm.bank" => self.tpm.bank = value.into(),
@@ -752,6 +759,15 @@ mod tests {
             );
         }
         assert!(Config::from_json(r#"{"vault":{"device":"UUID=1234"}}"#, "t").is_ok());
+    }
+
+    #[test]
+    fn rd_vaultguard_options_sets_the_boot_unlocks_crypttab_options() {
+        let mut c = Config::default();
+        assert!(c.vault.options.is_empty());
+        let w = c.apply_cmdline("ro rd.vaultguard.options=discard,tries=0,headless quiet");
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(c.vault.options, "discard,tries=0,headless");
     }
 
     #[test]

@@ -125,6 +125,48 @@ fn keyfile_offset_and_size_cut_the_key_out_of_the_file() {
 }
 
 #[test]
+fn rd_vaultguard_options_feed_the_same_table_to_the_boot_unlock() {
+    let dir = TempDir::new("rdopts");
+    let img = luks_image(dir.path(), PASS);
+    let cfg = config_file(dir.path(), "device:/nonexistent", 5);
+    let kf = dir.path().join("padded.key");
+    std::fs::write(&kf, format!("0123456789{PASS}junk")).unwrap();
+    let unlock = |cmdline: &str| {
+        let f = dir.path().join("cmdline");
+        std::fs::write(&f, cmdline).unwrap();
+        Command::new("setsid")
+            .arg("--wait")
+            .arg(vaultguard_bin())
+            .arg("-c")
+            .arg(&cfg)
+            .arg("--cmdline")
+            .arg(&f)
+            .args(["unlock", "--test", "--device"])
+            .arg(&img)
+            .arg("--key-file")
+            .arg(&kf)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = unlock(&format!(
+        "quiet rd.vaultguard.options=keyfile-offset=10,keyfile-size={},x-vaultguard.no-tpm,headless",
+        PASS.len()
+    ));
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    assert!(
+        stdout(&o).contains("the key file opens keyslot 0"),
+        "{}",
+        both(&o)
+    );
+    let o = unlock("rd.vaultguard.options=x-vaultguard.no-tpm,headless");
+    assert_ne!(code(&o), 0, "{}", both(&o));
+    let o = unlock("rd.vaultguard.options=tpm2-signature=/sig.json");
+    assert_eq!(code(&o), 2, "{}", both(&o));
+    assert!(both(&o).contains("tpm2-signature"), "{}", both(&o));
+}
+
+#[test]
 fn header_opens_a_volume_whose_header_is_detached() {
     let dir = TempDir::new("hdr");
     let data = dir.path().join("data.img");

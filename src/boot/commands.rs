@@ -11,7 +11,7 @@ use super::{
 };
 use crate::audit;
 use crate::config::{parse_pcr_list, Config};
-use crate::luks::{self, ActivateFlags};
+use crate::luks;
 use crate::prompt::{system_prompter, Ask, PromptError, Prompter, SecretKind};
 use crate::secret::SecretBytes;
 use crate::tpm::policy::Bank;
@@ -72,7 +72,9 @@ fn device(cfg: &Config, arg: Option<&str>) -> Result<String, BootError> {
 /// What a boot-path command did, for `--json` (the console lines say it in words).
 pub type Summary = serde_json::Value;
 
-/// `vaultguard unlock` (boot path). With `test`, only says which keyslot would open.
+/// `vaultguard unlock` (boot path): the configuration's device and name, with
+/// `vault.options` (`rd.vaultguard.options=`) read through the crypttab option
+/// table. With `test`, only says which keyslot would open.
 #[allow(clippy::too_many_arguments)]
 pub fn run_unlock(
     cfg: &Config,
@@ -83,17 +85,23 @@ pub fn run_unlock(
     passphrase: Option<Provisioned>,
     test: bool,
 ) -> Result<Summary, BootError> {
-    let device = device(cfg, device_arg)?;
-    let opts = UnlockOptions {
-        name: cfg.vault.name.clone(),
-        device,
-        tpm: (!no_tpm).then(|| tpm_options(cfg)),
-        tries: cfg.auth.boot_tries,
-        keyfile,
-        flags: ActivateFlags::default(),
-        crypttab: CrypttabUnlock::default(),
-    };
+    let spec = device_arg
+        .map(str::to_string)
+        .or_else(|| cfg.vault.device.clone())
+        .ok_or(BootError::NoDevice)?;
+    let (mut opts, opt_headless, warnings) =
+        attach_options(cfg, &cfg.vault.name, &spec, None, Some(&cfg.vault.options))?;
+    if no_tpm {
+        opts.tpm = None;
+    }
+    if keyfile.is_some() {
+        opts.keyfile = keyfile;
+    }
+    let headless = headless || opt_headless;
     let mut prompter = with_answer(system_prompter(headless), passphrase);
+    for w in &warnings {
+        prompter.say(&format!("vaultguard: vault.options: {w}"));
+    }
     if test {
         return report_test(opts, headless, prompter.as_mut());
     }
