@@ -148,13 +148,18 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let cfg = load_config(&args)?;
             // After boot a running supervisor owns the vault: ask it, so that its
             // lockout, audit and idle timer see the unlock.
+            // `--test` never goes to the supervisor: it must not open anything.
             if !c.local
+                && !c.test
                 && !vaultguard::handoff::in_initrd()
                 && client::is_serving(&cfg.control.socket)
             {
-                let pass = match &c.key_file {
-                    Some(path) => Some(commands::read_key_file(path)?),
-                    None => None,
+                let pass = match (&c.key_file, &c.unlock_passphrase_file) {
+                    (Some(path), _) => Some(commands::read_key_file(path)?),
+                    (None, Some(path)) => {
+                        Some(commands::Provisioned::read(path, true)?.into_secret())
+                    }
+                    (None, None) => None,
                 };
                 let reply = client::run_reply(
                     &cfg.control.socket,

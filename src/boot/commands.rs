@@ -224,6 +224,13 @@ impl Provisioned {
     }
 }
 
+impl Provisioned {
+    /// The secret itself (for the supervisor's unlock request).
+    pub fn into_secret(self) -> SecretBytes {
+        self.answer
+    }
+}
+
 fn read_stdin_secret() -> Result<SecretBytes, BootError> {
     use std::io::Read;
     let err = |err| BootError::KeyFile {
