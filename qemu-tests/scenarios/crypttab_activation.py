@@ -39,9 +39,9 @@ def run(s):
         vg --json detach {NAME}
     """, files={"/etc/padded.key": "PADDING" + harness.PASSPHRASE + "junk after the key"},
         dynamic=harness.CRYPTSETUP)
-    if b.value("attach-status", 90) != "0":
+    b.expect(rf"vaultguard: {NAME} unlocked with the key file\r?\n", 90)
+    if b.value("attach-status") != "0":
         b.fail("attach with the crypttab options failed")
-    b.expect(rf"vaultguard: {NAME} unlocked with the key file\r?\n", 30)
     for f in ("allow_discards", "same_cpu_crypt", "submit_from_crypt_cpus",
               "no_read_workqueue", "no_write_workqueue"):
         b.expect_pass(f"flag-{f}")
