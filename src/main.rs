@@ -251,10 +251,10 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 };
                 if v.public_key.is_empty() {
                     let log = vaultguard::audit::verify(&path)?;
-                    println!("{log}");
                     if v.tpm {
-                        return anchor_verdict(&load_config(&args)?, &path, &log);
+                        return anchor_verdict(&load_config(&args)?, &path, &log, json);
                     }
+                    say(json, &log.to_string());
                 } else {
                     let keys = v
                         .public_key
@@ -264,7 +264,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     let text = std::fs::read(&path)
                         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
                     let ok = export::verify_export(&path, &text, &keys)?;
-                    println!("{}: {ok}", path.display());
+                    say(json, &format!("{}: {ok}", path.display()));
                 }
             }
             AuditSub::Export(x) => {
@@ -286,12 +286,18 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     None => load_config(&args)?.audit.path,
                 };
                 match vaultguard::audit::rotate(&path)? {
-                    Some(seg) => println!(
-                        "{}: closed as {}; the new segment chains onto it",
-                        path.display(),
-                        seg.display()
+                    Some(seg) => say(
+                        json,
+                        &format!(
+                            "{}: closed as {}; the new segment chains onto it",
+                            path.display(),
+                            seg.display()
+                        ),
                     ),
-                    None => println!("{}: empty, nothing to rotate", path.display()),
+                    None => say(
+                        json,
+                        &format!("{}: empty, nothing to rotate", path.display()),
+                    ),
                 }
             }
         },
@@ -312,6 +318,7 @@ fn anchor_verdict(
     cfg: &Config,
     path: &Path,
     log: &vaultguard::audit::VerifiedLog,
+    json: bool,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
     use vaultguard::audit::anchor::{judge, Anchor};
     if let Some(m) = &log.missing_predecessor {
@@ -326,16 +333,30 @@ fn anchor_verdict(
         vaultguard::supervisor::tpm_anchor::TpmAnchor::new(&cfg.tpm.tcti, cfg.audit.tpm_nv_index);
     let value = anchor.read().map_err(|e| e.to_string())?;
     let verdict = judge(log.entry_hashes(), value);
-    println!(
-        "{}: TPM anchor {:#010x}: {verdict}",
+    let text = format!(
+        "{log}\n{}: TPM anchor {:#010x}: {verdict}",
         path.display(),
         anchor.handle()
     );
-    Ok(if verdict.intact() {
-        ExitCode::SUCCESS
+    if verdict.intact() {
+        say(json, &text);
+        Ok(ExitCode::SUCCESS)
+    } else if json {
+        println!("{}", exits::json_error(&text, exits::Exit::Error));
+        Ok(exits::Exit::Error.into())
     } else {
-        ExitCode::from(1)
-    })
+        println!("{text}");
+        Ok(exits::Exit::Error.into())
+    }
+}
+
+/// A command's text outcome, or with `--json` `{"success":true,"message":TEXT}`.
+fn say(json: bool, text: &str) {
+    if json {
+        println!("{}", serde_json::json!({"success": true, "message": text}));
+    } else {
+        println!("{text}");
+    }
 }
 
 fn client_command(

@@ -110,6 +110,31 @@ fn usage_errors_exit_2_and_print_json_when_asked() {
 }
 
 #[test]
+fn audit_commands_print_one_json_object_with_json() {
+    let dir = TempDir::new("auditjson");
+    let log = dir.path().join("audit.jsonl");
+    std::fs::write(&log, "").unwrap();
+    let log = log.to_str().unwrap();
+    let v = json(&vg(&["--json", "audit", "verify", log], None));
+    assert_eq!(v["success"], true);
+    assert!(v["message"].as_str().unwrap().contains("intact"), "{v}");
+    let o = vg(
+        &["--json", "audit", "verify", "/nonexistent/audit.jsonl"],
+        None,
+    );
+    assert_eq!(code(&o), 1);
+    let v = json(&o);
+    assert_eq!(
+        (v["success"].clone(), v["exit"].clone()),
+        (false.into(), 1.into())
+    );
+    assert!(v["error"]
+        .as_str()
+        .unwrap()
+        .contains("/nonexistent/audit.jsonl"));
+}
+
+#[test]
 fn status_without_a_supervisor_exits_3_with_json() {
     let dir = TempDir::new("nosup");
     let cfg = config(dir.path(), "device:/nonexistent", "");
