@@ -19,6 +19,11 @@ pub struct Args {
     #[argh(option)]
     pub cmdline: Option<PathBuf>,
 
+    /// print one JSON object on standard output, errors included
+    /// ({"success":false,"error":"...","exit":N})
+    #[argh(switch)]
+    pub json: bool,
+
     #[argh(subcommand)]
     pub command: Command,
 }
@@ -45,18 +50,34 @@ pub enum Command {
 /// Arguments as argh should see them. systemd-cryptsetup's `attach NAME DEVICE -
 /// OPTIONS` passes `-` for "no key file", which argh would take for an option:
 /// an `attach` whose arguments contain a lone `-` gets a `--` after the subcommand.
+/// `attach`'s own switches stay before that `--`. `-h` becomes `--help` (argh
+/// knows only the long form) wherever an option could stand.
 pub fn argh_argv(argv: &[String]) -> Vec<String> {
-    let mut out = argv.to_vec();
+    let mut out: Vec<String> = argv
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let after_value_option = i > 0 && OPTIONS_WITH_VALUES.contains(&argv[i - 1].as_str());
+            if a == "-h" && !after_value_option && !argv[..i].iter().any(|x| x == "--") {
+                "--help".to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
     let mut i = 1;
     while i < argv.len() {
         match argv[i].as_str() {
             "-c" | "--config" | "--cmdline" => i += 2,
+            "--json" => i += 1,
             "--" => return out,
             "attach" => {
-                if argv[i + 1..].iter().any(|a| a == "-")
-                    && !argv[i + 1..].iter().any(|a| a == "--")
-                {
-                    out.insert(i + 1, "--".into());
+                let mut at = i + 1;
+                while at < argv.len() && ATTACH_SWITCHES.contains(&argv[at].as_str()) {
+                    at += 1;
+                }
+                if argv[at..].iter().any(|a| a == "-") && !argv[at..].iter().any(|a| a == "--") {
+                    out.insert(at, "--".into());
                 }
                 return out;
             }
@@ -64,6 +85,52 @@ pub fn argh_argv(argv: &[String]) -> Vec<String> {
         }
     }
     out
+}
+
+/// Options whose next argument is their value (never rewritten).
+const OPTIONS_WITH_VALUES: &[&str] = &[
+    "-c",
+    "--config",
+    "--cmdline",
+    "--device",
+    "--key-file",
+    "--unlock-key-file",
+    "--unlock-passphrase-file",
+    "--pcrs",
+    "--bank",
+    "--get",
+    "--key",
+    "-o",
+    "--output",
+    "--public-key",
+    "--key-version",
+    "--auto-lock-seconds",
+];
+
+/// The switches of `attach` (before its positionals).
+const ATTACH_SWITCHES: &[&str] = &["--test", "--json", "--help"];
+
+/// `-V`/`--version` before any subcommand: the version, as `vaultguard version`.
+pub fn wants_version(argv: &[String]) -> bool {
+    let mut i = 1;
+    while i < argv.len() {
+        match argv[i].as_str() {
+            "--version" | "-V" => return true,
+            "-c" | "--config" | "--cmdline" => i += 2,
+            "--json" => i += 1,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Whether `--json` was asked for anywhere before a `--` (so that even an
+/// argument error is printed as JSON).
+pub fn wants_json(argv: &[String]) -> bool {
+    argv.iter()
+        .skip(1)
+        .take_while(|a| *a != "--")
+        .any(|a| a == "--json")
 }
 
 /// Parse the command line (argh's `from_env`, with [`argh_argv`] applied).
@@ -83,8 +150,13 @@ pub fn from_env() -> Args {
                 std::process::exit(0)
             }
             Err(()) => {
-                eprintln!("{output}\nRun {cmd} --help for more information.");
-                std::process::exit(1)
+                let usage = crate::exit::Exit::Usage;
+                if wants_json(&argv) {
+                    println!("{}", crate::exit::json_error(output.trim(), usage));
+                } else {
+                    eprintln!("{output}\nRun {cmd} --help for more information.");
+                }
+                std::process::exit(usage.code().into())
             }
         },
     }
@@ -253,7 +325,11 @@ pub struct MetricsCmd {}
 /// print the version and the versions of the linked C libraries
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "version")]
-pub struct VersionCmd {}
+pub struct VersionCmd {
+    /// print one JSON object on standard output
+    #[argh(switch)]
+    pub json: bool,
+}
 
 /// open the vault: TPM2 unseal, else key file, else passphrase; in the initramfs
 /// this is the boot unlock, after boot it asks the running supervisor
@@ -275,15 +351,29 @@ pub struct UnlockCmd {
     /// open locally even if a supervisor is running
     #[argh(switch)]
     pub local: bool,
-    /// print the supervisor's raw JSON response (client mode)
+    /// print the supervisor's raw JSON response (client mode), or one JSON object
     #[argh(switch)]
     pub json: bool,
+    /// only say which keyslot the TPM token, --key-file or passphrase would open;
+    /// activate nothing ("will this unlock at the next boot?")
+    #[argh(switch)]
+    pub test: bool,
+    /// answer the passphrase prompt from this file (- for standard input;
+    /// trailing newlines are dropped)
+    #[argh(option)]
+    pub unlock_passphrase_file: Option<PathBuf>,
 }
 
 /// systemd-cryptsetup compatible: attach NAME DEVICE [KEYFILE] [OPTIONS]
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "attach")]
 pub struct AttachCmd {
+    /// only say which keyslot would open; activate nothing
+    #[argh(switch)]
+    pub test: bool,
+    /// print one JSON object on standard output
+    #[argh(switch)]
+    pub json: bool,
     /// mapping name
     #[argh(positional)]
     pub name: String,
@@ -299,6 +389,9 @@ pub struct AttachCmd {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "detach")]
 pub struct DetachCmd {
+    /// print one JSON object on standard output
+    #[argh(switch)]
+    pub json: bool,
     /// mapping name
     #[argh(positional)]
     pub name: String,
@@ -324,6 +417,19 @@ pub struct EnrollCmd {
     /// also add a high-entropy recovery key and print it once
     #[argh(switch)]
     pub recovery_key: bool,
+    /// unlock the volume with this key file (- for standard input), no prompt
+    #[argh(option)]
+    pub unlock_key_file: Option<PathBuf>,
+    /// unlock the volume with the passphrase in this file (- for standard input;
+    /// trailing newlines are dropped), no prompt
+    #[argh(option)]
+    pub unlock_passphrase_file: Option<PathBuf>,
+    /// print one JSON object on standard output
+    #[argh(switch)]
+    pub json: bool,
+    /// LUKS2 device (path or UUID=...), as systemd-cryptenroll takes it
+    #[argh(positional, arg_name = "device")]
+    pub device_arg: Option<String>,
 }
 
 /// after a verified firmware/boot change: seal to the current PCRs; the new
@@ -343,6 +449,19 @@ pub struct ResealCmd {
     /// require a PIN on the new enrolment
     #[argh(switch)]
     pub pin: bool,
+    /// unlock the volume with this key file (- for standard input), no prompt
+    #[argh(option)]
+    pub unlock_key_file: Option<PathBuf>,
+    /// unlock the volume with the passphrase in this file (- for standard input;
+    /// trailing newlines are dropped), no prompt
+    #[argh(option)]
+    pub unlock_passphrase_file: Option<PathBuf>,
+    /// print one JSON object on standard output
+    #[argh(switch)]
+    pub json: bool,
+    /// LUKS2 device (path or UUID=...)
+    #[argh(positional, arg_name = "device")]
+    pub device_arg: Option<String>,
 }
 
 #[cfg(test)]
@@ -393,5 +512,45 @@ mod tests {
         assert_eq!(argh_argv(&argv), argv);
         let argv = v(&["vaultguard", "attach", "a", "b", "--", "-"]);
         assert_eq!(argh_argv(&argv), argv);
+        // attach's own switches stay switches.
+        let fixed = argh_argv(&v(&[
+            "vaultguard",
+            "attach",
+            "--test",
+            "--json",
+            "a",
+            "b",
+            "-",
+        ]));
+        let rest: Vec<&str> = fixed[1..].iter().map(String::as_str).collect();
+        match Args::from_args(&["vaultguard"], &rest).unwrap().command {
+            Command::Attach(a) => {
+                assert!(a.test && a.json);
+                assert_eq!(a.rest, ["-"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn short_help_and_version_are_understood() {
+        assert_eq!(argh_argv(&v(&["vg", "-h"])), v(&["vg", "--help"]));
+        assert_eq!(
+            argh_argv(&v(&["vg", "enroll", "-h"])),
+            v(&["vg", "enroll", "--help"])
+        );
+        // A value that happens to be `-h` is left alone.
+        assert_eq!(argh_argv(&v(&["vg", "-c", "-h", "status"]))[2], "-h");
+        assert!(wants_version(&v(&["vg", "--version"])));
+        assert!(wants_version(&v(&[
+            "vg",
+            "-c",
+            "/x",
+            "--json",
+            "--version"
+        ])));
+        assert!(!wants_version(&v(&["vg", "status", "--version"])));
+        assert!(wants_json(&v(&["vg", "status", "--json"])));
+        assert!(!wants_json(&v(&["vg", "attach", "a", "b", "--", "--json"])));
     }
 }

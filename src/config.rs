@@ -51,6 +51,11 @@ pub struct VaultConfig {
     pub mount: PathBuf,
     /// Filesystem type for the mount (`auto` probes ext4, xfs, btrfs).
     pub fstype: String,
+    /// crypttab options for the boot unlock (`vaultguard unlock`), as the fourth
+    /// crypttab field: the same table as `vaultguard attach` (README, "crypttab
+    /// options"); `rd.vaultguard.options=` sets it, as `rd.luks.options=` does
+    /// for systemd.
+    pub options: String,
     /// Minutes of inactivity before the supervisor locks the vault; 0 disables.
     pub auto_lock_timeout: u64,
     /// Seconds; accepted for compatibility with the appliance's polling watchdog. The
@@ -157,6 +162,7 @@ impl Default for VaultConfig {
             name: "secure-ai-vault".into(),
             mount: "/var/lib/secure-ai".into(),
             fstype: "auto".into(),
+            options: String::new(),
             auto_lock_timeout: 30,
             check_interval: 30,
             services: Vec::new(),
@@ -222,10 +228,27 @@ impl Default for AuditConfig {
 
 #[derive(Debug)]
 pub enum ConfigError {
-    Read { path: PathBuf, err: std::io::Error },
-    Parse { path: String, msg: String },
-    UnknownField { field: String },
-    Invalid { field: String, msg: String },
+    Read {
+        path: PathBuf,
+        err: std::io::Error,
+    },
+    Parse {
+        path: String,
+        msg: String,
+    },
+    UnknownField {
+        field: String,
+    },
+    Invalid {
+        field: String,
+        msg: String,
+    },
+    /// A value of the wrong JSON type: what the key takes and what it was given.
+    Type {
+        field: String,
+        expected: String,
+        got: String,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -240,6 +263,11 @@ impl fmt::Display for ConfigError {
                 "unknown configuration key `{field}` (check its spelling against the README)"
             ),
             ConfigError::Invalid { field, msg } => write!(f, "configuration `{field}`: {msg}"),
+            ConfigError::Type {
+                field,
+                expected,
+                got,
+            } => write!(f, "configuration {field}: expected {expected}, got {got}"),
         }
     }
 }
@@ -308,12 +336,29 @@ impl Config {
             // For an unknown key the path already ends with it.
             if msg.starts_with("unknown field `") {
                 ConfigError::UnknownField { field }
+            } else if let Some((expected, got)) = type_mismatch(&msg) {
+                ConfigError::Type {
+                    field,
+                    expected,
+                    got,
+                }
             } else {
                 ConfigError::Invalid { field, msg }
             }
         })?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Load, and say what the file holds that does nothing: keys kept so that an
+    /// older configuration still loads (each named once).
+    pub fn load_with_warnings(
+        path: &Path,
+        explicit: bool,
+    ) -> Result<(Config, Vec<String>), ConfigError> {
+        let cfg = Config::load(path, explicit)?;
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        Ok((cfg, compat_warnings(&text)))
     }
 
     /// Checks that serde cannot express.
@@ -433,11 +478,34 @@ impl Config {
                 ),
             ));
         }
-        if !self.vault.state_path.is_absolute() {
-            return Err(invalid(
-                "vault.state_path",
-                "must be an absolute path".into(),
-            ));
+        // A relative path would depend on the directory the command runs in:
+        // the supervisor and the CLI would not meet at the same socket.
+        let paths: [(&str, Option<&Path>); 6] = [
+            ("vault.state_path", Some(&self.vault.state_path)),
+            (
+                "vault.state_compat_path",
+                self.vault.state_compat_path.as_deref(),
+            ),
+            ("vault.activity_file", self.vault.activity_file.as_deref()),
+            ("control.socket", Some(&self.control.socket)),
+            ("audit.path", Some(&self.audit.path)),
+            ("auth.state_path", Some(&self.auth.state_path)),
+        ];
+        for (field, p) in paths {
+            if let Some(p) = p.filter(|p| !p.is_absolute()) {
+                return Err(invalid(
+                    field,
+                    format!("`{}` is relative; give an absolute path", p.display()),
+                ));
+            }
+        }
+        if let Some(d) = &self.vault.device {
+            if !d.starts_with('/') && !d.starts_with("UUID=") {
+                return Err(invalid(
+                    "vault.device",
+                    format!("`{d}` is neither an absolute path nor UUID=<luks uuid>"),
+                ));
+            }
         }
         if self.auth.max_failed_attempts == 0 {
             return Err(invalid(
@@ -506,7 +574,7 @@ impl Config {
     /// Set one key by its dotted name (or a short alias). Used by the command line.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
         let full = match key {
-            "device" | "name" | "mount" | "fstype" => format!("vault.{key}"),
+            "device" | "name" | "mount" | "fstype" | "options" => format!("vault.{key}"),
             "pcrs" | "bank" | "phase_pcr" | "tcti" => format!("tpm.{key}"),
             "tpm_timeout" => "tpm.timeout".into(),
             "tries" => "auth.boot_tries".into(),
@@ -525,6 +593,7 @@ impl Config {
             "vault.name" => self.vault.name = value.into(),
             "vault.mount" => self.vault.mount = value.into(),
             "vault.fstype" => self.vault.fstype = value.into(),
+            "vault.options" => self.vault.options = value.into(),
             "vault.auto_lock_timeout" => self.vault.auto_lock_timeout = num(value)?,
             "tpm.pcrs" => self.tpm.pcrs = parse_pcr_list(value).map_err(bad)?,
             "tpm.bank" => self.tpm.bank = value.into(),
@@ -543,6 +612,54 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// serde's "invalid type: string \"30\", expected u64" as the operator reads it:
+/// ("a number", "\"30\"").
+fn type_mismatch(msg: &str) -> Option<(String, String)> {
+    let rest = msg
+        .strip_prefix("invalid type: ")
+        .or_else(|| msg.strip_prefix("invalid value: "))?;
+    let (got, expected) = rest.rsplit_once(", expected ")?;
+    let got = match got.split_once(' ') {
+        Some(("string", v)) => v.to_string(),
+        Some(("integer" | "floating" | "boolean", v)) => {
+            v.trim_start_matches("point ").trim_matches('`').to_string()
+        }
+        _ => match got {
+            "map" => "an object".into(),
+            "sequence" => "a list".into(),
+            "null" | "unit value" => "null".into(),
+            other => other.to_string(),
+        },
+    };
+    let expected = match expected {
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a number".to_string(),
+        "a sequence" => "a list".into(),
+        "a borrowed path" | "path string" => "a path (a string)".into(),
+        e if e.starts_with("struct ") || e.starts_with("a map") => "an object".into(),
+        e => e.to_string(),
+    };
+    Some((expected, got))
+}
+
+/// Keys that are accepted for compatibility and do nothing.
+fn compat_warnings(text: &str) -> Vec<String> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if v.get("vault")
+        .and_then(|v| v.get("check_interval"))
+        .is_some()
+    {
+        out.push(
+            "configuration vault.check_interval does nothing: the supervisor is \
+             event-driven (inotify, the control socket, timers) and never polls; remove it"
+                .to_string(),
+        );
+    }
+    out
 }
 
 impl Config {
@@ -667,15 +784,64 @@ mod tests {
         }
         let e = err(r#"{"vault":{"state_path":"state.json"}}"#);
         assert!(e.contains("vault.state_path"), "{e}");
+        for (section, key) in [
+            ("control", "socket"),
+            ("audit", "path"),
+            ("auth", "state_path"),
+            ("vault", "activity_file"),
+            ("vault", "device"),
+        ] {
+            let e = err(&format!(r#"{{"{section}":{{"{key}":"run/x"}}}}"#));
+            assert!(
+                e.contains(&format!("{section}.{key}")) && e.contains("run/x"),
+                "{e}"
+            );
+        }
+        assert!(Config::from_json(r#"{"vault":{"device":"UUID=1234"}}"#, "t").is_ok());
+    }
+
+    #[test]
+    fn rd_vaultguard_options_sets_the_boot_unlocks_crypttab_options() {
+        let mut c = Config::default();
+        assert!(c.vault.options.is_empty());
+        let w = c.apply_cmdline("ro rd.vaultguard.options=discard,tries=0,headless quiet");
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(c.vault.options, "discard,tries=0,headless");
+    }
+
+    #[test]
+    fn check_interval_is_accepted_with_one_warning() {
+        let text = r#"{"vault":{"check_interval":30}}"#;
+        assert!(Config::from_json(text, "t").is_ok());
+        let w = compat_warnings(text);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("vault.check_interval") && w[0].contains("event-driven"));
+        assert!(compat_warnings(r#"{"vault":{}}"#).is_empty());
     }
 
     #[test]
     fn type_errors_and_unknown_keys_name_the_dotted_key() {
         let err = |t: &str| Config::from_json(t, "test").unwrap_err().to_string();
         let e = err(r#"{"vault":{"auto_lock_timeout":"30"}}"#);
-        assert!(e.contains("`vault.auto_lock_timeout`"), "{e}");
+        assert!(
+            e.contains(r#"vault.auto_lock_timeout: expected a number, got "30""#),
+            "{e}"
+        );
+        let e = err(r#"{"vault":{"services":"ollama.service"}}"#);
+        assert!(
+            e.contains(r#"vault.services: expected a list, got "ollama.service""#),
+            "{e}"
+        );
+        let e = err(r#"{"audit":{"tpm_anchor":1}}"#);
+        assert!(
+            e.contains("audit.tpm_anchor: expected a boolean, got 1"),
+            "{e}"
+        );
         let e = err(r#"{"control":{"allow":{"status":{"uids":["x"]}}}}"#);
-        assert!(e.contains("`control.allow.status.uids[0]`"), "{e}");
+        assert!(
+            e.contains(r#"control.allow.status.uids[0]: expected a number, got "x""#),
+            "{e}"
+        );
         let e = err(r#"{"control":{"allow":{"status":{"uid":[1]}}}}"#);
         assert!(e.contains("`control.allow.status.uid`"), "{e}");
         let e = err(r#"{"vault":{"auto_lock_timout":3}}"#);
@@ -749,7 +915,7 @@ mod tests {
     #[test]
     fn wrong_types_and_values_are_refused() {
         let e = Config::from_json(r#"{"vault": {"auto_lock_timeout": "5"}}"#, "t").unwrap_err();
-        assert!(e.to_string().contains("invalid type"), "{e}");
+        assert!(e.to_string().contains("expected a number"), "{e}");
         for (text, field) in [
             (r#"{"tpm": {"pcrs": [24]}}"#, "tpm.pcrs"),
             (r#"{"tpm": {"pcrs": []}}"#, "tpm.pcrs"),

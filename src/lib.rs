@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod encoding;
+pub mod exit;
 pub mod handoff;
 pub mod json;
 pub mod keyring;

@@ -1,4 +1,6 @@
-//! Entry point: parse arguments, load the configuration, dispatch.
+//! Entry point: parse arguments, load the configuration, dispatch; and print the
+//! outcome once, as text or (`--json`) as one JSON object, with the exit status
+//! of [`vaultguard::exit`].
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -7,6 +9,7 @@ use vaultguard::boot::commands;
 use vaultguard::cli::{Args, AuditSub, Command};
 use vaultguard::config::{self, Config};
 use vaultguard::control::client;
+use vaultguard::exit::{self as exits, Failure};
 
 fn main() -> ExitCode {
     // Secrets pass through this process: no core dumps, no ptrace by others.
@@ -17,13 +20,101 @@ fn main() -> ExitCode {
         std::env::set_var("TSS2_LOG", "all+NONE");
     }
     vaultguard::luks::init_library();
+    let argv: Vec<String> = std::env::args().collect();
+    if vaultguard::cli::wants_version(&argv) {
+        print_version(vaultguard::cli::wants_json(&argv));
+        return ExitCode::SUCCESS;
+    }
     let args: Args = vaultguard::cli::from_env();
+    let json = args.json || command_json(&args.command);
+    commands::set_json(json);
     match run(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vaultguard: {e}");
-            ExitCode::from(1)
+            let exit = exits::classify(e.as_ref());
+            if json {
+                println!("{}", exits::json_error(&e.to_string(), exit));
+            } else {
+                eprintln!("vaultguard: {e}");
+            }
+            exit.into()
         }
+    }
+}
+
+/// The subcommand's own `--json`.
+fn command_json(c: &Command) -> bool {
+    match c {
+        Command::Unlock(c) => c.json,
+        Command::Attach(c) => c.json,
+        Command::Detach(c) => c.json,
+        Command::Enroll(c) => c.json,
+        Command::Reseal(c) => c.json,
+        Command::Status(c) => c.json,
+        Command::Lock(c) => c.json,
+        Command::Keepalive(c) => c.json,
+        Command::Version(c) => c.json,
+        // config prints JSON already; the others print no JSON of their own.
+        _ => false,
+    }
+}
+
+fn print_version(json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "vaultguard": env!("CARGO_PKG_VERSION"),
+                "libcryptsetup": env!("VG_CRYPTSETUP_VERSION"),
+                "tpm2-tss": env!("VG_TSS2_VERSION"),
+                "libdevmapper": env!("VG_DEVMAPPER_VERSION"),
+            })
+        );
+        return;
+    }
+    println!("vaultguard {}", env!("CARGO_PKG_VERSION"));
+    println!("libcryptsetup {} (static)", env!("VG_CRYPTSETUP_VERSION"));
+    println!("tpm2-tss {} (static, no dlopen)", env!("VG_TSS2_VERSION"));
+    println!("libdevmapper {} (static)", env!("VG_DEVMAPPER_VERSION"));
+}
+
+/// Print a boot-path command's summary when `--json` was asked for (the console
+/// lines went to the terminal or stderr).
+fn summary(json: bool, s: commands::Summary) -> ExitCode {
+    if json && !s.is_null() {
+        println!("{s}");
+    }
+    ExitCode::SUCCESS
+}
+
+/// `--unlock-key-file` / `--unlock-passphrase-file` (at most one).
+fn provisioned(
+    key_file: Option<&Path>,
+    passphrase_file: Option<&Path>,
+) -> Result<Option<commands::Provisioned>, Box<dyn std::error::Error>> {
+    Ok(match (key_file, passphrase_file) {
+        (Some(_), Some(_)) => {
+            return Err(Failure::usage(
+                "give --unlock-key-file or --unlock-passphrase-file, not both",
+            )
+            .into())
+        }
+        (Some(k), None) => Some(commands::Provisioned::read(k, false)?),
+        (None, Some(p)) => Some(commands::Provisioned::read(p, true)?),
+        (None, None) => None,
+    })
+}
+
+/// `enroll [DEVICE]` as systemd-cryptenroll, or `--device` (not both, unless equal).
+fn device_of<'a>(
+    option: Option<&'a str>,
+    positional: Option<&'a str>,
+) -> Result<Option<&'a str>, Failure> {
+    match (option, positional) {
+        (Some(a), Some(b)) if a != b => Err(Failure::usage(format!(
+            "two devices given: --device {a} and {b}; give one"
+        ))),
+        (a, b) => Ok(a.or(b)),
     }
 }
 
@@ -32,7 +123,10 @@ fn load_config(args: &Args) -> Result<Config, Box<dyn std::error::Error>> {
         Some(p) => (p.as_path(), true),
         None => (Path::new(config::DEFAULT_PATH), false),
     };
-    let mut cfg = Config::load(path, explicit)?;
+    let (mut cfg, warnings) = Config::load_with_warnings(path, explicit)?;
+    for w in warnings {
+        eprintln!("vaultguard: warning: {w}");
+    }
     // In the initramfs the kernel command line applies without being asked for.
     let cmdline = args.cmdline.clone().or_else(|| {
         vaultguard::handoff::in_initrd().then(|| std::path::PathBuf::from("/proc/cmdline"))
@@ -48,94 +142,119 @@ fn load_config(args: &Args) -> Result<Config, Box<dyn std::error::Error>> {
 }
 
 fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let json = args.json || command_json(&args.command);
     match &args.command {
         Command::Unlock(c) => {
             let cfg = load_config(&args)?;
             // After boot a running supervisor owns the vault: ask it, so that its
             // lockout, audit and idle timer see the unlock.
+            // `--test` never goes to the supervisor: it must not open anything.
             if !c.local
+                && !c.test
                 && !vaultguard::handoff::in_initrd()
                 && client::is_serving(&cfg.control.socket)
             {
-                let pass = match &c.key_file {
-                    Some(path) => Some(commands::read_key_file(path)?),
-                    None => None,
+                let pass = match (&c.key_file, &c.unlock_passphrase_file) {
+                    (Some(path), _) => Some(commands::read_key_file(path)?),
+                    (None, Some(path)) => {
+                        Some(commands::Provisioned::read(path, true)?.into_secret())
+                    }
+                    (None, None) => None,
                 };
-                let ok = client::run(
+                let reply = client::run_reply(
                     &cfg.control.socket,
                     client::Cmd::Unlock,
-                    c.json,
+                    json,
                     pass.as_ref(),
                 )?;
-                return Ok(if ok {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(1)
-                });
+                return Ok(client::exit_of(&reply).into());
             }
-            commands::run_unlock(
+            let answer = provisioned(None, c.unlock_passphrase_file.as_deref())?;
+            let s = commands::run_unlock(
                 &cfg,
                 c.device.as_deref(),
                 c.no_tpm,
                 c.headless,
                 c.key_file.clone(),
+                answer,
+                c.test,
             )?;
+            return Ok(summary(json, s));
         }
         Command::Attach(c) => {
             if c.rest.len() > 2 {
-                return Err("attach takes NAME DEVICE [KEYFILE] [OPTIONS]".into());
+                return Err(Failure::usage("attach takes NAME DEVICE [KEYFILE] [OPTIONS]").into());
             }
             let cfg = load_config(&args)?;
             let keyfile = c.rest.first().map(String::as_str);
             let options = c.rest.get(1).map(String::as_str);
-            commands::run_attach(&cfg, &c.name, &c.device, keyfile, options)?;
+            let s = commands::run_attach(&cfg, &c.name, &c.device, keyfile, options, c.test)?;
+            return Ok(summary(json, s));
         }
-        Command::Detach(c) => commands::run_detach(&load_config(&args)?, &c.name)?,
+        Command::Detach(c) => {
+            let s = commands::run_detach(&load_config(&args)?, &c.name)?;
+            return Ok(summary(json, s));
+        }
         Command::Enroll(c) => {
+            let device = device_of(c.device.as_deref(), c.device_arg.as_deref())?;
+            let unlock = provisioned(
+                c.unlock_key_file.as_deref(),
+                c.unlock_passphrase_file.as_deref(),
+            )?;
             let cfg = load_config(&args)?;
-            commands::run_enroll(
+            let s = commands::run_enroll(
                 &cfg,
-                c.device.as_deref(),
+                device,
                 c.pcrs.as_deref(),
                 c.bank.as_deref(),
                 c.pin,
                 c.recovery_key,
+                unlock,
             )?;
+            return Ok(summary(json, s));
         }
         Command::Reseal(c) => {
+            let device = device_of(c.device.as_deref(), c.device_arg.as_deref())?;
+            let unlock = provisioned(
+                c.unlock_key_file.as_deref(),
+                c.unlock_passphrase_file.as_deref(),
+            )?;
             let cfg = load_config(&args)?;
-            commands::run_reseal(
+            let s = commands::run_reseal(
                 &cfg,
-                c.device.as_deref(),
+                device,
                 c.pcrs.as_deref(),
                 c.bank.as_deref(),
                 c.pin,
+                unlock,
             )?;
+            return Ok(summary(json, s));
         }
         Command::Supervise(c) => vaultguard::supervisor::run_system(
             &load_config(&args)?,
             c.auto_lock_seconds.map(std::time::Duration::from_secs),
         )?,
-        Command::Status(c) => return client_command(&args, client::Cmd::Status, c.json),
-        Command::Lock(c) => return client_command(&args, client::Cmd::Lock, c.json),
-        Command::Keepalive(c) => return client_command(&args, client::Cmd::Keepalive, c.json),
+        Command::Status(_) => return client_command(&args, client::Cmd::Status, json),
+        Command::Lock(_) => return client_command(&args, client::Cmd::Lock, json),
+        Command::Keepalive(_) => return client_command(&args, client::Cmd::Keepalive, json),
         Command::Audit(a) => match &a.command {
             AuditSub::Verify(v) => {
                 let path = match &v.path {
                     Some(p) => p.clone(),
                     None if !v.public_key.is_empty() => {
-                        return Err(
-                            "audit verify --public-key checks an export: give its path".into()
+                        return Err(Failure::usage(
+                            "audit verify --public-key checks an export: give its path",
                         )
+                        .into())
                     }
                     None => load_config(&args)?.audit.path,
                 };
                 if v.public_key.is_empty() {
                     let log = vaultguard::audit::verify(&path)?;
-                    println!("{log}");
                     if v.tpm {
-                        return anchor_verdict(&load_config(&args)?, &path, &log);
+                        return anchor_verdict(&load_config(&args)?, &path, &log, json);
                     }
+                    say(json, &log.to_string());
                 } else {
                     let keys = v
                         .public_key
@@ -145,7 +264,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     let text = std::fs::read(&path)
                         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
                     let ok = export::verify_export(&path, &text, &keys)?;
-                    println!("{}: {ok}", path.display());
+                    say(json, &format!("{}: {ok}", path.display()));
                 }
             }
             AuditSub::Export(x) => {
@@ -167,12 +286,18 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     None => load_config(&args)?.audit.path,
                 };
                 match vaultguard::audit::rotate(&path)? {
-                    Some(seg) => println!(
-                        "{}: closed as {}; the new segment chains onto it",
-                        path.display(),
-                        seg.display()
+                    Some(seg) => say(
+                        json,
+                        &format!(
+                            "{}: closed as {}; the new segment chains onto it",
+                            path.display(),
+                            seg.display()
+                        ),
                     ),
-                    None => println!("{}: empty, nothing to rotate", path.display()),
+                    None => say(
+                        json,
+                        &format!("{}: empty, nothing to rotate", path.display()),
+                    ),
                 }
             }
         },
@@ -185,12 +310,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         Command::Token(t) => return vaultguard::control::token_cli::run(&load_config(&args)?, t),
         Command::Metrics(_) => return vaultguard::control::metrics_cli::run(&load_config(&args)?),
-        Command::Version(_) => {
-            println!("vaultguard {}", env!("CARGO_PKG_VERSION"));
-            println!("libcryptsetup {} (static)", env!("VG_CRYPTSETUP_VERSION"));
-            println!("tpm2-tss {} (static, no dlopen)", env!("VG_TSS2_VERSION"));
-            println!("libdevmapper {} (static)", env!("VG_DEVMAPPER_VERSION"));
-        }
+        Command::Version(_) => print_version(json),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -200,6 +320,7 @@ fn anchor_verdict(
     cfg: &Config,
     path: &Path,
     log: &vaultguard::audit::VerifiedLog,
+    json: bool,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
     use vaultguard::audit::anchor::{judge, Anchor};
     if let Some(m) = &log.missing_predecessor {
@@ -214,16 +335,30 @@ fn anchor_verdict(
         vaultguard::supervisor::tpm_anchor::TpmAnchor::new(&cfg.tpm.tcti, cfg.audit.tpm_nv_index);
     let value = anchor.read().map_err(|e| e.to_string())?;
     let verdict = judge(log.entry_hashes(), value);
-    println!(
-        "{}: TPM anchor {:#010x}: {verdict}",
+    let text = format!(
+        "{log}\n{}: TPM anchor {:#010x}: {verdict}",
         path.display(),
         anchor.handle()
     );
-    Ok(if verdict.intact() {
-        ExitCode::SUCCESS
+    if verdict.intact() {
+        say(json, &text);
+        Ok(ExitCode::SUCCESS)
+    } else if json {
+        println!("{}", exits::json_error(&text, exits::Exit::Error));
+        Ok(exits::Exit::Error.into())
     } else {
-        ExitCode::from(1)
-    })
+        println!("{text}");
+        Ok(exits::Exit::Error.into())
+    }
+}
+
+/// A command's text outcome, or with `--json` `{"success":true,"message":TEXT}`.
+fn say(json: bool, text: &str) {
+    if json {
+        println!("{}", serde_json::json!({"success": true, "message": text}));
+    } else {
+        println!("{text}");
+    }
 }
 
 fn client_command(
@@ -232,8 +367,6 @@ fn client_command(
     json: bool,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let cfg = load_config(args)?;
-    Ok(match client::run(&cfg.control.socket, cmd, json, None)? {
-        true => ExitCode::SUCCESS,
-        false => ExitCode::from(1),
-    })
+    let reply = client::run_reply(&cfg.control.socket, cmd, json, None)?;
+    Ok(client::exit_of(&reply).into())
 }

@@ -433,6 +433,7 @@ fn without_an_enrolment_the_tpm_is_not_waited_for() {
             tries: 3,
             keyfile: None,
             flags: ActivateFlags::default(),
+            crypttab: Default::default(),
         }
     };
     let mut p = Scripted::new(&[PASS]);

@@ -374,6 +374,7 @@ fn systemd_257_enrolment_opened_by_vaultguard(pin: Option<&str>) {
         tries: 3,
         keyfile: None,
         flags: ActivateFlags::default(),
+        crypttab: Default::default(),
     };
     let answers: Vec<&str> = match pin {
         Some(p) => vec!["9999", p],

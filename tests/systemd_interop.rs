@@ -53,6 +53,7 @@ fn opts(sw: &Swtpm, img: &std::path::Path) -> UnlockOptions {
         tries: 3,
         keyfile: None,
         flags: ActivateFlags::default(),
+        crypttab: Default::default(),
     }
 }
 

@@ -105,12 +105,13 @@ def run(s):
         b.expect(r"unlock failed: incorrect passphrase[^\n]*\n", 30)
         b.expect(rf"wrong-{n} rc=1\n", 10)
     b.expect(r"unlock failed: [^\n]*\(locked out: retry in \d+s\)\n", 30)
-    b.expect(r"wrong-3 rc=1\n", 10)
+    # Exit status 4: locked out (README, "Exit statuses").
+    b.expect(r"wrong-3 rc=4\n", 10)
     m = b.expect(r'\{"success":false,[^\n]*"retry_after":(\d+)[^\n]*\}\n', 30)
     if not 1 <= int(m.group(1)) <= LOCKOUT:
         b.fail(f"retry_after {m.group(1)}, expected 1..{LOCKOUT}")
-    if b.value("refused-rc") == "0":
-        b.fail("the right passphrase was accepted during the lockout")
+    if b.value("refused-rc") != "4":
+        b.fail("the right passphrase was not refused as locked out (exit 4) during the lockout")
     b.expect(r'"lockout_seconds":\d+', 10)
     b.expect_pass("still-locked-in-lockout")
     b.expect_mark("type-passphrase", 30)

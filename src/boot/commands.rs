@@ -5,13 +5,15 @@
 //! operators' scripts match on them.
 
 use super::{
-    detach, enroll, reseal, unlock, ArgError, AuditAnchor, BootError, EnrollOptions, EnrollReport,
-    Events, KeepReason, Method, TpmOptions, UnlockOptions, Verification,
+    detach, enroll, reseal, test_unlock, unlock, ArgError, AuditAnchor, BootError, CrypttabUnlock,
+    EnrollOptions, EnrollReport, Events, KeepReason, Method, TpmOptions, UnlockOptions,
+    Verification,
 };
 use crate::audit;
 use crate::config::{parse_pcr_list, Config};
-use crate::luks::{self, ActivateFlags};
-use crate::prompt::{system_prompter, Prompter};
+use crate::luks;
+use crate::prompt::{system_prompter, Ask, PromptError, Prompter, SecretKind};
+use crate::secret::SecretBytes;
 use crate::tpm::policy::Bank;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -67,26 +69,226 @@ fn device(cfg: &Config, arg: Option<&str>) -> Result<String, BootError> {
     )?)
 }
 
-/// `vaultguard unlock` (boot path).
+/// What a boot-path command did, for `--json` (the console lines say it in words).
+pub type Summary = serde_json::Value;
+
+/// `vaultguard unlock` (boot path): the configuration's device and name, with
+/// `vault.options` (`rd.vaultguard.options=`) read through the crypttab option
+/// table. With `test`, only says which keyslot would open.
+#[allow(clippy::too_many_arguments)]
 pub fn run_unlock(
     cfg: &Config,
     device_arg: Option<&str>,
     no_tpm: bool,
     headless: bool,
     keyfile: Option<PathBuf>,
-) -> Result<(), BootError> {
-    let device = device(cfg, device_arg)?;
-    let opts = UnlockOptions {
-        name: cfg.vault.name.clone(),
-        device,
-        tpm: (!no_tpm).then(|| tpm_options(cfg)),
-        tries: cfg.auth.boot_tries,
-        keyfile,
-        flags: ActivateFlags::default(),
-    };
-    let mut prompter = system_prompter(headless);
+    passphrase: Option<Provisioned>,
+    test: bool,
+) -> Result<Summary, BootError> {
+    let spec = device_arg
+        .map(str::to_string)
+        .or_else(|| cfg.vault.device.clone())
+        .ok_or(BootError::NoDevice)?;
+    let (mut opts, opt_headless, warnings) =
+        attach_options(cfg, &cfg.vault.name, &spec, None, Some(&cfg.vault.options))?;
+    if no_tpm {
+        opts.tpm = None;
+    }
+    if keyfile.is_some() {
+        opts.keyfile = keyfile;
+    }
+    let headless = headless || opt_headless;
+    let mut prompter = with_answer(system_prompter(headless), passphrase);
+    for w in &warnings {
+        prompter.say(&format!("vaultguard: vault.options: {w}"));
+    }
+    if test {
+        return report_test(opts, headless, prompter.as_mut());
+    }
     let mut events = AuditEvents::for_config(cfg);
     report_unlock(cfg, &opts, prompter.as_mut(), &mut events)
+}
+
+/// A prompter whose passphrase prompts are answered by `answer` when given.
+fn with_answer(inner: Box<dyn Prompter>, answer: Option<Provisioned>) -> Box<dyn Prompter> {
+    match answer {
+        Some(mut a) => {
+            a.inner = Some(inner);
+            Box::new(a)
+        }
+        None => inner,
+    }
+}
+
+/// `unlock --test`, `attach --test`: which keyslot the first key that works opens.
+fn report_test(
+    mut opts: UnlockOptions,
+    headless: bool,
+    prompter: &mut dyn Prompter,
+) -> Result<Summary, BootError> {
+    // Nothing but the TPM can answer without a prompt: say why it refused rather
+    // than that nobody could be asked.
+    let tpm_alone = headless && opts.keyfile.is_none() && opts.tpm.is_some();
+    if tpm_alone {
+        opts.crypttab.token_only = true;
+    }
+    let t = match test_unlock(&opts, prompter, &mut super::NoEvents) {
+        Ok(t) => t,
+        Err(BootError::TokenOnly(why)) if tpm_alone => return Err(BootError::TestRefused(why)),
+        Err(e) => return Err(e),
+    };
+    let what = match (t.method, t.token_type.as_deref()) {
+        (Method::Tpm2 | Method::Tpm2Pin, _) => "the TPM2 token",
+        (Method::KeyFile, _) => "the key file",
+        (Method::Passphrase, Some("systemd-recovery")) => "the recovery key",
+        (Method::Passphrase, _) => "the passphrase",
+    };
+    let mut line = format!(
+        "vaultguard: {what} opens keyslot {} of {}; activation was not tried (test only)",
+        t.slot, opts.device
+    );
+    if let (Some(r), false) = (
+        &t.fallback_reason,
+        matches!(t.method, Method::Tpm2 | Method::Tpm2Pin),
+    ) {
+        line.push_str(&format!("\nvaultguard: the TPM would not: {r}"));
+    }
+    println_unless_json(&line);
+    Ok(serde_json::json!({
+        "success": true,
+        "test": true,
+        "device": opts.device,
+        "method": t.method.as_str(),
+        "keyslot": t.slot,
+        "token_type": t.token_type,
+        "tpm_refused": t.fallback_reason.as_ref().map(ToString::to_string),
+        "activated": false,
+    }))
+}
+
+/// Whether the command prints JSON (then the human lines stay off stdout).
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `--json`: stdout carries one JSON object, the human lines go to stderr.
+pub fn set_json(on: bool) {
+    JSON.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn println_unless_json(line: &str) {
+    if JSON.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+    }
+}
+
+/// A secret given on the command line for provisioning without a terminal
+/// (`--unlock-key-file`, `--unlock-passphrase-file`): it answers the passphrase
+/// prompt once; a second prompt means it opened nothing, and is refused.
+pub struct Provisioned {
+    answer: SecretBytes,
+    source: String,
+    used: bool,
+    inner: Option<Box<dyn Prompter>>,
+}
+
+impl Provisioned {
+    /// Read `path` (`-`: standard input). A key file is taken byte for byte; a
+    /// passphrase file loses its trailing newlines, as systemd reads passphrases.
+    pub fn read(path: &Path, passphrase: bool) -> Result<Provisioned, BootError> {
+        let mut secret = if path == Path::new("-") {
+            read_stdin_secret()?
+        } else {
+            super::read_keyfile(path)?
+        };
+        if passphrase {
+            let b = secret.as_bytes();
+            let keep = b.len()
+                - b.iter()
+                    .rev()
+                    .take_while(|c| matches!(c, b'\n' | b'\r'))
+                    .count();
+            secret.truncate(keep);
+        }
+        let source = if path == Path::new("-") {
+            "standard input".to_string()
+        } else {
+            path.display().to_string()
+        };
+        Ok(Provisioned {
+            answer: secret,
+            source,
+            used: false,
+            inner: None,
+        })
+    }
+}
+
+impl Provisioned {
+    /// The secret itself (for the supervisor's unlock request).
+    pub fn into_secret(self) -> SecretBytes {
+        self.answer
+    }
+}
+
+fn read_stdin_secret() -> Result<SecretBytes, BootError> {
+    use std::io::Read;
+    let err = |err| BootError::KeyFile {
+        path: PathBuf::from("-"),
+        err,
+    };
+    let mut buf = SecretBytes::with_capacity(4096);
+    let mut chunk = SecretBytes::zeroed(4096);
+    let mut stdin = std::io::stdin().lock();
+    loop {
+        let n = stdin.read(chunk.as_mut_bytes()).map_err(err)?;
+        if n == 0 {
+            break;
+        }
+        if buf.len() + n > 8 << 20 {
+            return Err(BootError::KeyFileTooLarge {
+                path: PathBuf::from("-"),
+            });
+        }
+        // Grown by copying into a larger locked buffer, so that no reallocation
+        // leaves an unwiped copy behind.
+        if buf.len() + n > buf.capacity() {
+            let mut grown = SecretBytes::with_capacity((buf.len() + n).max(2 * buf.capacity()));
+            for &c in buf.as_bytes() {
+                grown.push(c);
+            }
+            buf = grown;
+        }
+        for &c in &chunk.as_bytes()[..n] {
+            buf.push(c);
+        }
+    }
+    Ok(buf)
+}
+
+impl Prompter for Provisioned {
+    fn ask(&mut self, req: &Ask) -> Result<SecretBytes, PromptError> {
+        if req.kind != SecretKind::Passphrase {
+            return match &mut self.inner {
+                Some(p) => p.ask(req),
+                None => Err(PromptError::NoTerminal("no prompt in this run".into())),
+            };
+        }
+        if self.used {
+            return Err(PromptError::NoTerminal(format!(
+                "the key from {} opens no keyslot",
+                self.source
+            )));
+        }
+        self.used = true;
+        Ok(self.answer.clone())
+    }
+    fn say(&mut self, line: &str) {
+        match &mut self.inner {
+            Some(p) => p.say(line),
+            None => eprintln!("{line}"),
+        }
+    }
 }
 
 /// A key file's contents as a secret (for the supervisor client as well).
@@ -99,10 +301,18 @@ fn report_unlock(
     opts: &UnlockOptions,
     prompter: &mut dyn Prompter,
     events: &mut dyn Events,
-) -> Result<(), BootError> {
+) -> Result<Summary, BootError> {
     let done = unlock(opts, prompter, events)?;
+    let summary = serde_json::json!({
+        "success": true,
+        "name": opts.name,
+        "device": opts.device,
+        "already_open": done.already_active,
+        "method": (!done.already_active).then(|| done.method.as_str()),
+        "phase_pcr_extended": done.latched,
+    });
     if done.already_active {
-        return Ok(());
+        return Ok(summary);
     }
     // Tell the supervisor, once it starts, how the vault was opened; it trusts this
     // only if the mapping is really there.
@@ -120,75 +330,7 @@ fn report_unlock(
         ""
     };
     prompter.say(&format!("vaultguard: {} unlocked {how}{latch}", opts.name));
-    Ok(())
-}
-
-/// crypttab-style options of `vaultguard attach`.
-#[derive(Debug, Default, PartialEq)]
-pub struct AttachOptions {
-    pub flags: ActivateFlags,
-    pub headless: bool,
-    pub tries: Option<u32>,
-    pub tcti: Option<String>,
-    pub no_tpm: bool,
-    pub phase_pcr: Option<Option<u32>>,
-    pub tpm_timeout: Option<u64>,
-    pub warnings: Vec<String>,
-}
-
-/// Parse systemd-cryptsetup's option string. Unknown options are warned about, not
-/// fatal, as systemd does: a crypttab typo must not stop the boot.
-pub fn parse_attach_options(s: &str) -> AttachOptions {
-    let mut o = AttachOptions::default();
-    for opt in s
-        .split(',')
-        .map(str::trim)
-        .filter(|x| !x.is_empty() && *x != "-" && *x != "none")
-    {
-        let (k, v) = opt
-            .split_once('=')
-            .map_or((opt, None), |(k, v)| (k, Some(v)));
-        let yes = |v: Option<&str>| !matches!(v, Some("0" | "no" | "false" | "off"));
-        match k {
-            "discard" => o.flags.discard = true,
-            "readonly" | "read-only" => o.flags.readonly = true,
-            "no-read-workqueue" => o.flags.no_read_workqueue = true,
-            "no-write-workqueue" => o.flags.no_write_workqueue = true,
-            "headless" => o.headless = yes(v),
-            "tries" => match v.and_then(|v| v.parse().ok()) {
-                Some(0) | None => o
-                    .warnings
-                    .push(format!("ignoring `{opt}`: tries must be a positive number")),
-                Some(n) => o.tries = Some(n),
-            },
-            "tpm2-device" => match v {
-                Some("auto") | None => {}
-                Some(p) if p.starts_with('/') => o.tcti = Some(format!("device:{p}")),
-                Some(p) => o.tcti = Some(p.to_string()),
-            },
-            "tpm2-measure-pcr" => match v {
-                Some("no" | "false" | "0" | "off") => o.phase_pcr = Some(None),
-                Some("yes" | "true" | "on") | None => o.phase_pcr = Some(Some(15)),
-                Some(n) => match n.parse::<u32>() {
-                    Ok(p) if p < 24 => o.phase_pcr = Some(Some(p)),
-                    _ => o.warnings.push(format!("ignoring `{opt}`: not a PCR")),
-                },
-            },
-            "timeout" | "token-timeout" | "x-systemd.device-timeout" => {
-                match v.and_then(|v| v.trim_end_matches('s').parse().ok()) {
-                    Some(n) => o.tpm_timeout = Some(n),
-                    None => o.warnings.push(format!("ignoring `{opt}`: not seconds")),
-                }
-            }
-            // Options that change nothing here (PIN use and PCRs come from the token).
-            "luks" | "nofail" | "noauto" | "tpm2-pin" | "tpm2-pcrs" | "tpm2-signature"
-            | "password-echo" | "silent" | "token-only" | "keyfile-timeout" => {}
-            k if k.starts_with("x-systemd.") || k.starts_with("x-initrd.") => {}
-            "tpm2-device-none" => o.no_tpm = true,
-            _ => o.warnings.push(format!("ignoring unknown option `{opt}`")),
-        }
-    }
-    o
+    Ok(summary)
 }
 
 /// `vaultguard attach NAME DEVICE [KEYFILE] [OPTIONS]` (systemd-cryptsetup's syntax).
@@ -198,12 +340,30 @@ pub fn run_attach(
     device_arg: &str,
     keyfile: Option<&str>,
     options: Option<&str>,
-) -> Result<(), BootError> {
-    let o = parse_attach_options(options.unwrap_or(""));
-    let mut prompter = system_prompter(o.headless);
-    for w in &o.warnings {
+    test: bool,
+) -> Result<Summary, BootError> {
+    let (opts, headless, warnings) = attach_options(cfg, name, device_arg, keyfile, options)?;
+    let mut prompter = system_prompter(headless);
+    for w in &warnings {
         prompter.say(&format!("vaultguard: {w}"));
     }
+    if test {
+        return report_test(opts, headless, prompter.as_mut());
+    }
+    let mut events = AuditEvents::for_config(cfg);
+    report_unlock(cfg, &opts, prompter.as_mut(), &mut events)
+}
+
+/// The unlock an `attach` line asks for: the option table applied over the
+/// configuration. Returns the options, `headless`, and the console warnings.
+pub fn attach_options(
+    cfg: &Config,
+    name: &str,
+    device_arg: &str,
+    keyfile: Option<&str>,
+    options: Option<&str>,
+) -> Result<(UnlockOptions, bool, Vec<String>), BootError> {
+    let o = super::options::parse(options.unwrap_or("")).map_err(BootError::Option)?;
     let mut tpm = tpm_options(cfg);
     if let Some(t) = &o.tcti {
         tpm.tcti = t.clone();
@@ -211,8 +371,8 @@ pub fn run_attach(
     if let Some(p) = o.phase_pcr {
         tpm.phase_pcr = p;
     }
-    if let Some(t) = o.tpm_timeout {
-        tpm.timeout = Duration::from_secs(t);
+    if let Some(t) = o.token_timeout {
+        tpm.timeout = t;
     }
     let device = luks::resolve_device(device_arg, tpm.timeout.max(Duration::from_secs(5)))?;
     let keyfile = keyfile
@@ -222,20 +382,44 @@ pub fn run_attach(
         name: name.to_string(),
         device,
         tpm: (!o.no_tpm).then_some(tpm),
-        tries: o.tries.unwrap_or(cfg.auth.boot_tries),
+        tries: match o.tries {
+            // systemd: 0 is unlimited.
+            Some(0) => u32::MAX,
+            Some(n) => n,
+            None => cfg.auth.boot_tries,
+        },
         keyfile,
         flags: o.flags,
+        crypttab: CrypttabUnlock {
+            token_only: o.token_only,
+            keyfile_offset: o.keyfile_offset,
+            keyfile_size: o.keyfile_size,
+            header: o.header.clone(),
+            prompt: o.prompt(),
+        },
     };
-    let mut events = AuditEvents::for_config(cfg);
-    report_unlock(cfg, &opts, prompter.as_mut(), &mut events)
+    Ok((opts, o.headless, o.warnings))
 }
 
 /// `vaultguard detach NAME`.
-pub fn run_detach(cfg: &Config, name: &str) -> Result<(), BootError> {
-    let mut events = AuditEvents::for_config(cfg);
-    detach(name, &mut events)?;
-    println!("vaultguard: {name} closed");
-    Ok(())
+/// Not open is not an error (systemd-cryptsetup: "already inactive", status 0),
+/// but it is said as such.
+pub fn run_detach(cfg: &Config, name: &str) -> Result<Summary, BootError> {
+    let was_open = match luks::is_active(name) {
+        // No device-mapper: nothing can be open.
+        Err(luks::LuksError::NoDeviceMapper { .. }) => false,
+        other => other?,
+    };
+    if was_open {
+        let mut events = AuditEvents::for_config(cfg);
+        detach(name, &mut events)?;
+        println_unless_json(&format!("vaultguard: {name} closed"));
+    } else {
+        println_unless_json(&format!(
+            "vaultguard: {name} is not open; nothing was closed"
+        ));
+    }
+    Ok(serde_json::json!({"success": true, "name": name, "was_open": was_open}))
 }
 
 fn enroll_options(
@@ -352,23 +536,50 @@ pub fn enrolment_lines(what: &str, r: &EnrollReport) -> Vec<String> {
     lines
 }
 
-fn print_enrolment(what: &str, r: &EnrollReport) {
+fn print_enrolment(what: &str, r: &EnrollReport) -> Summary {
+    let json = JSON.load(std::sync::atomic::Ordering::Relaxed);
     for line in enrolment_lines(what, r) {
-        println!("{line}");
+        println_unless_json(&line);
     }
+    let mut summary = serde_json::json!({
+        "success": true,
+        "device": r.device,
+        "keyslot": r.keyslot,
+        "token": r.token,
+        "pcrs": r.pcrs,
+        "recovery_keyslot": r.recovery_keyslot,
+    });
     if let (Some(key), Some(slot)) = (&r.recovery_key, r.recovery_keyslot) {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(
-            out,
-            "vaultguard: recovery key in keyslot {slot}; it is shown once, write it down now:"
-        );
-        let _ = out.write_all(key.as_bytes());
-        let _ = writeln!(out);
-        let _ = out.flush();
+        if json {
+            // Shown once, as in text mode, and written straight from its locked
+            // buffer (no String copy); its alphabet needs no JSON escaping.
+            summary["recovery_keyslot"] = slot.into();
+            let text = summary.to_string();
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&text.as_bytes()[..text.len() - 1]);
+            let _ = out.write_all(b",\"recovery_key\":\"");
+            let _ = out.write_all(key.as_bytes());
+            let _ = out.write_all(b"\"}\n");
+            let _ = out.flush();
+            // Printed here: nothing more for the caller to print.
+            return Summary::Null;
+        } else {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "vaultguard: recovery key in keyslot {slot}; it is shown once, write it down now:"
+            );
+            let _ = out.write_all(key.as_bytes());
+            let _ = writeln!(out);
+            let _ = out.flush();
+        }
     }
+    summary
 }
 
-/// `vaultguard enroll`.
+/// `vaultguard enroll`. `unlock` answers the passphrase prompt (provisioning
+/// without a terminal); it gets one try, a wrong key costs no further KDF runs.
+#[allow(clippy::too_many_arguments)]
 pub fn run_enroll(
     cfg: &Config,
     device_arg: Option<&str>,
@@ -376,13 +587,16 @@ pub fn run_enroll(
     bank: Option<&str>,
     pin: bool,
     recovery_key: bool,
-) -> Result<(), BootError> {
-    let opts = enroll_options(cfg, device_arg, pcrs, bank, pin, recovery_key)?;
-    let mut prompter = system_prompter(false);
+    unlock: Option<Provisioned>,
+) -> Result<Summary, BootError> {
+    let mut opts = enroll_options(cfg, device_arg, pcrs, bank, pin, recovery_key)?;
+    if unlock.is_some() {
+        opts.tries = 1;
+    }
+    let mut prompter = with_answer(system_prompter(false), unlock);
     let mut events = AuditEvents::for_config(cfg);
     let report = enroll(&opts, prompter.as_mut(), &mut events)?;
-    print_enrolment("enrolled", &report);
-    Ok(())
+    Ok(print_enrolment("enrolled", &report))
 }
 
 /// `vaultguard reseal`.
@@ -392,45 +606,21 @@ pub fn run_reseal(
     pcrs: Option<&str>,
     bank: Option<&str>,
     pin: bool,
-) -> Result<(), BootError> {
-    let opts = enroll_options(cfg, device_arg, pcrs, bank, pin, false)?;
-    let mut prompter = system_prompter(false);
+    unlock: Option<Provisioned>,
+) -> Result<Summary, BootError> {
+    let mut opts = enroll_options(cfg, device_arg, pcrs, bank, pin, false)?;
+    if unlock.is_some() {
+        opts.tries = 1;
+    }
+    let mut prompter = with_answer(system_prompter(false), unlock);
     let mut events = AuditEvents::for_config(cfg);
     let report = reseal(&opts, prompter.as_mut(), &mut events)?;
-    print_enrolment("resealed into", &report);
-    Ok(())
+    Ok(print_enrolment("resealed into", &report))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn crypttab_options() {
-        let o = parse_attach_options(
-            "discard,tpm2-device=auto,headless=true,tries=2,luks,x-systemd.device-timeout=30s",
-        );
-        assert!(o.flags.discard && o.headless);
-        assert_eq!(o.tries, Some(2));
-        assert_eq!(o.tcti, None);
-        assert_eq!(o.tpm_timeout, Some(30));
-        assert!(o.warnings.is_empty(), "{:?}", o.warnings);
-
-        let o = parse_attach_options(
-            "tpm2-device=/dev/tpmrm1,tpm2-measure-pcr=no,read-only,colour=red,tries=0",
-        );
-        assert_eq!(o.tcti.as_deref(), Some("device:/dev/tpmrm1"));
-        assert_eq!(o.phase_pcr, Some(None));
-        assert!(o.flags.readonly);
-        assert_eq!(o.warnings.len(), 2, "{:?}", o.warnings);
-        assert!(o.warnings[0].contains("colour"));
-
-        assert_eq!(parse_attach_options("-"), AttachOptions::default());
-        assert_eq!(
-            parse_attach_options("tpm2-measure-pcr=14").phase_pcr,
-            Some(Some(14))
-        );
-    }
 
     #[test]
     fn enrolment_arguments_are_refused_as_what_they_are() {

@@ -15,6 +15,7 @@
 //! on disk, verified, never from libcryptsetup's memory of what it meant to write.
 
 pub mod commands;
+pub mod options;
 
 use crate::encoding::base64_encode_secret;
 use crate::luks::token::{self, PcrBank, Tpm2Token};
@@ -65,6 +66,13 @@ pub enum BootError {
         why: String,
         closed: bool,
     },
+    /// `token-only`: the TPM did not open the volume and nothing else may be tried.
+    TokenOnly(TpmRefusal),
+    /// `unlock --test`: the TPM would not open the volume (and nothing else was
+    /// given to try).
+    TestRefused(TpmRefusal),
+    /// A crypttab option vaultguard will not run with.
+    Option(options::OptionError),
     /// Enrolment's own check of what it sealed failed; nothing was written.
     Verify(VerifyFailure),
     /// An argument or configuration value enrolment cannot use.
@@ -116,6 +124,15 @@ impl fmt::Display for BootError {
                 } else {
                     "closing the vault again ALSO failed: close it by hand"
                 }
+            ),
+            BootError::TokenOnly(why) => write!(
+                f,
+                "the TPM2 token did not open the volume ({why}) and `token-only` allows nothing else"
+            ),
+            BootError::Option(e) => e.fmt(f),
+            BootError::TestRefused(why) => write!(
+                f,
+                "the TPM2 token would not unlock the volume: {why} (test only, nothing was activated)"
             ),
             BootError::Verify(why) => write!(f, "enrolment check failed, nothing was written: {why}"),
             BootError::BadArgument(why) => why.fmt(f),
@@ -302,6 +319,23 @@ pub struct UnlockOptions {
     /// A key file tried before prompting (crypttab's third field).
     pub keyfile: Option<PathBuf>,
     pub flags: ActivateFlags,
+    /// What crypttab's options change (the default: none given).
+    pub crypttab: CrypttabUnlock,
+}
+
+/// What crypttab's options change in an unlock, beyond the activation flags (see
+/// [`options`]); the default is systemd-cryptsetup's behaviour without options.
+#[derive(Debug, Clone, Default)]
+pub struct CrypttabUnlock {
+    /// `token-only`: no key file, no prompt.
+    pub token_only: bool,
+    /// `keyfile-offset=`, `keyfile-size=`.
+    pub keyfile_offset: u64,
+    pub keyfile_size: Option<u64>,
+    /// `header=`: a detached LUKS2 header.
+    pub header: Option<PathBuf>,
+    /// `timeout=`, `password-echo=`, `password-cache=`.
+    pub prompt: options::PromptTuning,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -384,6 +418,7 @@ struct TpmOpened {
     vk: SecretBytes,
     method: Method,
     token: u32,
+    slot: u32,
     passphrase: SecretBytes,
 }
 
@@ -450,6 +485,7 @@ fn volume_key_via_tpm(
                             Method::Tpm2
                         },
                         token: id,
+                        slot,
                         passphrase,
                     })
                 }
@@ -558,8 +594,13 @@ fn passphrase_and_slot(
             Ok(opened) => return Ok(opened),
             Err(e) if e.is_wrong_passphrase() => {
                 events.event("passphrase_wrong", &[("name", name)]);
-                let left = tries - attempt;
-                prompter.say(&format!("vaultguard: wrong passphrase ({left} tries left)"));
+                prompter.say(&match tries.checked_sub(attempt) {
+                    // tries=0 (unlimited) arrives as u32::MAX: no count to give.
+                    Some(left) if tries != u32::MAX => {
+                        format!("vaultguard: wrong passphrase ({left} tries left)")
+                    }
+                    _ => "vaultguard: wrong passphrase".to_string(),
+                });
             }
             Err(e) => return Err(e.into()),
         }
@@ -571,6 +612,42 @@ fn passphrase_and_slot(
 }
 
 pub fn read_keyfile(path: &std::path::Path) -> Result<SecretBytes, BootError> {
+    read_keyfile_part(path, 0, None)
+}
+
+/// The key as crypttab's `keyfile-offset=` and `keyfile-size=` cut it from the
+/// file: `size` bytes (or all) from `offset` on. A file shorter than that is an
+/// error, as in cryptsetup, not a shorter key.
+pub fn read_keyfile_part(
+    path: &std::path::Path,
+    offset: u64,
+    size: Option<u64>,
+) -> Result<SecretBytes, BootError> {
+    let whole = read_keyfile_whole(path)?;
+    let len = whole.as_bytes().len() as u64;
+    let end = match size {
+        Some(n) => offset.checked_add(n),
+        None => Some(len),
+    };
+    match end {
+        Some(end) if offset <= end && end <= len => Ok(SecretBytes::from_slice(
+            &whole.as_bytes()[offset as usize..end as usize],
+        )),
+        _ => Err(BootError::KeyFile {
+            path: path.to_path_buf(),
+            err: std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{len} bytes, shorter than keyfile-offset={offset}{}",
+                    size.map(|n| format!(" plus keyfile-size={n}"))
+                        .unwrap_or_default()
+                ),
+            ),
+        }),
+    }
+}
+
+fn read_keyfile_whole(path: &std::path::Path) -> Result<SecretBytes, BootError> {
     use std::io::Read;
     let key_file = |err| BootError::KeyFile {
         path: path.to_path_buf(),
@@ -592,6 +669,8 @@ pub fn read_keyfile(path: &std::path::Path) -> Result<SecretBytes, BootError> {
 pub struct Acquired {
     pub vk: SecretBytes,
     pub method: Method,
+    /// The keyslot that opened (what `unlock --test` reports).
+    pub slot: u32,
     pub fallback_reason: Option<TpmRefusal>,
     pub tpm: Option<Tpm>,
 }
@@ -605,6 +684,9 @@ pub fn acquire_volume_key(
     events: &mut dyn Events,
 ) -> Result<Acquired, BootError> {
     let name = opts.name.as_str();
+    // crypttab's timeout=/password-echo=/password-cache= reach every prompt.
+    let mut tuned = options::Tuned::new(prompter, opts.crypttab.prompt);
+    let prompter: &mut dyn Prompter = &mut tuned;
     let mut tpm = None;
     let tpm_result = match &opts.tpm {
         None => Err(TpmRefusal::Disabled),
@@ -622,7 +704,7 @@ pub fn acquire_volume_key(
                     events,
                     &mut Trials::default(),
                 )
-                .map(|o| (o.vk, o.method));
+                .map(|o| (o.vk, o.method, o.slot));
                 tpm = Some(handle);
                 r
             }
@@ -630,10 +712,11 @@ pub fn acquire_volume_key(
         },
     };
     let reason = match tpm_result {
-        Ok((vk, method)) => {
+        Ok((vk, method, slot)) => {
             return Ok(Acquired {
                 vk,
                 method,
+                slot,
                 fallback_reason: None,
                 tpm,
             })
@@ -647,13 +730,21 @@ pub fn acquire_volume_key(
         "tpm_refused",
         &[("name", name), ("reason", &reason.to_string())],
     );
+    if opts.crypttab.token_only {
+        return Err(BootError::TokenOnly(reason));
+    }
     if let Some(path) = &opts.keyfile {
-        let key = read_keyfile(path)?;
+        let key = read_keyfile_part(
+            path,
+            opts.crypttab.keyfile_offset,
+            opts.crypttab.keyfile_size,
+        )?;
         match vault.volume_key(None, key.as_bytes()) {
-            Ok((vk, _)) => {
+            Ok((vk, slot)) => {
                 return Ok(Acquired {
                     vk,
                     method: Method::KeyFile,
+                    slot,
                     fallback_reason: Some(reason),
                     tpm,
                 })
@@ -667,10 +758,11 @@ pub fn acquire_volume_key(
             Err(e) => return Err(e.into()),
         }
     }
-    match volume_key_via_passphrase(vault, name, opts.tries, prompter, events) {
-        Ok(vk) => Ok(Acquired {
+    match passphrase_and_slot(vault, name, opts.tries, prompter, events) {
+        Ok((vk, slot)) => Ok(Acquired {
             vk,
             method: Method::Passphrase,
+            slot,
             fallback_reason: Some(reason),
             tpm,
         }),
@@ -682,6 +774,42 @@ pub fn acquire_volume_key(
             Err(e)
         }
     }
+}
+
+/// What `unlock --test` found: which keyslot the first key that works opens,
+/// with nothing activated and no PCR extended.
+#[derive(Debug)]
+pub struct Tested {
+    pub method: Method,
+    pub slot: u32,
+    /// The type of the LUKS2 token that lists the keyslot (`systemd-tpm2`,
+    /// `systemd-recovery`), if one does.
+    pub token_type: Option<String>,
+    /// Why the TPM was not used, when it was not.
+    pub fallback_reason: Option<TpmRefusal>,
+}
+
+/// "Will this unlock at the next boot?": the unlock up to the volume key, which
+/// is then dropped. Works without device-mapper: activation is never tried.
+pub fn test_unlock(
+    opts: &UnlockOptions,
+    prompter: &mut dyn Prompter,
+    events: &mut dyn Events,
+) -> Result<Tested, BootError> {
+    let mut vault = Vault::open_with_header(&opts.device, opts.crypttab.header.as_deref())?;
+    let got = acquire_volume_key(&mut vault, opts, prompter, events)?;
+    drop(got.vk);
+    let token_type = vault
+        .token_refs()?
+        .into_iter()
+        .find(|t| t.keyslots.contains(&got.slot))
+        .map(|t| t.kind);
+    Ok(Tested {
+        method: got.method,
+        slot: got.slot,
+        token_type,
+        fallback_reason: got.fallback_reason,
+    })
 }
 
 /// Open the vault: TPM first, then key file, then passphrase; create the mapping
@@ -701,13 +829,14 @@ pub fn unlock(
             already_active: true,
         });
     }
-    let mut vault = Vault::open(&opts.device)?;
+    let mut vault = Vault::open_with_header(&opts.device, opts.crypttab.header.as_deref())?;
     let uuid = vault.uuid()?;
     let Acquired {
         vk,
         method,
         fallback_reason,
         mut tpm,
+        ..
     } = acquire_volume_key(&mut vault, opts, prompter, events)?;
 
     vault.activate(name, &vk, opts.flags)?;

@@ -347,6 +347,29 @@ pub fn run(
     json: bool,
     passphrase: Option<&SecretBytes>,
 ) -> Result<bool, ClientError> {
+    run_reply(socket, cmd, json, passphrase).map(|r| r.success())
+}
+
+/// The exit status of a reply (README, "Exit statuses"): a refusal with
+/// `retry_after` is the supervisor's lockout.
+pub fn exit_of(reply: &Reply) -> crate::exit::Exit {
+    use crate::exit::Exit;
+    if reply.success() {
+        Exit::Ok
+    } else if reply.value.get("retry_after").is_some() {
+        Exit::LockedOut
+    } else {
+        Exit::Error
+    }
+}
+
+/// [`run`], returning the reply itself.
+pub fn run_reply(
+    socket: &Path,
+    cmd: Cmd,
+    json: bool,
+    passphrase: Option<&SecretBytes>,
+) -> Result<Reply, ClientError> {
     let reply = match (cmd, passphrase) {
         (Cmd::Status, _) => status(socket)?,
         (Cmd::Lock, _) => lock(socket)?,
@@ -367,7 +390,7 @@ pub fn run(
     } else {
         eprintln!("{}", human(cmd, &reply));
     }
-    Ok(ok)
+    Ok(reply)
 }
 
 #[cfg(test)]

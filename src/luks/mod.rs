@@ -28,6 +28,9 @@ pub enum LuksError {
     WrongPassphrase,
     /// Something else in libcryptsetup or the kernel failed.
     Op { what: &'static str, msg: String },
+    /// The kernel has no device-mapper (dm_mod not loaded): nothing can be
+    /// activated or closed, whatever the name.
+    NoDeviceMapper { what: &'static str },
 }
 
 impl LuksError {
@@ -44,6 +47,13 @@ impl fmt::Display for LuksError {
             }
             LuksError::WrongPassphrase => write!(f, "no keyslot accepts this passphrase"),
             LuksError::Op { what, msg } => write!(f, "{what} failed: {msg}"),
+            LuksError::NoDeviceMapper { what } => write!(
+                f,
+                "{what} failed: the kernel has no device-mapper ({DM_CONTROL} is missing or has \
+                 no driver); \
+                 load it with `modprobe dm_mod` (in the initramfs: add dm_mod and dm_crypt \
+                 to it)"
+            ),
         }
     }
 }
@@ -81,6 +91,38 @@ pub fn init_library() {
     libcryptsetup_rs::set_log_callback::<()>(Some(log_callback), None);
     // SAFETY: plain library call without arguments.
     unsafe { libcryptsetup_rs_sys::crypt_token_external_disable() };
+}
+
+/// device-mapper's control node: absent when dm_mod is not loaded.
+const DM_CONTROL: &str = "/dev/mapper/control";
+
+/// Refuse early, and say why, when there is no device-mapper: libcryptsetup
+/// would report it as a name "invalid or still in use". The node can exist with
+/// no driver behind it (a container's static /dev): opening it is the test.
+fn need_device_mapper(what: &'static str, control: &Path) -> Result<(), LuksError> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(control)
+    {
+        Err(e) if no_driver(&e) => Err(LuksError::NoDeviceMapper { what }),
+        // Anything else (permissions, ...) is libcryptsetup's to report.
+        _ => Ok(()),
+    }
+}
+
+/// Whether opening the control node failed because there is no driver.
+fn no_driver(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound
+        || e.raw_os_error().is_some_and(|n| {
+            n == rustix::io::Errno::NODEV.raw_os_error()
+                || n == rustix::io::Errno::NXIO.raw_os_error()
+        })
+}
+
+/// Whether this kernel has a device-mapper to activate on.
+pub fn has_device_mapper() -> bool {
+    need_device_mapper("", Path::new(DM_CONTROL)).is_ok()
 }
 
 fn op(what: &'static str) -> impl FnOnce(LibcryptErr) -> LuksError {
@@ -130,11 +172,27 @@ pub struct Vault {
 
 impl Vault {
     pub fn open(device: &str) -> Result<Vault, LuksError> {
+        Vault::open_with_header(device, None)
+    }
+
+    /// Open `device` whose LUKS2 header is `header` (crypttab's `header=`, a
+    /// detached header), or on the device itself.
+    pub fn open_with_header(device: &str, header: Option<&Path>) -> Result<Vault, LuksError> {
         let open_err = |e: LibcryptErr| LuksError::Open {
             device: device.to_string(),
-            msg: describe(&e),
+            msg: match header {
+                Some(h) => format!("with the header {}: {}", h.display(), describe(&e)),
+                None => describe(&e),
+            },
         };
-        let mut dev = CryptInit::init(Path::new(device)).map_err(open_err)?;
+        let mut dev = match header {
+            Some(h) => CryptInit::init_with_data_device(libcryptsetup_rs::Either::Right((
+                h,
+                Path::new(device),
+            ))),
+            None => CryptInit::init(Path::new(device)),
+        }
+        .map_err(open_err)?;
         dev.context_handle()
             .load::<()>(Some(EncryptionFormat::Luks2), None)
             .map_err(|e| LuksError::Open {
@@ -367,6 +425,7 @@ impl Vault {
         vk: &SecretBytes,
         flags: ActivateFlags,
     ) -> Result<(), LuksError> {
+        need_device_mapper("activating the mapping", Path::new(DM_CONTROL))?;
         self.dev
             .activate_handle()
             .activate_by_volume_key(Some(name), Some(vk.as_bytes()), flags.to_crypt())
@@ -392,6 +451,9 @@ pub struct ActivateFlags {
     /// Bypass dm-crypt's queues (`no-read-workqueue`, `no-write-workqueue`).
     pub no_read_workqueue: bool,
     pub no_write_workqueue: bool,
+    /// dm-crypt's CPU placement (`same-cpu-crypt`, `submit-from-crypt-cpus`).
+    pub same_cpu_crypt: bool,
+    pub submit_from_crypt_cpus: bool,
 }
 
 impl ActivateFlags {
@@ -409,6 +471,12 @@ impl ActivateFlags {
         if self.no_write_workqueue {
             f |= CryptActivate::NO_WRITE_WORKQUEUE;
         }
+        if self.same_cpu_crypt {
+            f |= CryptActivate::SAME_CPU_CRYPT;
+        }
+        if self.submit_from_crypt_cpus {
+            f |= CryptActivate::SUBMIT_FROM_CRYPT_CPUS;
+        }
         f
     }
 }
@@ -423,6 +491,7 @@ fn libc_enoent() -> i32 {
 
 /// Is the mapping `name` present?
 pub fn is_active(name: &str) -> Result<bool, LuksError> {
+    need_device_mapper("querying the mapping", Path::new(DM_CONTROL))?;
     match libcryptsetup_rs::status(None, name) {
         Ok(CryptStatusInfo::Active) | Ok(CryptStatusInfo::Busy) => Ok(true),
         Ok(_) => Ok(false),
@@ -505,6 +574,55 @@ fn find_by_uuid(uuid: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crypttab_flags_become_libcryptsetup_activation_flags() {
+        let all = ActivateFlags {
+            discard: true,
+            readonly: true,
+            no_read_workqueue: true,
+            no_write_workqueue: true,
+            same_cpu_crypt: true,
+            submit_from_crypt_cpus: true,
+        };
+        let f = all.to_crypt();
+        for (i, want) in [
+            CryptActivate::ALLOW_DISCARDS,
+            CryptActivate::READONLY,
+            CryptActivate::NO_READ_WORKQUEUE,
+            CryptActivate::NO_WRITE_WORKQUEUE,
+            CryptActivate::SAME_CPU_CRYPT,
+            CryptActivate::SUBMIT_FROM_CRYPT_CPUS,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            assert!(f.contains(want), "flag {i} missing: {:#x}", f.bits());
+        }
+        assert_eq!(ActivateFlags::default().to_crypt().bits(), 0);
+    }
+
+    #[test]
+    fn a_missing_device_mapper_is_named_as_such() {
+        let e = need_device_mapper("activating the mapping", Path::new("/nonexistent/control"))
+            .unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("no device-mapper") && m.contains("modprobe dm_mod"),
+            "{m}"
+        );
+        assert!(!m.contains("in use"), "{m}");
+        // A node with no driver behind it (a container's static /dev) opens with
+        // ENODEV; a permission problem is not a missing driver.
+        assert!(no_driver(&std::io::Error::from_raw_os_error(
+            rustix::io::Errno::NODEV.raw_os_error()
+        )));
+        assert!(!no_driver(&std::io::Error::from_raw_os_error(
+            rustix::io::Errno::ACCESS.raw_os_error()
+        )));
+        // The null device opens: that is a driver, whatever it is.
+        assert!(need_device_mapper("x", Path::new("/dev/null")).is_ok());
+    }
 
     #[test]
     fn a_non_utf8_log_line_is_kept_not_fatal() {

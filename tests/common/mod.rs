@@ -411,6 +411,7 @@ pub fn unlock_opts(sw: &Swtpm, img: &Path) -> vaultguard::boot::UnlockOptions {
         tries: 3,
         keyfile: None,
         flags: vaultguard::luks::ActivateFlags::default(),
+        crypttab: Default::default(),
     }
 }
 
