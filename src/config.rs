@@ -26,7 +26,19 @@ pub const MAX_CHECK_INTERVAL_SECONDS: u64 = 24 * 3600;
 pub const MAX_ATTEMPTS: u32 = 1000;
 
 /// Commands of the control socket that can be authorised separately.
-pub const CONTROL_COMMANDS: [&str; 4] = ["status", "lock", "unlock", "keepalive"];
+pub const CONTROL_COMMANDS: [&str; 7] = [
+    "status",
+    "lock",
+    "unlock",
+    "keepalive",
+    "watch",
+    "inhibit",
+    "release",
+];
+
+/// `vault.max_inhibit` may not exceed a week: an inhibitor is for a job, not a
+/// way to switch the idle lock off (that is `auto_lock_timeout: 0`).
+pub const MAX_INHIBIT_SECONDS: u64 = 7 * 24 * 3600;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -63,6 +75,13 @@ pub struct VaultConfig {
     pub state_path: PathBuf,
     /// Extra copy of the state for readers of the appliance's old path.
     pub state_compat_path: Option<PathBuf>,
+    /// Seconds before the idle lock during which the state is `locking_soon`
+    /// (and watchers are warned).
+    pub lock_warning: u64,
+    /// Seconds: the longest one inhibitor may hold off the idle lock.
+    pub max_inhibit: u64,
+    /// Lock when the machine suspends or hibernates (vaultguard-suspend.service).
+    pub lock_on_suspend: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,6 +156,9 @@ impl Default for VaultConfig {
             activity_file: None,
             state_path: "/run/vaultguard/state.json".into(),
             state_compat_path: None,
+            lock_warning: 60,
+            max_inhibit: 3600,
+            lock_on_suspend: true,
         }
     }
 }
@@ -350,6 +372,18 @@ impl Config {
                 self.vault.auto_lock_timeout,
                 MAX_AUTO_LOCK_MINUTES,
                 "minutes",
+            ),
+            over(
+                "vault.max_inhibit",
+                self.vault.max_inhibit,
+                MAX_INHIBIT_SECONDS,
+                "seconds",
+            ),
+            over(
+                "vault.lock_warning",
+                self.vault.lock_warning,
+                MAX_AUTO_LOCK_MINUTES * 60,
+                "seconds",
             ),
             over(
                 "vault.check_interval",

@@ -117,7 +117,15 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             c.auto_lock_seconds.map(std::time::Duration::from_secs),
         )?,
         Command::Status(c) => return client_command(&args, client::Cmd::Status, c.json),
-        Command::Lock(c) => return client_command(&args, client::Cmd::Lock, c.json),
+        Command::Lock(c) => {
+            let cfg = load_config(&args)?;
+            let ok = client::run_lock(&cfg.control.socket, c.reason.as_deref(), c.json)?;
+            return Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
         Command::Keepalive(c) => return client_command(&args, client::Cmd::Keepalive, c.json),
         Command::Audit(a) => match &a.command {
             AuditSub::Verify(v) => {

@@ -161,6 +161,31 @@ pub fn lock(socket: &Path) -> Result<Reply, ClientError> {
     request(socket, b"{\"cmd\":\"lock\"}\n", SLOW_TIMEOUT)
 }
 
+/// `{"cmd":"lock","reason":R}`; R is checked by the supervisor (which names
+/// the accepted reasons when it refuses one).
+pub fn lock_because(socket: &Path, reason: &str) -> Result<Reply, ClientError> {
+    let mut line = serde_json::json!({"cmd": "lock", "reason": reason}).to_string();
+    line.push('\n');
+    request(socket, line.as_bytes(), SLOW_TIMEOUT)
+}
+
+/// `vaultguard lock [--reason R]`: print the reply, return whether it succeeded.
+pub fn run_lock(socket: &Path, reason: Option<&str>, json: bool) -> Result<bool, ClientError> {
+    let reply = match reason {
+        Some(r) => lock_because(socket, r)?,
+        None => lock(socket)?,
+    };
+    let ok = reply.success();
+    if json {
+        println!("{}", reply.line);
+    } else if ok {
+        println!("{}", human(Cmd::Lock, &reply));
+    } else {
+        eprintln!("{}", human(Cmd::Lock, &reply));
+    }
+    Ok(ok)
+}
+
 pub fn keepalive(socket: &Path) -> Result<Reply, ClientError> {
     request(socket, b"{\"cmd\":\"keepalive\"}\n", QUICK_TIMEOUT)
 }
@@ -314,7 +339,18 @@ pub fn human(cmd: Cmd, reply: &Reply) -> String {
             }
             s
         }
-        Cmd::Lock => "vault locked".into(),
+        Cmd::Lock => {
+            // A declined suspend lock succeeds with a warning and the state.
+            let mut s = match v.get("warning").and_then(|w| w.as_str()) {
+                Some(w) => format!("warning: {w}"),
+                None => "vault locked".into(),
+            };
+            if let Some(names) = v.get("overrode").and_then(|o| o.as_array()) {
+                let names: Vec<&str> = names.iter().filter_map(|n| n.as_str()).collect();
+                s.push_str(&format!("\noverrode inhibitors: {}", names.join(", ")));
+            }
+            s
+        }
         Cmd::Unlock => {
             let mut s = String::from("vault unlocked");
             if let Some(w) = v.get("warning").and_then(|w| w.as_str()) {

@@ -49,7 +49,8 @@ pub struct Options {
     pub state_file: PathBuf,
     /// Test hook: overrides `vault.auto_lock_timeout` (which is whole minutes).
     pub auto_lock_override: Option<Duration>,
-    pub warn_before: Duration,
+    /// Overrides `vault.lock_warning` (the `locking_soon` window).
+    pub warn_before: Option<Duration>,
     /// A connection must complete each request line within this time.
     pub read_timeout: Duration,
     pub max_clients: usize,
@@ -60,7 +61,7 @@ impl Default for Options {
         Options {
             state_file: super::state_file::DEFAULT_PATH.into(),
             auto_lock_override: None,
-            warn_before: Duration::from_secs(60),
+            warn_before: None,
             read_timeout: Duration::from_secs(10),
             max_clients: 256,
         }
@@ -79,14 +80,24 @@ const ZERO: rustix::time::Timespec = rustix::time::Timespec {
 };
 
 struct Conn {
+    /// Names the connection to the machine (its inhibitors go when it closes).
+    id: u64,
     stream: UnixStream,
     peer: Peer,
     input: LineBuffer,
     out: Vec<u8>,
+    /// `u64::MAX` for a watcher: it may stay silent for ever.
     deadline: u64,
     closing: bool,
     dead: bool,
+    /// Sent `{"cmd":"watch"}`: gets every event line from now on.
+    watching: bool,
 }
+
+/// A watcher whose unsent lines exceed this is dropped: a reader that does not
+/// keep up must not make the supervisor hold (or slow down for) its backlog.
+/// 64 KiB is some 256 event lines.
+pub const WATCH_QUEUE_BYTES: usize = 64 * 1024;
 
 /// Stops a running supervisor from another thread, and counts its wake-ups.
 #[derive(Clone)]
@@ -117,6 +128,7 @@ pub struct Supervisor {
     extra_stop: Option<OwnedFd>,
     watch: Option<ActivityWatch>,
     conns: Vec<Conn>,
+    next_conn_id: u64,
     opts: Options,
     wakeups: Arc<AtomicU64>,
     accept_paused_until: u64,
@@ -241,7 +253,8 @@ impl Supervisor {
             cfg,
             &opts.state_file,
             opts.auto_lock_override,
-            opts.warn_before,
+            opts.warn_before
+                .unwrap_or(Duration::from_secs(cfg.vault.lock_warning)),
         );
         let machine = Machine::start(settings, backend, now());
         log_info(&format!("control socket {}", socket_path.display()));
@@ -256,6 +269,7 @@ impl Supervisor {
             extra_stop: None,
             watch,
             conns: Vec::new(),
+            next_conn_id: 1,
             opts,
             wakeups: Arc::new(AtomicU64::new(0)),
             accept_paused_until: 0,
@@ -390,7 +404,8 @@ impl Supervisor {
                 self.accept();
             }
             self.expire(busy_ms);
-            self.conns.retain(|c| !c.dead);
+            self.fan_out();
+            self.reap();
         }
         self.shutdown();
         Ok(())
@@ -431,10 +446,63 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Give every watcher the machine's new event lines. A watcher whose queue
+    /// would pass [`WATCH_QUEUE_BYTES`] is dropped, never waited for.
+    fn fan_out(&mut self) {
+        let lines = self.machine.take_events();
+        if lines.is_empty() {
+            return;
+        }
+        for c in self.conns.iter_mut().filter(|c| c.watching && !c.dead) {
+            for l in &lines {
+                if c.out.len() + l.len() > WATCH_QUEUE_BYTES {
+                    log_warn(&format!(
+                        "watcher (uid {}, pid {}) does not read its events: dropped with {} \
+                         bytes unsent",
+                        c.peer.uid,
+                        c.peer.pid,
+                        c.out.len()
+                    ));
+                    c.out.clear();
+                    c.dead = true;
+                    break;
+                }
+                c.out.extend_from_slice(l);
+            }
+            if !c.dead {
+                flush(c);
+            }
+        }
+    }
+
+    /// Drop closed connections; the machine releases what they held.
+    fn reap(&mut self) {
+        if !self.conns.iter().any(|c| c.dead) {
+            return;
+        }
+        let (dead, live): (Vec<Conn>, Vec<Conn>) = std::mem::take(&mut self.conns)
+            .into_iter()
+            .partition(|c| c.dead);
+        self.conns = live;
+        for c in dead {
+            self.machine.disconnected(c.id, now());
+        }
+        // Releasing may itself be an event (and change the deadline).
+        self.fan_out();
+        if self.conns.iter().any(|c| c.dead) {
+            self.reap();
+        }
+    }
+
     /// Milliseconds until the earliest connection deadline; `None` (sleep until an
-    /// event) when no connection is open.
+    /// event) when no connection is open or only watchers are.
     fn poll_timeout(&self, now_ms: u64) -> Option<u64> {
-        let conn = self.conns.iter().map(|c| c.deadline).min();
+        let conn = self
+            .conns
+            .iter()
+            .map(|c| c.deadline)
+            .filter(|&d| d != u64::MAX)
+            .min();
         let paused = (self.accept_paused_until > now_ms).then_some(self.accept_paused_until);
         let next = match (conn, paused) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -488,7 +556,11 @@ impl Supervisor {
                 let _ = send(&stream, &Response::failed(&err.to_string(), None).to_line());
                 continue;
             }
+            let id = self.next_conn_id;
+            self.next_conn_id += 1;
             self.conns.push(Conn {
+                id,
+                watching: false,
                 stream,
                 peer,
                 input: LineBuffer::new(),
@@ -506,6 +578,9 @@ impl Supervisor {
     fn expire(&mut self, busy_ms: u64) {
         let t = now();
         for c in &mut self.conns {
+            if c.watching {
+                continue;
+            }
             c.deadline = c.deadline.saturating_add(busy_ms);
             if c.dead || t.mono_ms < c.deadline {
                 continue;
@@ -583,6 +658,29 @@ fn answer_lines(
 ) -> u64 {
     let mut busy = 0;
     while c.out.len() <= MAX_PENDING_OUT {
+        // A watcher's lines get one error each: the connection is a stream now,
+        // and it stays one (its queue bound drops it if it floods itself).
+        if c.watching {
+            let framed = c
+                .input
+                .next_line(|line| !line.iter().all(u8::is_ascii_whitespace));
+            match framed {
+                None => break,
+                Some(Framed::TooLong) => {
+                    c.input.clear();
+                    c.closing = true;
+                    let r = Response::failed(&ProtocolError::LineTooLong.to_string(), None);
+                    c.out.extend_from_slice(&r.to_line());
+                    break;
+                }
+                Some(Framed::Line(false)) => continue,
+                Some(Framed::Line(true)) => {
+                    let r = Response::failed(&ProtocolError::Watching.to_string(), None);
+                    c.out.extend_from_slice(&r.to_line());
+                    continue;
+                }
+            }
+        }
         let framed = c.input.next_line(|line| {
             if line.iter().all(u8::is_ascii_whitespace) {
                 None
@@ -603,12 +701,17 @@ fn answer_lines(
                 // The machine decides again (and audits a denial); this answer only
                 // says whether the line counts as progress.
                 let allowed = authorise(allow, req.name(), &c.peer);
+                let watch = matches!(req, crate::control::protocol::Request::Watch);
                 let before = now();
-                let r = machine.handle(&c.peer, req, before);
+                let r = machine.handle_on(c.id, &c.peer, req, before);
                 let after = now();
                 busy += after.mono_ms.saturating_sub(before.mono_ms);
                 if allowed {
                     c.deadline = after.mono_ms + ms(opts.read_timeout);
+                }
+                if watch && r.succeeded() {
+                    c.watching = true;
+                    c.deadline = u64::MAX;
                 }
                 r
             }

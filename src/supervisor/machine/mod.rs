@@ -17,6 +17,8 @@
 mod anchoring;
 mod core;
 mod effects;
+mod inhibit;
+mod inhibiting;
 mod lock;
 #[cfg(test)]
 mod tests;
@@ -24,6 +26,7 @@ mod unlock;
 
 pub use self::core::{Core, AUTO_LOCK_RETRY_MS};
 pub use effects::{Effect, Field, Priority};
+pub use inhibit::{MAX_INHIBITORS, MAX_INHIBITORS_PER_HOLDER};
 
 use super::backend::{BackendError, Reality, VaultBackend};
 use super::lockout::{Lockout, Policy};
@@ -44,6 +47,15 @@ pub enum VaultState {
     Unknown,
     Locking,
     Unlocking,
+    /// Unlocked, inside the warning window before the idle lock.
+    LockingSoon,
+    /// Reality cannot be read, or a lock stopped half-way; `status` carries a
+    /// `message` saying what failed and what was done.
+    Error,
+    /// Locked, and there is no vault to open (no LUKS volume on the device).
+    SetupRequired,
+    /// Locked, and the configured device is not there.
+    NotAvailable,
 }
 
 impl VaultState {
@@ -54,6 +66,10 @@ impl VaultState {
             VaultState::Unknown => "unknown",
             VaultState::Locking => "locking",
             VaultState::Unlocking => "unlocking",
+            VaultState::LockingSoon => "locking_soon",
+            VaultState::Error => "error",
+            VaultState::SetupRequired => "setup_required",
+            VaultState::NotAvailable => "not_available",
         }
     }
 
@@ -80,17 +96,42 @@ impl Now {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why the vault is locked; its [`LockReason::detail`] is what the state detail,
+/// the audit entry and the event say.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LockReason {
+    /// `{"cmd":"lock"}` without a reason (the appliance's `manual_lock`).
     Manual,
     Idle,
+    /// `"reason":"operator_request"`.
+    Operator,
+    /// `"reason":"suspend"` (the suspend unit), honoured per `vault.lock_on_suspend`.
+    Suspend,
+    /// `"reason":"incident:<id>"`: incident containment.
+    Incident(String),
 }
 
 impl LockReason {
-    pub fn detail(self) -> &'static str {
+    pub fn detail(&self) -> String {
         match self {
-            LockReason::Manual => "manual_lock",
-            LockReason::Idle => "auto_lock_idle",
+            LockReason::Manual => "manual_lock".into(),
+            LockReason::Idle => "auto_lock_idle".into(),
+            LockReason::Operator => "operator_request".into(),
+            LockReason::Suspend => "suspend".into(),
+            LockReason::Incident(id) => format!("incident:{id}"),
+        }
+    }
+
+    /// From a request's validated `reason` (see
+    /// [`crate::control::protocol::valid_lock_reason`]).
+    pub fn from_request(r: &str) -> Option<LockReason> {
+        match r {
+            "operator_request" => Some(LockReason::Operator),
+            "suspend" => Some(LockReason::Suspend),
+            _ => r
+                .strip_prefix("incident:")
+                .filter(|id| crate::control::protocol::valid_name(id, 64))
+                .map(|id| LockReason::Incident(id.into())),
         }
     }
 }
@@ -112,6 +153,10 @@ pub struct Settings {
     /// The state file first, then the compatibility path if configured.
     pub state_files: Vec<PathBuf>,
     pub allow: BTreeMap<String, Allow>,
+    /// `vault.max_inhibit`: the longest an inhibitor may hold off the idle lock.
+    pub max_inhibit_s: u64,
+    /// `vault.lock_on_suspend`: honour `lock` with reason `suspend`.
+    pub lock_on_suspend: bool,
 }
 
 impl Settings {
@@ -150,6 +195,8 @@ impl Settings {
                 .then(|| (cfg.tpm.tcti.clone(), cfg.audit.tpm_nv_index)),
             state_files,
             allow: cfg.control.allow.clone(),
+            max_inhibit_s: cfg.vault.max_inhibit,
+            lock_on_suspend: cfg.vault.lock_on_suspend,
         }
     }
 }
@@ -161,7 +208,7 @@ pub fn derive_state(
 ) -> (VaultState, String) {
     let r = match reality {
         Ok(r) => r,
-        Err(_) => return (VaultState::Unknown, "probe_failed".into()),
+        Err(_) => return (VaultState::Error, "probe_failed".into()),
     };
     let state = VaultState::of(r);
     let detail = match (state, hint) {
@@ -190,6 +237,11 @@ pub struct Machine {
     audit_rotate_size: u64,
     state_files: Vec<PathBuf>,
     anchoring: Option<anchoring::Anchoring>,
+    /// The last event's sequence number (watchers see it increase by one per
+    /// event, so a gap means a line was lost).
+    seq: u64,
+    /// Event lines not yet fanned out by the event loop.
+    events: Vec<Vec<u8>>,
 }
 
 impl Machine {
@@ -235,6 +287,8 @@ impl Machine {
             audit_rotate_size,
             state_files,
             anchoring,
+            seq: 0,
+            events: Vec::new(),
         };
         m.perform(fx);
         m.note(notes);
@@ -268,12 +322,46 @@ impl Machine {
 
     /// Authorise and run one request from `peer`.
     pub fn handle(&mut self, peer: &Peer, req: Request, now: Now) -> Response {
+        self.handle_on(0, peer, req, now)
+    }
+
+    /// Authorise and run one request from `peer` on connection `conn`. An
+    /// allowed `watch` is answered with the stream's first line: the current
+    /// state, carrying the sequence number of the last event before it.
+    pub fn handle_on(&mut self, conn: u64, peer: &Peer, req: Request, now: Now) -> Response {
         if matches!(req, Request::Unlock(_)) {
             self.retry_audit();
         }
-        let (r, fx) = self.core.handle(peer, req, now);
+        let watch = matches!(req, Request::Watch);
+        let (r, fx) = self.core.handle_on(conn, peer, req, now);
         self.perform(fx);
+        if watch && r.succeeded() {
+            let st = self.core.status(peer.uid, now);
+            let mut m = serde_json::Map::new();
+            m.insert("seq".into(), self.seq.into());
+            m.insert("event".into(), "state".into());
+            m.insert("state".into(), st.state.into());
+            m.insert("detail".into(), st.detail.into());
+            if let Some(l) = st.lock_in_seconds {
+                m.insert("lock_in_seconds".into(), l.into());
+            }
+            if let Some(msg) = st.message {
+                m.insert("message".into(), msg.into());
+            }
+            return Response::Event(m);
+        }
         r
+    }
+
+    /// Connection `conn` closed: release the inhibitors it did not keep.
+    pub fn disconnected(&mut self, conn: u64, now: Now) {
+        let fx = self.core.disconnected(conn, now);
+        self.perform(fx);
+    }
+
+    /// The event lines since the last call, in order, for the watchers.
+    pub fn take_events(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.events)
     }
 
     /// Lock now (`uid`: who asked; `None`: the supervisor itself).
@@ -343,6 +431,21 @@ impl Machine {
                     }
                 }
                 Effect::Log(p, msg) => super::log(p as u8, &msg),
+                Effect::Event { event, fields } => {
+                    self.seq += 1;
+                    let mut m = serde_json::Map::new();
+                    m.insert("seq".into(), self.seq.into());
+                    m.insert("event".into(), event.into());
+                    for (k, v) in fields {
+                        let v: serde_json::Value = match v {
+                            Field::Str(s) => s.into(),
+                            Field::UInt(n) => n.into(),
+                            Field::Int(n) => n.into(),
+                        };
+                        m.insert(k.into(), v);
+                    }
+                    self.events.push(Response::Event(m).to_line());
+                }
             }
         }
     }
