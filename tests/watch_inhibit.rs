@@ -537,6 +537,11 @@ fn an_inhibitor_holds_off_the_auto_lock_until_it_expires() {
     let after = locked - h.started;
     assert!(after >= Duration::from_secs(6), "locked early: {after:?}");
     assert!(after < Duration::from_secs(20), "locked late: {after:?}");
+    // The state file is written just before the lock's audit entry.
+    let end = Instant::now() + GENEROUS;
+    while h.audit_events().len() < 4 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let audit = h.audit_events();
     assert_eq!(audit, ["supervisor_start", "inhibit", "release", "lock"]);
 }
@@ -666,4 +671,16 @@ fn lock_reason_from_the_command_line() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["success"], true);
     assert_eq!(h.ask(r#"{"cmd":"status"}"#)["detail"], "incident:IR-9");
+}
+
+#[test]
+fn watchers_give_back_their_request_slot_and_all_hear_the_lock() {
+    let h = Harness::start_with("watch-many", Fake::unlocked(), |_, o| o.max_clients = 16);
+    let mut ws: Vec<Watcher> = (0..100).map(|_| Watcher::new(&h).0).collect();
+    // Six times max_clients watch, and a command still gets a slot.
+    assert_eq!(h.ask(r#"{"cmd":"status"}"#)["state"], "unlocked");
+    assert_eq!(h.ask(r#"{"cmd":"lock"}"#)["success"], true);
+    for w in &mut ws {
+        w.until(|v| v["event"] == "lock");
+    }
 }

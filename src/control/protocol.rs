@@ -125,6 +125,10 @@ pub enum ProtocolError {
     },
     /// A line from a connection that is a `watch` stream.
     Watching,
+    /// The watcher bounds are reached (all, or this uid's share).
+    TooManyWatchers {
+        uid: u32,
+    },
     /// A field present with the right type but a value outside what it may be.
     BadValue {
         field: &'static str,
@@ -173,6 +177,10 @@ impl fmt::Display for ProtocolError {
                 "permission denied: uid {uid} may run no command on this socket (see control.allow in the configuration); closing connection"
             ),
             ProtocolError::BadValue { field, why } => write!(f, "field `{field}` {why}"),
+            ProtocolError::TooManyWatchers { uid } => write!(
+                f,
+                "too many watchers (all, or those of uid {uid}); close some and try again"
+            ),
             ProtocolError::Watching => write!(
                 f,
                 "this connection is watching and takes no requests; open another connection for commands"

@@ -98,6 +98,44 @@ struct Conn {
 /// keep up must not make the supervisor hold (or slow down for) its backlog.
 /// 64 KiB is some 256 event lines.
 pub const WATCH_QUEUE_BYTES: usize = 64 * 1024;
+/// Watchers in all. A watcher gives back its request slot (`max_clients`), so
+/// dashboards cannot starve commands; these are bounded on their own. Each costs
+/// a descriptor and a few hundred bytes while its queue is empty.
+pub const MAX_WATCHERS: usize = 2048;
+/// Watchers one non-root uid may hold.
+pub const MAX_WATCHERS_PER_UID: usize = MAX_WATCHERS / 8;
+
+/// The watchers open, counted once per wake-up and kept up to date as
+/// connections turn into watchers.
+struct WatchCount {
+    total: usize,
+    by_uid: BTreeMap<u32, usize>,
+}
+
+impl WatchCount {
+    fn of(conns: &[Conn]) -> WatchCount {
+        let mut w = WatchCount {
+            total: 0,
+            by_uid: BTreeMap::new(),
+        };
+        for c in conns.iter().filter(|c| c.watching && !c.dead) {
+            w.total += 1;
+            *w.by_uid.entry(c.peer.uid).or_insert(0) += 1;
+        }
+        w
+    }
+
+    /// May `uid` open one more? Root is held only to the total.
+    fn admits(&self, uid: u32) -> bool {
+        self.total < MAX_WATCHERS
+            && (uid == 0 || self.by_uid.get(&uid).copied().unwrap_or(0) < MAX_WATCHERS_PER_UID)
+    }
+
+    fn add(&mut self, uid: u32) {
+        self.total += 1;
+        *self.by_uid.entry(uid).or_insert(0) += 1;
+    }
+}
 
 /// Stops a running supervisor from another thread, and counts its wake-ups.
 #[derive(Clone)]
@@ -383,6 +421,7 @@ impl Supervisor {
             }
             let mut busy_ms = 0;
             served = false;
+            let mut watchers = WatchCount::of(&self.conns);
             for (i, rev) in conn_ready.into_iter().enumerate() {
                 if rev.is_empty() {
                     continue;
@@ -396,7 +435,7 @@ impl Supervisor {
                     flush(c);
                 }
                 if rev.intersects(PollFlags::IN | PollFlags::HUP) {
-                    busy_ms += serve(c, &mut self.machine, &self.opts, &self.allow);
+                    busy_ms += serve(c, &mut self.machine, &self.opts, &self.allow, &mut watchers);
                     served = true;
                 }
             }
@@ -543,7 +582,10 @@ impl Supervisor {
             let admitted = admit(
                 peer.uid,
                 may_run_any,
-                self.conns.iter().map(|c| c.peer.uid),
+                self.conns
+                    .iter()
+                    .filter(|c| !c.watching)
+                    .map(|c| c.peer.uid),
                 self.opts.max_clients,
             );
             if let Err(refusal) = admitted {
@@ -615,6 +657,7 @@ fn serve(
     machine: &mut Machine,
     opts: &Options,
     allow: &BTreeMap<String, Allow>,
+    watchers: &mut WatchCount,
 ) -> u64 {
     let mut busy = 0;
     for _ in 0..16 {
@@ -627,13 +670,13 @@ fn serve(
                 // answered, then the connection closes once the answer is out.
                 if !c.input.is_empty() {
                     c.input.extend(b"\n");
-                    busy += answer_lines(c, machine, opts, allow);
+                    busy += answer_lines(c, machine, opts, allow, watchers);
                 }
                 c.input.clear();
                 c.closing = true;
                 c.deadline = now().mono_ms + ms(opts.read_timeout);
             }
-            Ok(_) => busy += answer_lines(c, machine, opts, allow),
+            Ok(_) => busy += answer_lines(c, machine, opts, allow, watchers),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => {
@@ -655,6 +698,7 @@ fn answer_lines(
     machine: &mut Machine,
     opts: &Options,
     allow: &BTreeMap<String, Allow>,
+    watchers: &mut WatchCount,
 ) -> u64 {
     let mut busy = 0;
     while c.out.len() <= MAX_PENDING_OUT {
@@ -697,6 +741,14 @@ fn answer_lines(
             }
             Some(Framed::Line(None)) => continue,
             Some(Framed::Line(Some(Err(e)))) => Response::failed(&e.to_string(), None),
+            Some(Framed::Line(Some(Ok(crate::control::protocol::Request::Watch))))
+                if !watchers.admits(c.peer.uid) =>
+            {
+                Response::failed(
+                    &ProtocolError::TooManyWatchers { uid: c.peer.uid }.to_string(),
+                    None,
+                )
+            }
             Some(Framed::Line(Some(Ok(req)))) => {
                 // The machine decides again (and audits a denial); this answer only
                 // says whether the line counts as progress.
@@ -712,6 +764,7 @@ fn answer_lines(
                 if watch && r.succeeded() {
                     c.watching = true;
                     c.deadline = u64::MAX;
+                    watchers.add(c.peer.uid);
                 }
                 r
             }
