@@ -827,4 +827,22 @@ mod tests {
         assert!(parse_pcr_list("a").is_err());
         assert!(parse_pcr_list("24").is_err());
     }
+
+    #[test]
+    fn suspend_inhibit_and_warning_keys_have_defaults_and_bounds() {
+        let c = Config::from_json("{}", "test").unwrap();
+        assert!(c.vault.lock_on_suspend);
+        assert_eq!((c.vault.max_inhibit, c.vault.lock_warning), (3600, 60));
+        let c = Config::from_json(
+            r#"{"vault":{"lock_on_suspend":false,"max_inhibit":7200,"lock_warning":30}}"#,
+            "test",
+        )
+        .unwrap();
+        assert!(!c.vault.lock_on_suspend);
+        assert_eq!((c.vault.max_inhibit, c.vault.lock_warning), (7200, 30));
+        let e = Config::from_json(r#"{"vault":{"max_inhibit":604801}}"#, "t").unwrap_err();
+        assert!(e.to_string().contains("vault.max_inhibit"), "{e}");
+        let e = Config::from_json(r#"{"vault":{"lock_on_suspend":"yes"}}"#, "t").unwrap_err();
+        assert!(e.to_string().contains("vault.lock_on_suspend"), "{e}");
+    }
 }
