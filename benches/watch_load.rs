@@ -41,7 +41,8 @@ fn main() {
     let connect_s = t.elapsed().as_secs_f64();
     let t0 = Instant::now();
     let mut k = UnixStream::connect(socket).unwrap_or_else(|e| fail(&format!("keepalive: {e}")));
-    k.write_all(b"{\"cmd\":\"keepalive\"}\n").expect("keepalive");
+    k.write_all(b"{\"cmd\":\"keepalive\"}\n")
+        .expect("keepalive");
     let mut heard = 0usize;
     let mut last = Duration::ZERO;
     let mut first_heard: Option<Duration> = None;
