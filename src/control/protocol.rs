@@ -1,8 +1,13 @@
 //! Wire format of the control socket (SPEC §3): one JSON object per line in, one out.
 //!
-//! Requests are `{"cmd":"status"}`, `{"cmd":"lock"}`, `{"cmd":"keepalive"}` and
-//! `{"cmd":"unlock","passphrase":"..."}`; unknown extra keys are ignored so that the
-//! appliance's existing clients keep working. Responses are serde-derived types whose
+//! Requests are `{"cmd":"status"}`, `{"cmd":"lock"}` (optionally with a validated
+//! `"reason"`), `{"cmd":"keepalive"}`, `{"cmd":"unlock","passphrase":"..."}`,
+//! `{"cmd":"watch"}` (the connection becomes an event stream),
+//! `{"cmd":"inhibit","who":..,"why":..,"seconds":..,"keep":..}` and
+//! `{"cmd":"release","who":..}`; unknown extra keys are ignored so that the
+//! appliance's existing clients keep working. Durations are whole positive numbers
+//! as written (no fraction, exponent or string), checked here before any number
+//! type could round them. Responses are serde-derived types whose
 //! field order is the documented key order.
 //!
 //! **Passphrase handling.** serde_json would unescape a passphrase containing

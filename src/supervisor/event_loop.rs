@@ -17,6 +17,14 @@
 //! request it was allowed to run: denied or malformed lines are answered but do not
 //! keep a slot alive.
 //!
+//! A connection that sends `{"cmd":"watch"}` becomes a watcher: it gets every
+//! event line the machine produces ([`Machine::take_events`], fanned out after
+//! each wake-up), has no read deadline (so watchers add no wake-ups), gives back
+//! its request slot (watchers are bounded by [`MAX_WATCHERS`] instead), and is
+//! dropped once [`WATCH_QUEUE_BYTES`] wait for it unsent: a reader that does not
+//! keep up costs neither memory nor time. A connection's close tells the machine,
+//! which releases the inhibitors it took without `keep`.
+//!
 //! The socket's directory is part of its security: whoever can write it can put
 //! their own listener where clients look for ours. [`bind`] creates missing
 //! directories with a fixed mode whatever the umask and refuses one that anyone

@@ -4,13 +4,17 @@
 //!   idle deadline, the lockout, and the lock ([`lock`]) and unlock ([`unlock`])
 //!   sequences over the [`VaultBackend`]. It returns what should follow as
 //!   [`Effect`]s (audit entries, the state to publish, the lockout to persist, log
-//!   lines) and performs none of it, so its tests read decisions and effects with a
-//!   recording fake backend and no file system. After any failed sequence the state
+//!   lines, events for watchers) and performs none of it, so its tests read
+//!   decisions and effects with a recording fake backend and no file system. After any failed sequence the state
 //!   is re-derived from the kernel (`probe`): what `status` says is what is true.
 //! - [`Machine`] is the thin shell the event loop holds: it reads the boot hint and
 //!   the persisted lockout at start, hands each call to the core and performs the
 //!   effects in order (audit appends and rotation, state files, the lockout file,
 //!   journald-prefixed log lines), and tells the core when auditing fails.
+//!
+//! Inhibitors ([`inhibit`] keeps them, [`inhibiting`] decides) hold off the idle
+//! lock; events are numbered (`seq`) by the shell, which keeps them for the event
+//! loop to fan out to watchers.
 //!
 //! Neither layer touches sockets or clocks: times come in as [`Now`].
 
