@@ -368,9 +368,9 @@ impl Core {
 
     fn snapshot(&self, now: Now) -> Snapshot {
         let secs = |ms: u64| ms as f64 / 1000.0;
+        // As `status` says it: while inhibited, past the latest expiry.
         let auto_lock_at = self
-            .idle
-            .remaining_ms(now.mono_ms, self.armed())
+            .lock_in_ms(now)
             .map(|r| secs(now.wall_ms.saturating_add(r)));
         // For readers without a socket: when the latest running lockout (of any
         // identity, or the global one) ends.

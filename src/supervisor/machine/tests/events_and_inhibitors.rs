@@ -444,3 +444,17 @@ fn watchers_get_numbered_lines_starting_with_the_current_state() {
     assert_eq!(v["success"], false);
     assert!(v["error"].as_str().unwrap().contains("`watch`"), "{v}");
 }
+
+#[test]
+fn the_state_file_says_when_an_inhibited_vault_would_lock() {
+    let mut t = start(Fake::unlocked());
+    t.handle(&root(), inhibit("job", 3000, false), at(600));
+    let v = t.state_file();
+    let wall0 = 1_700_000_000.0;
+    // The latest expiry (3600) plus a full idle period (1800), not 1800 from start.
+    assert_eq!(
+        v["auto_lock_at"].as_f64(),
+        Some(wall0 + 3600.0 + 1800.0),
+        "{v}"
+    );
+}
