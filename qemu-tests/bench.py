@@ -296,6 +296,133 @@ def bench_supervisor(vg, tools):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+WATCHERS = int(os.environ.get("VG_BENCH_WATCHERS", "1000"))
+
+
+def _watchers_in_guest(static_tools):
+    s = harness.Scenario("bench_watchers")
+    try:
+        s.luks_disk("vault", ext4=True)
+        cfg = {"vault": {"device": "/dev/vda", "mount": "/mnt/vault", "fstype": "ext4"}}
+        body = (WATCH_GUEST_BODY.replace("AUTOLOCK", str(WATCH_AUTOLOCK))
+                .replace("WATCHERS", str(WATCHERS)))
+        b = s.boot(body, files={"/etc/pass": harness.PASSPHRASE,
+                                "/etc/vaultguard/config.json": json.dumps(cfg),
+                                "/usr/bin/watch_load":
+                                    harness.pathlib.Path(static_tools["watch_load"])},
+                   timeout=300)
+        got = json.loads(b.value("watch", 240))
+        b.expect_pass("unmounted")
+        b.expect_poweroff()
+    finally:
+        s.finish()
+    return got
+
+
+def _watch(sock_path, n, timeout):
+    """n connections that sent {"cmd":"watch"} and read their first line."""
+    import socket
+    socks = []
+    for _ in range(n):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.settimeout(timeout)
+        c.connect(sock_path)
+        c.sendall(b'{"cmd":"watch"}\n')
+        f = c.makefile("rb")
+        # One at a time: a connection not yet watching holds a request slot
+        # (max_clients), so a burst of a thousand would be refused past 256.
+        first = json.loads(f.readline())
+        if first.get("event") != "state":
+            sys.exit(f"watch: unexpected first line {first}")
+        socks.append((c, f))
+    return socks
+
+
+WATCH_AUTOLOCK = 10
+
+WATCH_GUEST_BODY = """
+    vg unlock --key-file /etc/pass
+    mkdir -p /mnt/vault && mount -t ext4 /dev/mapper/secure-ai-vault /mnt/vault || die mount
+    rm /etc/initrd-release
+    ulimit -n 8192
+    /usr/bin/vaultguard supervise --auto-lock-seconds AUTOLOCK 2>/run/sup.log &
+    wait_for /run/vaultguard/control.sock 10 || die "no control socket"
+    echo "VGT:VALUE watch=$(/usr/bin/watch_load /run/vaultguard/control.sock WATCHERS AUTOLOCK)"
+    check unmounted '! grep -q " /mnt/vault " /proc/mounts'
+"""
+
+
+def bench_watchers(vg, static_tools):
+    """The cost of watchers: on the host, the supervisor's RSS idle without
+    watchers and with them, and how long one event takes to reach the last of
+    them; in a guest guarding a real mounted vault (dm-crypt, which a host
+    container may lack), the auto-lock's lateness as the last of the watchers
+    hears it (benches/watch_load.rs)."""
+    import resource
+    header(f"supervisor, host, {WATCHERS} watchers (watch stream)", "")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, 2 * WATCHERS + 256))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # inherited by the supervisor
+    tmp = tempfile.mkdtemp(prefix="vg-bench-watch-")
+    cfg, sock = os.path.join(tmp, "config.json"), os.path.join(tmp, "vg.sock")
+    with open(cfg, "w") as f:
+        json.dump({"vault": {"name": "vg-bench-none", "mount": os.path.join(tmp, "mnt"),
+                             "state_path": os.path.join(tmp, "state.json")},
+                   "auth": {"state_path": os.path.join(tmp, "lockout.json")},
+                   "control": {"socket": sock},
+                   "audit": {"path": os.path.join(tmp, "audit.jsonl")}}, f)
+    sup = subprocess.Popen([vg, "-c", cfg, "supervise"], stderr=subprocess.DEVNULL)
+    socks = []
+    try:
+        wait_socket(sock, sup, "vaultguard supervise")
+        time.sleep(2)
+        idle_rss = rss_kib(sup.pid)
+        t = time.time()
+        socks = _watch(sock, WATCHERS, 60)
+        connected = time.time() - t
+        time.sleep(1)
+        watch_rss = rss_kib(sup.pid)
+        # One event (an inhibitor taken) to every watcher: until the last has it.
+        import socket
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(sock)
+        t = time.time()
+        c.sendall(b'{"cmd":"inhibit","who":"bench","why":"fan-out","seconds":60,"keep":true}\n')
+        heard = 0
+        for _, f in socks:
+            ev = json.loads(f.readline())
+            heard += ev.get("event") == "inhibit"
+        fan_out = time.time() - t
+        c.close()
+        row("idle RSS, no watchers", f"{idle_rss / 1024:.2f} MiB", "", "<= 1 MiB",
+            idle_rss <= 1024)
+        row(f"RSS with {WATCHERS} watchers", f"{watch_rss / 1024:.2f} MiB", "", "report", None)
+        row(f"{WATCHERS} watchers connected in", f"{connected:.2f} s", "", "report", None)
+        row(f"one event to all {WATCHERS} watchers", f"{fan_out * 1000:.1f} ms", "",
+            f"{WATCHERS}/{WATCHERS} heard", heard == WATCHERS)
+        for c, f in socks:
+            f.close()
+            c.close()
+        socks = []
+        guest = _watchers_in_guest(static_tools)
+        row(f"auto-lock lateness, {WATCHERS} watchers (guest, last watcher)",
+            f"{guest['last_late_s']:.3f} s", "", "< 1 s", 0 <= guest["last_late_s"] < 1)
+        row("  watchers that heard the lock (guest)", f"{guest['heard']}/{WATCHERS}", "",
+            f"{WATCHERS}/{WATCHERS}", guest["heard"] == WATCHERS)
+        RESULTS["watchers_guest"] = guest
+        RESULTS["watchers_host"] = {"watchers": WATCHERS, "idle_rss_kib": idle_rss,
+                                    "watch_rss_kib": watch_rss, "connect_s": round(connected, 3),
+                                    "fan_out_ms": round(fan_out * 1000, 2), "heard": heard}
+    finally:
+        for c, f in socks:
+            f.close()
+            c.close()
+        if sup.poll() is None:
+            sup.send_signal(signal.SIGTERM)
+            sup.wait(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def report_sweep(s):
     row("malformed requests answered with an error", f"{s['malformed_answered']}/{s['malformed']}",
         "", "all", s["malformed_answered"] == s["malformed"])
@@ -499,11 +626,12 @@ def main(argv):
                       CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static")
     host_tools = cargo_json_executables(["--benches"])
     guest_tools = cargo_json_executables(["--benches", "--target", "x86_64-unknown-linux-gnu"],
-                                         env=static_env) if "guest" in sections else {}
+                                         env=static_env) if {"guest", "supervisor"} & set(sections) else {}
     if "size" in sections:
         bench_size(vg)
     if "supervisor" in sections:
         bench_supervisor(vg, host_tools)
+        bench_watchers(vg, guest_tools)
     if "guest" in sections:
         bench_guest(guest_tools, previous)
     if "fuzz" in sections:

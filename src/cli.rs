@@ -188,6 +188,10 @@ pub struct LockCmd {
     /// print the supervisor's JSON response line as is
     #[argh(switch)]
     pub json: bool,
+    /// why: operator_request, suspend, or incident:<id> (recorded in the state,
+    /// the audit log and the events)
+    #[argh(option)]
+    pub reason: Option<String>,
 }
 
 /// record activity so that the idle auto-lock is postponed

@@ -26,7 +26,20 @@ pub const MAX_CHECK_INTERVAL_SECONDS: u64 = 24 * 3600;
 pub const MAX_ATTEMPTS: u32 = 1000;
 
 /// Commands of the control socket that can be authorised separately.
-pub const CONTROL_COMMANDS: [&str; 5] = ["status", "lock", "unlock", "keepalive", "metrics"];
+pub const CONTROL_COMMANDS: [&str; 8] = [
+    "status",
+    "lock",
+    "unlock",
+    "keepalive",
+    "metrics",
+    "watch",
+    "inhibit",
+    "release",
+];
+
+/// `vault.max_inhibit` may not exceed a week: an inhibitor is for a job, not a
+/// way to switch the idle lock off (that is `auto_lock_timeout: 0`).
+pub const MAX_INHIBIT_SECONDS: u64 = 7 * 24 * 3600;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -69,6 +82,13 @@ pub struct VaultConfig {
     pub state_path: PathBuf,
     /// Extra copy of the state for readers of the appliance's old path.
     pub state_compat_path: Option<PathBuf>,
+    /// Seconds before the idle lock during which the state is `locking_soon`
+    /// (and watchers are warned).
+    pub lock_warning: u64,
+    /// Seconds: the longest one inhibitor may hold off the idle lock.
+    pub max_inhibit: u64,
+    /// Lock when the machine suspends or hibernates (vaultguard-suspend.service).
+    pub lock_on_suspend: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -169,6 +189,9 @@ impl Default for VaultConfig {
             activity_file: None,
             state_path: "/run/vaultguard/state.json".into(),
             state_compat_path: None,
+            lock_warning: 60,
+            max_inhibit: 3600,
+            lock_on_suspend: true,
         }
     }
 }
@@ -425,6 +448,18 @@ impl Config {
                 self.vault.auto_lock_timeout,
                 MAX_AUTO_LOCK_MINUTES,
                 "minutes",
+            ),
+            over(
+                "vault.max_inhibit",
+                self.vault.max_inhibit,
+                MAX_INHIBIT_SECONDS,
+                "seconds",
+            ),
+            over(
+                "vault.lock_warning",
+                self.vault.lock_warning,
+                MAX_AUTO_LOCK_MINUTES * 60,
+                "seconds",
             ),
             over(
                 "vault.check_interval",
@@ -997,5 +1032,23 @@ mod tests {
         assert!(parse_pcr_list("").is_err());
         assert!(parse_pcr_list("a").is_err());
         assert!(parse_pcr_list("24").is_err());
+    }
+
+    #[test]
+    fn suspend_inhibit_and_warning_keys_have_defaults_and_bounds() {
+        let c = Config::from_json("{}", "test").unwrap();
+        assert!(c.vault.lock_on_suspend);
+        assert_eq!((c.vault.max_inhibit, c.vault.lock_warning), (3600, 60));
+        let c = Config::from_json(
+            r#"{"vault":{"lock_on_suspend":false,"max_inhibit":7200,"lock_warning":30}}"#,
+            "test",
+        )
+        .unwrap();
+        assert!(!c.vault.lock_on_suspend);
+        assert_eq!((c.vault.max_inhibit, c.vault.lock_warning), (7200, 30));
+        let e = Config::from_json(r#"{"vault":{"max_inhibit":604801}}"#, "t").unwrap_err();
+        assert!(e.to_string().contains("vault.max_inhibit"), "{e}");
+        let e = Config::from_json(r#"{"vault":{"lock_on_suspend":"yes"}}"#, "t").unwrap_err();
+        assert!(e.to_string().contains("vault.lock_on_suspend"), "{e}");
     }
 }

@@ -235,7 +235,11 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             c.auto_lock_seconds.map(std::time::Duration::from_secs),
         )?,
         Command::Status(_) => return client_command(&args, client::Cmd::Status, json),
-        Command::Lock(_) => return client_command(&args, client::Cmd::Lock, json),
+        Command::Lock(c) => {
+            let cfg = load_config(&args)?;
+            let reply = client::run_lock(&cfg.control.socket, c.reason.as_deref(), json)?;
+            return Ok(client::exit_of(&reply).into());
+        }
         Command::Keepalive(_) => return client_command(&args, client::Cmd::Keepalive, json),
         Command::Audit(a) => match &a.command {
             AuditSub::Verify(v) => {

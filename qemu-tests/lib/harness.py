@@ -408,6 +408,69 @@ class Boot:
 
     # -- ending --
 
+    # -- the QEMU monitor (boot(qmp=True)) --
+
+    def qmp(self, command, timeout=120, **arguments):
+        """Run one QMP command on this boot's monitor and return its "return"
+        value; a QMP error fails the scenario. One connection per command (each
+        negotiates capabilities), so nothing is left half-read between calls."""
+        import json as _json
+        import socket as _socket
+        if not getattr(self, "qmp_path", None):
+            self.fail("qmp(): boot with qmp=True")
+        for _ in range(100):
+            if os.path.exists(self.qmp_path):
+                break
+            time.sleep(0.05)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(self.qmp_path)
+        f = sock.makefile("rwb")
+
+        def call(cmd, args=None):
+            msg = {"execute": cmd}
+            if args:
+                msg["arguments"] = args
+            f.write(_json.dumps(msg).encode() + b"\n")
+            f.flush()
+            while True:
+                line = f.readline()
+                if not line:
+                    self.fail(f"QMP {cmd}: monitor closed")
+                reply = _json.loads(line)
+                if "return" in reply:
+                    return reply["return"]
+                if "error" in reply:
+                    self.fail(f"QMP {cmd}: {reply['error']}")
+                # Asynchronous events (SUSPEND, WAKEUP, ...) are skipped.
+
+        try:
+            greeting = _json.loads(f.readline())
+            if "QMP" not in greeting:
+                self.fail(f"QMP: unexpected greeting {greeting}")
+            call("qmp_capabilities")
+            return call(command, arguments)
+        finally:
+            f.close()
+            sock.close()
+
+    def wait_run_state(self, state, timeout=60):
+        """Wait until QEMU reports the guest's run state as `state` (e.g.
+        "suspended" once it sleeps in S3)."""
+        end = time.time() + timeout
+        while time.time() < end:
+            if self.qmp("query-status")["status"] == state:
+                return
+            time.sleep(0.2)
+        self.fail(f"the guest never reached run state {state!r}")
+
+    def dump_memory(self, path):
+        """dump-guest-memory of the whole guest RAM (ELF, no paging) into `path`."""
+        if os.path.exists(path):
+            os.unlink(path)
+        self.qmp("dump-guest-memory", paging=False, protocol=f"file:{path}")
+        return path
+
     def expect_poweroff(self, timeout=120, check_done=True):
         """Wait until the guest powers off; then the body must have ended with status
         0, without any failed check and without core dumps. Returns the names of the
@@ -483,6 +546,38 @@ class Boot:
 
     def __exit__(self, exc_type, *exc):
         self._end(kill=True)
+
+
+def search_dump(path, needle, context=32, limit=20):
+    """Every offset of `needle` (bytes) in the file at `path`, with `context`
+    bytes either side of each hit (to tell where it lives: a socket buffer, a
+    tty ring, a page of a file). Reads in overlapping chunks."""
+    hits = []
+    seen = set()
+    chunk = 64 << 20
+    with open(path, "rb") as f:
+        base = 0
+        tail = b""
+        while True:
+            data = f.read(chunk)
+            if not data:
+                break
+            buf = tail + data
+            start = base - len(tail)
+            i = buf.find(needle)
+            while i >= 0:
+                off = start + i
+                if off not in seen:
+                    seen.add(off)
+                    lo = max(0, i - context)
+                    hits.append((off, buf[lo:i + len(needle) + context]))
+                    if len(hits) >= limit:
+                        return hits
+                i = buf.find(needle, i + 1)
+            keep = len(needle) - 1 + context
+            tail = buf[-keep:] if keep else b""
+            base += len(data)
+    return hits
 
 
 def luks_format(path, passphrase=PASSPHRASE, options=()):
@@ -625,7 +720,8 @@ class Scenario:
 
     def boot(self, body=None, *, init=None, cmdline="", nic="none", files=None, dynamic=(),
              libs=(), trees=(), modules=(), static_only=False, vaultguard=True,
-             tpm=True, timeout=DEFAULT_BOOT_TIMEOUT, label=None, qemu_args=(), initrd=None):
+             tpm=True, timeout=DEFAULT_BOOT_TIMEOUT, label=None, qemu_args=(), initrd=None,
+             qmp=False):
         """Build an initramfs and boot it; return the running Boot.
 
         body:      shell script run by the harness's /init (qemu-tests/lib/init.sh)
@@ -647,6 +743,8 @@ class Scenario:
         vaultguard: include the static binary at /usr/bin/vaultguard.
         tpm:       attach the scenario's swtpm (False: a machine without a TPM).
         timeout:   whole-boot limit in seconds; QEMU is killed when it is reached.
+        qmp:       open a QMP monitor socket for Boot.qmp() (system_wakeup,
+                   dump-guest-memory, query-status).
         """
         if self.current is not None:
             raise ScenarioFailed(f"{self.name}: boot {self.current.label} still running "
@@ -661,7 +759,7 @@ class Scenario:
             kver = build_initramfs.kernel_release()
             log(f"{label}: booting the prebuilt {os.path.basename(initrd)} "
                 f"({os.path.getsize(initrd) >> 10} KiB)")
-            return self._start_qemu(label, initrd, kver, cmdline, nic, tpm, timeout, qemu_args)
+            return self._start_qemu(label, initrd, kver, cmdline, nic, tpm, timeout, qemu_args, qmp)
         with open(os.path.join(LIB, "guest-lib.sh"), "rb") as f:
             guest_lib = f.read()
         adds = [(guest_lib, "/usr/lib/vgtest/lib.sh")]
@@ -691,9 +789,9 @@ class Scenario:
         log(f"{label}: booting ({info['size'] >> 10} KiB initramfs in {time.time() - t:.1f} s, "
             f"nic {nic}{', no TPM' if not tpm else ''})")
         return self._start_qemu(label, initrd, info["kernel_release"], cmdline, nic, tpm,
-                                timeout, qemu_args)
+                                timeout, qemu_args, qmp)
 
-    def _start_qemu(self, label, initrd, kver, cmdline, nic, tpm, timeout, qemu_args):
+    def _start_qemu(self, label, initrd, kver, cmdline, nic, tpm, timeout, qemu_args, qmp=False):
         if nic not in NICS:
             raise ScenarioFailed(f"nic={nic!r}: one of {', '.join(NICS)}")
         append = f"console=ttyS0 panic=-1 quiet vgtest.disks={len(self.disks)} {cmdline}".strip()
@@ -714,10 +812,19 @@ class Scenario:
         for d in self.disks:
             cmd += ["-drive", f"file={d.path},format=raw,if=none,id={d.name},cache=unsafe",
                     "-device", f"virtio-blk-pci,drive={d.name},serial={d.name}"]
+        qmp_path = None
+        if qmp:
+            qmp_path = self.path(f"{label}.qmp")
+            if len(qmp_path) > 100:
+                qmp_path = os.path.join("/tmp", f"vg-qmp-{os.getpid()}.sock")
+            if os.path.exists(qmp_path):
+                os.unlink(qmp_path)
+            cmd += ["-qmp", f"unix:{qmp_path},server=on,wait=off"]
         cmd += list(qemu_args)
         with open(self.path(f"{label}.cmd"), "w") as f:
             f.write(" ".join(cmd) + "\n" + (" ".join(swtpm_cmd) + "\n" if swtpm_cmd else ""))
         b = Boot(self, label, cmd, swtpm_cmd, timeout)
+        b.qmp_path = qmp_path
         self.current = b
         return b
 

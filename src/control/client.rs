@@ -161,6 +161,31 @@ pub fn lock(socket: &Path) -> Result<Reply, ClientError> {
     request(socket, b"{\"cmd\":\"lock\"}\n", SLOW_TIMEOUT)
 }
 
+/// `{"cmd":"lock","reason":R}`; R is checked by the supervisor (which names
+/// the accepted reasons when it refuses one).
+pub fn lock_because(socket: &Path, reason: &str) -> Result<Reply, ClientError> {
+    let mut line = serde_json::json!({"cmd": "lock", "reason": reason}).to_string();
+    line.push('\n');
+    request(socket, line.as_bytes(), SLOW_TIMEOUT)
+}
+
+/// `vaultguard lock [--reason R]`: print the reply and return it.
+pub fn run_lock(socket: &Path, reason: Option<&str>, json: bool) -> Result<Reply, ClientError> {
+    let reply = match reason {
+        Some(r) => lock_because(socket, r)?,
+        None => lock(socket)?,
+    };
+    let ok = reply.success();
+    if json {
+        println!("{}", reply.line);
+    } else if ok {
+        println!("{}", human(Cmd::Lock, &reply));
+    } else {
+        eprintln!("{}", human(Cmd::Lock, &reply));
+    }
+    Ok(reply)
+}
+
 pub fn keepalive(socket: &Path) -> Result<Reply, ClientError> {
     request(socket, b"{\"cmd\":\"keepalive\"}\n", QUICK_TIMEOUT)
 }
@@ -316,9 +341,39 @@ pub fn human(cmd: Cmd, reply: &Reply) -> String {
                     duration(l)
                 ));
             }
+            if let Some(m) = v.get("message").and_then(|m| m.as_str()) {
+                s.push_str(&format!("\nproblem: {m}"));
+            }
+            for i in v
+                .get("inhibitors")
+                .and_then(|i| i.as_array())
+                .into_iter()
+                .flatten()
+            {
+                let field = |k: &str| i.get(k).and_then(|x| x.as_str()).unwrap_or("");
+                let left = i.get("remaining_seconds").and_then(|x| x.as_u64());
+                s.push_str(&format!(
+                    "\nauto-lock held off by: {} ({}), {} left, uid {}",
+                    field("who"),
+                    field("why"),
+                    duration(left.unwrap_or(0)),
+                    i.get("uid").and_then(|x| x.as_u64()).unwrap_or(0)
+                ));
+            }
             s
         }
-        Cmd::Lock => "vault locked".into(),
+        Cmd::Lock => {
+            // A declined suspend lock succeeds with a warning and the state.
+            let mut s = match v.get("warning").and_then(|w| w.as_str()) {
+                Some(w) => format!("warning: {w}"),
+                None => "vault locked".into(),
+            };
+            if let Some(names) = v.get("overrode").and_then(|o| o.as_array()) {
+                let names: Vec<&str> = names.iter().filter_map(|n| n.as_str()).collect();
+                s.push_str(&format!("\noverrode inhibitors: {}", names.join(", ")));
+            }
+            s
+        }
         Cmd::Unlock => {
             let mut s = String::from("vault unlocked");
             if let Some(w) = v.get("warning").and_then(|w| w.as_str()) {
@@ -452,6 +507,37 @@ mod tests {
         );
         assert!(reply(r#"{"success":true}"#).success());
         assert_eq!(duration(7300), "2h 01m");
+    }
+
+    #[test]
+    fn human_rendering_of_inhibitors_problems_and_overrides() {
+        let s = human(
+            Cmd::Status,
+            &reply(
+                r#"{"state":"error","detail":"lock_incomplete","idle_seconds":0,"last_activity":1.0,"message":"cannot lock: closing the mapping failed: busy","inhibitors":[{"who":"backup","why":"nightly","remaining_seconds":125,"uid":1000,"pid":7,"keep":false}]}"#,
+            ),
+        );
+        assert!(s.contains("vault: error (lock incomplete)"), "{s}");
+        assert!(
+            s.contains("problem: cannot lock: closing the mapping failed"),
+            "{s}"
+        );
+        assert!(
+            s.contains("auto-lock held off by: backup (nightly), 2m 05s left, uid 1000"),
+            "{s}"
+        );
+        let s = human(
+            Cmd::Lock,
+            &reply(r#"{"success":true,"state":"locked","overrode":["backup","dl"]}"#),
+        );
+        assert_eq!(s, "vault locked\noverrode inhibitors: backup, dl");
+        let s = human(
+            Cmd::Lock,
+            &reply(
+                r#"{"success":true,"state":"unlocked","warning":"not locked for suspend: vault.lock_on_suspend is false in the configuration"}"#,
+            ),
+        );
+        assert!(s.starts_with("warning: not locked for suspend"), "{s}");
     }
 
     #[test]

@@ -1,10 +1,15 @@
 //! Wire format of the control socket (SPEC §3): one JSON object per line in, one out.
 //!
-//! Requests are `{"cmd":"status"}`, `{"cmd":"lock"}`, `{"cmd":"keepalive"}`,
-//! `{"cmd":"metrics"}` and `{"cmd":"unlock","passphrase":"..."}`; any of them may
-//! carry `"token":"vg_..."` (a bearer token, judged and hashed in place by
-//! [`crate::control::tokens::presented`], never copied). Unknown extra keys are
-//! ignored so that the appliance's existing clients keep working. Responses are serde-derived types whose
+//! Requests are `{"cmd":"status"}`, `{"cmd":"lock"}` (optionally with a validated
+//! `"reason"`), `{"cmd":"keepalive"}`, `{"cmd":"metrics"}`,
+//! `{"cmd":"unlock","passphrase":"..."}`, `{"cmd":"watch"}` (the connection becomes
+//! an event stream), `{"cmd":"inhibit","who":..,"why":..,"seconds":..,"keep":..}` and
+//! `{"cmd":"release","who":..}`; any of them may carry `"token":"vg_..."` (a bearer
+//! token, judged and hashed in place by [`crate::control::tokens::presented`], never
+//! copied). Unknown extra keys are ignored so that the appliance's existing clients
+//! keep working. Durations are whole positive numbers as written (no fraction,
+//! exponent or string), checked here before any number type could round them.
+//! Responses are serde-derived types whose
 //! field order is the documented key order.
 //!
 //! **Passphrase handling.** serde_json would unescape a passphrase containing
@@ -32,6 +37,49 @@ pub enum Request {
     Keepalive,
     Unlock(SecretBytes),
     Metrics,
+    /// `{"cmd":"lock","reason":R}`: R validated by [`valid_lock_reason`].
+    LockBecause(String),
+    /// `{"cmd":"watch"}`: the connection becomes an event stream.
+    Watch,
+    Inhibit(InhibitRequest),
+    /// `{"cmd":"release","who":W}`.
+    Release(String),
+}
+
+/// `{"cmd":"inhibit","who":W,"why":Y,"seconds":N,"keep":B}`: hold off the idle
+/// lock for `seconds` (bounded by `vault.max_inhibit` in the supervisor).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InhibitRequest {
+    pub who: String,
+    pub why: String,
+    pub seconds: u64,
+    /// Survive the client's disconnect (until released or expired).
+    pub keep: bool,
+}
+
+/// Longest `who`/`why` of an inhibitor and id of an `incident:<id>` reason.
+pub const MAX_NAME: usize = 64;
+pub const MAX_WHY: usize = 256;
+
+/// A lock reason a client may give: `operator_request`, `suspend`, or
+/// `incident:<id>` with a short printable id (letters, digits, `.`, `_`, `-`;
+/// no spaces or quotes), so that it can be written into the state detail, audit
+/// entries and events as it is.
+pub fn valid_lock_reason(r: &str) -> bool {
+    match r {
+        "operator_request" | "suspend" => true,
+        _ => r
+            .strip_prefix("incident:")
+            .is_some_and(|id| valid_name(id, MAX_NAME)),
+    }
+}
+
+/// A short identifier: 1..=`max` of letters, digits, `.`, `_`, `-`.
+pub fn valid_name(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 impl Request {
@@ -43,6 +91,10 @@ impl Request {
             Request::Keepalive => "keepalive",
             Request::Unlock(_) => "unlock",
             Request::Metrics => "metrics",
+            Request::LockBecause(_) => "lock",
+            Request::Watch => "watch",
+            Request::Inhibit(_) => "inhibit",
+            Request::Release(_) => "release",
         }
     }
 }
@@ -80,6 +132,17 @@ pub enum ProtocolError {
     NoCommandAllowed {
         uid: u32,
     },
+    /// A line from a connection that is a `watch` stream.
+    Watching,
+    /// The watcher bounds are reached (all, or this uid's share).
+    TooManyWatchers {
+        uid: u32,
+    },
+    /// A field present with the right type but a value outside what it may be.
+    BadValue {
+        field: &'static str,
+        why: String,
+    },
 }
 
 impl fmt::Display for ProtocolError {
@@ -96,7 +159,7 @@ impl fmt::Display for ProtocolError {
             ProtocolError::DuplicateField(k) => write!(f, "duplicate field `{k}`"),
             ProtocolError::UnknownCommand(c) => write!(
                 f,
-                "unknown command `{}` (expected status, lock, unlock, keepalive or metrics)",
+                "unknown command `{}` (expected status, lock, unlock, keepalive, metrics, watch, inhibit or release)",
                 c.escape_default()
             ),
             ProtocolError::NotUtf8(k) => write!(f, "field `{k}` is not valid UTF-8"),
@@ -121,6 +184,15 @@ impl fmt::Display for ProtocolError {
             ProtocolError::NoCommandAllowed { uid } => write!(
                 f,
                 "permission denied: uid {uid} may run no command on this socket (see control.grants and control.allow in the configuration); closing connection"
+            ),
+            ProtocolError::BadValue { field, why } => write!(f, "field `{field}` {why}"),
+            ProtocolError::TooManyWatchers { uid } => write!(
+                f,
+                "too many watchers (all, or those of uid {uid}); close some and try again"
+            ),
+            ProtocolError::Watching => write!(
+                f,
+                "this connection is watching and takes no requests; open another connection for commands"
             ),
         }
     }
@@ -148,11 +220,17 @@ pub fn parse_request_with_token(
     let mut cmd_span = None;
     let mut pass_span = None;
     let mut token_span = None;
+    let (mut reason, mut who, mut why, mut seconds, mut keep) = (None, None, None, None, None);
     for (key, value) in fields {
         let slot = match key.as_str() {
             "cmd" => &mut cmd_span,
             "passphrase" => &mut pass_span,
             "token" => &mut token_span,
+            "reason" => &mut reason,
+            "who" => &mut who,
+            "why" => &mut why,
+            "seconds" => &mut seconds,
+            "keep" => &mut keep,
             _ => continue,
         };
         if slot.is_some() {
@@ -186,9 +264,65 @@ pub fn parse_request_with_token(
     };
     let req = match cmd.as_str() {
         "status" => Ok(Request::Status),
-        "lock" => Ok(Request::Lock),
+        "lock" => match opt_string(line, "reason", reason)? {
+            None => Ok(Request::Lock),
+            Some(r) if valid_lock_reason(&r) => Ok(Request::LockBecause(r)),
+            Some(_) => Err(ProtocolError::BadValue {
+                field: "reason",
+                why: "must be `operator_request`, `suspend` or `incident:<id>` (id: up to 64 \
+                      letters, digits, `.`, `_`, `-`)"
+                    .into(),
+            }),
+        },
         "keepalive" => Ok(Request::Keepalive),
         "metrics" => Ok(Request::Metrics),
+        "watch" => Ok(Request::Watch),
+        "release" => Ok(Request::Release(name_field(line, "who", who)?)),
+        "inhibit" => {
+            let who = name_field(line, "who", who)?;
+            let why = opt_string(line, "why", why)?.unwrap_or_default();
+            if why.len() > MAX_WHY || why.chars().any(char::is_control) {
+                return Err(ProtocolError::BadValue {
+                    field: "why",
+                    why: format!("must be at most {MAX_WHY} bytes without control characters"),
+                });
+            }
+            let seconds = match seconds {
+                None => return Err(ProtocolError::MissingField("seconds")),
+                Some((_, Scanned::Other(span))) => positive_seconds(&line[span.0..span.1])?,
+                Some(_) => {
+                    return Err(ProtocolError::WrongType {
+                        field: "seconds",
+                        expected: "a whole number of seconds",
+                    })
+                }
+            };
+            let keep = match keep {
+                None => false,
+                Some((_, Scanned::Other(span))) => match &line[span.0..span.1] {
+                    b"true" => true,
+                    b"false" => false,
+                    _ => {
+                        return Err(ProtocolError::WrongType {
+                            field: "keep",
+                            expected: "true or false",
+                        })
+                    }
+                },
+                Some(_) => {
+                    return Err(ProtocolError::WrongType {
+                        field: "keep",
+                        expected: "true or false",
+                    })
+                }
+            };
+            Ok(Request::Inhibit(InhibitRequest {
+                who,
+                why,
+                seconds,
+                keep,
+            }))
+        }
         "unlock" => match pass_span {
             None => Err(ProtocolError::MissingField("passphrase")),
             Some((_, Scanned::Str(raw))) => {
@@ -217,7 +351,69 @@ pub fn parse_request_with_token(
 enum Scanned {
     /// Byte range of the string's contents (between the quotes, still escaped).
     Str((usize, usize)),
-    Other,
+    /// Byte range of any other value, as written.
+    Other((usize, usize)),
+}
+
+/// An optional string field, unescaped (never a secret).
+fn opt_string(
+    line: &[u8],
+    field: &'static str,
+    v: Option<(String, Scanned)>,
+) -> Result<Option<String>, ProtocolError> {
+    match v {
+        None => Ok(None),
+        Some((_, Scanned::Str(raw))) => unescape_string(&line[raw.0..raw.1])
+            .map(Some)
+            .ok_or(ProtocolError::NotUtf8(field)),
+        Some(_) => Err(ProtocolError::WrongType {
+            field,
+            expected: "a string",
+        }),
+    }
+}
+
+/// A required short identifier (`who`).
+fn name_field(
+    line: &[u8],
+    field: &'static str,
+    v: Option<(String, Scanned)>,
+) -> Result<String, ProtocolError> {
+    let s = opt_string(line, field, v)?.ok_or(ProtocolError::MissingField(field))?;
+    if !valid_name(&s, MAX_NAME) {
+        return Err(ProtocolError::BadValue {
+            field,
+            why: format!("must be 1 to {MAX_NAME} letters, digits, `.`, `_` or `-`"),
+        });
+    }
+    Ok(s)
+}
+
+/// `seconds`: a positive JSON integer (no fraction, exponent, sign or string).
+/// The upper bound is the supervisor's (`vault.max_inhibit`); here only what
+/// fits a u64 is accepted, and the rest is refused as huge.
+fn positive_seconds(raw: &[u8]) -> Result<u64, ProtocolError> {
+    let bad = |why: &str| ProtocolError::BadValue {
+        field: "seconds",
+        why: why.into(),
+    };
+    if raw.first() == Some(&b'-') {
+        return Err(bad("must be positive"));
+    }
+    if !raw.iter().all(u8::is_ascii_digit) {
+        return Err(ProtocolError::WrongType {
+            field: "seconds",
+            expected: "a whole number of seconds",
+        });
+    }
+    let n: u64 = std::str::from_utf8(raw)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("is too large"))?;
+    if n == 0 {
+        return Err(bad("must be positive"));
+    }
+    Ok(n)
 }
 
 /// Top-level (key, value) pairs of a line that serde_json has already accepted as
@@ -250,8 +446,9 @@ fn scan_top_level(s: &[u8]) -> Result<Vec<(String, Scanned)>, ProtocolError> {
             i = vend + 1;
             v
         } else {
+            let start = i;
             i = skip_value(s, i).ok_or_else(bad)?;
-            Scanned::Other
+            Scanned::Other((start, i))
         };
         out.push((key, value));
         i = skip_ws(s, i);
@@ -394,6 +591,8 @@ pub enum Response {
     Outcome(Outcome),
     /// The answer to `status`.
     Status(Status),
+    /// A line of a `watch` stream: `{"seq":N,"event":E,...}`.
+    Event(serde_json::Map<String, serde_json::Value>),
 }
 
 /// The answer to `lock`, `unlock`, `keepalive`, and every refusal.
@@ -412,6 +611,9 @@ pub struct Outcome {
     /// The answer to `metrics`: the Prometheus text exposition.
     #[serde(skip_serializing_if = "Option::is_none")]
     metrics: Option<String>,
+    /// A lock that overrode inhibitors: their names.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    overrode: Vec<String>,
 }
 
 /// The answer to `status`: the reply's keys, then `audit_error` when the audit log
@@ -434,6 +636,7 @@ impl Response {
             state: state.map(str::to_owned),
             warning: None,
             metrics: None,
+            overrode: Vec::new(),
         })
     }
 
@@ -446,6 +649,7 @@ impl Response {
             state: None,
             warning: None,
             metrics: Some(text),
+            overrode: Vec::new(),
         })
     }
 
@@ -458,6 +662,7 @@ impl Response {
             state: None,
             warning: None,
             metrics: None,
+            overrode: Vec::new(),
         })
     }
 
@@ -484,6 +689,22 @@ impl Response {
             o.warning = Some(warning.to_owned());
         }
         self
+    }
+
+    /// An outcome's `overrode`: the inhibitors a lock overrode.
+    pub fn with_overrode(mut self, names: Vec<String>) -> Self {
+        if let Response::Outcome(o) = &mut self {
+            o.overrode = names;
+        }
+        self
+    }
+
+    /// Did the request succeed (a status answer and a stream line always do)?
+    pub fn succeeded(&self) -> bool {
+        match self {
+            Response::Outcome(o) => o.success,
+            _ => true,
+        }
     }
 
     /// A status answer's `audit_error`. An outcome is returned unchanged.
@@ -521,6 +742,25 @@ pub struct StatusReply {
     pub lock_in_seconds: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lockout_seconds: Option<u64>,
+    /// In state `error`: what failed and what was done.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The inhibitors holding off the idle lock (left out when there are none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub inhibitors: Vec<InhibitorView>,
+}
+
+/// One inhibitor as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InhibitorView {
+    pub who: String,
+    pub why: String,
+    pub remaining_seconds: u64,
+    /// The holder, by SO_PEERCRED.
+    pub uid: u32,
+    pub pid: i32,
+    /// Survives its client's disconnect.
+    pub keep: bool,
 }
 
 #[cfg(test)]
@@ -706,7 +946,7 @@ mod tests {
         assert!(e.to_string().contains("`reboot`"));
         assert!(e
             .to_string()
-            .contains("status, lock, unlock, keepalive or metrics"));
+            .contains("status, lock, unlock, keepalive, metrics, watch, inhibit or release"));
         // Case matters: the API is lower case.
         assert!(matches!(
             err(r#"{"cmd":"STATUS"}"#),
@@ -770,6 +1010,8 @@ mod tests {
             last_activity_ms: 1_741_444_200_000,
             lock_in_seconds: Some(1658),
             lockout_seconds: None,
+            message: None,
+            inhibitors: vec![],
         };
         assert_eq!(
             String::from_utf8(Response::status(&s).to_line()).unwrap(),
@@ -783,6 +1025,8 @@ mod tests {
             last_activity_ms: 1_741_444_200_125,
             lock_in_seconds: None,
             lockout_seconds: Some(60),
+            message: None,
+            inhibitors: vec![],
         };
         assert_eq!(
             String::from_utf8(Response::status(&s).with_audit_error("disk full").to_line()).unwrap(),

@@ -68,4 +68,19 @@ pub trait VaultBackend: Send {
     fn verify_passphrase(&mut self, passphrase: &SecretBytes) -> Result<(), BackendError>;
     /// Mount the opened mapping at the vault's mount point.
     fn mount(&mut self) -> Result<(), BackendError>;
+    /// While locked: is there a vault to open at all? Only asked when the mapping
+    /// is closed; the default (a backend that cannot tell) says it is there.
+    fn presence(&mut self) -> Presence {
+        Presence::Ready
+    }
+}
+
+/// Whether a locked vault could be opened, as far as the device shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    Ready,
+    /// The configured device is not there (`not_available`); the detail says why.
+    Absent(&'static str),
+    /// There is no vault to open yet (`setup_required`); the detail says why.
+    NoVault(&'static str),
 }

@@ -18,6 +18,14 @@
 //! request it was allowed to run: denied or malformed lines are answered but do not
 //! keep a slot alive.
 //!
+//! A connection that sends `{"cmd":"watch"}` becomes a watcher: it gets every
+//! event line the machine produces ([`Machine::take_events`], fanned out after
+//! each wake-up), has no read deadline (so watchers add no wake-ups), gives back
+//! its request slot (watchers are bounded by [`MAX_WATCHERS`] instead), and is
+//! dropped once [`WATCH_QUEUE_BYTES`] wait for it unsent: a reader that does not
+//! keep up costs neither memory nor time. A connection's close tells the machine,
+//! which releases the inhibitors it took without `keep`.
+//!
 //! The socket's directory is part of its security: whoever can write it can put
 //! their own listener where clients look for ours. [`bind`] creates missing
 //! directories with a fixed mode whatever the umask and refuses one that anyone
@@ -33,6 +41,7 @@ use crate::control::framing::{Framed, LineBuffer};
 use crate::control::protocol::{parse_request_with_token, ProtocolError, Response};
 use crate::control::{peer_of, Peer};
 use rustix::event::{PollFd, PollFlags};
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -49,7 +58,8 @@ pub struct Options {
     pub state_file: PathBuf,
     /// Test hook: overrides `vault.auto_lock_timeout` (which is whole minutes).
     pub auto_lock_override: Option<Duration>,
-    pub warn_before: Duration,
+    /// Overrides `vault.lock_warning` (the `locking_soon` window).
+    pub warn_before: Option<Duration>,
     /// A connection must complete each request line within this time.
     pub read_timeout: Duration,
     pub max_clients: usize,
@@ -60,7 +70,7 @@ impl Default for Options {
         Options {
             state_file: super::state_file::DEFAULT_PATH.into(),
             auto_lock_override: None,
-            warn_before: Duration::from_secs(60),
+            warn_before: None,
             read_timeout: Duration::from_secs(10),
             max_clients: 256,
         }
@@ -79,13 +89,61 @@ const ZERO: rustix::time::Timespec = rustix::time::Timespec {
 };
 
 struct Conn {
+    /// Names the connection to the machine (its inhibitors go when it closes).
+    id: u64,
     stream: UnixStream,
     peer: Peer,
     input: LineBuffer,
     out: Vec<u8>,
+    /// `u64::MAX` for a watcher: it may stay silent for ever.
     deadline: u64,
     closing: bool,
     dead: bool,
+    /// Sent `{"cmd":"watch"}`: gets every event line from now on.
+    watching: bool,
+}
+
+/// A watcher whose unsent lines exceed this is dropped: a reader that does not
+/// keep up must not make the supervisor hold (or slow down for) its backlog.
+/// 64 KiB is some 256 event lines.
+pub const WATCH_QUEUE_BYTES: usize = 64 * 1024;
+/// Watchers in all. A watcher gives back its request slot (`max_clients`), so
+/// dashboards cannot starve commands; these are bounded on their own. Each costs
+/// a descriptor and a few hundred bytes while its queue is empty.
+pub const MAX_WATCHERS: usize = 2048;
+/// Watchers one non-root uid may hold.
+pub const MAX_WATCHERS_PER_UID: usize = MAX_WATCHERS / 8;
+
+/// The watchers open, counted once per wake-up and kept up to date as
+/// connections turn into watchers.
+struct WatchCount {
+    total: usize,
+    by_uid: BTreeMap<u32, usize>,
+}
+
+impl WatchCount {
+    fn of(conns: &[Conn]) -> WatchCount {
+        let mut w = WatchCount {
+            total: 0,
+            by_uid: BTreeMap::new(),
+        };
+        for c in conns.iter().filter(|c| c.watching && !c.dead) {
+            w.total += 1;
+            *w.by_uid.entry(c.peer.uid).or_insert(0) += 1;
+        }
+        w
+    }
+
+    /// May `uid` open one more? Root is held only to the total.
+    fn admits(&self, uid: u32) -> bool {
+        self.total < MAX_WATCHERS
+            && (uid == 0 || self.by_uid.get(&uid).copied().unwrap_or(0) < MAX_WATCHERS_PER_UID)
+    }
+
+    fn add(&mut self, uid: u32) {
+        self.total += 1;
+        *self.by_uid.entry(uid).or_insert(0) += 1;
+    }
 }
 
 /// Stops a running supervisor from another thread, and counts its wake-ups.
@@ -117,6 +175,7 @@ pub struct Supervisor {
     extra_stop: Option<OwnedFd>,
     watch: Option<ActivityWatch>,
     conns: Vec<Conn>,
+    next_conn_id: u64,
     opts: Options,
     wakeups: Arc<AtomicU64>,
     accept_paused_until: u64,
@@ -245,7 +304,8 @@ impl Supervisor {
             cfg,
             &opts.state_file,
             opts.auto_lock_override,
-            opts.warn_before,
+            opts.warn_before
+                .unwrap_or(Duration::from_secs(cfg.vault.lock_warning)),
         );
         let machine = Machine::start(settings, backend, now()).with_access(
             policy,
@@ -264,6 +324,7 @@ impl Supervisor {
             extra_stop: None,
             watch,
             conns: Vec::new(),
+            next_conn_id: 1,
             opts,
             wakeups: Arc::new(AtomicU64::new(0)),
             accept_paused_until: 0,
@@ -376,6 +437,7 @@ impl Supervisor {
             }
             let mut busy_ms = 0;
             served = false;
+            let mut watchers = WatchCount::of(&self.conns);
             for (i, rev) in conn_ready.into_iter().enumerate() {
                 if rev.is_empty() {
                     continue;
@@ -389,7 +451,7 @@ impl Supervisor {
                     flush(c);
                 }
                 if rev.intersects(PollFlags::IN | PollFlags::HUP) {
-                    busy_ms += serve(c, &mut self.machine, &self.opts);
+                    busy_ms += serve(c, &mut self.machine, &self.opts, &mut watchers);
                     served = true;
                 }
             }
@@ -397,7 +459,8 @@ impl Supervisor {
                 self.accept();
             }
             self.expire(busy_ms);
-            self.conns.retain(|c| !c.dead);
+            self.fan_out();
+            self.reap();
         }
         self.shutdown();
         Ok(())
@@ -438,10 +501,63 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Give every watcher the machine's new event lines. A watcher whose queue
+    /// would pass [`WATCH_QUEUE_BYTES`] is dropped, never waited for.
+    fn fan_out(&mut self) {
+        let lines = self.machine.take_events();
+        if lines.is_empty() {
+            return;
+        }
+        for c in self.conns.iter_mut().filter(|c| c.watching && !c.dead) {
+            for l in &lines {
+                if c.out.len() + l.len() > WATCH_QUEUE_BYTES {
+                    log_warn(&format!(
+                        "watcher (uid {}, pid {}) does not read its events: dropped with {} \
+                         bytes unsent",
+                        c.peer.uid,
+                        c.peer.pid,
+                        c.out.len()
+                    ));
+                    c.out.clear();
+                    c.dead = true;
+                    break;
+                }
+                c.out.extend_from_slice(l);
+            }
+            if !c.dead {
+                flush(c);
+            }
+        }
+    }
+
+    /// Drop closed connections; the machine releases what they held.
+    fn reap(&mut self) {
+        if !self.conns.iter().any(|c| c.dead) {
+            return;
+        }
+        let (dead, live): (Vec<Conn>, Vec<Conn>) = std::mem::take(&mut self.conns)
+            .into_iter()
+            .partition(|c| c.dead);
+        self.conns = live;
+        for c in dead {
+            self.machine.disconnected(c.id, now());
+        }
+        // Releasing may itself be an event (and change the deadline).
+        self.fan_out();
+        if self.conns.iter().any(|c| c.dead) {
+            self.reap();
+        }
+    }
+
     /// Milliseconds until the earliest connection deadline; `None` (sleep until an
-    /// event) when no connection is open.
+    /// event) when no connection is open or only watchers are.
     fn poll_timeout(&self, now_ms: u64) -> Option<u64> {
-        let conn = self.conns.iter().map(|c| c.deadline).min();
+        let conn = self
+            .conns
+            .iter()
+            .map(|c| c.deadline)
+            .filter(|&d| d != u64::MAX)
+            .min();
         let paused = (self.accept_paused_until > now_ms).then_some(self.accept_paused_until);
         let next = match (conn, paused) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -480,7 +596,10 @@ impl Supervisor {
             let admitted = admit(
                 peer.uid,
                 may_run_any,
-                self.conns.iter().map(|c| c.peer.uid),
+                self.conns
+                    .iter()
+                    .filter(|c| !c.watching)
+                    .map(|c| c.peer.uid),
                 self.opts.max_clients,
             );
             if let Err(refusal) = admitted {
@@ -493,7 +612,11 @@ impl Supervisor {
                 let _ = send(&stream, &Response::failed(&err.to_string(), None).to_line());
                 continue;
             }
+            let id = self.next_conn_id;
+            self.next_conn_id += 1;
             self.conns.push(Conn {
+                id,
+                watching: false,
                 stream,
                 peer,
                 input: LineBuffer::new(),
@@ -511,6 +634,9 @@ impl Supervisor {
     fn expire(&mut self, busy_ms: u64) {
         let t = now();
         for c in &mut self.conns {
+            if c.watching {
+                continue;
+            }
             c.deadline = c.deadline.saturating_add(busy_ms);
             if c.dead || t.mono_ms < c.deadline {
                 continue;
@@ -540,7 +666,7 @@ impl Supervisor {
 
 /// Read what the connection has, answer every complete line. Returns the time
 /// spent inside the machine (vault sequences).
-fn serve(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
+fn serve(c: &mut Conn, machine: &mut Machine, opts: &Options, watchers: &mut WatchCount) -> u64 {
     let mut busy = 0;
     for _ in 0..16 {
         if c.closing || c.dead || c.out.len() > MAX_PENDING_OUT {
@@ -552,13 +678,13 @@ fn serve(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
                 // answered, then the connection closes once the answer is out.
                 if !c.input.is_empty() {
                     c.input.extend(b"\n");
-                    busy += answer_lines(c, machine, opts);
+                    busy += answer_lines(c, machine, opts, watchers);
                 }
                 c.input.clear();
                 c.closing = true;
                 c.deadline = now().mono_ms + ms(opts.read_timeout);
             }
-            Ok(_) => busy += answer_lines(c, machine, opts),
+            Ok(_) => busy += answer_lines(c, machine, opts, watchers),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => {
@@ -575,9 +701,37 @@ fn serve(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
 /// Answer every complete line in the connection's buffer. Only a request the peer
 /// may run renews its deadline: an answer to a denied or malformed line is not
 /// progress, or one such line every few seconds would hold a slot for ever.
-fn answer_lines(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
+fn answer_lines(
+    c: &mut Conn,
+    machine: &mut Machine,
+    opts: &Options,
+    watchers: &mut WatchCount,
+) -> u64 {
     let mut busy = 0;
     while c.out.len() <= MAX_PENDING_OUT {
+        // A watcher's lines get one error each: the connection is a stream now,
+        // and it stays one (its queue bound drops it if it floods itself).
+        if c.watching {
+            let framed = c
+                .input
+                .next_line(|line| !line.iter().all(u8::is_ascii_whitespace));
+            match framed {
+                None => break,
+                Some(Framed::TooLong) => {
+                    c.input.clear();
+                    c.closing = true;
+                    let r = Response::failed(&ProtocolError::LineTooLong.to_string(), None);
+                    c.out.extend_from_slice(&r.to_line());
+                    break;
+                }
+                Some(Framed::Line(false)) => continue,
+                Some(Framed::Line(true)) => {
+                    let r = Response::failed(&ProtocolError::Watching.to_string(), None);
+                    c.out.extend_from_slice(&r.to_line());
+                    continue;
+                }
+            }
+        }
         let framed = c.input.next_line(|line| {
             if line.iter().all(u8::is_ascii_whitespace) {
                 None
@@ -596,15 +750,29 @@ fn answer_lines(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
             }
             Some(Framed::Line(None)) => continue,
             Some(Framed::Line(Some(Err(e)))) => Response::failed(&e.to_string(), None),
+            Some(Framed::Line(Some(Ok((crate::control::protocol::Request::Watch, _)))))
+                if !watchers.admits(c.peer.uid) =>
+            {
+                Response::failed(
+                    &ProtocolError::TooManyWatchers { uid: c.peer.uid }.to_string(),
+                    None,
+                )
+            }
             Some(Framed::Line(Some(Ok((req, token))))) => {
                 // The machine identifies, authorises and rate-limits once; it says
                 // whether the request ran, which is what counts as progress.
+                let watch = matches!(req, crate::control::protocol::Request::Watch);
                 let before = now();
-                let (r, allowed) = machine.request(&c.peer, token, req, before);
+                let (r, allowed) = machine.request(c.id, &c.peer, token, req, before);
                 let after = now();
                 busy += after.mono_ms.saturating_sub(before.mono_ms);
                 if allowed {
                     c.deadline = after.mono_ms + ms(opts.read_timeout);
+                }
+                if watch && r.succeeded() {
+                    c.watching = true;
+                    c.deadline = u64::MAX;
+                    watchers.add(c.peer.uid);
                 }
                 r
             }

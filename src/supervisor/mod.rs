@@ -23,7 +23,7 @@ pub mod state_file;
 pub mod system;
 pub mod tpm_anchor;
 
-pub use backend::{BackendError, Reality, VaultBackend};
+pub use backend::{BackendError, Presence, Reality, VaultBackend};
 pub use event_loop::{Handle, Options, Supervisor};
 pub use machine::{LockReason, Machine, Now, VaultState};
 

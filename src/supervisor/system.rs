@@ -208,6 +208,27 @@ impl VaultBackend for SystemBackend {
         crate::keyring::revoke_volume_keys(&uuid).map_err(|e| failed("revoke volume keys", e))
     }
 
+    fn presence(&mut self) -> super::backend::Presence {
+        use super::backend::Presence;
+        let Some(spec) = self.device.as_deref() else {
+            return Presence::NoVault("no_device_configured");
+        };
+        let Ok(dev) = crate::luks::resolve_device(spec, std::time::Duration::ZERO) else {
+            return Presence::Absent("device_absent");
+        };
+        // A LUKS header starts with this magic (both versions); anything else is
+        // a device nobody has set up as a vault yet.
+        let mut magic = [0u8; 6];
+        match std::fs::File::open(&dev).and_then(|mut f| {
+            use std::io::Read;
+            f.read_exact(&mut magic)
+        }) {
+            Ok(()) if magic == *b"LUKS\xba\xbe" => Presence::Ready,
+            Ok(()) => Presence::NoVault("not_a_luks_volume"),
+            Err(_) => Presence::Absent("device_unreadable"),
+        }
+    }
+
     fn activate(&mut self, passphrase: &SecretBytes) -> Result<(), BackendError> {
         let spec = self.device.as_deref().ok_or_else(|| {
             failed(

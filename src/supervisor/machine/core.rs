@@ -6,10 +6,11 @@
 //! [`super::lock`] and [`super::unlock`].
 
 use super::effects::{Effect, Effects, Field};
+use super::inhibit::Inhibitors;
 use super::{derive_state, LockReason, Now, Settings, VaultState};
-use crate::control::protocol::{ProtocolError, Request, Response, StatusReply};
+use crate::control::protocol::{InhibitorView, ProtocolError, Request, Response, StatusReply};
 use crate::control::{authorise, Peer};
-use crate::supervisor::backend::VaultBackend;
+use crate::supervisor::backend::{Presence, VaultBackend};
 use crate::supervisor::idle::{IdleEvent, IdleTimer};
 use crate::supervisor::lockout::{Lockout, LockoutFile};
 use crate::supervisor::state_file::Snapshot;
@@ -34,7 +35,29 @@ pub struct Core {
     /// The last audit append's failure (reported by the shell), until one works.
     pub(super) audit_error: Option<String>,
     pub(super) fx: Effects,
+    pub(super) inhibitors: Inhibitors,
+    /// Per uid: when an inhibitor refusal or renewal was last audited, and how
+    /// many since (so one client cannot flood the log, and nothing goes uncounted).
+    pub(super) inhibit_audited: BTreeMap<u32, (u64, u32)>,
+    /// In state `error`: what failed and what was done.
+    pub(super) message: Option<String>,
 }
+
+/// Audit entries that watchers also get as events (the rest are the
+/// supervisor's own bookkeeping).
+const MIRRORED: &[&str] = &[
+    "unlock",
+    "unlock_failed",
+    "unlock_refused",
+    "lockout",
+    "lock",
+    "lock_failed",
+    "lock_declined",
+    "key_revoke_failed",
+    "inhibit",
+    "inhibit_refused",
+    "release",
+];
 
 impl Core {
     /// Derive the state from reality (and the boot path's `hint`, believed only
@@ -52,7 +75,16 @@ impl Core {
         if let Err(e) = &reality {
             fx.warn(format!("cannot determine the vault's state: {e}"));
         }
-        let (state, detail) = derive_state(reality.as_ref().copied(), hint);
+        let (mut state, mut detail) = derive_state(reality.as_ref().copied(), hint);
+        let message = reality
+            .as_ref()
+            .err()
+            .map(|e| format!("cannot determine the vault's state: {e}"));
+        if state == VaultState::Locked {
+            if let Some((s, d)) = absent_state(backend.presence()) {
+                (state, detail) = (s, d.into());
+            }
+        }
         let lockout = match lockout {
             Ok(f) => Lockout::from_file(&f, &s.policy, now.mono_ms, now.wall_s()),
             Err(e) => {
@@ -75,6 +107,9 @@ impl Core {
             last_published: None,
             audit_error: None,
             fx,
+            inhibitors: Inhibitors::default(),
+            inhibit_audited: BTreeMap::new(),
+            message,
         };
         c.fx.info(format!(
             "supervising: vault {} ({}), auto-lock {}",
@@ -100,13 +135,29 @@ impl Core {
     }
 
     pub(super) fn armed(&self) -> bool {
-        self.state == VaultState::Unlocked
+        matches!(self.state, VaultState::Unlocked | VaultState::LockingSoon)
     }
 
     /// When the caller must next call [`Core::on_timer`] (CLOCK_BOOTTIME ms);
-    /// `None`: nothing is scheduled.
+    /// `None`: nothing is scheduled. While inhibitors are held only their
+    /// expiry is due: the idle period starts again when the last one ends.
     pub fn next_wakeup(&self) -> Option<u64> {
-        self.idle.next_wakeup(self.armed())
+        match self.inhibitors.next_expiry() {
+            Some(t) => Some(t),
+            None => self.idle.next_wakeup(self.armed()),
+        }
+    }
+
+    /// Milliseconds until the idle lock if nothing happens: while inhibited,
+    /// the latest inhibitor's expiry plus a full idle period.
+    fn lock_in_ms(&self, now: Now) -> Option<u64> {
+        match self.inhibitors.last_expiry() {
+            Some(until) if self.armed() => {
+                let t = self.s.auto_lock_ms?;
+                Some(until.saturating_sub(now.mono_ms).saturating_add(t))
+            }
+            _ => self.idle.remaining_ms(now.mono_ms, self.armed()),
+        }
     }
 
     /// The state as `uid` sees it (its own lockout, or the global one).
@@ -116,11 +167,21 @@ impl Core {
             detail: self.detail.clone(),
             idle_seconds: self.idle.idle_ms(now.mono_ms) / 1000,
             last_activity_ms: self.idle.last_activity_wall_ms(),
-            lock_in_seconds: self
-                .idle
-                .remaining_ms(now.mono_ms, self.armed())
-                .map(|ms| ms.div_ceil(1000)),
+            lock_in_seconds: self.lock_in_ms(now).map(|ms| ms.div_ceil(1000)),
             lockout_seconds: self.lockout.remaining(&self.s.policy, uid, now.mono_ms),
+            message: self.message.clone(),
+            inhibitors: self
+                .inhibitors
+                .iter()
+                .map(|(who, i)| InhibitorView {
+                    who: who.clone(),
+                    why: i.why.clone(),
+                    remaining_seconds: i.until_ms.saturating_sub(now.mono_ms).div_ceil(1000),
+                    uid: i.uid,
+                    pid: i.pid,
+                    keep: i.keep,
+                })
+                .collect(),
         }
     }
 
@@ -132,6 +193,9 @@ impl Core {
 
     pub(super) fn touch(&mut self, now: Now) {
         self.idle.touch(now.mono_ms, now.wall_ms);
+        if self.state == VaultState::LockingSoon {
+            self.set(VaultState::Unlocked, &self.detail.clone(), now);
+        }
         self.publish(now);
     }
 
@@ -139,6 +203,18 @@ impl Core {
     /// supervisor's shell decides with roles and tokens instead and calls
     /// [`Core::run`]).
     pub fn handle(&mut self, peer: &Peer, req: Request, now: Now) -> (Response, Vec<Effect>) {
+        self.handle_on(0, peer, req, now)
+    }
+
+    /// Authorise and run one request from `peer` on connection `conn` (whose
+    /// close releases the inhibitors it took, see [`Core::disconnected`]).
+    pub fn handle_on(
+        &mut self,
+        conn: u64,
+        peer: &Peer,
+        req: Request,
+        now: Now,
+    ) -> (Response, Vec<Effect>) {
         let cmd = req.name();
         let r = if !authorise(&self.s.allow, cmd, peer) {
             self.audit_denied(peer, cmd, now);
@@ -147,14 +223,22 @@ impl Core {
                 None,
             )
         } else {
-            return self.run(peer.uid, req, now);
+            return self.run(conn, peer, req, now);
         };
         (r, self.fx.take())
     }
 
     /// Run one request that the caller has already authorised (the supervisor's
-    /// gate: roles, tokens, rate limits), on behalf of `uid` (its lockout key).
-    pub fn run(&mut self, uid: u32, req: Request, now: Now) -> (Response, Vec<Effect>) {
+    /// gate: roles, tokens, rate limits), from `peer` (whose uid is the lockout key)
+    /// on connection `conn` (whose close releases the inhibitors it took).
+    pub fn run(
+        &mut self,
+        conn: u64,
+        peer: &Peer,
+        req: Request,
+        now: Now,
+    ) -> (Response, Vec<Effect>) {
+        let uid = peer.uid;
         let r = {
             match req {
                 // Reading the state is not activity: a dashboard polling status
@@ -177,6 +261,11 @@ impl Core {
                 Request::Unlock(passphrase) => self.unlock_sequence(&passphrase, uid, now),
                 // The shell owns the counters and answers this itself.
                 Request::Metrics => Response::failed("metrics are not available here", None),
+                Request::LockBecause(r) => self.lock_because(&r, peer, now),
+                // The shell turns this into the first line of the stream.
+                Request::Watch => Response::ok(Some(self.state.as_str())),
+                Request::Inhibit(i) => self.inhibit(conn, peer, i, now),
+                Request::Release(who) => self.release(peer, &who, now),
             }
         };
         (r, self.fx.take())
@@ -190,13 +279,23 @@ impl Core {
 
     /// The idle timer fired (or the caller looked at the clock): warn or lock.
     pub fn on_timer(&mut self, now: Now) -> Vec<Effect> {
+        if self.expire_inhibitors(now) {
+            return self.fx.take();
+        }
         match self.idle.check(now.mono_ms, self.armed()) {
             IdleEvent::Nothing => {}
-            IdleEvent::Warn { in_ms } => self.fx.warn(format!(
-                "vault idle for {} s: auto-lock in {} s unless there is activity",
-                self.idle.idle_ms(now.mono_ms) / 1000,
-                in_ms.div_ceil(1000)
-            )),
+            IdleEvent::Warn { in_ms } => {
+                self.fx.warn(format!(
+                    "vault idle for {} s: auto-lock in {} s unless there is activity",
+                    self.idle.idle_ms(now.mono_ms) / 1000,
+                    in_ms.div_ceil(1000)
+                ));
+                self.set(VaultState::LockingSoon, &self.detail.clone(), now);
+                self.fx.event(
+                    "warning",
+                    vec![("lock_in_seconds", in_ms.div_ceil(1000).into())],
+                );
+            }
             IdleEvent::Expired => {
                 self.fx.info(format!(
                     "vault idle for {} s: locking",
@@ -249,9 +348,15 @@ impl Core {
                 } else {
                     detail_if_changed.to_string()
                 };
-                (s, d)
+                match absent_state(self.backend.presence()) {
+                    Some((a, ad)) if s == VaultState::Locked => (a, ad.to_string()),
+                    _ => (s, d),
+                }
             }
-            Err(_) => (VaultState::Unknown, "probe_failed".to_string()),
+            Err(e) => {
+                self.message = Some(format!("cannot determine the vault's state: {e}"));
+                (VaultState::Error, "probe_failed".to_string())
+            }
         };
         self.set(state, &detail, now);
     }
@@ -259,23 +364,34 @@ impl Core {
     /// The state before a transient one, as implied by the kept detail.
     fn previous_stable(&self) -> VaultState {
         match self.state {
-            VaultState::Locking => VaultState::Unlocked,
+            VaultState::Locking | VaultState::LockingSoon => VaultState::Unlocked,
             VaultState::Unlocking => VaultState::Locked,
             s => s,
         }
     }
 
     pub(super) fn set(&mut self, state: VaultState, detail: &str, now: Now) {
+        let changed = self.state != state || self.detail != detail;
         self.state = state;
         self.detail = detail.to_string();
+        if state != VaultState::Error {
+            self.message = None;
+        }
+        if changed {
+            let mut fields = vec![("state", state.as_str().into()), ("detail", detail.into())];
+            if let Some(m) = &self.message {
+                fields.push(("message", m.as_str().into()));
+            }
+            self.fx.event("state", fields);
+        }
         self.publish(now);
     }
 
     fn snapshot(&self, now: Now) -> Snapshot {
         let secs = |ms: u64| ms as f64 / 1000.0;
+        // As `status` says it: while inhibited, past the latest expiry.
         let auto_lock_at = self
-            .idle
-            .remaining_ms(now.mono_ms, self.armed())
+            .lock_in_ms(now)
             .map(|r| secs(now.wall_ms.saturating_add(r)));
         // For readers without a socket: when the latest running lockout (of any
         // identity, or the global one) ends.
@@ -316,6 +432,9 @@ impl Core {
     }
 
     pub(super) fn audit(&mut self, event: &'static str, fields: Vec<(&'static str, Field)>) {
+        if MIRRORED.contains(&event) {
+            self.fx.event(event, fields.clone());
+        }
         self.fx.audit(event, fields);
     }
 
@@ -360,5 +479,14 @@ impl Core {
             }
         }
         (!failed.is_empty()).then(|| format!("could not start {}", failed.join(", ")))
+    }
+}
+
+/// The state of a locked vault whose device says there is nothing to open.
+pub(super) fn absent_state(p: Presence) -> Option<(VaultState, &'static str)> {
+    match p {
+        Presence::Ready => None,
+        Presence::Absent(d) => Some((VaultState::NotAvailable, d)),
+        Presence::NoVault(d) => Some((VaultState::SetupRequired, d)),
     }
 }

@@ -80,6 +80,12 @@ pub enum Effect {
     /// Persist the lockout counters.
     SaveLockout(LockoutFile),
     Log(Priority, String),
+    /// Tell the watchers (`{"cmd":"watch"}`): one line `{"seq":N,"event":E,...}`.
+    /// The shell numbers them; never carries a secret.
+    Event {
+        event: &'static str,
+        fields: Vec<(&'static str, Field)>,
+    },
 }
 
 /// The effects of one call, in the order they must happen.
@@ -97,6 +103,10 @@ impl Effects {
 
     pub fn warn(&mut self, msg: impl Into<String>) {
         self.0.push(Effect::Log(Priority::Warning, msg.into()));
+    }
+
+    pub fn event(&mut self, event: &'static str, fields: Vec<(&'static str, Field)>) {
+        self.0.push(Effect::Event { event, fields });
     }
 
     pub fn push(&mut self, e: Effect) {

@@ -40,10 +40,14 @@ impl Core {
         if !reality.mapping_active && !reality.mounted {
             // Already locked; still make sure no key lingers.
             let _ = self.backend.revoke_keys();
-            if self.state != VaultState::Locked {
-                self.set(VaultState::Locked, reason.detail(), now);
+            let overrode = self.override_inhibitors(&reason, now);
+            if !matches!(
+                self.state,
+                VaultState::Locked | VaultState::NotAvailable | VaultState::SetupRequired
+            ) {
+                self.set(VaultState::Locked, &reason.detail(), now);
             }
-            return Response::ok(Some("locked"));
+            return Response::ok(Some("locked")).with_overrode(overrode);
         }
         self.set(VaultState::Locking, &self.detail.clone(), now);
 
@@ -90,7 +94,7 @@ impl Core {
             }
         }
         let revoke = self.backend.revoke_keys();
-        self.set(VaultState::Locked, reason.detail(), now);
+        self.set(VaultState::Locked, &reason.detail(), now);
         let mut fields: Vec<(&'static str, Field)> = vec![
             ("reason", reason.detail().into()),
             ("services_stopped", stopped.len().into()),
@@ -101,10 +105,14 @@ impl Core {
         if let Ok(n) = &revoke {
             fields.push(("keys_revoked", (*n).into()));
         }
+        let overrode = self.override_inhibitors(&reason, now);
+        if !overrode.is_empty() {
+            fields.push(("overrode", overrode.join(",").into()));
+        }
         self.audit("lock", fields);
         self.fx.info(format!("vault locked ({})", reason.detail()));
         match revoke {
-            Ok(_) => Response::ok(Some("locked")),
+            Ok(_) => Response::ok(Some("locked")).with_overrode(overrode),
             Err(e) => {
                 let msg = format!(
                     "vault locked, but revoking its volume key from the kernel keyring failed: {e}"
@@ -124,6 +132,11 @@ impl Core {
         msg: &str,
     ) -> Response {
         self.resync("lock_incomplete", now);
+        if self.state == VaultState::Unknown {
+            // Half-way: neither locked nor as it was. Say so, and what was done.
+            self.message = Some(msg.to_string());
+            self.set(VaultState::Error, "lock_incomplete", now);
+        }
         let msg = format!("{msg}; the vault is {}", self.state.as_str());
         self.fx.warn(msg.clone());
         let mut fields: Vec<(&'static str, Field)> = vec![

@@ -4,8 +4,8 @@
 //!   idle deadline, the lockout, and the lock ([`lock`]) and unlock ([`unlock`])
 //!   sequences over the [`VaultBackend`]. It returns what should follow as
 //!   [`Effect`]s (audit entries, the state to publish, the lockout to persist, log
-//!   lines) and performs none of it, so its tests read decisions and effects with a
-//!   recording fake backend and no file system. After any failed sequence the state
+//!   lines, events for watchers) and performs none of it, so its tests read
+//!   decisions and effects with a recording fake backend and no file system. After any failed sequence the state
 //!   is re-derived from the kernel (`probe`): what `status` says is what is true.
 //! - [`Machine`] is the thin shell the event loop holds: it reads the boot hint and
 //!   the persisted lockout at start, hands each call to the core and performs the
@@ -16,12 +16,17 @@
 //! limits: [`crate::control::roles`], [`crate::control::tokens`]), so that each
 //! request is authorised once, before the core runs it, and the metrics
 //! ([`super::metrics`]), counted from the effects it performs.
+//! Inhibitors ([`inhibit`] keeps them, [`inhibiting`] decides) hold off the idle
+//! lock; events are numbered (`seq`) by the shell, which keeps them for the event
+//! loop to fan out to watchers.
 //!
 //! Neither layer touches sockets or clocks: times come in as [`Now`].
 
 mod anchoring;
 mod core;
 mod effects;
+mod inhibit;
+mod inhibiting;
 mod lock;
 #[cfg(test)]
 mod tests;
@@ -29,6 +34,7 @@ mod unlock;
 
 pub use self::core::{Core, AUTO_LOCK_RETRY_MS};
 pub use effects::{Effect, Field, Priority};
+pub use inhibit::{MAX_INHIBITORS, MAX_INHIBITORS_PER_HOLDER};
 
 use super::backend::{BackendError, Reality, VaultBackend};
 use super::lockout::{Lockout, Policy};
@@ -52,6 +58,15 @@ pub enum VaultState {
     Unknown,
     Locking,
     Unlocking,
+    /// Unlocked, inside the warning window before the idle lock.
+    LockingSoon,
+    /// Reality cannot be read, or a lock stopped half-way; `status` carries a
+    /// `message` saying what failed and what was done.
+    Error,
+    /// Locked, and there is no vault to open (no LUKS volume on the device).
+    SetupRequired,
+    /// Locked, and the configured device is not there.
+    NotAvailable,
 }
 
 impl VaultState {
@@ -62,6 +77,10 @@ impl VaultState {
             VaultState::Unknown => "unknown",
             VaultState::Locking => "locking",
             VaultState::Unlocking => "unlocking",
+            VaultState::LockingSoon => "locking_soon",
+            VaultState::Error => "error",
+            VaultState::SetupRequired => "setup_required",
+            VaultState::NotAvailable => "not_available",
         }
     }
 
@@ -88,17 +107,42 @@ impl Now {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why the vault is locked; its [`LockReason::detail`] is what the state detail,
+/// the audit entry and the event say.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LockReason {
+    /// `{"cmd":"lock"}` without a reason (the appliance's `manual_lock`).
     Manual,
     Idle,
+    /// `"reason":"operator_request"`.
+    Operator,
+    /// `"reason":"suspend"` (the suspend unit), honoured per `vault.lock_on_suspend`.
+    Suspend,
+    /// `"reason":"incident:<id>"`: incident containment.
+    Incident(String),
 }
 
 impl LockReason {
-    pub fn detail(self) -> &'static str {
+    pub fn detail(&self) -> String {
         match self {
-            LockReason::Manual => "manual_lock",
-            LockReason::Idle => "auto_lock_idle",
+            LockReason::Manual => "manual_lock".into(),
+            LockReason::Idle => "auto_lock_idle".into(),
+            LockReason::Operator => "operator_request".into(),
+            LockReason::Suspend => "suspend".into(),
+            LockReason::Incident(id) => format!("incident:{id}"),
+        }
+    }
+
+    /// From a request's validated `reason` (see
+    /// [`crate::control::protocol::valid_lock_reason`]).
+    pub fn from_request(r: &str) -> Option<LockReason> {
+        match r {
+            "operator_request" => Some(LockReason::Operator),
+            "suspend" => Some(LockReason::Suspend),
+            _ => r
+                .strip_prefix("incident:")
+                .filter(|id| crate::control::protocol::valid_name(id, 64))
+                .map(|id| LockReason::Incident(id.into())),
         }
     }
 }
@@ -120,6 +164,10 @@ pub struct Settings {
     /// The state file first, then the compatibility path if configured.
     pub state_files: Vec<PathBuf>,
     pub allow: BTreeMap<String, Allow>,
+    /// `vault.max_inhibit`: the longest an inhibitor may hold off the idle lock.
+    pub max_inhibit_s: u64,
+    /// `vault.lock_on_suspend`: honour `lock` with reason `suspend`.
+    pub lock_on_suspend: bool,
 }
 
 impl Settings {
@@ -158,6 +206,8 @@ impl Settings {
                 .then(|| (cfg.tpm.tcti.clone(), cfg.audit.tpm_nv_index)),
             state_files,
             allow: cfg.control.allow.clone(),
+            max_inhibit_s: cfg.vault.max_inhibit,
+            lock_on_suspend: cfg.vault.lock_on_suspend,
         }
     }
 }
@@ -169,7 +219,7 @@ pub fn derive_state(
 ) -> (VaultState, String) {
     let r = match reality {
         Ok(r) => r,
-        Err(_) => return (VaultState::Unknown, "probe_failed".into()),
+        Err(_) => return (VaultState::Error, "probe_failed".into()),
     };
     let state = VaultState::of(r);
     let detail = match (state, hint) {
@@ -202,6 +252,11 @@ pub struct Machine {
     audit_rotate_size: u64,
     state_files: Vec<PathBuf>,
     anchoring: Option<anchoring::Anchoring>,
+    /// The last event's sequence number (watchers see it increase by one per
+    /// event, so a gap means a line was lost).
+    seq: u64,
+    /// Event lines not yet fanned out by the event loop.
+    events: Vec<Vec<u8>>,
 }
 
 impl Machine {
@@ -261,6 +316,8 @@ impl Machine {
             audit_rotate_size,
             state_files,
             anchoring,
+            seq: 0,
+            events: Vec::new(),
         };
         m.perform(fx);
         m.note(notes);
@@ -321,14 +378,23 @@ impl Machine {
 
     /// Authorise and run one request from `peer` (no token).
     pub fn handle(&mut self, peer: &Peer, req: Request, now: Now) -> Response {
-        self.request(peer, None, req, now).0
+        self.request(0, peer, None, req, now).0
+    }
+
+    /// [`Machine::request`] without a token, on connection `conn`.
+    pub fn handle_on(&mut self, conn: u64, peer: &Peer, req: Request, now: Now) -> Response {
+        self.request(conn, peer, None, req, now).0
     }
 
     /// Identify (by `token` if one was presented, else by the peer's
     /// credentials), authorise and rate-limit once, then run one request. The
     /// bool: the request was allowed to run (it counts as a connection's progress).
+    /// `conn` is the connection (whose close releases the inhibitors it took); an
+    /// allowed `watch` is answered with the stream's first line: the current
+    /// state, carrying the sequence number of the last event before it.
     pub fn request(
         &mut self,
+        conn: u64,
         peer: &Peer,
         token: Option<tokens::Presented>,
         req: Request,
@@ -397,9 +463,13 @@ impl Machine {
         if matches!(req, Request::Unlock(_)) {
             self.retry_audit();
         }
-        let timed = matches!(req, Request::Lock | Request::Unlock(_));
+        let timed = matches!(
+            req,
+            Request::Lock | Request::LockBecause(_) | Request::Unlock(_)
+        );
+        let watch = matches!(req, Request::Watch);
         let started = std::time::Instant::now();
-        let (r, mut fx) = self.core.run(who.uid, req, now);
+        let (r, mut fx) = self.core.run(conn, peer, req, now);
         if timed {
             self.time_sequence(&fx, started);
         }
@@ -412,6 +482,21 @@ impl Machine {
             }
         }
         self.perform(fx);
+        if watch && r.succeeded() {
+            let st = self.core.status(peer.uid, now);
+            let mut m = serde_json::Map::new();
+            m.insert("seq".into(), self.seq.into());
+            m.insert("event".into(), "state".into());
+            m.insert("state".into(), st.state.into());
+            m.insert("detail".into(), st.detail.into());
+            if let Some(l) = st.lock_in_seconds {
+                m.insert("lock_in_seconds".into(), l.into());
+            }
+            if let Some(msg) = st.message {
+                m.insert("message".into(), msg.into());
+            }
+            return (Response::Event(m), true);
+        }
         (r, true)
     }
 
@@ -482,6 +567,17 @@ impl Machine {
                 path.display()
             ));
         }
+    }
+
+    /// Connection `conn` closed: release the inhibitors it did not keep.
+    pub fn disconnected(&mut self, conn: u64, now: Now) {
+        let fx = self.core.disconnected(conn, now);
+        self.perform(fx);
+    }
+
+    /// The event lines since the last call, in order, for the watchers.
+    pub fn take_events(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.events)
     }
 
     /// Lock now (`uid`: who asked; `None`: the supervisor itself).
@@ -559,6 +655,21 @@ impl Machine {
                     }
                 }
                 Effect::Log(p, msg) => super::log(p as u8, &msg),
+                Effect::Event { event, fields } => {
+                    self.seq += 1;
+                    let mut m = serde_json::Map::new();
+                    m.insert("seq".into(), self.seq.into());
+                    m.insert("event".into(), event.into());
+                    for (k, v) in fields {
+                        let v: serde_json::Value = match v {
+                            Field::Str(s) => s.into(),
+                            Field::UInt(n) => n.into(),
+                            Field::Int(n) => n.into(),
+                        };
+                        m.insert(k.into(), v);
+                    }
+                    self.events.push(Response::Event(m).to_line());
+                }
             }
         }
         self.write_textfile();

@@ -18,6 +18,8 @@ struct World {
     device_error: bool,
     revoke_fails: bool,
     probe_fails: bool,
+    /// What `presence` says (`None`: the default, ready).
+    presence: Option<crate::supervisor::backend::Presence>,
 }
 
 #[derive(Clone, Default)]
@@ -130,6 +132,11 @@ impl VaultBackend for Fake {
         }
         Ok(())
     }
+    fn presence(&mut self) -> crate::supervisor::backend::Presence {
+        self.w()
+            .presence
+            .unwrap_or(crate::supervisor::backend::Presence::Ready)
+    }
     fn mount(&mut self) -> Result<(), BackendError> {
         let mut w = self.w();
         w.calls.push("mount".into());
@@ -168,6 +175,8 @@ fn settings() -> Settings {
         audit_anchor: None,
         state_files: vec![],
         allow: crate::config::ControlConfig::default().allow,
+        max_inhibit_s: 3600,
+        lock_on_suspend: true,
     }
 }
 
@@ -309,7 +318,7 @@ fn state_at_start_comes_from_reality() {
     };
     assert_eq!(
         derive_state(Err(&err), None),
-        (VaultState::Unknown, "probe_failed".into())
+        (VaultState::Error, "probe_failed".into())
     );
     // A hint with a strange detail is not repeated to clients.
     assert_eq!(
@@ -403,12 +412,21 @@ fn failed_close_remounts_and_reports_the_truth() {
             "start webui.service"
         ]
     );
-    // If the remount fails too, the state says so.
+    // If the remount fails too, the state says so: `error`, with what failed
+    // and what was done in status's `message`.
     t.fake.w().mount_fails = true;
     let v = line(&t.lock(LockReason::Manual, None, at(2)));
-    assert_eq!(v["state"], "unknown");
-    assert_eq!(t.state(), VaultState::Unknown);
+    assert_eq!(v["state"], "error");
+    assert_eq!(t.state(), VaultState::Error);
     assert_eq!(t.detail(), "lock_incomplete");
+    let msg = t
+        .status(0, at(2))
+        .message
+        .expect("a message in state error");
+    assert!(
+        msg.contains("closing the mapping failed") && msg.contains("mounting it again failed"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -674,7 +692,10 @@ fn idle_deadline_warns_then_auto_locks() {
     let mut t = start(Fake::unlocked());
     assert_eq!(t.next_wakeup(), Some(29 * 60_000));
     t.on_timer(at(29 * 60));
-    assert_eq!(t.state(), VaultState::Unlocked);
+    // Inside the warning window: `locking_soon`, and the watchers are warned.
+    assert_eq!(t.state(), VaultState::LockingSoon);
+    assert!(t.fx.iter().any(|e| matches!(e,
+        Effect::Event { event: "warning", fields } if fields.contains(&("lock_in_seconds", Field::UInt(60))))));
     assert!(t.fake.calls().is_empty());
     assert_eq!(t.next_wakeup(), Some(30 * 60_000));
     // A keepalive postpones everything.
@@ -984,3 +1005,5 @@ mod shell {
         );
     }
 }
+
+mod events_and_inhibitors;
