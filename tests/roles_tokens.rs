@@ -231,8 +231,17 @@ impl Drop for Harness {
 /// A request line carrying `token` (`None`: none).
 fn req(cmd: &str, token: Option<&str>) -> String {
     let mut v = serde_json::json!({ "cmd": cmd });
-    if cmd == "unlock" {
-        v["passphrase"] = PASS.into();
+    match cmd {
+        "unlock" => v["passphrase"] = PASS.into(),
+        // Kept past the connection's close, so that `release` (on another
+        // connection, from the same uid) finds it.
+        "inhibit" => {
+            v["who"] = "job".into();
+            v["seconds"] = 60.into();
+            v["keep"] = true.into();
+        }
+        "release" => v["who"] = "job".into(),
+        _ => {}
     }
     if let Some(t) = token {
         v["token"] = t.into();
@@ -240,15 +249,26 @@ fn req(cmd: &str, token: Option<&str>) -> String {
     v.to_string()
 }
 
-/// The commands this branch's protocol knows (watch, inhibit and release are
-/// in the role table, see control::roles' unit tests).
-const COMMANDS: [&str; 5] = ["status", "lock", "unlock", "keepalive", "metrics"];
+/// Every command of the protocol (`inhibit` comes before the `release` of the
+/// inhibitor it takes).
+const COMMANDS: [&str; 8] = [
+    "status",
+    "lock",
+    "unlock",
+    "keepalive",
+    "metrics",
+    "watch",
+    "inhibit",
+    "release",
+];
 
 /// Did the answer come from running `cmd` (not a refusal)?
 fn ran(cmd: &str, v: &Value) -> bool {
     match cmd {
         "status" => v["state"].is_string(),
         "metrics" => v["success"] == true && v["metrics"].is_string(),
+        // The stream's first line: the current state.
+        "watch" => v["event"] == "state" && v["state"].is_string(),
         _ => v["success"] == true,
     }
 }
@@ -262,10 +282,26 @@ fn denied(v: &Value) -> bool {
 
 fn expected(role: &str) -> &'static [&'static str] {
     match role {
-        "admin" => &["status", "lock", "unlock", "keepalive", "metrics"],
-        "operator" => &["status", "lock", "unlock", "keepalive"],
-        "viewer" => &["status"],
-        "agent" => &["status", "keepalive"],
+        "admin" => &[
+            "status",
+            "lock",
+            "unlock",
+            "keepalive",
+            "metrics",
+            "watch",
+            "inhibit",
+            "release",
+        ],
+        "operator" => &[
+            "status",
+            "lock",
+            "unlock",
+            "keepalive",
+            "inhibit",
+            "release",
+        ],
+        "viewer" => &["status", "watch"],
+        "agent" => &["status", "keepalive", "inhibit", "release"],
         "backup" => &["status", "metrics"],
         _ => &[],
     }
