@@ -403,6 +403,7 @@ fn volume_key_via_tpm(
     if tokens.is_empty() {
         return Err(TpmRefusal::NoEnrolment);
     }
+    let device = vault.device().to_string();
     let mut reason = TpmRefusal::NoEnrolment;
     for (id, parsed) in tokens {
         let token = match parsed {
@@ -419,7 +420,7 @@ fn volume_key_via_tpm(
                 reason = why;
                 continue;
             }
-            match unseal_with_pin(tpm, &object, name, tries, prompter, events) {
+            match unseal_with_pin(tpm, &object, name, &device, tries, prompter, events) {
                 Ok(s) => s,
                 Err(why) => {
                     reason = why;
@@ -494,10 +495,15 @@ fn unseal_with_pin(
     tpm: &mut Tpm,
     object: &SealedObject,
     name: &str,
+    device: &str,
     tries: u32,
     prompter: &mut dyn Prompter,
     events: &mut dyn Events,
 ) -> Result<SecretBytes, TpmRefusal> {
+    let device = device.to_string();
+    let mut credential = crate::prompt::credential(SecretKind::Pin)
+        .into_iter()
+        .next();
     for _ in 0..tries {
         if tpm.in_lockout().unwrap_or(false) {
             return Err(TpmRefusal::Tpm(TpmError::Lockout {
@@ -508,13 +514,18 @@ fn unseal_with_pin(
         if left <= 1 {
             return Err(TpmRefusal::PinBudget { left });
         }
-        let pin = prompter
-            .ask(&Ask::new(
-                SecretKind::Pin,
-                format!("cryptsetup-tpm2:{name}"),
-                format!("TPM2 PIN for {name}: "),
-            ))
-            .map_err(TpmRefusal::Prompt)?;
+        // The TPM's own count, so the operator knows what a wrong PIN costs.
+        let req = Ask::new(
+            SecretKind::Pin,
+            format!("cryptsetup:{device}"),
+            format!("TPM2 PIN for {name} ({device}), {left} TPM tries left: "),
+        );
+        // systemd's credential `cryptsetup.tpm2-pin` first, on the first round only:
+        // a wrong one is not offered to the TPM again.
+        let pin = match credential.take() {
+            Some(pin) => pin,
+            None => prompter.ask(&req).map_err(TpmRefusal::Prompt)?,
+        };
         match tpm.unseal(object, Some(pin.as_bytes())) {
             Ok(s) => return Ok(s),
             Err(TpmError::WrongPin { tries_left }) => {
@@ -548,14 +559,34 @@ fn passphrase_and_slot(
     events: &mut dyn Events,
 ) -> Result<(SecretBytes, u32), BootError> {
     let device = vault.device().to_string();
-    for attempt in 1..=tries {
-        let pass = prompter.ask(&Ask::new(
-            SecretKind::Passphrase,
-            format!("cryptsetup:{name}"),
-            format!("Passphrase for {name} ({device}): "),
-        ))?;
+    // As systemd-cryptsetup asks: Id names the device, the answer is cached in the
+    // `cryptsetup` user key so the next volume with the same passphrase opens
+    // without a prompt.
+    let mut req = Ask::new(
+        SecretKind::Passphrase,
+        format!("cryptsetup:{device}"),
+        format!("Passphrase for {name} ({device}): "),
+    );
+    req.keyname = Some("cryptsetup".into());
+    req.accept_cached = true;
+    // The credential `cryptsetup.passphrase` and the cache first; a wrong one is
+    // no error and costs no try: the prompt follows.
+    for pass in prompter.unattended(&req) {
         match vault.volume_key(None, pass.as_bytes()) {
             Ok(opened) => return Ok(opened),
+            Err(e) if e.is_wrong_passphrase() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // An agent must not answer from its cache what just failed from ours.
+    req.accept_cached = false;
+    for attempt in 1..=tries {
+        let pass = prompter.ask(&req)?;
+        match vault.volume_key(None, pass.as_bytes()) {
+            Ok(opened) => {
+                prompter.remember(&req, &pass);
+                return Ok(opened);
+            }
             Err(e) if e.is_wrong_passphrase() => {
                 events.event("passphrase_wrong", &[("name", name)]);
                 let left = tries - attempt;
