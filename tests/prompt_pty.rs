@@ -377,3 +377,46 @@ fn a_systemd_credential_answers_before_any_prompt() {
     // A credential is not cached: it is there for the next volume anyway.
     assert!(proc_keys_cryptsetup().is_none());
 }
+
+#[test]
+#[cfg_attr(
+    not(feature = "root-tests"),
+    ignore = "root tier: run `cargo test --features root-tests` as root"
+)]
+fn the_terminal_gets_its_modes_back_when_sigterm_ends_the_prompt() {
+    use nix::sys::termios::{tcgetattr, LocalFlags};
+    require_root();
+    let _one = serial();
+    let _ = vaultguard::keyring::cache::forget("cryptsetup");
+    let sw = Swtpm::start();
+    let dir = TempDir::new("pty-sigterm");
+    let img = luks_image(dir.path(), &passphrase("sigterm"));
+    let cfg = config(dir.path(), &sw);
+    let (mut child, master, rx) = enroll_on_pty(&cfg, &img, None);
+    let before = tcgetattr(&master).unwrap().local_flags;
+    assert!(before.contains(LocalFlags::ECHO | LocalFlags::ICANON));
+    let mut seen = Vec::new();
+    wait_for_prompt(&rx, &mut seen, b"Passphrase for");
+    // The prompt's modes: no echo, no canonical editing (the pair shares termios).
+    let during = tcgetattr(&master).unwrap().local_flags;
+    assert!(
+        !during.intersects(LocalFlags::ECHO | LocalFlags::ICANON),
+        "{during:?}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let st = wait_for(&mut child, Duration::from_secs(10), &seen);
+    // It still dies of the signal, as before...
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.signal(), Some(15), "{st:?}");
+    // ...and the operator's terminal echoes again.
+    let after = tcgetattr(&master).unwrap().local_flags;
+    assert_eq!(
+        after & (LocalFlags::ECHO | LocalFlags::ICANON | LocalFlags::ISIG),
+        before & (LocalFlags::ECHO | LocalFlags::ICANON | LocalFlags::ISIG),
+        "terminal left in the prompt's modes"
+    );
+}

@@ -13,7 +13,7 @@ pub mod ask_password;
 use crate::secret::SecretBytes;
 use std::fmt;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use zeroize::Zeroize;
 
 /// Longest passphrase accepted (bytes); longer input is refused, not truncated.
@@ -419,10 +419,94 @@ fn edit_line(
 }
 
 /// The terminal in the prompt's modes while alive; the saved modes come back when
-/// dropped, on error paths too.
+/// dropped, on error paths too, and when SIGTERM, SIGHUP or SIGQUIT ends the
+/// process during the prompt (a stopped unit, a closed session): [`restore_on_signal`].
 struct RawInput {
     fd: OwnedFd,
     saved: rustix::termios::Termios,
+    _signals: restore_on_signal::Armed,
+}
+
+/// Put the terminal's saved modes back from a signal handler, then die of the
+/// signal as before. Keyboard signals need none of this: ISIG is off during the
+/// prompt, so Ctrl-C arrives as a byte and ends the prompt through the guard.
+mod restore_on_signal {
+    use nix::libc;
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    use std::os::fd::RawFd;
+    use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+    const SIGNALS: [Signal; 3] = [Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT];
+
+    static ARMED: AtomicBool = AtomicBool::new(false);
+    static FD: AtomicI32 = AtomicI32::new(-1);
+    // Written only while ARMED is false, read only by the handler while it is true.
+    static mut SAVED: std::mem::MaybeUninit<libc::termios> = std::mem::MaybeUninit::uninit();
+
+    extern "C" fn handler(sig: libc::c_int) {
+        if ARMED.swap(false, Ordering::SeqCst) {
+            // SAFETY: SAVED was fully written before ARMED was set (SeqCst) and is
+            // not written again while armed; tcsetattr is async-signal-safe.
+            unsafe {
+                let saved = std::ptr::addr_of!(SAVED).cast::<libc::termios>();
+                libc::tcsetattr(FD.load(Ordering::SeqCst), libc::TCSANOW, saved);
+            }
+        }
+        // SAFETY: signal() and raise() are async-signal-safe; with the default
+        // action back, the process ends of the signal it was sent.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+    }
+
+    /// While alive, the signals restore `fd`'s modes as read at arming.
+    pub struct Armed {
+        previous: Vec<(Signal, SigAction)>,
+    }
+
+    /// Arm for `fd` (still in its saved modes). Best effort: a signal whose
+    /// handler cannot be set keeps its old disposition.
+    pub fn arm(fd: RawFd) -> Armed {
+        let mut t = std::mem::MaybeUninit::<libc::termios>::uninit();
+        // SAFETY: tcgetattr fills the termios on success; it is used only then.
+        if unsafe { libc::tcgetattr(fd, t.as_mut_ptr()) } != 0 {
+            return Armed {
+                previous: Vec::new(),
+            };
+        }
+        ARMED.store(false, Ordering::SeqCst);
+        // SAFETY: not armed, so no handler reads SAVED while it is written; only
+        // one prompt at a time arms (prompts are interactive and sequential).
+        unsafe {
+            std::ptr::addr_of_mut!(SAVED).write(t);
+        }
+        FD.store(fd, Ordering::SeqCst);
+        ARMED.store(true, Ordering::SeqCst);
+        let act = SigAction::new(
+            SigHandler::Handler(handler),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        let mut previous = Vec::new();
+        for sig in SIGNALS {
+            // SAFETY: the handler only calls async-signal-safe functions.
+            if let Ok(old) = unsafe { sigaction(sig, &act) } {
+                previous.push((sig, old));
+            }
+        }
+        Armed { previous }
+    }
+
+    impl Drop for Armed {
+        fn drop(&mut self) {
+            ARMED.store(false, Ordering::SeqCst);
+            for (sig, old) in &self.previous {
+                // SAFETY: putting back the disposition that was there before arm().
+                let _ = unsafe { sigaction(*sig, old) };
+            }
+        }
+    }
 }
 
 impl RawInput {
@@ -431,6 +515,7 @@ impl RawInput {
             tcgetattr, tcsetattr, LocalModes, OptionalActions, SpecialCodeIndex,
         };
         let saved = tcgetattr(&fd).map_err(|e| PromptError::Io(e.into()))?;
+        let signals = restore_on_signal::arm(fd.as_raw_fd());
         let mut t = saved.clone();
         // No kernel echo (we show `*` ourselves), no canonical editing (ours), and
         // Ctrl-C arrives as a byte we turn into a cancel, so the modes are restored.
@@ -440,7 +525,11 @@ impl RawInput {
         t.special_codes[SpecialCodeIndex::VTIME] = 0;
         // TCSANOW, never TCSAFLUSH: flushing would discard type-ahead.
         tcsetattr(&fd, OptionalActions::Now, &t).map_err(|e| PromptError::Io(e.into()))?;
-        Ok(RawInput { fd, saved })
+        Ok(RawInput {
+            fd,
+            saved,
+            _signals: signals,
+        })
     }
 }
 
