@@ -420,3 +420,58 @@ fn the_terminal_gets_its_modes_back_when_sigterm_ends_the_prompt() {
         "terminal left in the prompt's modes"
     );
 }
+
+/// The requests the boot flow makes (no terminal needed): the PIN prompt names
+/// the volume and device and carries the TPM's own count of tries left, with no
+/// ask-password Id (as systemd: agents answering `cryptsetup:<device>` with a
+/// passphrase must not spend TPM tries); the passphrase request is systemd's
+/// `cryptsetup:<device path>` with the `cryptsetup` cache, and only the answer
+/// that opened the volume is remembered.
+#[test]
+fn pin_and_passphrase_requests_name_the_device_and_count_tpm_tries() {
+    use vaultguard::boot::{acquire_volume_key, enroll, Method, NoEvents};
+    use vaultguard::luks::Vault;
+    use vaultguard::prompt::Scripted;
+    const PASS: &str = "correct horse battery staple";
+    let mut sw = Swtpm::start();
+    sw.tool(
+        "tpm2_dictionarylockout",
+        &["-s", "-n", "3", "-t", "600", "-l", "600"],
+    );
+    let dir = TempDir::new("pin-requests");
+    let img = luks_image(dir.path(), PASS);
+    let mut o = common::enroll_opts(&sw, &img);
+    o.pin = true;
+    enroll(
+        &o,
+        &mut Scripted::new(&[PASS, "1357", "1357"]),
+        &mut NoEvents,
+    )
+    .unwrap();
+    let mut opts = common::unlock_opts(&sw, &img);
+    opts.tries = 5;
+    let mut p = Scripted::new(&["0000", "1111", "wrong passphrase", PASS]);
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    let got = acquire_volume_key(&mut v, &opts, &mut p, &mut NoEvents).unwrap();
+    assert_eq!(got.method, Method::Passphrase);
+    let dev = img.display().to_string();
+    assert_eq!(
+        p.asked,
+        vec![
+            format!("|TPM2 PIN for secure-ai-vault ({dev}, 3 TPM tries left): "),
+            format!("|TPM2 PIN for secure-ai-vault ({dev}, 2 TPM tries left): "),
+            format!("cryptsetup:{dev}|Passphrase for secure-ai-vault ({dev}): "),
+            format!("cryptsetup:{dev}|Passphrase for secure-ai-vault ({dev}): "),
+        ]
+    );
+    assert!(
+        p.said
+            .iter()
+            .any(|l| l.contains("wrong TPM PIN (2 tries left before the TPM locks out)")),
+        "{:?}",
+        p.said
+    );
+    // Only the passphrase that opened the volume goes to the cache.
+    assert_eq!(p.remembered.len(), 1);
+    assert_eq!(p.remembered[0].as_bytes(), PASS.as_bytes());
+}

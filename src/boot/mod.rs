@@ -515,10 +515,12 @@ fn unseal_with_pin(
             return Err(TpmRefusal::PinBudget { left });
         }
         // The TPM's own count, so the operator knows what a wrong PIN costs.
+        // No Id, as systemd asks for a PIN: agents that answer `cryptsetup:<device>`
+        // with a passphrase (clevis-luks-askpass) must not spend a TPM try.
         let req = Ask::new(
             SecretKind::Pin,
-            format!("cryptsetup:{device}"),
-            format!("TPM2 PIN for {name} ({device}), {left} TPM tries left: "),
+            "",
+            format!("TPM2 PIN for {name} ({device}, {left} TPM tries left): "),
         );
         // systemd's credential `cryptsetup.tpm2-pin` first, on the first round only:
         // a wrong one is not offered to the TPM again.
@@ -530,6 +532,8 @@ fn unseal_with_pin(
             Ok(s) => return Ok(s),
             Err(TpmError::WrongPin { tries_left }) => {
                 events.event("tpm_pin_wrong", &[("name", name)]);
+                // The TPM's own count when the response did not carry it.
+                let tries_left = tries_left.or_else(|| tpm.da_tries_left().ok());
                 let msg = TpmError::WrongPin { tries_left }.to_string();
                 prompter.say(&format!("vaultguard: {msg}"));
             }

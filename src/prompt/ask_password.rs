@@ -82,12 +82,17 @@ pub fn request_text(pid: u32, socket: &Path, req: &Ask, not_after: u64) -> Strin
         Echo::Masked => (0, 0),
         Echo::Off => (0, 1),
     };
+    // An empty id is left out, as systemd leaves it out (its TPM2 PIN requests).
+    let id = if req.id.is_empty() {
+        String::new()
+    } else {
+        format!("Id={}\n", clean(&req.id))
+    };
     format!(
-        "[Ask]\nPID={pid}\nSocket={}\nAcceptCached={}\nEcho={echo}\nSilent={silent}\nNotAfter={not_after}\nMessage={}\nId={}\nIcon=drive-harddisk\n",
+        "[Ask]\nPID={pid}\nSocket={}\nAcceptCached={}\nEcho={echo}\nSilent={silent}\nNotAfter={not_after}\nMessage={}\n{id}Icon=drive-harddisk\n",
         socket.display(),
         u8::from(req.accept_cached),
         clean(&req.message),
-        clean(&req.id)
     )
 }
 
@@ -216,6 +221,9 @@ mod tests {
         req.echo = Echo::On;
         let t = request_text(42, Path::new("/run/x/sck.1"), &req, 0);
         assert!(t.contains("\nEcho=1\nSilent=0\n"), "{t}");
+        let pin = Ask::new(SecretKind::Pin, "", "TPM2 PIN for v: ");
+        let t = request_text(42, Path::new("/run/x/sck.1"), &pin, 0);
+        assert!(!t.contains("Id="), "{t}");
     }
 
     #[test]
