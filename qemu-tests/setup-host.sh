@@ -13,6 +13,7 @@ harness=(
     linux-image-amd64 kmod        # the guest kernel; modprobe/depmod for its modules
     e2fsprogs                     # mke2fs, carried into guests
     libc-bin file cpio python3    # ldd/ldconfig for dynamic programs; inspection; runner
+    keyutils                      # keyctl: host tests read systemd's passphrase cache key
 )
 build=(
     clang libclang-dev pkg-config # Rust build: bindgen (libcryptsetup-rs-sys)
