@@ -72,12 +72,35 @@ fn enroll_on_pty(
     (child, master, rx)
 }
 
+/// `vaultguard -c CFG ARGS...` on a new pty, as [`enroll_on_pty`].
+fn vaultguard_on_pty(
+    cfg: &Path,
+    args: &[&str],
+    creds: Option<&Path>,
+) -> (Child, OwnedFd, mpsc::Receiver<Vec<u8>>) {
+    let (child, master, rx, _) = on_pty(cfg, args, creds);
+    (child, master, rx)
+}
+
 /// As [`enroll_on_pty`], with the master in packet mode (TIOCPKT): the flag turns
 /// true if the child ever flushes the terminal's input queue (TIOCPKT_FLUSHREAD),
 /// which is what throws a passphrase typed during the prompt away.
 fn enroll_on_pty_watching_flushes(
     cfg: &Path,
     img: &Path,
+    creds: Option<&Path>,
+) -> (
+    Child,
+    OwnedFd,
+    mpsc::Receiver<Vec<u8>>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    on_pty(cfg, &["enroll", "--device", img.to_str().unwrap()], creds)
+}
+
+fn on_pty(
+    cfg: &Path,
+    args: &[&str],
     creds: Option<&Path>,
 ) -> (
     Child,
@@ -94,8 +117,7 @@ fn enroll_on_pty_watching_flushes(
     let mut cmd = Command::new(common::vaultguard_bin());
     cmd.arg("-c")
         .arg(cfg)
-        .args(["enroll", "--device"])
-        .arg(img)
+        .args(args)
         .env_remove("CREDENTIALS_DIRECTORY")
         .stdin(Stdio::from(slave.try_clone().unwrap()))
         .stdout(Stdio::from(slave.try_clone().unwrap()))
@@ -474,4 +496,69 @@ fn pin_and_passphrase_requests_name_the_device_and_count_tpm_tries() {
     // Only the passphrase that opened the volume goes to the cache.
     assert_eq!(p.remembered.len(), 1);
     assert_eq!(p.remembered[0].as_bytes(), PASS.as_bytes());
+}
+
+#[test]
+#[cfg_attr(
+    not(feature = "root-tests"),
+    ignore = "root tier: run `cargo test --features root-tests` as root"
+)]
+fn a_tpm2_pin_credential_answers_the_pin_prompt() {
+    use vaultguard::boot::{enroll, NoEvents};
+    use vaultguard::prompt::Scripted;
+    require_root();
+    let _one = serial();
+    let _ = vaultguard::keyring::cache::forget("cryptsetup");
+    let sw = Swtpm::start();
+    let pass = passphrase("pin-cred");
+    let dir = TempDir::new("pin-cred");
+    let img = luks_image(dir.path(), &pass);
+    let mut o = common::enroll_opts(&sw, &img);
+    o.pin = true;
+    enroll(
+        &o,
+        &mut Scripted::new(&[&pass, "2468", "2468"]),
+        &mut NoEvents,
+    )
+    .unwrap();
+    let cfg = config(dir.path(), &sw);
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(creds.join("cryptsetup.tpm2-pin"), b"2468").unwrap();
+    // reseal opens the volume through the current (PIN) enrolment first: with the
+    // credential nobody is asked for the current PIN or a passphrase.
+    let (mut child, master, rx) = vaultguard_on_pty(
+        &cfg,
+        &["reseal", "--device", img.to_str().unwrap()],
+        Some(&creds),
+    );
+    let mut seen = Vec::new();
+    // The reseal keeps a PIN: the new one is typed (NewPin has no credential).
+    wait_for_prompt(&rx, &mut seen, b"New TPM2 PIN: ");
+    type_in(&master, b"2468\r");
+    wait_for_prompt(&rx, &mut seen, b"Repeat the TPM2 PIN: ");
+    type_in(&master, b"2468\r");
+    let start = Instant::now();
+    let st = loop {
+        drain(&rx, &mut seen, Duration::from_millis(100));
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("reseal still running: {:?}", String::from_utf8_lossy(&seen));
+        }
+    };
+    drain(&rx, &mut seen, Duration::from_millis(200));
+    let shown = String::from_utf8_lossy(&seen);
+    assert!(st.success(), "{shown}");
+    assert!(
+        !shown.contains("TPM2 PIN for"),
+        "asked for the PIN: {shown}"
+    );
+    assert!(
+        !shown.contains("Passphrase for"),
+        "asked for the passphrase: {shown}"
+    );
+    assert!(shown.contains("resealed into TPM2 keyslot"), "{shown}");
 }

@@ -501,7 +501,9 @@ fn unseal_with_pin(
     events: &mut dyn Events,
 ) -> Result<SecretBytes, TpmRefusal> {
     let device = device.to_string();
-    let mut credential = crate::prompt::credential(SecretKind::Pin)
+    // PINs are never cached (a stale one would spend a TPM try): only the credential.
+    let mut credential = prompter
+        .unattended(&Ask::new(SecretKind::Pin, "", ""))
         .into_iter()
         .next();
     for _ in 0..tries {
