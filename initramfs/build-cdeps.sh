@@ -6,8 +6,13 @@
 # libgcrypt (libcryptsetup), not OpenSSL: OpenSSL 3's libcrypto linked statically
 # is over 3 MiB of a 7.5 MiB binary (5.5 MiB without it). gcrypt, not nettle,
 # because cryptsetup's nettle backend has no userspace ciphers (keyslots would need
-# AF_ALG, absent on some build hosts). Idempotent: the prefix carries a stamp of this script; a second run with
-# the same script is a no-op.
+# AF_ALG, absent on some build hosts). libcryptsetup's Argon2 is its bundled SSE
+# implementation, not the reference one: an argon2id passphrase keyslot (the LUKS2
+# default) opens as fast as with Debian's cryptsetup, which links libargon2.
+# Our fixes to the C libraries are initramfs/patches/*.patch, applied with patch(1).
+# The source packages come through a private apt directory; /etc/apt is not touched.
+# Idempotent: the prefix carries a stamp of this script and the patches; a second
+# run with the same inputs is a no-op.
 #
 # Usage: initramfs/build-cdeps.sh [PREFIX]   (default: <repo>/.cdeps)
 set -euo pipefail
@@ -16,7 +21,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 prefix=${1:-${VG_CDEPS:-$repo/.cdeps}}
 stamp="$prefix/.stamp"
-want=$(sha256sum "$0" | cut -c1-16)
+patches=$here/patches
+want=$(cat "$0" "$patches"/*.patch | sha256sum | cut -c1-16)
 
 if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
     echo "cdeps: $prefix is up to date"
@@ -26,19 +32,6 @@ fi
 CRYPTSETUP_VER=2:2.7.5-2
 LVM2_VER=2.03.16-2
 TSS_VER=4.1.3-1.2
-
-# Debian's deb-src entries (bookworm for lvm2, trixie for tpm2-tss and cryptsetup 2.7).
-src_list=/etc/apt/sources.list.d/vaultguard-src.sources
-if [[ ! -f $src_list ]]; then
-    cat >"$src_list" <<'SRC'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates trixie
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-    apt-get update -qq
-fi
 
 build_pkgs=(autoconf-archive autoconf automake libtool gettext autopoint pkg-config
     libmbedtls-dev libgcrypt20-dev libgpg-error-dev libjson-c-dev uuid-dev libaio-dev
@@ -54,7 +47,21 @@ fi
 work=$(mktemp -d /tmp/vg-cdeps.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
-apt-get source -qq --download-only "cryptsetup=$CRYPTSETUP_VER" "lvm2=$LVM2_VER" "tpm2-tss=$TSS_VER" 2>/dev/null
+
+# Debian's deb-src entries (bookworm for lvm2, trixie for tpm2-tss and cryptsetup 2.7),
+# in an apt directory of our own: the host's sources and package lists stay as they are.
+mkdir -p apt/lists/partial apt/cache/archives/partial
+cat >apt/sources.list <<'SRC'
+deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main
+deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-updates main
+deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main
+SRC
+apt_private=(-o "Dir::Etc::sourcelist=$work/apt/sources.list" -o Dir::Etc::sourceparts=-
+    -o "Dir::State::Lists=$work/apt/lists" -o "Dir::Cache=$work/apt/cache"
+    -o APT::Sandbox::User=root)
+apt-get "${apt_private[@]}" update -qq
+apt-get "${apt_private[@]}" source -qq --download-only \
+    "cryptsetup=$CRYPTSETUP_VER" "lvm2=$LVM2_VER" "tpm2-tss=$TSS_VER"
 
 rm -rf "$prefix"
 mkdir -p "$prefix"
@@ -85,41 +92,7 @@ tar xf tpm2-tss_*.orig.tar.gz
     echo "${TSS_VER%-*}" >VERSION
     sed -i '/git describe/d' bootstrap
     ./bootstrap >/dev/null
-    # The mbedTLS backend writes the ECDH secret Z without its leading zero bytes,
-    # while the TPM's KDFe uses the full-size x coordinate: about one salted session
-    # in 256 gets a different session key and fails. Keep Z at the curve's size.
-    grep -q 'Z->size = mbedtls_mpi_size(&ecp_z);' src/tss2-esys/esys_crypto_mbed.c
-    sed -i 's|Z->size = mbedtls_mpi_size(&ecp_z);|Z->size = (ecp_group.pbits + 7) / 8;|' \
-        src/tss2-esys/esys_crypto_mbed.c
-    # Its random callback seeds a fresh CTR_DRBG from the entropy pool on every call,
-    # and mbedTLS's ECDH calls it about six times per salted session (blinding):
-    # ~45 ms of an emulated guest's unlock. The kernel CSPRNG that pool reads from
-    # gives the same randomness directly.
-    python3 - src/tss2-esys/esys_crypto_mbed.c <<'PATCH'
-import re, sys
-path = sys.argv[1]
-src = open(path).read()
-fn = re.compile(r"static int get_random\(void\* context, unsigned char \* buffer, size_t buf_size\) \{.*?\n\}\n", re.S)
-new = '''static int get_random(void* context, unsigned char * buffer, size_t buf_size) {
-    UNUSED(context);
-    size_t done = 0;
-    while (done < buf_size) {
-        ssize_t n = getrandom(buffer + done, buf_size - done, 0);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return MBEDTLS_ERR_CTR_DRBG_ENTROPY_SOURCE_FAILED;
-        }
-        done += (size_t)n;
-    }
-    return 0;
-}
-'''
-src, n = fn.subn(lambda m: new, src)
-assert n == 1, "get_random not found"
-src = src.replace("#include <stdlib.h>\n", "#include <stdlib.h>\n#include <errno.h>\n#include <sys/random.h>\n", 1)
-open(path, "w").write(src)
-PATCH
+    patch -s -p1 <"$patches"/tpm2-tss-mbed-ecdh-z-size-and-getrandom.patch
     ./configure -q --prefix="$prefix" --enable-static --disable-shared --enable-nodl \
         --disable-fapi --disable-policy --with-crypto=mbed --disable-unit \
         --disable-integration --disable-doxygen-doc --disable-tcti-mssim \
@@ -135,57 +108,15 @@ echo "cdeps: cryptsetup (libcryptsetup)"
 tar xf cryptsetup_*.orig.tar.gz
 (
     cd cryptsetup-*/
-    # The gcrypt backend maps the hash name to an algorithm (gcrypt's name table,
-    # case-insensitively) on every hash it starts, and a keyslot's anti-forensic
-    # merge starts ~8,000 of them: half the instructions of a TPM unlock went to
-    # strcasecmp. Remember the last mapping (per thread).
-    python3 - lib/crypto_backend/crypto_gcrypt.c <<'PATCH'
-import sys
-path = sys.argv[1]
-src = open(path).read()
-cache = '''/* vaultguard: the last name mapped, per thread */
-static int md_map_cached(const char *name, unsigned int *flags)
-{
-	static __thread char last[32];
-	static __thread int last_id;
-	static __thread unsigned int last_flags;
-	unsigned int f = 0;
-	int id;
-
-	if (!name)
-		return 0;
-	if (last_id && !strcmp(name, last)) {
-		if (flags)
-			*flags |= last_flags;
-		return last_id;
-	}
-	id = gcry_md_map_name(crypt_hash_compat_name(name, &f));
-	if (id && strlen(name) < sizeof(last)) {
-		strcpy(last, name);
-		last_id = id;
-		last_flags = f;
-	}
-	if (flags)
-		*flags |= f;
-	return id;
-}
-
-/* HASH */
-'''
-assert src.count("/* HASH */\n") == 1
-src = src.replace("/* HASH */\n", cache, 1)
-for old, new in (("gcry_md_map_name(crypt_hash_compat_name(name, NULL))", "md_map_cached(name, NULL)"),
-                 ("gcry_md_map_name(crypt_hash_compat_name(name, &flags))", "md_map_cached(name, &flags)")):
-    assert old in src, old
-    src = src.replace(old, new)
-open(path, "w").write(src)
-PATCH
+    patch -s -p1 <"$patches"/cryptsetup-gcrypt-hash-name-cache.patch
     [[ -x configure ]] || ./autogen.sh >/dev/null 2>&1
     ./configure -q --prefix="$prefix" --disable-shared --enable-static \
         --with-crypto_backend=gcrypt --disable-ssh-token --disable-udev \
         --disable-selinux --disable-asciidoc --disable-nls --disable-cryptsetup \
         --disable-veritysetup --disable-integritysetup --disable-external-tokens \
-        --disable-blkid --disable-hw-opal --disable-fips >/dev/null
+        --disable-blkid --disable-hw-opal --disable-fips --enable-internal-sse-argon2 >/dev/null
+    # configure quietly falls back to the reference Argon2 when SSE2 does not link.
+    grep -qx "CRYPTO_INTERNAL_SSE_ARGON2_TRUE=''" config.log
     make -s -j"$jobs" libcryptsetup.la >/dev/null 2>&1
     make -s install-libLTLIBRARIES install-includeHEADERS install-pkgconfigDATA >/dev/null
 )

@@ -14,6 +14,7 @@ harness=(
     e2fsprogs                     # mke2fs, carried into guests
     libc-bin file cpio python3    # ldd/ldconfig for dynamic programs; inspection; runner
     python3-prometheus-client     # tests/metrics.rs parses the metrics with Prometheus's own parser
+    keyutils                      # keyctl: host tests read systemd's passphrase cache key
 )
 build=(
     clang libclang-dev pkg-config # Rust build: bindgen (libcryptsetup-rs-sys)

@@ -43,7 +43,12 @@ fn named_config(dir: &Path, name: &str, tcti: &str, tpm_timeout: u64) -> PathBuf
 }
 
 /// `vaultguard -c CFG attach --test vgtest DEVICE KEYFILE OPTIONS`, no terminal.
+/// `password-cache=no` comes first: the keyring cache (root's user keyring, shared
+/// by every test and every test binary for 150 s) would otherwise answer with a
+/// passphrase another test typed. The cache has its own tests (tests/prompt_pty.rs).
 fn attach_test(cfg: &Path, device: &Path, keyfile: &str, options: &str) -> Output {
+    let options = format!("password-cache=no,{options}");
+    let options = options.as_str();
     Command::new("setsid")
         .arg("--wait")
         .arg(vaultguard_bin())
@@ -132,6 +137,11 @@ fn rd_vaultguard_options_feed_the_same_table_to_the_boot_unlock() {
     let kf = dir.path().join("padded.key");
     std::fs::write(&kf, format!("0123456789{PASS}junk")).unwrap();
     let unlock = |cmdline: &str| {
+        // As in attach_test: no answer from the shared keyring cache.
+        let cmdline = cmdline.replace(
+            "rd.vaultguard.options=",
+            "rd.vaultguard.options=password-cache=no,",
+        );
         let f = dir.path().join("cmdline");
         std::fs::write(&f, cmdline).unwrap();
         Command::new("setsid")
@@ -389,6 +399,11 @@ impl Prompter for Recorder {
         Ok(SecretBytes::from_slice(self.answers.remove(0).as_bytes()))
     }
     fn say(&mut self, _line: &str) {}
+    // Only the listed answers: not root's keyring cache, which other tests fill.
+    fn unattended(&mut self, _req: &Ask) -> Vec<SecretBytes> {
+        Vec::new()
+    }
+    fn remember(&mut self, _req: &Ask, _answer: &SecretBytes) {}
 }
 
 /// The unlock an attach line makes, up to the volume key, with `answers`.
@@ -483,4 +498,42 @@ fn activation_flags_and_the_measured_pcr_reach_the_unlock() {
     )
     .unwrap();
     assert_eq!(opts.tpm.unwrap().phase_pcr, None);
+}
+
+/// `--test` checks and leaves nothing behind: the passphrase that opened the
+/// volume is not added to the keyring cache (an unlock would add it).
+#[test]
+fn a_test_unlock_adds_nothing_to_the_passphrase_cache() {
+    struct Counting(usize);
+    impl Prompter for Counting {
+        fn ask(&mut self, _: &Ask) -> Result<SecretBytes, PromptError> {
+            Ok(SecretBytes::from_slice(PASS.as_bytes()))
+        }
+        fn say(&mut self, _: &str) {}
+        fn unattended(&mut self, _: &Ask) -> Vec<SecretBytes> {
+            Vec::new()
+        }
+        fn remember(&mut self, _: &Ask, _: &SecretBytes) {
+            self.0 += 1;
+        }
+    }
+    let dir = TempDir::new("testcache");
+    let img = luks_image(dir.path(), PASS);
+    let cfg = Config::default();
+    let (opts, _, _) = attach_options(
+        &cfg,
+        "vgtest",
+        img.to_str().unwrap(),
+        None,
+        Some("x-vaultguard.no-tpm"),
+    )
+    .expect("options accepted");
+    let mut p = Counting(0);
+    let t = vaultguard::boot::test_unlock(&opts, &mut p, &mut NoEvents).unwrap();
+    assert_eq!(t.method, Method::Passphrase);
+    assert_eq!(p.0, 0, "--test cached the passphrase");
+    // The same prompter through the unlock's own path does cache it.
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    acquire_volume_key(&mut v, &opts, &mut p, &mut NoEvents).unwrap();
+    assert_eq!(p.0, 1);
 }

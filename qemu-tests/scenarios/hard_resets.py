@@ -57,7 +57,7 @@ def run(s):
         mark attached-$?
         sleep 60
     """, cmdline=CMDLINE, label="pin-reset")
-    b.expect("TPM2 PIN for pinvault: ", 90)
+    b.expect(r"TPM2 PIN for pinvault \(/dev/vd[a-z], \d+ TPM tries left\): ", 90)
     b.sendline("2468")
     b.expect_mark("attached-0")
     b.hard_reset()

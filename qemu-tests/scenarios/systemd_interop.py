@@ -112,7 +112,7 @@ def run(s):
     b.expect_pass("vg-opened-sd252-enrolment")
     b.expect_pass("sd252-key-via-keyring")
     b.expect_mark("type-pin")
-    b.expect(r"TPM2 PIN for sd257: ", 90)
+    b.expect(r"TPM2 PIN for sd257 \(/dev/vd[a-z], \d+ TPM tries left\): ", 90)
     b.sendline(PIN)
     if b.value("vg-attach-257-status", 120) != "0":
         b.fail("vaultguard could not open the systemd-cryptenroll 257 PIN enrolment")

@@ -289,6 +289,12 @@ impl Prompter for Provisioned {
             None => eprintln!("{line}"),
         }
     }
+    // The key given on the command line is the only answer: no credential, no
+    // cached passphrase, and nothing of it is added to the cache.
+    fn unattended(&mut self, _req: &Ask) -> Vec<SecretBytes> {
+        Vec::new()
+    }
+    fn remember(&mut self, _req: &Ask, _answer: &SecretBytes) {}
 }
 
 /// A key file's contents as a secret (for the supervisor client as well).

@@ -438,6 +438,7 @@ fn volume_key_via_tpm(
     if tokens.is_empty() {
         return Err(TpmRefusal::NoEnrolment);
     }
+    let device = vault.device().to_string();
     let mut reason = TpmRefusal::NoEnrolment;
     for (id, parsed) in tokens {
         let token = match parsed {
@@ -454,7 +455,7 @@ fn volume_key_via_tpm(
                 reason = why;
                 continue;
             }
-            match unseal_with_pin(tpm, &object, name, tries, prompter, events) {
+            match unseal_with_pin(tpm, &object, name, &device, tries, prompter, events) {
                 Ok(s) => s,
                 Err(why) => {
                     reason = why;
@@ -530,10 +531,17 @@ fn unseal_with_pin(
     tpm: &mut Tpm,
     object: &SealedObject,
     name: &str,
+    device: &str,
     tries: u32,
     prompter: &mut dyn Prompter,
     events: &mut dyn Events,
 ) -> Result<SecretBytes, TpmRefusal> {
+    let device = device.to_string();
+    // PINs are never cached (a stale one would spend a TPM try): only the credential.
+    let mut credential = prompter
+        .unattended(&Ask::new(SecretKind::Pin, "", ""))
+        .into_iter()
+        .next();
     for _ in 0..tries {
         if tpm.in_lockout().unwrap_or(false) {
             return Err(TpmRefusal::Tpm(TpmError::Lockout {
@@ -544,17 +552,26 @@ fn unseal_with_pin(
         if left <= 1 {
             return Err(TpmRefusal::PinBudget { left });
         }
-        let pin = prompter
-            .ask(&Ask::new(
-                SecretKind::Pin,
-                format!("cryptsetup-tpm2:{name}"),
-                format!("TPM2 PIN for {name}: "),
-            ))
-            .map_err(TpmRefusal::Prompt)?;
+        // The TPM's own count, so the operator knows what a wrong PIN costs.
+        // No Id, as systemd asks for a PIN: agents that answer `cryptsetup:<device>`
+        // with a passphrase (clevis-luks-askpass) must not spend a TPM try.
+        let req = Ask::new(
+            SecretKind::Pin,
+            "",
+            format!("TPM2 PIN for {name} ({device}, {left} TPM tries left): "),
+        );
+        // systemd's credential `cryptsetup.tpm2-pin` first, on the first round only:
+        // a wrong one is not offered to the TPM again.
+        let pin = match credential.take() {
+            Some(pin) => pin,
+            None => prompter.ask(&req).map_err(TpmRefusal::Prompt)?,
+        };
         match tpm.unseal(object, Some(pin.as_bytes())) {
             Ok(s) => return Ok(s),
             Err(TpmError::WrongPin { tries_left }) => {
                 events.event("tpm_pin_wrong", &[("name", name)]);
+                // The TPM's own count when the response did not carry it.
+                let tries_left = tries_left.or_else(|| tpm.da_tries_left().ok());
                 let msg = TpmError::WrongPin { tries_left }.to_string();
                 prompter.say(&format!("vaultguard: {msg}"));
             }
@@ -584,14 +601,34 @@ fn passphrase_and_slot(
     events: &mut dyn Events,
 ) -> Result<(SecretBytes, u32), BootError> {
     let device = vault.device().to_string();
-    for attempt in 1..=tries {
-        let pass = prompter.ask(&Ask::new(
-            SecretKind::Passphrase,
-            format!("cryptsetup:{name}"),
-            format!("Passphrase for {name} ({device}): "),
-        ))?;
+    // As systemd-cryptsetup asks: Id names the device, the answer is cached in the
+    // `cryptsetup` user key so the next volume with the same passphrase opens
+    // without a prompt.
+    let mut req = Ask::new(
+        SecretKind::Passphrase,
+        format!("cryptsetup:{device}"),
+        format!("Passphrase for {name} ({device}): "),
+    );
+    req.keyname = Some("cryptsetup".into());
+    req.accept_cached = true;
+    // The credential `cryptsetup.passphrase` and the cache first; a wrong one is
+    // no error and costs no try: the prompt follows.
+    for pass in prompter.unattended(&req) {
         match vault.volume_key(None, pass.as_bytes()) {
             Ok(opened) => return Ok(opened),
+            Err(e) if e.is_wrong_passphrase() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // An agent must not answer from its cache what just failed from ours.
+    req.accept_cached = false;
+    for attempt in 1..=tries {
+        let pass = prompter.ask(&req)?;
+        match vault.volume_key(None, pass.as_bytes()) {
+            Ok(opened) => {
+                prompter.remember(&req, &pass);
+                return Ok(opened);
+            }
             Err(e) if e.is_wrong_passphrase() => {
                 events.event("passphrase_wrong", &[("name", name)]);
                 prompter.say(&match tries.checked_sub(attempt) {
@@ -797,7 +834,7 @@ pub fn test_unlock(
     events: &mut dyn Events,
 ) -> Result<Tested, BootError> {
     let mut vault = Vault::open_with_header(&opts.device, opts.crypttab.header.as_deref())?;
-    let got = acquire_volume_key(&mut vault, opts, prompter, events)?;
+    let got = acquire_volume_key(&mut vault, opts, &mut NothingCached(prompter), events)?;
     drop(got.vk);
     let token_type = vault
         .token_refs()?
@@ -810,6 +847,23 @@ pub fn test_unlock(
         token_type,
         fallback_reason: got.fallback_reason,
     })
+}
+
+/// A check leaves nothing behind: a passphrase typed for `--test` is not added to
+/// the keyring cache (a cached one may still answer, as it would at boot).
+struct NothingCached<'a>(&'a mut dyn Prompter);
+
+impl Prompter for NothingCached<'_> {
+    fn ask(&mut self, req: &crate::prompt::Ask) -> Result<SecretBytes, PromptError> {
+        self.0.ask(req)
+    }
+    fn say(&mut self, line: &str) {
+        self.0.say(line)
+    }
+    fn unattended(&mut self, req: &crate::prompt::Ask) -> Vec<SecretBytes> {
+        self.0.unattended(req)
+    }
+    fn remember(&mut self, _req: &crate::prompt::Ask, _answer: &SecretBytes) {}
 }
 
 /// Open the vault: TPM first, then key file, then passphrase; create the mapping

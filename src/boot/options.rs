@@ -32,6 +32,9 @@ pub struct CrypttabOptions {
     pub echo: Option<Echo>,
     /// `password-cache=`: whether a cached passphrase may be used.
     pub accept_cached: Option<bool>,
+    /// `password-cache=`: whether an answer is added to the cache (`read-only`
+    /// and `no`: not).
+    pub push_cache: Option<bool>,
     /// `keyfile-offset=` (bytes skipped at the start of the key file).
     pub keyfile_offset: u64,
     /// `keyfile-size=` (bytes read from the key file).
@@ -59,6 +62,7 @@ pub struct PromptTuning {
     pub timeout: Option<Option<Duration>>,
     pub echo: Option<Echo>,
     pub accept_cached: Option<bool>,
+    pub push_cache: Option<bool>,
 }
 
 impl CrypttabOptions {
@@ -67,6 +71,7 @@ impl CrypttabOptions {
             timeout: self.prompt_timeout,
             echo: self.echo,
             accept_cached: self.accept_cached,
+            push_cache: self.push_cache,
         }
     }
 }
@@ -107,6 +112,16 @@ impl Prompter for Tuned<'_> {
     }
     fn say(&mut self, line: &str) {
         self.inner.say(line)
+    }
+    fn unattended(&mut self, req: &Ask) -> Vec<SecretBytes> {
+        let req = self.tune(req);
+        self.inner.unattended(&req)
+    }
+    fn remember(&mut self, req: &Ask, answer: &SecretBytes) {
+        if self.tuning.push_cache != Some(false) {
+            let req = self.tune(req);
+            self.inner.remember(&req, answer)
+        }
     }
 }
 
@@ -263,9 +278,16 @@ pub fn parse(s: &str) -> Result<CrypttabOptions, OptionError> {
                 None => o.warnings.push(ignore("expected yes, no or masked")),
             },
             "password-cache" => match v {
-                Some("read-only") => o.accept_cached = Some(true),
+                // systemd: `read-only` uses the cache without adding to it.
+                Some("read-only") => {
+                    o.accept_cached = Some(true);
+                    o.push_cache = Some(false);
+                }
                 Some(b) => match boolean(b) {
-                    Some(c) => o.accept_cached = Some(c),
+                    Some(c) => {
+                        o.accept_cached = Some(c);
+                        o.push_cache = Some(c);
+                    }
                     None => o.warnings.push(ignore("expected yes, no or read-only")),
                 },
                 None => o.warnings.push(ignore("expected yes, no or read-only")),
@@ -427,7 +449,10 @@ mod tests {
         assert_eq!(ok("password-echo=masked").echo, Some(Echo::Masked));
         assert_eq!(ok("password-echo=blue").echo, None);
         assert_eq!(ok("password-cache=no").accept_cached, Some(false));
+        assert_eq!(ok("password-cache=no").push_cache, Some(false));
         assert_eq!(ok("password-cache=read-only").accept_cached, Some(true));
+        assert_eq!(ok("password-cache=read-only").push_cache, Some(false));
+        assert_eq!(ok("password-cache=yes").push_cache, Some(true));
     }
 
     #[test]
@@ -533,6 +558,45 @@ mod tests {
         assert!(o.flags.discard);
         assert_eq!(o.warnings.len(), 1);
         assert!(o.warnings[0].contains("colour=red"), "{:?}", o.warnings);
+    }
+
+    #[test]
+    fn password_cache_decides_what_is_read_from_and_added_to_the_cache() {
+        #[derive(Default)]
+        struct Cache {
+            read_with: Vec<bool>,
+            pushed: usize,
+        }
+        impl Prompter for Cache {
+            fn ask(&mut self, _: &Ask) -> Result<SecretBytes, PromptError> {
+                Err(PromptError::Cancelled)
+            }
+            fn say(&mut self, _: &str) {}
+            fn unattended(&mut self, req: &Ask) -> Vec<SecretBytes> {
+                self.read_with.push(req.accept_cached);
+                Vec::new()
+            }
+            fn remember(&mut self, _: &Ask, _: &SecretBytes) {
+                self.pushed += 1;
+            }
+        }
+        let answer = SecretBytes::from_slice(b"pass");
+        let mut ask = Ask::new(crate::prompt::SecretKind::Passphrase, "id", "msg");
+        ask.accept_cached = true;
+        ask.keyname = Some("cryptsetup".into());
+        // (option, cache read, answer added)
+        for (opt, read, pushed) in [
+            ("discard", true, 1),
+            ("password-cache=yes", true, 1),
+            ("password-cache=read-only", true, 0),
+            ("password-cache=no", false, 0),
+        ] {
+            let mut c = Cache::default();
+            let mut t = Tuned::new(&mut c, ok(opt).prompt());
+            let _ = t.unattended(&ask);
+            t.remember(&ask, &answer);
+            assert_eq!((c.read_with[0], c.pushed), (read, pushed), "{opt}");
+        }
     }
 
     #[test]

@@ -1,10 +1,13 @@
-//! Kernel keyring: find and revoke volume keys left linked after activation.
+//! Kernel keyring: find and revoke volume keys left linked after activation, and
+//! systemd's passphrase cache ([`cache`]).
 //!
 //! libcryptsetup hands the volume key to dm-crypt as a `logon` key named
 //! `cryptsetup:<LUKS UUID>-d<N>`; once dm-crypt holds its own copy the key is
 //! normally unlinked. A lock must still leave none behind (another tool, or a
 //! `link-volume-key` option, may have linked one into a longer-lived keyring), so
 //! the lock sequence sweeps for them here. Nothing here ever reads a key's payload.
+
+pub mod cache;
 
 use linux_keyutils::{Key, KeyError, KeySerialId};
 use std::fmt;
