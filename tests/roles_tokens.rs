@@ -764,3 +764,43 @@ fn one_identity_flooding_is_rate_limited_while_another_is_served() {
         format!("vaultguard_rate_limited_requests_total{{identity=\"token:flood\"}} {limited}");
     assert!(text.lines().any(|l| l == want), "{want} not in\n{text}");
 }
+
+/// Two containers sharing root's uid, each with its own token: an inhibitor is
+/// held by the token that took it, and the other token can neither renew nor
+/// release it; root by its uid can.
+#[test]
+fn an_inhibitor_belongs_to_the_token_that_took_it_not_to_the_uid() {
+    let mut h = Harness::new("holders", |_| {});
+    let a = issue(&h.config_path, "box-a", "agent", None);
+    let b = issue(&h.config_path, "box-b", "agent", None);
+    h.start();
+    let inhibit = |t: &str| {
+        serde_json::json!({"cmd": "inhibit", "who": "job", "seconds": 60, "keep": true, "token": t})
+            .to_string()
+    };
+    let release = |t: Option<&str>| {
+        let mut v = serde_json::json!({"cmd": "release", "who": "job"});
+        if let Some(t) = t {
+            v["token"] = t.into();
+        }
+        v.to_string()
+    };
+    assert_eq!(h.ask(&inhibit(&a))["success"], true);
+    let s = h.ask(r#"{"cmd":"status"}"#);
+    assert_eq!(s["inhibitors"][0]["holder"], "token:box-a", "{s}");
+    for line in [inhibit(&b), release(Some(&b))] {
+        let v = h.ask(&line);
+        assert_eq!(v["success"], false, "{v}");
+        assert!(
+            v["error"].as_str().unwrap().contains("held by token:box-a"),
+            "{v}"
+        );
+    }
+    assert_eq!(h.ask(&release(Some(&a)))["success"], true);
+    assert_eq!(h.ask(&inhibit(&b))["success"], true);
+    // Root without a token may release anyone's.
+    assert_eq!(h.ask(&release(None))["success"], true);
+    assert!(h.audit().iter().any(|e| e["event"] == "inhibit"
+        && e["holder"] == "token:box-b"
+        && e["identity"] == "token:box-b"));
+}

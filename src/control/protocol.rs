@@ -756,7 +756,9 @@ pub struct InhibitorView {
     pub who: String,
     pub why: String,
     pub remaining_seconds: u64,
-    /// The holder, by SO_PEERCRED.
+    /// The identity that holds it (`uid:N`, `token:NAME`).
+    pub holder: String,
+    /// Its process, by SO_PEERCRED.
     pub uid: u32,
     pub pid: i32,
     /// Survives its client's disconnect.

@@ -177,6 +177,7 @@ impl Core {
                     who: who.clone(),
                     why: i.why.clone(),
                     remaining_seconds: i.until_ms.saturating_sub(now.mono_ms).div_ceil(1000),
+                    holder: i.holder.clone(),
                     uid: i.uid,
                     pid: i.pid,
                     keep: i.keep,
@@ -223,18 +224,20 @@ impl Core {
                 None,
             )
         } else {
-            return self.run(conn, peer, req, now);
+            return self.run(conn, peer, &format!("uid:{}", peer.uid), req, now);
         };
         (r, self.fx.take())
     }
 
     /// Run one request that the caller has already authorised (the supervisor's
     /// gate: roles, tokens, rate limits), from `peer` (whose uid is the lockout key)
-    /// on connection `conn` (whose close releases the inhibitors it took).
+    /// known as `identity` (`uid:N`, `token:NAME`: who holds the inhibitors it
+    /// takes) on connection `conn` (whose close releases them).
     pub fn run(
         &mut self,
         conn: u64,
         peer: &Peer,
+        identity: &str,
         req: Request,
         now: Now,
     ) -> (Response, Vec<Effect>) {
@@ -264,8 +267,8 @@ impl Core {
                 Request::LockBecause(r) => self.lock_because(&r, peer, now),
                 // The shell turns this into the first line of the stream.
                 Request::Watch => Response::ok(Some(self.state.as_str())),
-                Request::Inhibit(i) => self.inhibit(conn, peer, i, now),
-                Request::Release(who) => self.release(peer, &who, now),
+                Request::Inhibit(i) => self.inhibit(conn, peer, identity, i, now),
+                Request::Release(who) => self.release(peer, identity, &who, now),
             }
         };
         (r, self.fx.take())

@@ -3,13 +3,19 @@
 //! ms), like [`crate::supervisor::idle`]; the core decides what they mean.
 //!
 //! Bounds, so that no client can grow the supervisor's memory or its audit log:
-//! at most [`MAX_INHIBITORS_PER_HOLDER`] per uid and [`MAX_INHIBITORS`] in all;
+//! at most [`MAX_INHIBITORS_PER_HOLDER`] per holder and [`MAX_INHIBITORS`] in all;
 //! each lasts at most `vault.max_inhibit` seconds. Names are unique: the same
-//! `who` from the same uid renews its inhibitor, from another uid it is refused.
+//! `who` from the same holder renews its inhibitor, from another it is refused.
+//! The holder is the requester's identity (`uid:1000`, `token:ci-runner`), not its
+//! uid: containers sharing one uid with tokens of their own cannot release each
+//! other's inhibitors. Root by its uid (`uid:0`, no token) may release any.
 
 use std::collections::BTreeMap;
 
-/// Inhibitors one uid may hold at once.
+/// The identity that may release anyone's inhibitor.
+pub const ROOT: &str = "uid:0";
+
+/// Inhibitors one holder may hold at once.
 pub const MAX_INHIBITORS_PER_HOLDER: usize = 64;
 /// Inhibitors all clients together may hold.
 pub const MAX_INHIBITORS: usize = 1024;
@@ -17,7 +23,9 @@ pub const MAX_INHIBITORS: usize = 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inhibitor {
     pub why: String,
-    /// Who asked: uid and pid (by SO_PEERCRED).
+    /// Who asked: the identity (`uid:N` or `token:NAME`), which owns it.
+    pub holder: String,
+    /// And its process, by SO_PEERCRED (shown, not trusted).
     pub uid: u32,
     pub pid: i32,
     /// The connection that asked; it releases the inhibitor when it closes,
@@ -29,9 +37,9 @@ pub struct Inhibitor {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refused {
-    /// The name is held by another uid.
+    /// The name is held by another identity.
     HeldByOther {
-        uid: u32,
+        holder: String,
     },
     PerHolder,
     Total,
@@ -59,8 +67,10 @@ impl Inhibitors {
     /// Add or renew `who`. Returns whether it renewed an existing one.
     pub fn add(&mut self, who: &str, inh: Inhibitor) -> Result<bool, Refused> {
         if let Some(old) = self.by_name.get_mut(who) {
-            if old.uid != inh.uid && inh.uid != 0 {
-                return Err(Refused::HeldByOther { uid: old.uid });
+            if old.holder != inh.holder && inh.holder != ROOT {
+                return Err(Refused::HeldByOther {
+                    holder: old.holder.clone(),
+                });
             }
             *old = inh;
             return Ok(true);
@@ -68,7 +78,11 @@ impl Inhibitors {
         if self.by_name.len() >= MAX_INHIBITORS {
             return Err(Refused::Total);
         }
-        let held = self.by_name.values().filter(|i| i.uid == inh.uid).count();
+        let held = self
+            .by_name
+            .values()
+            .filter(|i| i.holder == inh.holder)
+            .count();
         if held >= MAX_INHIBITORS_PER_HOLDER {
             return Err(Refused::PerHolder);
         }
@@ -76,11 +90,13 @@ impl Inhibitors {
         Ok(false)
     }
 
-    /// Remove `who` if `uid` may (its holder, or root).
-    pub fn release(&mut self, who: &str, uid: u32) -> Result<Option<Inhibitor>, Refused> {
+    /// Remove `who` if `holder` may (its holder, or root).
+    pub fn release(&mut self, who: &str, holder: &str) -> Result<Option<Inhibitor>, Refused> {
         match self.by_name.get(who) {
             None => Ok(None),
-            Some(i) if i.uid != uid && uid != 0 => Err(Refused::HeldByOther { uid: i.uid }),
+            Some(i) if i.holder != holder && holder != ROOT => Err(Refused::HeldByOther {
+                holder: i.holder.clone(),
+            }),
             Some(_) => Ok(self.by_name.remove(who)),
         }
     }
@@ -130,6 +146,7 @@ mod tests {
     fn inh(uid: u32, conn: u64, until_ms: u64) -> Inhibitor {
         Inhibitor {
             why: String::new(),
+            holder: format!("uid:{uid}"),
             uid,
             pid: 1,
             conn,
@@ -149,7 +166,9 @@ mod tests {
         assert_eq!(s.add("a0", inh(1000, 1, 20)), Ok(true));
         assert_eq!(
             s.add("a0", inh(1001, 2, 20)),
-            Err(Refused::HeldByOther { uid: 1000 })
+            Err(Refused::HeldByOther {
+                holder: "uid:1000".into()
+            })
         );
         // Root is held to the same share; many uids fill the total.
         for n in 0..(MAX_INHIBITORS - MAX_INHIBITORS_PER_HOLDER) {
@@ -174,7 +193,39 @@ mod tests {
         let gone: Vec<String> = s.disconnected(7).into_iter().map(|(n, _)| n).collect();
         assert_eq!(gone, ["long"]);
         assert_eq!(s.names(), ["kept", "other-conn"]);
-        assert_eq!(s.release("kept", 2), Err(Refused::HeldByOther { uid: 1 }));
-        assert!(s.release("kept", 0).unwrap().is_some());
+        assert_eq!(
+            s.release("kept", "uid:2"),
+            Err(Refused::HeldByOther {
+                holder: "uid:1".into()
+            })
+        );
+        assert!(s.release("kept", ROOT).unwrap().is_some());
+    }
+
+    #[test]
+    fn two_tokens_of_one_uid_are_two_holders() {
+        let mut s = Inhibitors::default();
+        let mut a = inh(1000, 1, 10);
+        a.holder = "token:a".into();
+        let mut b = inh(1000, 2, 10);
+        b.holder = "token:b".into();
+        s.add("job", a).unwrap();
+        // Same uid, another token: neither renews nor releases it.
+        assert_eq!(
+            s.add("job", b.clone()),
+            Err(Refused::HeldByOther {
+                holder: "token:a".into()
+            })
+        );
+        assert!(s.release("job", "token:b").is_err());
+        assert!(s.release("job", "uid:1000").is_err());
+        assert!(s.release("job", "token:a").unwrap().is_some());
+        // Each token has its own share.
+        for n in 0..MAX_INHIBITORS_PER_HOLDER {
+            s.add(&format!("b{n}"), b.clone()).unwrap();
+        }
+        let mut c = b.clone();
+        c.holder = "token:c".into();
+        assert_eq!(s.add("c0", c), Ok(false));
     }
 }

@@ -62,6 +62,7 @@ impl Core {
         &mut self,
         conn: u64,
         peer: &Peer,
+        holder: &str,
         req: InhibitRequest,
         now: Now,
     ) -> Response {
@@ -77,6 +78,7 @@ impl Core {
         }
         let inh = Inhibitor {
             why: req.why.clone(),
+            holder: holder.to_string(),
             uid: peer.uid,
             pid: peer.pid,
             conn,
@@ -89,6 +91,7 @@ impl Core {
                     ("who", req.who.as_str().into()),
                     ("why", req.why.as_str().into()),
                     ("seconds", req.seconds.into()),
+                    ("holder", holder.into()),
                     ("uid", peer.uid.into()),
                     ("pid", i64::from(peer.pid).into()),
                     ("keep", u64::from(req.keep).into()),
@@ -112,19 +115,18 @@ impl Core {
             }
             Err(e) => {
                 let (code, msg) = match e {
-                    Refused::HeldByOther { uid } => (
+                    Refused::HeldByOther { holder } => (
                         "held_by_other",
                         format!(
-                            "inhibitor `{}` is held by uid {uid}; choose another name",
+                            "inhibitor `{}` is held by {holder}; choose another name",
                             req.who
                         ),
                     ),
                     Refused::PerHolder => (
-                        "too_many_for_uid",
+                        "too_many_for_holder",
                         format!(
-                            "uid {} already holds {MAX_INHIBITORS_PER_HOLDER} inhibitors, the \
-                             most one uid may; release some first",
-                            peer.uid
+                            "{holder} already holds {MAX_INHIBITORS_PER_HOLDER} inhibitors, the \
+                             most one identity may; release some first"
                         ),
                     ),
                     Refused::Total => (
@@ -141,15 +143,15 @@ impl Core {
         }
     }
 
-    pub(super) fn release(&mut self, peer: &Peer, who: &str, now: Now) -> Response {
-        match self.inhibitors.release(who, peer.uid) {
+    pub(super) fn release(&mut self, peer: &Peer, holder: &str, who: &str, now: Now) -> Response {
+        match self.inhibitors.release(who, holder) {
             Ok(Some(i)) => {
                 self.released(who, &i, "released", Some(peer.uid), now);
                 Response::ok(None)
             }
             Ok(None) => Response::failed(&format!("no inhibitor named `{who}` is held"), None),
-            Err(Refused::HeldByOther { uid }) => Response::failed(
-                &format!("inhibitor `{who}` is held by uid {uid}; only it or root may release it"),
+            Err(Refused::HeldByOther { holder }) => Response::failed(
+                &format!("inhibitor `{who}` is held by {holder}; only it or root may release it"),
                 None,
             ),
             Err(_) => Response::failed("release refused", None),
@@ -179,6 +181,7 @@ impl Core {
     fn released(&mut self, who: &str, i: &Inhibitor, cause: &str, by: Option<u32>, now: Now) {
         let mut fields: Vec<(&'static str, Field)> = vec![
             ("who", who.into()),
+            ("holder", i.holder.as_str().into()),
             ("uid", i.uid.into()),
             ("cause", cause.into()),
         ];

@@ -469,7 +469,7 @@ impl Machine {
         );
         let watch = matches!(req, Request::Watch);
         let started = std::time::Instant::now();
-        let (r, mut fx) = self.core.run(conn, peer, req, now);
+        let (r, mut fx) = self.core.run(conn, peer, &who.name, req, now);
         if timed {
             self.time_sequence(&fx, started);
         }

@@ -127,12 +127,12 @@ fn release_by_its_holder_or_root_only_and_disconnect_releases_unless_kept() {
     // Bob may neither take nor release Alice's name.
     let v = line(&t.handle_on(2, &bob, inhibit("a", 60, false), at(2)));
     assert!(
-        v["error"].as_str().unwrap().contains("held by uid 1000"),
+        v["error"].as_str().unwrap().contains("held by uid:1000"),
         "{v}"
     );
     let v = line(&t.handle_on(2, &bob, Request::Release("a".into()), at(2)));
     assert!(
-        v["error"].as_str().unwrap().contains("held by uid 1000"),
+        v["error"].as_str().unwrap().contains("held by uid:1000"),
         "{v}"
     );
     let v = line(&t.handle_on(2, &bob, Request::Release("nope".into()), at(2)));
