@@ -53,6 +53,8 @@ pub fn run(cfg: &Config, cmd: &TokenCmd) -> Result<ExitCode> {
                     Some(now.saturating_add(span))
                 }
             };
+            // Held until the new file is in place (see `lock_for_edit`).
+            let _lock = tokens::lock_for_edit(path)?;
             let mut file = tokens::load(path)?;
             if let Some(e) = file.tokens.iter().find(|e| e.name == c.name) {
                 return Err(format!(
@@ -131,6 +133,7 @@ pub fn run(cfg: &Config, cmd: &TokenCmd) -> Result<ExitCode> {
             }
         }
         TokenSub::Revoke(c) => {
+            let _lock = tokens::lock_for_edit(path)?;
             let mut file = tokens::load(path)?;
             let Some(e) = file.tokens.iter_mut().find(|e| e.name == c.name) else {
                 return Err(format!(

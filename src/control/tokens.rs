@@ -248,6 +248,36 @@ pub fn save(path: &Path, file: &TokenFile) -> Result<(), TokenError> {
     })
 }
 
+/// Held while a `vaultguard token` command reads, changes and replaces the file:
+/// without it two commands at once (two `issue`s, an `issue` and a `revoke`) each
+/// write their own edit of the same old file and one edit is lost, a printed
+/// token that does not work or a revocation undone. The lock is `flock(2)` on
+/// the file's directory (created 0700 if missing), so no lock file is left
+/// behind; the supervisor only reads and needs none (the rename is atomic).
+pub struct EditLock(#[allow(dead_code)] std::fs::File);
+
+pub fn lock_for_edit(path: &Path) -> Result<EditLock, TokenError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let err = |err| TokenError::Write {
+        path: path.into(),
+        err,
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err)?;
+    }
+    let d = std::fs::File::open(dir).map_err(err)?;
+    rustix::fs::flock(&d, rustix::fs::FlockOperation::LockExclusive).map_err(|e| err(e.into()))?;
+    Ok(EditLock(d))
+}
+
 /// At the supervisor's start: a token whose role does not exist (the
 /// configuration lost it since `token issue`) is refused by name, like a grant of
 /// an unknown role. An unreadable file is not an error here: token clients are
