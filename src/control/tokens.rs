@@ -207,15 +207,44 @@ pub fn load(path: &Path) -> Result<TokenFile, TokenError> {
             msg: format!("version {} is not known to this vaultguard", file.version),
         });
     }
-    for e in &file.tokens {
+    check_entries(&file.tokens).map_err(|msg| TokenError::Parse {
+        path: path.into(),
+        msg,
+    })?;
+    Ok(file)
+}
+
+/// What `token issue` guarantees and a hand edit may break. A name outside the
+/// token-name alphabet would reach log lines and metric labels as written; two
+/// entries of one name make `token revoke NAME` revoke only the first; two of
+/// one hash let a later unrevoked copy accept a revoked token.
+fn check_entries(tokens: &[Entry]) -> Result<(), String> {
+    let mut names = std::collections::HashSet::new();
+    let mut hashes = std::collections::HashSet::new();
+    for e in tokens {
+        if !crate::control::roles::valid_name(&e.name) {
+            return Err(format!(
+                "token name `{}` is not 1-64 characters from a-z, 0-9, `_` and `-`",
+                e.name.escape_default()
+            ));
+        }
         if crate::encoding::hex_decode(&e.sha256).map_or(true, |h| h.len() != 32) {
-            return Err(TokenError::Parse {
-                path: path.into(),
-                msg: format!("token `{}`: sha256 is not 64 hex digits", e.name),
-            });
+            return Err(format!("token `{}`: sha256 is not 64 hex digits", e.name));
+        }
+        if !names.insert(e.name.as_str()) {
+            return Err(format!(
+                "the name `{}` is on two entries (`token revoke` would revoke one of them)",
+                e.name
+            ));
+        }
+        if !hashes.insert(e.sha256.to_ascii_lowercase()) {
+            return Err(format!(
+                "token `{}` has the sha256 of an earlier entry (one token under two entries)",
+                e.name
+            ));
         }
     }
-    Ok(file)
+    Ok(())
 }
 
 fn check_owner_mode(path: &Path, uid: u32, mode: u32) -> Result<(), TokenError> {
@@ -588,6 +617,51 @@ mod tests {
         assert!(parse_span("-1d").is_err());
         assert!(parse_span("").is_err());
         assert!(parse_span("99999999999999999999w").is_err());
+    }
+
+    #[test]
+    fn hand_edited_duplicates_and_bad_names_refuse_the_file() {
+        let dir = crate::testutil::TmpDir::new("tokens-hand");
+        let p = dir.join("tokens.json");
+        let t = generate().unwrap();
+        let (ok, _) = entry("ci", t.as_bytes());
+        let write = |tokens: Vec<Entry>| {
+            save(&p, &TokenFile { version: 1, tokens }).unwrap();
+        };
+        // A revoked entry and an unrevoked copy of its hash: the revoked token
+        // must not be accepted through the copy.
+        let mut revoked = ok.clone();
+        revoked.revoked = Some(5);
+        let mut copy = ok.clone();
+        copy.name = "ci-copy".into();
+        write(vec![revoked, copy]);
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("sha256 of an earlier entry"), "{e}");
+        let mut s = Store::new(&p);
+        let r = s.lookup(&presented(t.as_bytes()), 10).unwrap_err();
+        assert_eq!(r.why, TokenRefusal::StoreUnreadable);
+        // Hash in upper case is the same hash.
+        let mut upper = ok.clone();
+        upper.name = "ci-upper".into();
+        upper.sha256 = upper.sha256.to_ascii_uppercase();
+        write(vec![ok.clone(), upper]);
+        assert!(load(&p).is_err());
+        // Two entries of one name.
+        let (other, _) = entry("ci", generate().unwrap().as_bytes());
+        write(vec![ok.clone(), other]);
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("`ci` is on two entries"), "{e}");
+        // A name that would inject a line into the log or a metric label.
+        for bad in ["ci\nvaultguard_lockouts_total 9", "a\"b", "", "Upper"] {
+            let mut n = ok.clone();
+            n.name = bad.to_string();
+            write(vec![n]);
+            let e = load(&p).unwrap_err().to_string();
+            assert!(e.contains("is not 1-64 characters"), "{bad}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        write(vec![ok]);
+        assert_eq!(load(&p).unwrap().tokens.len(), 1);
     }
 
     #[test]
