@@ -351,6 +351,14 @@ impl Machine {
                 match found {
                     Ok(a) => self.gate.policy().for_token(&a.name, &a.role, peer),
                     Err(r) => {
+                        // Charged to the presenting uid: otherwise a stream of bad
+                        // tokens (each a stat, a hash and a comparison with every
+                        // entry) would be the one request nobody limits.
+                        let by_uid = self.gate.policy().for_peer(peer);
+                        let (limited, notes) = self.gate.throttle(&by_uid, req.name(), now.mono_ms);
+                        if let Some(retry_after) = limited {
+                            return self.refuse_limited(&by_uid.name, notes, retry_after);
+                        }
                         let notes =
                             self.gate
                                 .token_refused(peer, r.name.as_deref(), r.why, now.mono_ms);
@@ -363,11 +371,10 @@ impl Machine {
         };
         let cmd = req.name();
         let (verdict, notes) = self.gate.decide(&who, cmd, now.mono_ms);
-        let begun = notes.iter().any(|n| n.event == "rate_limited");
-        self.notes(notes);
         match verdict {
-            Verdict::Allowed => {}
+            Verdict::Allowed => self.notes(notes),
             Verdict::Denied => {
+                self.notes(notes);
                 let msg = match &who.token {
                     None => crate::control::protocol::ProtocolError::PermissionDenied {
                         uid: peer.uid,
@@ -382,13 +389,7 @@ impl Machine {
                 return (Response::failed(&msg, None), false);
             }
             Verdict::RateLimited { retry_after } => {
-                self.metrics.rate_limited(&who.name);
-                if begun {
-                    // Written once per run, not per refused request.
-                    self.metrics.mark_changed();
-                    self.write_textfile();
-                }
-                return (Response::failed("rate limited", Some(retry_after)), false);
+                return self.refuse_limited(&who.name, notes, retry_after);
             }
         }
         if matches!(req, Request::Metrics) {
@@ -413,6 +414,24 @@ impl Machine {
         }
         self.perform(fx);
         (r, true)
+    }
+
+    /// Answer a request over its identity's rate limit (counted; the textfile
+    /// is written once per run, not per refused request).
+    fn refuse_limited(
+        &mut self,
+        identity: &str,
+        notes: Vec<Note>,
+        retry_after: u64,
+    ) -> (Response, bool) {
+        let begun = notes.iter().any(|n| n.event == "rate_limited");
+        self.notes(notes);
+        self.metrics.rate_limited(identity);
+        if begun {
+            self.metrics.mark_changed();
+            self.write_textfile();
+        }
+        (Response::failed("rate limited", Some(retry_after)), false)
     }
 
     /// A request line over the limit was refused (and its connection closed):
