@@ -346,7 +346,18 @@ pub fn parse(s: &str) -> Result<CrypttabOptions, OptionError> {
             k if k.starts_with("x-systemd.") => {}
             "x-vaultguard.no-tpm" => o.no_tpm = flag(v)?,
             "x-vaultguard.tcti" => match v {
-                Some(t) if !t.is_empty() => o.tcti = Some(t.to_string()),
+                Some(t) if !t.is_empty() => {
+                    // The value runs to the end of the line, so an option written
+                    // after it would silently become part of the TCTI: `readonly`
+                    // or `header=` lost, the volume opened as the line did not ask.
+                    if let Some(after) = t.split(',').skip(1).find(|w| is_option(w)) {
+                        return Err(bad(&format!(
+                            "`{}` follows it, and x-vaultguard.tcti= takes the rest of the                              line as the TCTI; move x-vaultguard.tcti= to the end",
+                            after.trim()
+                        )));
+                    }
+                    o.tcti = Some(t.to_string())
+                }
                 _ => return Err(bad("expected a TCTI, e.g. swtpm:host=127.0.0.1,port=2321")),
             },
             k if k.starts_with("x-vaultguard.") => {
@@ -363,6 +374,52 @@ pub fn parse(s: &str) -> Result<CrypttabOptions, OptionError> {
         }
     }
     Ok(o)
+}
+
+/// Is `word` a crypttab option (one this table honours, refuses or passes over
+/// for the generator), as opposed to a part of a TCTI (`port=2321`)?
+fn is_option(word: &str) -> bool {
+    const KNOWN: &[&str] = &[
+        "discard",
+        "allow-discards",
+        "readonly",
+        "read-only",
+        "same-cpu-crypt",
+        "submit-from-crypt-cpus",
+        "no-read-workqueue",
+        "no-write-workqueue",
+        "headless",
+        "token-only",
+        "tries",
+        "password-echo",
+        "password-cache",
+        "keyfile-offset",
+        "keyfile-size",
+        "header",
+        "timeout",
+        "token-timeout",
+        "tpm2-device",
+        "tpm2-pcrs",
+        "tpm2-pin",
+        "tpm2-measure-pcr",
+        "tpm2-measure-bank",
+        "luks",
+        "noauto",
+        "auto",
+        "nofail",
+        "fail",
+        "_netdev",
+        "keyfile-timeout",
+        "x-initrd.attach",
+        "-",
+        "none",
+    ];
+    let w = word.trim();
+    let k = w.split_once('=').map_or(w, |(k, _)| k);
+    KNOWN.contains(&k)
+        || refusal(k).is_some()
+        || k.starts_with("x-systemd.")
+        || k.starts_with("x-vaultguard.")
 }
 
 fn o_warn(word: &str, why: &str) -> String {
@@ -473,10 +530,45 @@ mod tests {
         assert!(o.headless && o.warnings.is_empty(), "{o:?}");
         // systemd's own escape works too.
         assert_eq!(
-            ok(r"x-vaultguard.tcti=mssim:port=1\,host=h,headless")
+            ok(r"x-vaultguard.tcti=mssim:port=1\,host=h")
                 .tcti
                 .as_deref(),
-            Some("mssim:port=1,host=h,headless")
+            Some("mssim:port=1,host=h")
+        );
+    }
+
+    #[test]
+    fn an_option_after_the_tcti_is_refused_not_swallowed() {
+        // Before: tcti `device:/dev/tpmrm0,readonly` and a read-write volume.
+        for (line, after) in [
+            ("x-vaultguard.tcti=device:/dev/tpmrm0,readonly", "readonly"),
+            ("x-vaultguard.tcti=swtpm:port=2321,header=/h", "header=/h"),
+            (
+                r"x-vaultguard.tcti=mssim:port=1\,host=h,headless",
+                "headless",
+            ),
+            (
+                "x-vaultguard.tcti=swtpm:port=2321, token-only",
+                "token-only",
+            ),
+            (
+                "x-vaultguard.tcti=swtpm:port=2321,x-systemd.device-timeout=0",
+                "x-systemd.",
+            ),
+            ("x-vaultguard.tcti=swtpm:port=2321,keyslot=1", "keyslot=1"),
+        ] {
+            let e = refused(line);
+            assert!(
+                e.contains(after) && e.contains("move x-vaultguard.tcti="),
+                "{line}: {e}"
+            );
+        }
+        // Its own key=value parts are not options.
+        let o = ok("readonly,x-vaultguard.tcti=swtpm:host=127.0.0.1,port=2321,path=/s");
+        assert!(o.flags.readonly);
+        assert_eq!(
+            o.tcti.as_deref(),
+            Some("swtpm:host=127.0.0.1,port=2321,path=/s")
         );
     }
 
