@@ -665,6 +665,15 @@ fn compat_warnings(text: &str) -> Vec<String> {
 impl Config {
     /// One value by its dotted name, for scripts (strings bare, the rest as JSON).
     pub fn get(&self, key: &str) -> Result<String, ConfigError> {
+        Ok(match self.get_value(key)? {
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Null => String::new(),
+            other => other.to_string(),
+        })
+    }
+
+    /// The value at a dotted key as JSON (`config --get KEY --json`).
+    pub fn get_value(&self, key: &str) -> Result<serde_json::Value, ConfigError> {
         let mut v = serde_json::to_value(self).map_err(|e| ConfigError::Parse {
             path: key.into(),
             msg: e.to_string(),
@@ -675,11 +684,7 @@ impl Config {
                 .cloned()
                 .ok_or_else(|| ConfigError::UnknownField { field: key.into() })?;
         }
-        Ok(match v {
-            serde_json::Value::String(s) => s,
-            serde_json::Value::Null => String::new(),
-            other => other.to_string(),
-        })
+        Ok(v)
     }
 }
 

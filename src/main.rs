@@ -54,6 +54,7 @@ fn command_json(c: &Command) -> bool {
         Command::Lock(c) => c.json,
         Command::Keepalive(c) => c.json,
         Command::Version(c) => c.json,
+        Command::Token(t) => matches!(&t.command, vaultguard::cli::TokenSub::List(l) if l.json),
         // config prints JSON already; the others print no JSON of their own.
         _ => false,
     }
@@ -305,11 +306,18 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let cfg = load_config(&args)?;
             match &c.get {
                 None => println!("{}", serde_json::to_string_pretty(&cfg)?),
+                // Bare for a shell (`$(vaultguard config --get vault.name)`); with
+                // --json the JSON value itself, like `config` prints the object.
+                Some(key) if json => println!("{}", cfg.get_value(key)?),
                 Some(key) => println!("{}", cfg.get(key)?),
             }
         }
-        Command::Token(t) => return vaultguard::control::token_cli::run(&load_config(&args)?, t),
-        Command::Metrics(_) => return vaultguard::control::metrics_cli::run(&load_config(&args)?),
+        Command::Token(t) => {
+            return vaultguard::control::token_cli::run(&load_config(&args)?, t, json)
+        }
+        Command::Metrics(_) => {
+            return vaultguard::control::metrics_cli::run(&load_config(&args)?, json)
+        }
         Command::Version(_) => print_version(json),
     }
     Ok(ExitCode::SUCCESS)

@@ -107,3 +107,131 @@ fn concurrent_token_issues_and_a_revoke_lose_nothing() {
         );
     }
 }
+
+/// Parse stdout as exactly one JSON value (a line of text is not).
+fn json_out(o: &Output) -> Value {
+    let text = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(text.trim_end()).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON value ({e}): {text:?}; stderr {}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })
+}
+
+/// A stand-in supervisor: answers each connection's line with `answer`.
+fn fake_socket(path: &Path, answer: &'static str) {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut line = String::new();
+            let _ = BufReader::new(&s).read_line(&mut line);
+            let _ = s.write_all(format!("{answer}\n").as_bytes());
+        }
+    });
+}
+
+#[test]
+fn json_is_json_on_every_token_config_and_metrics_path() {
+    let dir = tmpdir("json");
+    let (cfg, path) = config(&dir);
+    // Global --json before the subcommand.
+    let o = vaultguard(
+        &path,
+        &[
+            "--json", "token", "issue", "--name", "ci", "--role", "agent",
+        ],
+    );
+    assert!(o.status.success());
+    let v = json_out(&o);
+    assert_eq!(
+        (v["success"].as_bool(), v["name"].as_str()),
+        (Some(true), Some("ci"))
+    );
+    assert_eq!(v["role"], "agent");
+    assert!(v["expires"].is_null());
+    let token = v["token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("vg_") && token.len() == 46, "{token}");
+    // The printed token is the one whose hash the file holds.
+    let file = std::fs::read_to_string(&cfg.control.tokens_file).unwrap();
+    let digest =
+        vaultguard::encoding::hex_encode(&vaultguard::control::tokens::hash(token.as_bytes()).0);
+    assert!(file.contains(&digest));
+    let o = vaultguard(
+        &path,
+        &[
+            "--json",
+            "token",
+            "issue",
+            "--name",
+            "t2",
+            "--role",
+            "viewer",
+            "--expires",
+            "1d",
+        ],
+    );
+    assert!(json_out(&o)["expires"].as_str().unwrap().ends_with('Z'));
+    // list: the global flag and the subcommand's own give the same array.
+    let a = json_out(&vaultguard(&path, &["--json", "token", "list"]));
+    let b = json_out(&vaultguard(&path, &["token", "list", "--json"]));
+    assert_eq!(a.as_array().map(Vec::len), Some(2), "{a}");
+    assert_eq!(a, b);
+    // revoke, twice (the second is "already revoked", still success).
+    for _ in 0..2 {
+        let o = vaultguard(&path, &["--json", "token", "revoke", "ci"]);
+        assert!(o.status.success());
+        let v = json_out(&o);
+        assert_eq!(v["success"], true);
+        assert!(v["message"].as_str().unwrap().contains("`ci`"), "{v}");
+    }
+    // A failure: the one failure shape, exit 1.
+    let o = vaultguard(&path, &["--json", "token", "revoke", "nobody"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(json_out(&o)["exit"], 1);
+    // config --get: a JSON value, not the bare string.
+    let o = vaultguard(&path, &["--json", "config", "--get", "control.socket"]);
+    assert_eq!(
+        json_out(&o),
+        Value::String(cfg.control.socket.display().to_string())
+    );
+    let o = vaultguard(&path, &["--json", "config", "--get", "vault.device"]);
+    assert_eq!(json_out(&o), Value::Null);
+    // Without --json the bare value stays (for `$(...)` in a shell).
+    let o = vaultguard(&path, &["config", "--get", "control.socket"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim_end(),
+        cfg.control.socket.display().to_string()
+    );
+    // metrics, from a supervisor that answers, then one that refuses.
+    fake_socket(
+        &cfg.control.socket,
+        r##"{"success":true,"metrics":"# TYPE vaultguard_lockouts_total counter\nvaultguard_lockouts_total 0\n"}"##,
+    );
+    let o = vaultguard(&path, &["--json", "metrics"]);
+    assert!(o.status.success());
+    let v = json_out(&o);
+    assert_eq!(v["success"], true);
+    assert!(v["metrics"]
+        .as_str()
+        .unwrap()
+        .contains("vaultguard_lockouts_total 0\n"));
+    let o = vaultguard(&path, &["metrics"]);
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("# TYPE"));
+    let dir2 = tmpdir("json-refused");
+    let (cfg2, path2) = config(&dir2);
+    fake_socket(
+        &cfg2.control.socket,
+        r#"{"success":false,"error":"permission denied: uid 5 may not run `metrics`"}"#,
+    );
+    let o = vaultguard(&path2, &["--json", "metrics"]);
+    assert_eq!(o.status.code(), Some(1));
+    let v = json_out(&o);
+    assert_eq!(
+        (v["success"].as_bool(), v["exit"].as_u64()),
+        (Some(false), Some(1))
+    );
+    assert!(v["error"].as_str().unwrap().contains("permission denied"));
+}

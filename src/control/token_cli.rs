@@ -5,6 +5,12 @@
 //! A new token is printed once, on standard output alone (so that a script can
 //! capture it), and never stored: only its SHA-256 goes into the file. Nothing
 //! here prints a token's hash, in full or in part.
+//!
+//! With `--json` (global, or `token list --json`) every outcome is one JSON
+//! object or array on standard output: `issue` prints
+//! `{"success":true,"name":..,"role":..,"expires":..,"token":"vg_.."}`, `revoke`
+//! `{"success":true,"message":..}`, and a failure the object of
+//! [`crate::exit::json_error`] (printed by `main`).
 
 use super::roles::{valid_name, Policy};
 use super::tokens::{self, Entry};
@@ -15,7 +21,7 @@ use std::process::ExitCode;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-pub fn run(cfg: &Config, cmd: &TokenCmd) -> Result<ExitCode> {
+pub fn run(cfg: &Config, cmd: &TokenCmd, json: bool) -> Result<ExitCode> {
     if rustix::process::geteuid().as_raw() != 0 {
         return Err(format!(
             "token commands need root: the token file {} is root's alone (run with sudo)",
@@ -78,8 +84,24 @@ pub fn run(cfg: &Config, cmd: &TokenCmd) -> Result<ExitCode> {
             });
             tokens::save(path, &file)?;
             let mut out = std::io::stdout().lock();
-            out.write_all(token.as_bytes())?;
-            out.write_all(b"\n")?;
+            if json {
+                // Written around the token, not through a serde String: the token
+                // stays in its zeroizing buffer (it needs no escaping: base64url).
+                let head = serde_json::json!({
+                    "success": true,
+                    "name": c.name,
+                    "role": c.role,
+                    "expires": expires.map(when),
+                })
+                .to_string();
+                out.write_all(head.trim_end_matches('}').as_bytes())?;
+                out.write_all(b",\"token\":\"")?;
+                out.write_all(token.as_bytes())?;
+                out.write_all(b"\"}\n")?;
+            } else {
+                out.write_all(token.as_bytes())?;
+                out.write_all(b"\n")?;
+            }
             out.flush()?;
             eprintln!(
                 "vaultguard: token `{}` (role {}) issued{}; it is shown only this once. A client \
@@ -94,7 +116,7 @@ pub fn run(cfg: &Config, cmd: &TokenCmd) -> Result<ExitCode> {
         }
         TokenSub::List(c) => {
             let file = tokens::load(path)?;
-            if c.json {
+            if c.json || json {
                 let list: Vec<serde_json::Value> = file
                     .tokens
                     .iter()
@@ -143,18 +165,27 @@ pub fn run(cfg: &Config, cmd: &TokenCmd) -> Result<ExitCode> {
                 )
                 .into());
             };
+            let say = |text: String| {
+                if json {
+                    println!("{}", serde_json::json!({"success": true, "message": text}));
+                } else {
+                    eprintln!("vaultguard: {text}");
+                }
+            };
             if let Some(at) = e.revoked {
-                eprintln!(
-                    "vaultguard: token `{}` was already revoked at {}",
+                say(format!(
+                    "token `{}` was already revoked at {}",
                     e.name,
                     when(at)
-                );
+                ));
                 return Ok(ExitCode::SUCCESS);
             }
             e.revoked = Some(now);
             let name = e.name.clone();
             tokens::save(path, &file)?;
-            eprintln!("vaultguard: token `{name}` revoked; the supervisor refuses it from its next request");
+            say(format!(
+                "token `{name}` revoked; the supervisor refuses it from its next request"
+            ));
         }
     }
     Ok(ExitCode::SUCCESS)
