@@ -276,8 +276,16 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 let key = export::read_signing_key(&x.key)?;
                 let out = export::export(&path, &key, x.key_version, vaultguard::audit::now_ms())?;
                 match &x.output {
-                    Some(o) => std::fs::write(o, &out)
-                        .map_err(|e| format!("cannot write {}: {e}", o.display()))?,
+                    Some(o) => {
+                        std::fs::write(o, &out)
+                            .map_err(|e| format!("cannot write {}: {e}", o.display()))?;
+                        // With --json, stdout gets its one object; without, it
+                        // stays empty as before (the export is in the file).
+                        if json {
+                            say(json, &format!("{}: export written", o.display()));
+                        }
+                    }
+                    // The export itself is the output (JSON lines), --json or not.
                     None => std::io::Write::write_all(&mut std::io::stdout(), &out)?,
                 }
             }

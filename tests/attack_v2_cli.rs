@@ -235,3 +235,85 @@ fn json_is_json_on_every_token_config_and_metrics_path() {
     );
     assert!(v["error"].as_str().unwrap().contains("permission denied"));
 }
+
+#[test]
+fn bad_token_options_are_usage_errors() {
+    let dir = tmpdir("usage");
+    let (cfg, path) = config(&dir);
+    for args in [
+        &["token", "issue", "--name", "Bad Name", "--role", "viewer"][..],
+        &["token", "issue", "--name", "ok", "--role", "superuser"],
+        &[
+            "token",
+            "issue",
+            "--name",
+            "ok",
+            "--role",
+            "viewer",
+            "--expires",
+            "5y",
+        ],
+        &[
+            "token",
+            "issue",
+            "--name",
+            "ok",
+            "--role",
+            "viewer",
+            "--expires",
+            "0",
+        ],
+        &["token", "issue", "--name", "ok"],
+    ] {
+        let o = vaultguard(&path, args);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let mut j = vec!["--json"];
+        j.extend_from_slice(args);
+        let v = json_out(&vaultguard(&path, &j));
+        assert_eq!(v["exit"], 2, "{args:?}: {v}");
+    }
+    // Nothing was written by any of them.
+    assert!(!cfg.control.tokens_file.exists());
+    // A name taken is not a usage error: the command line was fine.
+    let ok = ["token", "issue", "--name", "ok", "--role", "viewer"];
+    assert!(vaultguard(&path, &ok).status.success());
+    assert_eq!(vaultguard(&path, &ok).status.code(), Some(1));
+}
+
+#[test]
+fn json_audit_export_to_a_file_prints_one_object() {
+    let dir = tmpdir("export");
+    let (cfg, path) = config(&dir);
+    vaultguard::audit::append(&cfg.audit.path, "lock", &[]).unwrap();
+    let key = dir.join("k.pem");
+    let st = Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519", "-out"])
+        .arg(&key)
+        .status()
+        .expect("openssl is needed to make the test key");
+    assert!(st.success());
+    let out = dir.join("export.jsonl");
+    let o = vaultguard(
+        &path,
+        &[
+            "--json",
+            "audit",
+            "export",
+            "--key",
+            key.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = json_out(&o);
+    assert_eq!(v["success"], true, "{v}");
+    assert!(std::fs::read_to_string(&out)
+        .unwrap()
+        .contains("vaultguard_audit_export"));
+}

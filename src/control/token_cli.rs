@@ -16,6 +16,7 @@ use super::roles::{valid_name, Policy};
 use super::tokens::{self, Entry};
 use crate::cli::{TokenCmd, TokenSub};
 use crate::config::Config;
+use crate::exit::Failure;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -33,28 +34,31 @@ pub fn run(cfg: &Config, cmd: &TokenCmd, json: bool) -> Result<ExitCode> {
     let now = crate::audit::now_ms() / 1000;
     match &cmd.command {
         TokenSub::Issue(c) => {
+            // A bad --name, --role or --expires is a usage error (exit 2), as
+            // every other option that cannot be used as given.
             if !valid_name(&c.name) {
-                return Err(format!(
+                return Err(Failure::usage(format!(
                     "`{}` is not a token name: use 1-64 characters from a-z, 0-9, `_` and `-`",
                     c.name.escape_default()
-                )
+                ))
                 .into());
             }
             let policy = Policy::from_config(&cfg.control).map_err(|e| e.to_string())?;
             if !policy.has_role(&c.role) {
-                return Err(format!(
+                return Err(Failure::usage(format!(
                     "role `{}` does not exist (known: {}; define others under control.roles)",
                     c.role.escape_default(),
                     policy.role_names().join(", ")
-                )
+                ))
                 .into());
             }
             let expires = match &c.expires {
                 None => None,
                 Some(s) => {
-                    let span = tokens::parse_span(s)?;
+                    let span = tokens::parse_span(s)
+                        .map_err(|e| Failure::usage(format!("--expires: {e}")))?;
                     if span == 0 {
-                        return Err("--expires must be longer than 0 s".into());
+                        return Err(Failure::usage("--expires must be longer than 0 s").into());
                     }
                     Some(now.saturating_add(span))
                 }
