@@ -169,7 +169,14 @@ impl std::error::Error for TokenError {}
 /// owner may read or write it, or its owner is neither root nor us.
 pub fn load(path: &Path) -> Result<TokenFile, TokenError> {
     use std::io::Read;
-    let f = match std::fs::File::open(path) {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    // O_NONBLOCK: a FIFO put where the file belongs must not block the
+    // supervisor's single thread in open(2) until someone writes to it.
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TokenFile::default()),
         Err(err) => {
@@ -183,6 +190,19 @@ pub fn load(path: &Path) -> Result<TokenFile, TokenError> {
         path: path.into(),
         err,
     })?;
+    if !meta.file_type().is_file() {
+        let kind = match meta.file_type() {
+            t if t.is_fifo() => "a FIFO",
+            t if t.is_dir() => "a directory",
+            t if t.is_socket() => "a socket",
+            t if t.is_char_device() || t.is_block_device() => "a device",
+            _ => "not a regular file",
+        };
+        return Err(TokenError::Unsafe {
+            path: path.into(),
+            msg: format!("it is {kind}, not a regular file"),
+        });
+    }
     check_owner_mode(path, meta.uid(), meta.mode())?;
     let mut text = String::new();
     f.take(MAX_FILE + 1)
@@ -662,6 +682,28 @@ mod tests {
         }
         write(vec![ok]);
         assert_eq!(load(&p).unwrap().tokens.len(), 1);
+    }
+
+    #[test]
+    fn a_fifo_or_directory_in_place_of_the_file_is_refused_without_blocking() {
+        let dir = crate::testutil::TmpDir::new("tokens-fifo");
+        let p = dir.join("tokens.json");
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let q = p.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(load(&q).map_err(|e| e.to_string()));
+        });
+        // Before: open(2) waited for a writer, and with it the supervisor.
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("load blocked on a FIFO");
+        let e = r.unwrap_err();
+        assert!(e.contains("it is a FIFO"), "{e}");
+        let d = dir.join("d.json");
+        std::fs::create_dir(&d).unwrap();
+        let e = load(&d).unwrap_err().to_string();
+        assert!(e.contains("a directory"), "{e}");
     }
 
     #[test]
