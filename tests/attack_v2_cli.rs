@@ -317,3 +317,39 @@ fn json_audit_export_to_a_file_prints_one_object() {
         .unwrap()
         .contains("vaultguard_audit_export"));
 }
+
+#[test]
+fn a_fifo_as_detached_header_is_refused_not_waited_on() {
+    let dir = tmpdir("header");
+    let (_cfg, path) = config(&dir);
+    let img = dir.join("img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let fifo = dir.join("hdr.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    for (hdr, kind) in [(fifo.clone(), "a FIFO"), (dir.clone(), "a directory")] {
+        let opts = format!("header={},x-vaultguard.no-tpm,headless", hdr.display());
+        let mut child = spawn(
+            &path,
+            &["attach", "--test", "vt", img.to_str().unwrap(), "-", &opts],
+        );
+        // Before: libcryptsetup's open of the FIFO waited for a writer, for ever.
+        let t = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if t.elapsed() > std::time::Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!(
+                    "attach with header={} still waiting after 20 s",
+                    hdr.display()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(status.code(), Some(2), "{err}");
+        assert!(err.contains(kind) && err.contains("header="), "{err}");
+    }
+}

@@ -422,6 +422,39 @@ fn is_option(word: &str) -> bool {
         || k.starts_with("x-vaultguard.")
 }
 
+/// `header=` must name something libcryptsetup can read a header from: a
+/// regular file or a block device. A FIFO would block the open for ever (the
+/// boot hangs without a word), a directory or socket fails with a message about
+/// the data device. Not there yet is left to the open (a header on a device that
+/// is still coming up gets its own "does not exist" error). The one check in
+/// this module that looks at the file system; the caller runs it.
+pub fn check_header(o: &CrypttabOptions) -> Result<(), OptionError> {
+    use std::os::unix::fs::FileTypeExt;
+    let Some(p) = &o.header else {
+        return Ok(());
+    };
+    let Ok(meta) = std::fs::metadata(p) else {
+        return Ok(());
+    };
+    let t = meta.file_type();
+    if t.is_file() || t.is_block_device() {
+        return Ok(());
+    }
+    let kind = if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a character device"
+    };
+    Err(OptionError {
+        option: format!("header={}", p.display()),
+        why: format!("it is {kind}; a detached LUKS2 header is a regular file or a block device"),
+    })
+}
+
 fn o_warn(word: &str, why: &str) -> String {
     format!("ignoring crypttab option `{word}`: {why}")
 }
