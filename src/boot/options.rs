@@ -241,6 +241,23 @@ pub fn parse(s: &str) -> Result<CrypttabOptions, OptionError> {
             Some(v) => boolean(v).ok_or_else(|| bad("expected a boolean (yes/no)")),
         };
         match k {
+            // systemd matches these words exactly: `discard=no` is an unknown
+            // option there, warned about and ignored, never a `discard`.
+            "discard"
+            | "allow-discards"
+            | "readonly"
+            | "read-only"
+            | "same-cpu-crypt"
+            | "submit-from-crypt-cpus"
+            | "no-read-workqueue"
+            | "no-write-workqueue"
+                if v.is_some() =>
+            {
+                o.warnings.push(ignore(&format!(
+                    "`{k}` takes no value (systemd-cryptsetup ignores `{word}` too); write \
+                     `{k}` to set it, or leave it out"
+                )))
+            }
             "discard" | "allow-discards" => o.flags.discard = true,
             "readonly" | "read-only" => o.flags.readonly = true,
             "same-cpu-crypt" => o.flags.same_cpu_crypt = true,
@@ -490,6 +507,34 @@ mod tests {
         assert!(ok("allow-discards").flags.discard);
         assert!(ok("readonly").flags.readonly);
         assert!(o.warnings.is_empty(), "{:?}", o.warnings);
+    }
+
+    #[test]
+    fn a_flag_with_a_value_is_ignored_as_systemd_does_never_set() {
+        // Before: `discard=no` turned discard on, the opposite of what it says.
+        for w in [
+            "discard=no",
+            "allow-discards=0",
+            "readonly=false",
+            "same-cpu-crypt=off",
+            "no-read-workqueue=no",
+            "discard=",
+        ] {
+            let o = ok(w);
+            assert_eq!(o.flags, ActivateFlags::default(), "{w}");
+            assert_eq!(o.warnings.len(), 1, "{w}: {:?}", o.warnings);
+            assert!(o.warnings[0].contains(w), "{:?}", o.warnings);
+        }
+        // The last word of a repeated option wins, as in systemd.
+        assert_eq!(ok("tries=3,tries=5").tries, Some(5));
+        assert_eq!(ok("tries=3,tries=-1").tries, Some(3));
+        assert_eq!(ok("tries=99999999999").tries, None);
+        assert!(!ok("headless,headless=no").headless);
+        assert_eq!(ok("tpm2-device=/dev/tpmrm0,tpm2-device=auto").tcti, None);
+        // Empty words, lone `=`: nothing set.
+        let o = ok(",,discard,,");
+        assert!(o.flags.discard && o.warnings.is_empty());
+        assert_eq!(ok("=").flags, ActivateFlags::default());
     }
 
     #[test]
