@@ -341,3 +341,89 @@ fn refused_tokens_and_denied_commands_count_against_the_rate_limit() {
     // Root without a token is never limited, even after thousands.
     assert_eq!(flood_as(&h, 0, &req("status", None), 1000), 0);
 }
+
+fn error_of(v: &Value) -> &str {
+    v["error"].as_str().unwrap_or("")
+}
+
+#[test]
+fn tokens_in_odd_shapes_never_grant_more_than_the_uid_has() {
+    let mut h = Harness::new("shapes", |_| {});
+    let admin = issue(&h.config_path, "root-ish", "admin", None);
+    h.start();
+    // uid 60041 has no grant of its own; a usable token lets it connect.
+    let mut s = connect_as(h.socket(), 60041, 60041, &[]);
+    let escaped: String = admin
+        .chars()
+        .map(|c| format!("\\u{:04x}", c as u32))
+        .collect();
+    let cases = [
+        // Escaped: a real token never needs an escape; refused as malformed.
+        format!(r#"{{"cmd":"lock","token":"{escaped}"}}"#),
+        // The key escaped, the token twice: a duplicate field.
+        format!(r#"{{"cmd":"lock","token":"vg_x","\u0074oken":"{admin}"}}"#),
+        // Wrong JSON type.
+        format!(r#"{{"cmd":"lock","token":["{admin}"]}}"#),
+        r#"{"cmd":"lock","token":null}"#.to_string(),
+        // Nested: not the request's token; the uid alone decides.
+        format!(r#"{{"cmd":"lock","x":{{"token":"{admin}"}}}}"#),
+        // Unicode look-alike of the prefix.
+        format!(r#"{{"cmd":"lock","token":"ｖg_{}"}}"#, &admin[3..]),
+        // Trailing space.
+        format!(r#"{{"cmd":"lock","token":"{admin} "}}"#),
+    ];
+    for line in &cases {
+        let v = Harness::ask_on(&mut s, line);
+        assert_eq!(v["success"], false, "{line}: {v}");
+    }
+    assert_eq!(h.ask(r#"{"cmd":"status"}"#)["state"], "unlocked");
+    // The real token from the same connection does lock: the shapes above did not.
+    let v = Harness::ask_on(&mut s, &req("lock", Some(&admin)));
+    assert_eq!(v["success"], true, "{v}");
+    assert!(!h.audit_text().contains(&admin));
+}
+
+#[test]
+fn revocation_and_a_role_edited_away_apply_to_an_open_connection() {
+    let mut h = Harness::new("revoke-open", |_| {});
+    let op = issue(&h.config_path, "op", "operator", None);
+    let op2 = issue(&h.config_path, "op2", "operator", None);
+    h.start();
+    let mut s = connect_as(h.socket(), 60051, 60051, &[]);
+    assert!(Harness::ask_on(&mut s, &req("status", Some(&op)))["state"].is_string());
+    let out = vaultguard(&h.config_path, &["token", "revoke", "op"]);
+    assert!(out.status.success());
+    // Same connection, next request: refused by name.
+    let v = Harness::ask_on(&mut s, &req("lock", Some(&op)));
+    assert!(error_of(&v).contains("token `op` was revoked"), "{v}");
+    // The role of op2 edited by hand to one that does not exist, while running.
+    let file = &h.cfg.control.tokens_file;
+    let text = std::fs::read_to_string(file).unwrap();
+    let edited = text.replace("\"operator\"", "\"operatr\"");
+    assert_ne!(text, edited);
+    std::fs::write(file, edited).unwrap();
+    let v = Harness::ask_on(&mut s, &req("status", Some(&op2)));
+    assert_eq!(v["success"], false, "{v}");
+    let e = error_of(&v);
+    assert!(
+        e.contains("role `operatr`") && e.contains("does not exist"),
+        "the error should say the role is gone: {e}"
+    );
+}
+
+#[test]
+fn root_presenting_a_viewer_token_is_the_viewer() {
+    // Documented: root is all-powerful without a token; a token decides who
+    // asks, so root presenting a viewer's token is that viewer (a client
+    // cannot be both).
+    let mut h = Harness::new("root-viewer", |_| {});
+    let viewer = issue(&h.config_path, "v", "viewer", None);
+    h.start();
+    let v = h.ask(&req("lock", Some(&viewer)));
+    assert!(
+        error_of(&v).contains("token `v` (role viewer) may not run `lock`"),
+        "{v}"
+    );
+    assert_eq!(h.ask(&req("status", None))["state"], "unlocked");
+    assert_eq!(h.ask(&req("lock", None))["success"], true);
+}

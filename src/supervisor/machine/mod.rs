@@ -381,6 +381,13 @@ impl Machine {
                         cmd,
                     }
                     .to_string(),
+                    // The token file edited while running (checked at start only).
+                    Some(name) if !self.gate.policy().has_role(&who.role) => format!(
+                        "permission denied: token `{name}` has role `{}`, which does not \
+                         exist in the configuration; ask the administrator to fix the \
+                         token file or define the role",
+                        who.role.escape_default()
+                    ),
                     Some(name) => format!(
                         "permission denied: token `{name}` (role {}) may not run `{cmd}`",
                         who.role
