@@ -480,7 +480,7 @@ impl Config {
         }
         // A relative path would depend on the directory the command runs in:
         // the supervisor and the CLI would not meet at the same socket.
-        let paths: [(&str, Option<&Path>); 6] = [
+        let paths: [(&str, Option<&Path>); 7] = [
             ("vault.state_path", Some(&self.vault.state_path)),
             (
                 "vault.state_compat_path",
@@ -490,6 +490,7 @@ impl Config {
             ("control.socket", Some(&self.control.socket)),
             ("audit.path", Some(&self.audit.path)),
             ("auth.state_path", Some(&self.auth.state_path)),
+            ("metrics.textfile_dir", self.metrics.textfile_dir.as_deref()),
         ];
         for (field, p) in paths {
             if let Some(p) = p.filter(|p| !p.is_absolute()) {
@@ -762,6 +763,21 @@ mod tests {
             PathBuf::from("/run/vaultguard/control.sock")
         );
         assert!(c.vault.device.is_none());
+    }
+
+    #[test]
+    fn a_relative_textfile_dir_is_refused_like_every_path() {
+        // Before: accepted, and the supervisor wrote vaultguard.prom relative
+        // to its working directory (/ under systemd).
+        let e = Config::from_json(r#"{"metrics":{"textfile_dir":"prom"}}"#, "test")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("metrics.textfile_dir") && e.contains("relative"),
+            "{e}"
+        );
+        let c = Config::from_json(r#"{"metrics":{"textfile_dir":"/var/lib/p"}}"#, "test");
+        assert!(c.is_ok());
     }
 
     #[test]
