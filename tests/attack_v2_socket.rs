@@ -427,3 +427,31 @@ fn root_presenting_a_viewer_token_is_the_viewer() {
     assert_eq!(h.ask(&req("status", None))["state"], "unlocked");
     assert_eq!(h.ask(&req("lock", None))["success"], true);
 }
+
+#[test]
+fn lines_that_are_not_requests_count_against_the_rate_limit() {
+    let mut h = Harness::new("malformed", |c| {
+        c.control.grants.insert(
+            "viewer".into(),
+            Allow {
+                uids: vec![60061],
+                gids: vec![],
+            },
+        );
+        c.control
+            .rate_limit
+            .insert("viewer".into(), RateLimitConfig { rate: 5, burst: 10 });
+    });
+    h.start();
+    // Before: answered `unknown command` 300 times, never limited.
+    for line in [r#"{"cmd":"frobnicate"}"#, "not json", r#"{"cmd":7}"#] {
+        let n = flood_as(&h, 60061, line, 100);
+        assert!(n >= 85, "only {n} of 100 `{line}` lines limited");
+    }
+    // Root is never limited, also for its typos.
+    assert_eq!(flood_as(&h, 0, r#"{"cmd":"frobnicate"}"#, 500), 0);
+    let audit = h.audit();
+    assert!(audit
+        .iter()
+        .any(|e| e["event"] == "rate_limited" && e["identity"] == "uid:60061"));
+}

@@ -595,7 +595,7 @@ fn answer_lines(c: &mut Conn, machine: &mut Machine, opts: &Options) -> u64 {
                 Response::failed(&ProtocolError::LineTooLong.to_string(), None)
             }
             Some(Framed::Line(None)) => continue,
-            Some(Framed::Line(Some(Err(e)))) => Response::failed(&e.to_string(), None),
+            Some(Framed::Line(Some(Err(e)))) => machine.malformed(&c.peer, &e.to_string(), now()),
             Some(Framed::Line(Some(Ok((req, token))))) => {
                 // The machine identifies, authorises and rate-limits once; it says
                 // whether the request ran, which is what counts as progress.

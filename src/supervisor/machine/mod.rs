@@ -441,6 +441,20 @@ impl Machine {
         (Response::failed("rate limited", Some(retry_after)), false)
     }
 
+    /// A line that is not a request (bad JSON, unknown command, a field of the
+    /// wrong type): answered with `error`, but charged to the peer's rate limit
+    /// first, or a stream of them (each a JSON parse of up to 64 KiB) would be
+    /// the way around it.
+    pub fn malformed(&mut self, peer: &Peer, error: &str, now: Now) -> Response {
+        let who = self.gate.policy().for_peer(peer);
+        let (limited, notes) = self.gate.throttle(&who, "invalid_request", now.mono_ms);
+        if let Some(retry_after) = limited {
+            return self.refuse_limited(&who.name, notes, retry_after).0;
+        }
+        self.notes(notes);
+        Response::failed(error, None)
+    }
+
     /// A request line over the limit was refused (and its connection closed):
     /// audited, coalesced per uid, without anything it carried.
     pub fn oversized(&mut self, peer: &Peer, now: Now) {
