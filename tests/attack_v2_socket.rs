@@ -455,3 +455,31 @@ fn lines_that_are_not_requests_count_against_the_rate_limit() {
         .iter()
         .any(|e| e["event"] == "rate_limited" && e["identity"] == "uid:60061"));
 }
+
+#[test]
+fn only_expired_or_revoked_tokens_do_not_open_the_socket_to_every_uid() {
+    let mut h = Harness::new("dead-tokens", |_| {});
+    issue(&h.config_path, "short", "viewer", Some("1s"));
+    issue(&h.config_path, "gone", "viewer", None);
+    assert!(vaultguard(&h.config_path, &["token", "revoke", "gone"])
+        .status
+        .success());
+    std::thread::sleep(Duration::from_millis(2100));
+    h.start();
+    // uid 60071 has no grant and no token could help it: answered once, closed.
+    let mut s = connect_as(h.socket(), 60071, 60071, &[]);
+    let line = read_line(&mut s).expect("one refusal line");
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert!(
+        error_of(&v).contains("may run no command on this socket"),
+        "before: admitted while only dead tokens exist: {v}"
+    );
+    // A live token opens it again.
+    issue(&h.config_path, "live", "viewer", None);
+    let mut s = connect_as(h.socket(), 60071, 60071, &[]);
+    let v = Harness::ask_on(&mut s, r#"{"cmd":"status"}"#);
+    assert!(
+        error_of(&v).starts_with("permission denied: uid 60071"),
+        "{v}"
+    );
+}

@@ -473,12 +473,15 @@ impl Store {
         };
     }
 
-    /// Is any token issued and not revoked? (A uid granted nothing may still
-    /// connect when one could be presented.)
-    pub fn any_usable(&mut self) -> bool {
+    /// Is any token issued, not revoked and not expired at `now_s`? (A uid
+    /// granted nothing may still connect when one could be presented; a file of
+    /// only dead tokens must not open the socket's slots to every uid.)
+    pub fn any_usable(&mut self, now_s: u64) -> bool {
         self.reload(false);
         match &self.loaded {
-            Ok(t) => t.iter().any(|(e, _)| e.revoked.is_none()),
+            Ok(t) => t
+                .iter()
+                .any(|(e, _)| e.revoked.is_none() && e.expires.is_none_or(|at| now_s < at)),
             // Unreadable: the client gets the reason on its request.
             Err(_) => true,
         }

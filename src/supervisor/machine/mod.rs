@@ -291,7 +291,10 @@ impl Machine {
     /// token could be presented on it.
     pub fn may_connect(&mut self, peer: &Peer) -> bool {
         !self.gate.policy().for_peer(peer).commands.is_empty()
-            || self.tokens.as_mut().is_some_and(|t| t.any_usable())
+            || self
+                .tokens
+                .as_mut()
+                .is_some_and(|t| t.any_usable(crate::audit::now_ms() / 1000))
     }
 
     pub fn state(&self) -> VaultState {
