@@ -263,6 +263,28 @@ fn bad_token_options_are_usage_errors() {
             "--expires",
             "0",
         ],
+        // Before: accepted, expiring in the year 584556019 (`token list`
+        // printed a time no RFC 3339 parser reads).
+        &[
+            "token",
+            "issue",
+            "--name",
+            "ok",
+            "--role",
+            "viewer",
+            "--expires",
+            "18446744073709551615",
+        ],
+        &[
+            "token",
+            "issue",
+            "--name",
+            "ok",
+            "--role",
+            "viewer",
+            "--expires",
+            "500000w",
+        ],
         &["token", "issue", "--name", "ok"],
     ] {
         let o = vaultguard(&path, args);

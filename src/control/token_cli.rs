@@ -60,7 +60,19 @@ pub fn run(cfg: &Config, cmd: &TokenCmd, json: bool) -> Result<ExitCode> {
                     if span == 0 {
                         return Err(Failure::usage("--expires must be longer than 0 s").into());
                     }
-                    Some(now.saturating_add(span))
+                    // RFC 3339 has four-digit years: beyond 9999 `token list`
+                    // would print a time no parser reads. Leave --expires out
+                    // for a token that does not expire.
+                    match now.checked_add(span).filter(|&at| at <= LAST_RFC3339_S) {
+                        Some(at) => Some(at),
+                        None => {
+                            return Err(Failure::usage(format!(
+                                "--expires {s} ends after the year 9999; leave --expires out \
+                                 for a token without expiry"
+                            ))
+                            .into())
+                        }
+                    }
                 }
             };
             // Held until the new file is in place (see `lock_for_edit`).
@@ -194,6 +206,9 @@ pub fn run(cfg: &Config, cmd: &TokenCmd, json: bool) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// 9999-12-31T23:59:59Z.
+const LAST_RFC3339_S: u64 = 253_402_300_799;
 
 /// Seconds since the epoch as `2026-11-25T20:00:00Z`.
 fn when(s: u64) -> String {
