@@ -483,3 +483,36 @@ fn only_expired_or_revoked_tokens_do_not_open_the_socket_to_every_uid() {
         "{v}"
     );
 }
+
+#[test]
+fn the_textfile_is_not_written_into_a_world_writable_directory() {
+    let outer = tmpdir("textfile-outer");
+    // A /tmp-like directory (sticky, everyone writes) holding the textfile dir
+    // itself, and a symlink an attacker left there pointing at a root one.
+    let open = outer.join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let target = outer.join("root-only");
+    std::fs::create_dir(&target).unwrap();
+    let link = open.join("prom-link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let safe = outer.join("safe");
+    for (dir, written) in [
+        (open.clone(), false),
+        (link.clone(), false),
+        (safe.clone(), true),
+    ] {
+        let d = dir.clone();
+        let mut h = Harness::new("textfile", move |c| {
+            c.metrics.textfile_dir = Some(d);
+        });
+        h.start();
+        // A change the textfile shows: a lock.
+        assert_eq!(h.ask(&req("lock", None))["success"], true);
+        let f = dir.join("vaultguard.prom");
+        assert_eq!(f.exists(), written, "{}", f.display());
+        drop(h);
+    }
+    assert!(!target.join("vaultguard.prom").exists());
+    let _ = std::fs::remove_dir_all(&outer);
+}

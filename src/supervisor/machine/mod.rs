@@ -23,6 +23,25 @@ mod anchoring;
 mod core;
 mod effects;
 mod lock;
+/// Why the textfile's directory is not safe to write as root, if it is not:
+/// every user may write it, or it is a symlink in a directory every user may
+/// write (which anyone could have pointed elsewhere).
+fn textfile_dir_unsafe(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let world = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.mode() & 0o002 != 0);
+    if world(dir) {
+        return Some(format!("{} is writable by every user", dir.display()));
+    }
+    let link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+    if link && dir.parent().is_some_and(world) {
+        return Some(format!(
+            "{} is a symlink in a directory every user may write",
+            dir.display()
+        ));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests;
 mod unlock;
@@ -514,6 +533,18 @@ impl Machine {
             return;
         };
         if !self.metrics.take_dirty() {
+            return;
+        }
+        // A directory every user may write (/tmp, a 0777 one): anyone could
+        // forge the file node-exporter serves, or put a symlink there and have
+        // root create vaultguard.prom wherever it points. Refused, as the
+        // control socket's directory is.
+        if let Some(why) = path.parent().and_then(textfile_dir_unsafe) {
+            super::log_warn(&format!(
+                "not writing the metrics textfile {}: {why}; point metrics.textfile_dir \
+                 at a directory only its owner can write (`chmod o-w`)",
+                path.display()
+            ));
             return;
         }
         // 0644: node-exporter runs as its own user and must read it.
