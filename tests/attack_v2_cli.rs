@@ -375,3 +375,46 @@ fn a_fifo_as_detached_header_is_refused_not_waited_on() {
         assert!(err.contains(kind) && err.contains("header="), "{err}");
     }
 }
+
+#[test]
+fn kill_9_during_token_issue_never_half_writes_or_loses_the_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tmpdir("kill9");
+    let (cfg, path) = config(&dir);
+    for n in ["keep-a", "keep-b"] {
+        assert!(
+            vaultguard(&path, &["token", "issue", "--name", n, "--role", "agent"])
+                .status
+                .success()
+        );
+    }
+    for round in 0..40u64 {
+        let name = format!("k{round}");
+        let mut kid = spawn(
+            &path,
+            &["token", "issue", "--name", &name, "--role", "agent"],
+        );
+        // Somewhere between start-up and the rename.
+        std::thread::sleep(std::time::Duration::from_micros(round * 250));
+        let _ = kid.kill();
+        let _ = kid.wait();
+        // Whatever instant it died at, the file is whole and keeps the others.
+        let file = vaultguard::control::tokens::load(&cfg.control.tokens_file)
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        for keep in ["keep-a", "keep-b"] {
+            assert!(file.tokens.iter().any(|e| e.name == keep), "round {round}");
+        }
+    }
+    // Any temporary a kill left behind is as closed as the file itself.
+    for e in std::fs::read_dir(cfg.control.tokens_file.parent().unwrap()).unwrap() {
+        let m = e.unwrap().metadata().unwrap();
+        assert_eq!(m.permissions().mode() & 0o077, 0);
+    }
+    // And the next issue works (no stale lock).
+    assert!(vaultguard(
+        &path,
+        &["token", "issue", "--name", "after", "--role", "agent"]
+    )
+    .status
+    .success());
+}
