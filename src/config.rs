@@ -634,7 +634,19 @@ fn type_mismatch(msg: &str) -> Option<(String, String)> {
             other => other.to_string(),
         },
     };
+    // A number out of range or with a fraction (`-1`, `1.5`, `1e10`): "expected
+    // a number, got -1" would read as nonsense; say which numbers.
+    let numeric = got.parse::<f64>().is_ok();
+    let max = |t: &str| match t {
+        "u8" => u64::from(u8::MAX),
+        "u16" => u64::from(u16::MAX),
+        "u32" => u64::from(u32::MAX),
+        _ => u64::MAX,
+    };
     let expected = match expected {
+        t @ ("u8" | "u16" | "u32" | "u64" | "usize") if numeric => {
+            format!("a whole number from 0 to {}", max(t))
+        }
         "u8" | "u16" | "u32" | "u64" | "usize" => "a number".to_string(),
         "a sequence" => "a list".into(),
         "a borrowed path" | "path string" => "a path (a string)".into(),
@@ -763,6 +775,40 @@ mod tests {
             PathBuf::from("/run/vaultguard/control.sock")
         );
         assert!(c.vault.device.is_none());
+    }
+
+    #[test]
+    fn a_negative_fractional_or_huge_rate_limit_says_which_numbers() {
+        let e = |v: &str| {
+            Config::from_json(
+                &format!(r#"{{"control":{{"rate_limit":{{"viewer":{v}}}}}}}"#),
+                "test",
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        // Before: "expected a number, got -1".
+        for (v, got) in [
+            (r#"{"rate":-1,"burst":1}"#, "got -1"),
+            (r#"{"rate":1.5,"burst":1}"#, "got 1.5"),
+            (r#"{"rate":1e10,"burst":1}"#, "got 10000000000"),
+        ] {
+            let e = e(v);
+            assert!(
+                e.contains(
+                    "control.rate_limit.viewer.rate: expected a whole number from 0 to 4294967295"
+                ) && e.contains(got),
+                "{e}"
+            );
+        }
+        assert!(e(r#"{"rate":"5","burst":1}"#).contains(r#"expected a number, got "5""#));
+        assert!(e(r#"{"rate":5,"burst":0}"#).contains("must be at least 1"));
+        // The largest values load, and their bucket arithmetic stays finite.
+        assert!(Config::from_json(
+            r#"{"control":{"rate_limit":{"viewer":{"rate":4294967295,"burst":4294967295}}}}"#,
+            "test"
+        )
+        .is_ok());
     }
 
     #[test]

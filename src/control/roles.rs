@@ -740,6 +740,36 @@ mod tests {
     }
 
     #[test]
+    fn bucket_arithmetic_stays_finite_at_the_extremes() {
+        let huge = RateLimitConfig {
+            rate: u32::MAX,
+            burst: u32::MAX,
+        };
+        let mut b = Bucket::full(huge, 0);
+        for i in 0..1000 {
+            assert_eq!(b.take(huge, i), Ok(()));
+        }
+        // A clock jump to the end of time refills to burst, no further.
+        assert_eq!(b.take(huge, u64::MAX), Ok(()));
+        assert!(b.tokens.is_finite() && b.tokens <= f64::from(u32::MAX));
+        // The clock going backwards never adds tokens nor panics.
+        let tight = RateLimitConfig { rate: 1, burst: 1 };
+        let mut b = Bucket::full(tight, 10_000);
+        assert_eq!(b.take(tight, 10_000), Ok(()));
+        assert_eq!(b.take(tight, 0), Err(1));
+        assert_eq!(b.take(tight, 10_999), Err(1));
+        assert_eq!(b.take(tight, 11_000), Ok(()));
+        // A huge rate with a burst of one: retry_after is still at least 1 s.
+        let fast = RateLimitConfig {
+            rate: u32::MAX,
+            burst: 1,
+        };
+        let mut b = Bucket::full(fast, 5);
+        assert_eq!(b.take(fast, 5), Ok(()));
+        assert_eq!(b.take(fast, 5), Err(1));
+    }
+
+    #[test]
     fn builtin_roles_have_the_documented_commands() {
         let p = Policy::from_config(&ControlConfig::default()).unwrap();
         let names = |r| p.role(r).unwrap().names();
