@@ -418,3 +418,68 @@ fn kill_9_during_token_issue_never_half_writes_or_loses_the_file() {
     .status
     .success());
 }
+
+#[test]
+fn another_user_cannot_block_token_revoke_by_holding_a_lock() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tmpdir("lock-dos");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (cfg, path) = config(&dir);
+    let lib = cfg.control.tokens_file.parent().unwrap().to_path_buf();
+    // /var/lib/vaultguard as packages make it: others may enter and list it.
+    std::fs::create_dir(&lib).unwrap();
+    std::fs::set_permissions(&lib, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(vaultguard(
+        &path,
+        &["token", "issue", "--name", "leaked", "--role", "admin"]
+    )
+    .status
+    .success());
+    // uid 60081 takes every lock it can open on the directory and the file's
+    // neighbours, and holds them.
+    let targets: Vec<std::ffi::CString> = [lib.clone(), lib.join("tokens.json.lock")]
+        .iter()
+        .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap())
+        .collect();
+    // SAFETY: the child makes raw system calls only, on memory prepared before
+    // the fork, and leaves with _exit.
+    let child = match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            // SAFETY: plain system calls on valid C strings; _exit ends the child.
+            unsafe {
+                if nix::libc::setgid(60081) != 0 || nix::libc::setuid(60081) != 0 {
+                    nix::libc::_exit(100);
+                }
+                for t in &targets {
+                    let fd = nix::libc::open(t.as_ptr(), nix::libc::O_RDONLY);
+                    if fd >= 0 {
+                        nix::libc::flock(fd, nix::libc::LOCK_EX);
+                    }
+                }
+                nix::libc::sleep(60);
+                nix::libc::_exit(0)
+            }
+        }
+        nix::unistd::ForkResult::Parent { child } => child,
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Before: `token revoke` waited for uid 60081's lock on the directory, for
+    // as long as it pleased, and the leaked token stayed valid.
+    let mut kid = spawn(&path, &["token", "revoke", "leaked"]);
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = kid.try_wait().unwrap() {
+            break Some(s);
+        }
+        if t.elapsed() > std::time::Duration::from_secs(15) {
+            let _ = kid.kill();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::wait::waitpid(child, None);
+    let status = status.expect("token revoke blocked behind another user's lock");
+    assert!(status.success());
+    assert!(file_names(&cfg).contains(&("leaked".to_string(), true)));
+}

@@ -301,30 +301,62 @@ pub fn save(path: &Path, file: &TokenFile) -> Result<(), TokenError> {
 /// without it two commands at once (two `issue`s, an `issue` and a `revoke`) each
 /// write their own edit of the same old file and one edit is lost, a printed
 /// token that does not work or a revocation undone. The lock is `flock(2)` on
-/// the file's directory (created 0700 if missing), so no lock file is left
-/// behind; the supervisor only reads and needs none (the rename is atomic).
+/// `<tokens_file>.lock`, mode 0600: not on the directory or the file itself,
+/// which any user who may open them (a 0755 directory) could lock for ever and
+/// so block every `token revoke`, and the file is replaced at each edit. The
+/// supervisor only reads and needs no lock (the rename is atomic).
 pub struct EditLock(#[allow(dead_code)] std::fs::File);
 
+/// How long a `token` command waits for another one to finish.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub fn lock_for_edit(path: &Path) -> Result<EditLock, TokenError> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
     let err = |err| TokenError::Write {
-        path: path.into(),
+        path: lock_path.clone(),
         err,
     };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(err)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(err)?;
+        }
     }
-    let d = std::fs::File::open(dir).map_err(err)?;
-    rustix::fs::flock(&d, rustix::fs::FlockOperation::LockExclusive).map_err(|e| err(e.into()))?;
-    Ok(EditLock(d))
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(&lock_path)
+        .map_err(err)?;
+    // Whoever else may open it may hold it: the same rule as the file's.
+    let meta = f.metadata().map_err(err)?;
+    check_owner_mode(&lock_path, meta.uid(), meta.mode())?;
+    let started = std::time::Instant::now();
+    loop {
+        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(EditLock(f)),
+            Err(rustix::io::Errno::WOULDBLOCK) if started.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(err(std::io::Error::other(format!(
+                    "another `vaultguard token` command has held it for {} s; try again when \
+                     it has finished (`fuser {}` shows it)",
+                    LOCK_WAIT.as_secs(),
+                    lock_path.display()
+                ))))
+            }
+            Err(e) => return Err(err(e.into())),
+        }
+    }
 }
 
 /// At the supervisor's start: a token whose role does not exist (the
