@@ -483,3 +483,27 @@ fn another_user_cannot_block_token_revoke_by_holding_a_lock() {
     assert!(status.success());
     assert!(file_names(&cfg).contains(&("leaked".to_string(), true)));
 }
+
+#[test]
+fn a_header_that_is_not_luks_is_named_not_the_device() {
+    let dir = tmpdir("header-text");
+    let (_cfg, path) = config(&dir);
+    let img = dir.join("img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let hdr = dir.join("hdr.txt");
+    std::fs::write(&hdr, vec![b'x'; 1 << 20]).unwrap();
+    let opts = format!("header={},x-vaultguard.no-tpm,headless", hdr.display());
+    let o = vaultguard(
+        &path,
+        &["attach", "--test", "vt", img.to_str().unwrap(), "-", &opts],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    // Before: "cannot open LUKS2 device …/img: not a LUKS2 volume", which sends
+    // the operator to the (fine) data device.
+    assert!(
+        err.contains(&format!("the detached header {}", hdr.display()))
+            && err.contains("is not a LUKS2 header"),
+        "{err}"
+    );
+}
