@@ -742,6 +742,25 @@ mod tests {
     }
 
     #[test]
+    fn a_file_over_4_mib_is_refused_and_one_at_the_limit_is_read() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = crate::testutil::TmpDir::new("tokens-big");
+        let p = dir.join("tokens.json");
+        let body = r#"{"version":1,"tokens":[]}"#;
+        let write = |len: usize| {
+            let mut t = body.as_bytes().to_vec();
+            t.resize(len, b' ');
+            std::fs::write(&p, &t).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        write(MAX_FILE as usize);
+        assert!(load(&p).unwrap().tokens.is_empty());
+        write(MAX_FILE as usize + 1);
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("larger than 4 MiB"), "{e}");
+    }
+
+    #[test]
     fn the_file_round_trips_with_mode_0600_and_an_open_one_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = crate::testutil::TmpDir::new("tokens");
