@@ -170,6 +170,7 @@ impl std::error::Error for TokenError {}
 pub fn load(path: &Path) -> Result<TokenFile, TokenError> {
     use std::io::Read;
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    check_dir(path)?;
     // O_NONBLOCK: a FIFO put where the file belongs must not block the
     // supervisor's single thread in open(2) until someone writes to it.
     let f = match std::fs::OpenOptions::new()
@@ -267,6 +268,43 @@ fn check_entries(tokens: &[Entry]) -> Result<(), String> {
     Ok(())
 }
 
+/// The file's directory: whoever may write it may remove the file (every token
+/// gone), plant the lock, or put back an older copy after a `token revoke`.
+/// Owned by root (or us) and not writable by others, as the control socket's
+/// directory must be.
+fn check_dir(path: &Path) -> Result<(), TokenError> {
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    let Ok(m) = std::fs::metadata(dir) else {
+        // Missing: `token issue` creates it 0700; nothing to read yet.
+        return Ok(());
+    };
+    let me = rustix::process::geteuid().as_raw();
+    let why = if m.uid() != 0 && m.uid() != me {
+        format!(
+            "its directory {} is owned by uid {}",
+            dir.display(),
+            m.uid()
+        )
+    } else if m.mode() & 0o022 != 0 {
+        format!(
+            "its directory {} (mode {:04o}) may be written by others",
+            dir.display(),
+            m.mode() & 0o7777
+        )
+    } else {
+        return Ok(());
+    };
+    Err(TokenError::Unsafe {
+        path: path.into(),
+        msg: format!(
+            "{why}; `chown root: {d}; chmod go-w {d}`",
+            d = dir.display()
+        ),
+    })
+}
+
 fn check_owner_mode(path: &Path, uid: u32, mode: u32) -> Result<(), TokenError> {
     let me = rustix::process::geteuid().as_raw();
     if uid != 0 && uid != me {
@@ -328,6 +366,7 @@ pub fn lock_for_edit(path: &Path) -> Result<EditLock, TokenError> {
                 .map_err(err)?;
         }
     }
+    check_dir(path)?;
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -739,6 +778,35 @@ mod tests {
         std::fs::create_dir(&d).unwrap();
         let e = load(&d).unwrap_err().to_string();
         assert!(e.contains("a directory"), "{e}");
+    }
+
+    #[test]
+    fn a_directory_others_may_write_refuses_the_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = crate::testutil::TmpDir::new("tokens-dir");
+        let sub = dir.join("lib");
+        let p = sub.join("tokens.json");
+        let (e, _) = entry("ci", b"vg_x");
+        save(
+            &p,
+            &TokenFile {
+                version: 1,
+                tokens: vec![e],
+            },
+        )
+        .unwrap();
+        assert_eq!(load(&p).unwrap().tokens.len(), 1);
+        for mode in [0o777, 0o1777, 0o775] {
+            std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = load(&p).unwrap_err().to_string();
+            assert!(
+                e.contains("may be written by others") && e.contains("chmod go-w"),
+                "{e}"
+            );
+            // The edit lock goes through load too: no edit in such a directory.
+        }
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(load(&p).unwrap().tokens.len(), 1);
     }
 
     #[test]
