@@ -544,10 +544,12 @@ impl Store {
         };
     }
 
-    /// Is any token issued, not revoked and not expired at `now_s`? (A uid
-    /// granted nothing may still connect when one could be presented; a file of
-    /// only dead tokens must not open the socket's slots to every uid.)
-    pub fn any_usable(&mut self, now_s: u64) -> bool {
+    /// Is any token issued, not revoked and not expired now (wall clock, as
+    /// `expires` is)? (A uid granted nothing may still connect when one could be
+    /// presented; a file of only dead tokens must not open the socket's slots
+    /// to every uid.)
+    pub fn any_usable(&mut self) -> bool {
+        let now_s = crate::audit::now_ms() / 1000;
         self.reload(false);
         match &self.loaded {
             Ok(t) => t

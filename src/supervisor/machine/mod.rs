@@ -23,25 +23,6 @@ mod anchoring;
 mod core;
 mod effects;
 mod lock;
-/// Why the textfile's directory is not safe to write as root, if it is not:
-/// every user may write it, or it is a symlink in a directory every user may
-/// write (which anyone could have pointed elsewhere).
-fn textfile_dir_unsafe(dir: &Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let world = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.mode() & 0o002 != 0);
-    if world(dir) {
-        return Some(format!("{} is writable by every user", dir.display()));
-    }
-    let link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
-    if link && dir.parent().is_some_and(world) {
-        return Some(format!(
-            "{} is a symlink in a directory every user may write",
-            dir.display()
-        ));
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests;
 mod unlock;
@@ -310,10 +291,7 @@ impl Machine {
     /// token could be presented on it.
     pub fn may_connect(&mut self, peer: &Peer) -> bool {
         !self.gate.policy().for_peer(peer).commands.is_empty()
-            || self
-                .tokens
-                .as_mut()
-                .is_some_and(|t| t.any_usable(crate::audit::now_ms() / 1000))
+            || self.tokens.as_mut().is_some_and(|t| t.any_usable())
     }
 
     pub fn state(&self) -> VaultState {
@@ -704,4 +682,23 @@ impl Machine {
             }
         }
     }
+}
+
+/// Why the textfile's directory is not safe to write as root, if it is not:
+/// every user may write it, or it is a symlink in a directory every user may
+/// write (which anyone could have pointed elsewhere).
+fn textfile_dir_unsafe(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let world = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.mode() & 0o002 != 0);
+    if world(dir) {
+        return Some(format!("{} is writable by every user", dir.display()));
+    }
+    let link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+    if link && dir.parent().is_some_and(world) {
+        return Some(format!(
+            "{} is a symlink in a directory every user may write",
+            dir.display()
+        ));
+    }
+    None
 }
