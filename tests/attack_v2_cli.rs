@@ -507,3 +507,31 @@ fn a_header_that_is_not_luks_is_named_not_the_device() {
         "{err}"
     );
 }
+
+#[test]
+fn a_token_that_could_not_be_printed_is_not_kept() {
+    let dir = tmpdir("epipe");
+    let (cfg, path) = config(&dir);
+    // Standard output is a pipe nobody reads: the write fails (EPIPE).
+    let (r, w) = nix::unistd::pipe().unwrap();
+    drop(r);
+    let o = Command::new(env!("CARGO_BIN_EXE_vaultguard"))
+        .arg("--config")
+        .arg(&path)
+        .args(["token", "issue", "--name", "ci", "--role", "agent"])
+        .stdout(Stdio::from(w))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("could not print the new token"), "{err}");
+    // Before: the entry stayed, its token printed nowhere, the name taken.
+    assert!(!file_names(&cfg).iter().any(|(n, _)| n == "ci"));
+    let o = vaultguard(
+        &path,
+        &["token", "issue", "--name", "ci", "--role", "agent"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim_end().len(), 46);
+}

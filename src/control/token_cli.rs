@@ -17,6 +17,7 @@ use super::tokens::{self, Entry};
 use crate::cli::{TokenCmd, TokenSub};
 use crate::config::Config;
 use crate::exit::Failure;
+use crate::secret::SecretBytes;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -99,26 +100,42 @@ pub fn run(cfg: &Config, cmd: &TokenCmd, json: bool) -> Result<ExitCode> {
                 revoked: None,
             });
             tokens::save(path, &file)?;
-            let mut out = std::io::stdout().lock();
-            if json {
-                // Written around the token, not through a serde String: the token
-                // stays in its zeroizing buffer (it needs no escaping: base64url).
-                let head = serde_json::json!({
+            // The line is built in a zeroizing buffer and written to fd 1
+            // directly: std's stdout buffer would keep a copy of the token.
+            let head = if json {
+                // Around the token, not through a serde String (base64url needs
+                // no escaping).
+                let h = serde_json::json!({
                     "success": true,
                     "name": c.name,
                     "role": c.role,
                     "expires": expires.map(when),
                 })
                 .to_string();
-                out.write_all(head.trim_end_matches('}').as_bytes())?;
-                out.write_all(b",\"token\":\"")?;
-                out.write_all(token.as_bytes())?;
-                out.write_all(b"\"}\n")?;
+                format!("{},\"token\":\"", h.trim_end_matches('}'))
             } else {
-                out.write_all(token.as_bytes())?;
-                out.write_all(b"\n")?;
+                String::new()
+            };
+            let tail: &[u8] = if json { b"\"}\n" } else { b"\n" };
+            let mut line = SecretBytes::with_capacity(head.len() + token.len() + tail.len());
+            for b in head
+                .bytes()
+                .chain(token.as_bytes().iter().copied())
+                .chain(tail.iter().copied())
+            {
+                line.push(b);
             }
-            out.flush()?;
+            if let Err(e) = write_stdout(line.as_bytes()) {
+                // Nobody has the token (a closed pipe, a full disk behind a
+                // redirect): keeping its entry would leave a name taken by a
+                // token no one can present. Taken back out.
+                file.tokens.retain(|e| e.name != c.name);
+                tokens::save(path, &file)?;
+                return Err(format!(
+                    "could not print the new token ({e}); it was not kept, issue it again"
+                )
+                .into());
+            }
             eprintln!(
                 "vaultguard: token `{}` (role {}) issued{}; it is shown only this once. A client \
                  sends it as \"token\" in each request.",
@@ -205,6 +222,22 @@ pub fn run(cfg: &Config, cmd: &TokenCmd, json: bool) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// All of `data` to standard output, unbuffered.
+fn write_stdout(mut data: &[u8]) -> std::io::Result<()> {
+    let out = std::io::stdout();
+    // Anything std buffered so far goes first (nothing, in practice).
+    out.lock().flush()?;
+    while !data.is_empty() {
+        match rustix::io::write(rustix::stdio::stdout(), data) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// 9999-12-31T23:59:59Z.
