@@ -515,7 +515,7 @@ impl Config {
         }
         // A relative path would depend on the directory the command runs in:
         // the supervisor and the CLI would not meet at the same socket.
-        let paths: [(&str, Option<&Path>); 6] = [
+        let paths: [(&str, Option<&Path>); 7] = [
             ("vault.state_path", Some(&self.vault.state_path)),
             (
                 "vault.state_compat_path",
@@ -525,6 +525,7 @@ impl Config {
             ("control.socket", Some(&self.control.socket)),
             ("audit.path", Some(&self.audit.path)),
             ("auth.state_path", Some(&self.auth.state_path)),
+            ("metrics.textfile_dir", self.metrics.textfile_dir.as_deref()),
         ];
         for (field, p) in paths {
             if let Some(p) = p.filter(|p| !p.is_absolute()) {
@@ -668,7 +669,19 @@ fn type_mismatch(msg: &str) -> Option<(String, String)> {
             other => other.to_string(),
         },
     };
+    // A number out of range or with a fraction (`-1`, `1.5`, `1e10`): "expected
+    // a number, got -1" would read as nonsense; say which numbers.
+    let numeric = got.parse::<f64>().is_ok();
+    let max = |t: &str| match t {
+        "u8" => u64::from(u8::MAX),
+        "u16" => u64::from(u16::MAX),
+        "u32" => u64::from(u32::MAX),
+        _ => u64::MAX,
+    };
     let expected = match expected {
+        t @ ("u8" | "u16" | "u32" | "u64" | "usize") if numeric => {
+            format!("a whole number from 0 to {}", max(t))
+        }
         "u8" | "u16" | "u32" | "u64" | "usize" => "a number".to_string(),
         "a sequence" => "a list".into(),
         "a borrowed path" | "path string" => "a path (a string)".into(),
@@ -700,6 +713,15 @@ fn compat_warnings(text: &str) -> Vec<String> {
 impl Config {
     /// One value by its dotted name, for scripts (strings bare, the rest as JSON).
     pub fn get(&self, key: &str) -> Result<String, ConfigError> {
+        Ok(match self.get_value(key)? {
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Null => String::new(),
+            other => other.to_string(),
+        })
+    }
+
+    /// The value at a dotted key as JSON (`config --get KEY --json`).
+    pub fn get_value(&self, key: &str) -> Result<serde_json::Value, ConfigError> {
         let mut v = serde_json::to_value(self).map_err(|e| ConfigError::Parse {
             path: key.into(),
             msg: e.to_string(),
@@ -710,11 +732,7 @@ impl Config {
                 .cloned()
                 .ok_or_else(|| ConfigError::UnknownField { field: key.into() })?;
         }
-        Ok(match v {
-            serde_json::Value::String(s) => s,
-            serde_json::Value::Null => String::new(),
-            other => other.to_string(),
-        })
+        Ok(v)
     }
 }
 
@@ -792,6 +810,55 @@ mod tests {
             PathBuf::from("/run/vaultguard/control.sock")
         );
         assert!(c.vault.device.is_none());
+    }
+
+    #[test]
+    fn a_negative_fractional_or_huge_rate_limit_says_which_numbers() {
+        let e = |v: &str| {
+            Config::from_json(
+                &format!(r#"{{"control":{{"rate_limit":{{"viewer":{v}}}}}}}"#),
+                "test",
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        // Before: "expected a number, got -1".
+        for (v, got) in [
+            (r#"{"rate":-1,"burst":1}"#, "got -1"),
+            (r#"{"rate":1.5,"burst":1}"#, "got 1.5"),
+            (r#"{"rate":1e10,"burst":1}"#, "got 10000000000"),
+        ] {
+            let e = e(v);
+            assert!(
+                e.contains(
+                    "control.rate_limit.viewer.rate: expected a whole number from 0 to 4294967295"
+                ) && e.contains(got),
+                "{e}"
+            );
+        }
+        assert!(e(r#"{"rate":"5","burst":1}"#).contains(r#"expected a number, got "5""#));
+        assert!(e(r#"{"rate":5,"burst":0}"#).contains("must be at least 1"));
+        // The largest values load, and their bucket arithmetic stays finite.
+        assert!(Config::from_json(
+            r#"{"control":{"rate_limit":{"viewer":{"rate":4294967295,"burst":4294967295}}}}"#,
+            "test"
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn a_relative_textfile_dir_is_refused_like_every_path() {
+        // Before: accepted, and the supervisor wrote vaultguard.prom relative
+        // to its working directory (/ under systemd).
+        let e = Config::from_json(r#"{"metrics":{"textfile_dir":"prom"}}"#, "test")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("metrics.textfile_dir") && e.contains("relative"),
+            "{e}"
+        );
+        let c = Config::from_json(r#"{"metrics":{"textfile_dir":"/var/lib/p"}}"#, "test");
+        assert!(c.is_ok());
     }
 
     #[test]

@@ -54,6 +54,7 @@ fn command_json(c: &Command) -> bool {
         Command::Lock(c) => c.json,
         Command::Keepalive(c) => c.json,
         Command::Version(c) => c.json,
+        Command::Token(t) => matches!(&t.command, vaultguard::cli::TokenSub::List(l) if l.json),
         // config prints JSON already; the others print no JSON of their own.
         _ => false,
     }
@@ -279,8 +280,16 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 let key = export::read_signing_key(&x.key)?;
                 let out = export::export(&path, &key, x.key_version, vaultguard::audit::now_ms())?;
                 match &x.output {
-                    Some(o) => std::fs::write(o, &out)
-                        .map_err(|e| format!("cannot write {}: {e}", o.display()))?,
+                    Some(o) => {
+                        std::fs::write(o, &out)
+                            .map_err(|e| format!("cannot write {}: {e}", o.display()))?;
+                        // With --json, stdout gets its one object; without, it
+                        // stays empty as before (the export is in the file).
+                        if json {
+                            say(json, &format!("{}: export written", o.display()));
+                        }
+                    }
+                    // The export itself is the output (JSON lines), --json or not.
                     None => std::io::Write::write_all(&mut std::io::stdout(), &out)?,
                 }
             }
@@ -309,11 +318,18 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let cfg = load_config(&args)?;
             match &c.get {
                 None => println!("{}", serde_json::to_string_pretty(&cfg)?),
+                // Bare for a shell (`$(vaultguard config --get vault.name)`); with
+                // --json the JSON value itself, like `config` prints the object.
+                Some(key) if json => println!("{}", cfg.get_value(key)?),
                 Some(key) => println!("{}", cfg.get(key)?),
             }
         }
-        Command::Token(t) => return vaultguard::control::token_cli::run(&load_config(&args)?, t),
-        Command::Metrics(_) => return vaultguard::control::metrics_cli::run(&load_config(&args)?),
+        Command::Token(t) => {
+            return vaultguard::control::token_cli::run(&load_config(&args)?, t, json)
+        }
+        Command::Metrics(_) => {
+            return vaultguard::control::metrics_cli::run(&load_config(&args)?, json)
+        }
         Command::Version(_) => print_version(json),
     }
     Ok(ExitCode::SUCCESS)

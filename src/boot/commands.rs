@@ -370,6 +370,7 @@ pub fn attach_options(
     options: Option<&str>,
 ) -> Result<(UnlockOptions, bool, Vec<String>), BootError> {
     let o = super::options::parse(options.unwrap_or("")).map_err(BootError::Option)?;
+    super::options::check_header(&o).map_err(BootError::Option)?;
     let mut tpm = tpm_options(cfg);
     if let Some(t) = &o.tcti {
         tpm.tcti = t.clone();

@@ -256,6 +256,23 @@ pub fn parse(s: &str) -> Result<CrypttabOptions, OptionError> {
             Some(v) => boolean(v).ok_or_else(|| bad("expected a boolean (yes/no)")),
         };
         match k {
+            // systemd matches these words exactly: `discard=no` is an unknown
+            // option there, warned about and ignored, never a `discard`.
+            "discard"
+            | "allow-discards"
+            | "readonly"
+            | "read-only"
+            | "same-cpu-crypt"
+            | "submit-from-crypt-cpus"
+            | "no-read-workqueue"
+            | "no-write-workqueue"
+                if v.is_some() =>
+            {
+                o.warnings.push(ignore(&format!(
+                    "`{k}` takes no value (systemd-cryptsetup ignores `{word}` too); write \
+                     `{k}` to set it, or leave it out"
+                )))
+            }
             "discard" | "allow-discards" => o.flags.discard = true,
             "readonly" | "read-only" => o.flags.readonly = true,
             "same-cpu-crypt" => o.flags.same_cpu_crypt = true,
@@ -368,7 +385,18 @@ pub fn parse(s: &str) -> Result<CrypttabOptions, OptionError> {
             k if k.starts_with("x-systemd.") => {}
             "x-vaultguard.no-tpm" => o.no_tpm = flag(v)?,
             "x-vaultguard.tcti" => match v {
-                Some(t) if !t.is_empty() => o.tcti = Some(t.to_string()),
+                Some(t) if !t.is_empty() => {
+                    // The value runs to the end of the line, so an option written
+                    // after it would silently become part of the TCTI: `readonly`
+                    // or `header=` lost, the volume opened as the line did not ask.
+                    if let Some(after) = t.split(',').skip(1).find(|w| is_option(w)) {
+                        return Err(bad(&format!(
+                            "`{}` follows it, and x-vaultguard.tcti= takes the rest of the                              line as the TCTI; move x-vaultguard.tcti= to the end",
+                            after.trim()
+                        )));
+                    }
+                    o.tcti = Some(t.to_string())
+                }
                 _ => return Err(bad("expected a TCTI, e.g. swtpm:host=127.0.0.1,port=2321")),
             },
             k if k.starts_with("x-vaultguard.") => {
@@ -385,6 +413,85 @@ pub fn parse(s: &str) -> Result<CrypttabOptions, OptionError> {
         }
     }
     Ok(o)
+}
+
+/// Is `word` a crypttab option (one this table honours, refuses or passes over
+/// for the generator), as opposed to a part of a TCTI (`port=2321`)?
+fn is_option(word: &str) -> bool {
+    const KNOWN: &[&str] = &[
+        "discard",
+        "allow-discards",
+        "readonly",
+        "read-only",
+        "same-cpu-crypt",
+        "submit-from-crypt-cpus",
+        "no-read-workqueue",
+        "no-write-workqueue",
+        "headless",
+        "token-only",
+        "tries",
+        "password-echo",
+        "password-cache",
+        "keyfile-offset",
+        "keyfile-size",
+        "header",
+        "timeout",
+        "token-timeout",
+        "tpm2-device",
+        "tpm2-pcrs",
+        "tpm2-pin",
+        "tpm2-measure-pcr",
+        "tpm2-measure-bank",
+        "luks",
+        "noauto",
+        "auto",
+        "nofail",
+        "fail",
+        "_netdev",
+        "keyfile-timeout",
+        "x-initrd.attach",
+        "-",
+        "none",
+    ];
+    let w = word.trim();
+    let k = w.split_once('=').map_or(w, |(k, _)| k);
+    KNOWN.contains(&k)
+        || refusal(k).is_some()
+        || k.starts_with("x-systemd.")
+        || k.starts_with("x-vaultguard.")
+}
+
+/// `header=` must name something libcryptsetup can read a header from: a
+/// regular file or a block device. A FIFO would block the open for ever (the
+/// boot hangs without a word), a directory or socket fails with a message about
+/// the data device. Not there yet is left to the open (a header on a device that
+/// is still coming up gets its own "does not exist" error). The one check in
+/// this module that looks at the file system; the caller runs it.
+pub fn check_header(o: &CrypttabOptions) -> Result<(), OptionError> {
+    use std::os::unix::fs::FileTypeExt;
+    let Some(p) = &o.header else {
+        return Ok(());
+    };
+    let Ok(meta) = std::fs::metadata(p) else {
+        return Ok(());
+    };
+    let t = meta.file_type();
+    if t.is_file() || t.is_block_device() {
+        return Ok(());
+    }
+    let kind = if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a character device"
+    };
+    Err(OptionError {
+        option: format!("header={}", p.display()),
+        why: format!("it is {kind}; a detached LUKS2 header is a regular file or a block device"),
+    })
 }
 
 fn o_warn(word: &str, why: &str) -> String {
@@ -422,6 +529,34 @@ mod tests {
         assert!(ok("allow-discards").flags.discard);
         assert!(ok("readonly").flags.readonly);
         assert!(o.warnings.is_empty(), "{:?}", o.warnings);
+    }
+
+    #[test]
+    fn a_flag_with_a_value_is_ignored_as_systemd_does_never_set() {
+        // Before: `discard=no` turned discard on, the opposite of what it says.
+        for w in [
+            "discard=no",
+            "allow-discards=0",
+            "readonly=false",
+            "same-cpu-crypt=off",
+            "no-read-workqueue=no",
+            "discard=",
+        ] {
+            let o = ok(w);
+            assert_eq!(o.flags, ActivateFlags::default(), "{w}");
+            assert_eq!(o.warnings.len(), 1, "{w}: {:?}", o.warnings);
+            assert!(o.warnings[0].contains(w), "{:?}", o.warnings);
+        }
+        // The last word of a repeated option wins, as in systemd.
+        assert_eq!(ok("tries=3,tries=5").tries, Some(5));
+        assert_eq!(ok("tries=3,tries=-1").tries, Some(3));
+        assert_eq!(ok("tries=99999999999").tries, None);
+        assert!(!ok("headless,headless=no").headless);
+        assert_eq!(ok("tpm2-device=/dev/tpmrm0,tpm2-device=auto").tcti, None);
+        // Empty words, lone `=`: nothing set.
+        let o = ok(",,discard,,");
+        assert!(o.flags.discard && o.warnings.is_empty());
+        assert_eq!(ok("=").flags, ActivateFlags::default());
     }
 
     #[test]
@@ -498,10 +633,45 @@ mod tests {
         assert!(o.headless && o.warnings.is_empty(), "{o:?}");
         // systemd's own escape works too.
         assert_eq!(
-            ok(r"x-vaultguard.tcti=mssim:port=1\,host=h,headless")
+            ok(r"x-vaultguard.tcti=mssim:port=1\,host=h")
                 .tcti
                 .as_deref(),
-            Some("mssim:port=1,host=h,headless")
+            Some("mssim:port=1,host=h")
+        );
+    }
+
+    #[test]
+    fn an_option_after_the_tcti_is_refused_not_swallowed() {
+        // Before: tcti `device:/dev/tpmrm0,readonly` and a read-write volume.
+        for (line, after) in [
+            ("x-vaultguard.tcti=device:/dev/tpmrm0,readonly", "readonly"),
+            ("x-vaultguard.tcti=swtpm:port=2321,header=/h", "header=/h"),
+            (
+                r"x-vaultguard.tcti=mssim:port=1\,host=h,headless",
+                "headless",
+            ),
+            (
+                "x-vaultguard.tcti=swtpm:port=2321, token-only",
+                "token-only",
+            ),
+            (
+                "x-vaultguard.tcti=swtpm:port=2321,x-systemd.device-timeout=0",
+                "x-systemd.",
+            ),
+            ("x-vaultguard.tcti=swtpm:port=2321,keyslot=1", "keyslot=1"),
+        ] {
+            let e = refused(line);
+            assert!(
+                e.contains(after) && e.contains("move x-vaultguard.tcti="),
+                "{line}: {e}"
+            );
+        }
+        // Its own key=value parts are not options.
+        let o = ok("readonly,x-vaultguard.tcti=swtpm:host=127.0.0.1,port=2321,path=/s");
+        assert!(o.flags.readonly);
+        assert_eq!(
+            o.tcti.as_deref(),
+            Some("swtpm:host=127.0.0.1,port=2321,path=/s")
         );
     }
 

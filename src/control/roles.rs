@@ -472,35 +472,17 @@ impl Gate {
         &self.policy
     }
 
-    /// May `who` run `cmd` now? Denials and the start of each run of rate-limited
-    /// requests are audited (coalesced per identity, counts kept); an allowed
-    /// `keepalive` (it postpones the auto-lock) is audited coalesced too.
-    pub fn decide(
+    /// Charge one request of `who` to its bucket: `Some(retry_after)` when it is
+    /// over its limit. Also for a request whose token was refused, charged to
+    /// the presenting uid (see `Machine::request`): a bad token is no way around
+    /// the limit.
+    pub fn throttle(
         &mut self,
         who: &Identity,
         cmd: &'static str,
         now_ms: u64,
-    ) -> (Verdict, Vec<Note>) {
+    ) -> (Option<u64>, Vec<Note>) {
         let mut notes = Vec::new();
-        if !who.may(cmd) {
-            if let Some(suppressed) = self.coalesced(&who.name, "permission_denied", now_ms) {
-                notes.push(Note {
-                    event: "permission_denied",
-                    fields: with_identity(
-                        who,
-                        vec![
-                            ("cmd", cmd.into()),
-                            ("suppressed_since_last", suppressed.into()),
-                        ],
-                    ),
-                    log: Some(format!(
-                        "denied `{cmd}` to {} (uid {}, pid {})",
-                        who.name, who.uid, who.pid
-                    )),
-                });
-            }
-            return (Verdict::Denied, notes);
-        }
         if let Some(limit) = who.limit.filter(|l| l.rate > 0) {
             self.forget_idle(now_ms);
             // Looked up by reference: the common case allocates nothing.
@@ -538,10 +520,50 @@ impl Gate {
                     // Inside a run: counted into the next `rate_limited` entry.
                     self.count_suppressed(&who.name, "rate_limited", now_ms);
                 }
-                return (Verdict::RateLimited { retry_after }, notes);
+                return (Some(retry_after), notes);
             }
             self.limited.remove(&who.name);
         }
+        (None, notes)
+    }
+
+    /// May `who` run `cmd` now? Every request is charged to its identity's
+    /// bucket first, the ones it may not run too: a denied command costs the
+    /// supervisor as much as an allowed one, and an identity flooding with
+    /// commands its role lacks must be slowed like any other flood. Denials and
+    /// the start of each run of rate-limited requests are audited (coalesced per
+    /// identity, counts kept); an allowed `keepalive` (it postpones the
+    /// auto-lock) is audited coalesced too.
+    pub fn decide(
+        &mut self,
+        who: &Identity,
+        cmd: &'static str,
+        now_ms: u64,
+    ) -> (Verdict, Vec<Note>) {
+        let (limited, mut notes) = self.throttle(who, cmd, now_ms);
+        if let Some(retry_after) = limited {
+            return (Verdict::RateLimited { retry_after }, notes);
+        }
+        if !who.may(cmd) {
+            if let Some(suppressed) = self.coalesced(&who.name, "permission_denied", now_ms) {
+                notes.push(Note {
+                    event: "permission_denied",
+                    fields: with_identity(
+                        who,
+                        vec![
+                            ("cmd", cmd.into()),
+                            ("suppressed_since_last", suppressed.into()),
+                        ],
+                    ),
+                    log: Some(format!(
+                        "denied `{cmd}` to {} (uid {}, pid {})",
+                        who.name, who.uid, who.pid
+                    )),
+                });
+            }
+            return (Verdict::Denied, notes);
+        }
+
         if cmd == "keepalive" {
             if let Some(suppressed) = self.coalesced(&who.name, "keepalive", now_ms) {
                 notes.push(Note {
@@ -715,6 +737,36 @@ mod tests {
 
     fn control(json: &str) -> ControlConfig {
         serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn bucket_arithmetic_stays_finite_at_the_extremes() {
+        let huge = RateLimitConfig {
+            rate: u32::MAX,
+            burst: u32::MAX,
+        };
+        let mut b = Bucket::full(huge, 0);
+        for i in 0..1000 {
+            assert_eq!(b.take(huge, i), Ok(()));
+        }
+        // A clock jump to the end of time refills to burst, no further.
+        assert_eq!(b.take(huge, u64::MAX), Ok(()));
+        assert!(b.tokens.is_finite() && b.tokens <= f64::from(u32::MAX));
+        // The clock going backwards never adds tokens nor panics.
+        let tight = RateLimitConfig { rate: 1, burst: 1 };
+        let mut b = Bucket::full(tight, 10_000);
+        assert_eq!(b.take(tight, 10_000), Ok(()));
+        assert_eq!(b.take(tight, 0), Err(1));
+        assert_eq!(b.take(tight, 10_999), Err(1));
+        assert_eq!(b.take(tight, 11_000), Ok(()));
+        // A huge rate with a burst of one: retry_after is still at least 1 s.
+        let fast = RateLimitConfig {
+            rate: u32::MAX,
+            burst: 1,
+        };
+        let mut b = Bucket::full(fast, 5);
+        assert_eq!(b.take(fast, 5), Ok(()));
+        assert_eq!(b.take(fast, 5), Err(1));
     }
 
     #[test]

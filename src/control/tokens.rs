@@ -169,7 +169,15 @@ impl std::error::Error for TokenError {}
 /// owner may read or write it, or its owner is neither root nor us.
 pub fn load(path: &Path) -> Result<TokenFile, TokenError> {
     use std::io::Read;
-    let f = match std::fs::File::open(path) {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    check_dir(path)?;
+    // O_NONBLOCK: a FIFO put where the file belongs must not block the
+    // supervisor's single thread in open(2) until someone writes to it.
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TokenFile::default()),
         Err(err) => {
@@ -183,6 +191,19 @@ pub fn load(path: &Path) -> Result<TokenFile, TokenError> {
         path: path.into(),
         err,
     })?;
+    if !meta.file_type().is_file() {
+        let kind = match meta.file_type() {
+            t if t.is_fifo() => "a FIFO",
+            t if t.is_dir() => "a directory",
+            t if t.is_socket() => "a socket",
+            t if t.is_char_device() || t.is_block_device() => "a device",
+            _ => "not a regular file",
+        };
+        return Err(TokenError::Unsafe {
+            path: path.into(),
+            msg: format!("it is {kind}, not a regular file"),
+        });
+    }
     check_owner_mode(path, meta.uid(), meta.mode())?;
     let mut text = String::new();
     f.take(MAX_FILE + 1)
@@ -207,15 +228,81 @@ pub fn load(path: &Path) -> Result<TokenFile, TokenError> {
             msg: format!("version {} is not known to this vaultguard", file.version),
         });
     }
-    for e in &file.tokens {
+    check_entries(&file.tokens).map_err(|msg| TokenError::Parse {
+        path: path.into(),
+        msg,
+    })?;
+    Ok(file)
+}
+
+/// What `token issue` guarantees and a hand edit may break. A name outside the
+/// token-name alphabet would reach log lines and metric labels as written; two
+/// entries of one name make `token revoke NAME` revoke only the first; two of
+/// one hash let a later unrevoked copy accept a revoked token.
+fn check_entries(tokens: &[Entry]) -> Result<(), String> {
+    let mut names = std::collections::HashSet::new();
+    let mut hashes = std::collections::HashSet::new();
+    for e in tokens {
+        if !crate::control::roles::valid_name(&e.name) {
+            return Err(format!(
+                "token name `{}` is not 1-64 characters from a-z, 0-9, `_` and `-`",
+                e.name.escape_default()
+            ));
+        }
         if crate::encoding::hex_decode(&e.sha256).map_or(true, |h| h.len() != 32) {
-            return Err(TokenError::Parse {
-                path: path.into(),
-                msg: format!("token `{}`: sha256 is not 64 hex digits", e.name),
-            });
+            return Err(format!("token `{}`: sha256 is not 64 hex digits", e.name));
+        }
+        if !names.insert(e.name.as_str()) {
+            return Err(format!(
+                "the name `{}` is on two entries (`token revoke` would revoke one of them)",
+                e.name
+            ));
+        }
+        if !hashes.insert(e.sha256.to_ascii_lowercase()) {
+            return Err(format!(
+                "token `{}` has the sha256 of an earlier entry (one token under two entries)",
+                e.name
+            ));
         }
     }
-    Ok(file)
+    Ok(())
+}
+
+/// The file's directory: whoever may write it may remove the file (every token
+/// gone), plant the lock, or put back an older copy after a `token revoke`.
+/// Owned by root (or us) and not writable by others, as the control socket's
+/// directory must be.
+fn check_dir(path: &Path) -> Result<(), TokenError> {
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    let Ok(m) = std::fs::metadata(dir) else {
+        // Missing: `token issue` creates it 0700; nothing to read yet.
+        return Ok(());
+    };
+    let me = rustix::process::geteuid().as_raw();
+    let why = if m.uid() != 0 && m.uid() != me {
+        format!(
+            "its directory {} is owned by uid {}",
+            dir.display(),
+            m.uid()
+        )
+    } else if m.mode() & 0o022 != 0 {
+        format!(
+            "its directory {} (mode {:04o}) may be written by others",
+            dir.display(),
+            m.mode() & 0o7777
+        )
+    } else {
+        return Ok(());
+    };
+    Err(TokenError::Unsafe {
+        path: path.into(),
+        msg: format!(
+            "{why}; `chown root: {d}; chmod go-w {d}`",
+            d = dir.display()
+        ),
+    })
 }
 
 fn check_owner_mode(path: &Path, uid: u32, mode: u32) -> Result<(), TokenError> {
@@ -246,6 +333,69 @@ pub fn save(path: &Path, file: &TokenFile) -> Result<(), TokenError> {
         path: path.into(),
         err,
     })
+}
+
+/// Held while a `vaultguard token` command reads, changes and replaces the file:
+/// without it two commands at once (two `issue`s, an `issue` and a `revoke`) each
+/// write their own edit of the same old file and one edit is lost, a printed
+/// token that does not work or a revocation undone. The lock is `flock(2)` on
+/// `<tokens_file>.lock`, mode 0600: not on the directory or the file itself,
+/// which any user who may open them (a 0755 directory) could lock for ever and
+/// so block every `token revoke`, and the file is replaced at each edit. The
+/// supervisor only reads and needs no lock (the rename is atomic).
+pub struct EditLock(#[allow(dead_code)] std::fs::File);
+
+/// How long a `token` command waits for another one to finish.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub fn lock_for_edit(path: &Path) -> Result<EditLock, TokenError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let err = |err| TokenError::Write {
+        path: lock_path.clone(),
+        err,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(err)?;
+        }
+    }
+    check_dir(path)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(&lock_path)
+        .map_err(err)?;
+    // Whoever else may open it may hold it: the same rule as the file's.
+    let meta = f.metadata().map_err(err)?;
+    check_owner_mode(&lock_path, meta.uid(), meta.mode())?;
+    let started = std::time::Instant::now();
+    loop {
+        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(EditLock(f)),
+            Err(rustix::io::Errno::WOULDBLOCK) if started.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(err(std::io::Error::other(format!(
+                    "another `vaultguard token` command has held it for {} s; try again when \
+                     it has finished (`fuser {}` shows it)",
+                    LOCK_WAIT.as_secs(),
+                    lock_path.display()
+                ))))
+            }
+            Err(e) => return Err(err(e.into())),
+        }
+    }
 }
 
 /// At the supervisor's start: a token whose role does not exist (the
@@ -394,12 +544,17 @@ impl Store {
         };
     }
 
-    /// Is any token issued and not revoked? (A uid granted nothing may still
-    /// connect when one could be presented.)
+    /// Is any token issued, not revoked and not expired now (wall clock, as
+    /// `expires` is)? (A uid granted nothing may still connect when one could be
+    /// presented; a file of only dead tokens must not open the socket's slots
+    /// to every uid.)
     pub fn any_usable(&mut self) -> bool {
+        let now_s = crate::audit::now_ms() / 1000;
         self.reload(false);
         match &self.loaded {
-            Ok(t) => t.iter().any(|(e, _)| e.revoked.is_none()),
+            Ok(t) => t
+                .iter()
+                .any(|(e, _)| e.revoked.is_none() && e.expires.map_or(true, |at| now_s < at)),
             // Unreadable: the client gets the reason on its request.
             Err(_) => true,
         }
@@ -558,6 +713,121 @@ mod tests {
         assert!(parse_span("-1d").is_err());
         assert!(parse_span("").is_err());
         assert!(parse_span("99999999999999999999w").is_err());
+    }
+
+    #[test]
+    fn hand_edited_duplicates_and_bad_names_refuse_the_file() {
+        let dir = crate::testutil::TmpDir::new("tokens-hand");
+        let p = dir.join("tokens.json");
+        let t = generate().unwrap();
+        let (ok, _) = entry("ci", t.as_bytes());
+        let write = |tokens: Vec<Entry>| {
+            save(&p, &TokenFile { version: 1, tokens }).unwrap();
+        };
+        // A revoked entry and an unrevoked copy of its hash: the revoked token
+        // must not be accepted through the copy.
+        let mut revoked = ok.clone();
+        revoked.revoked = Some(5);
+        let mut copy = ok.clone();
+        copy.name = "ci-copy".into();
+        write(vec![revoked, copy]);
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("sha256 of an earlier entry"), "{e}");
+        let mut s = Store::new(&p);
+        let r = s.lookup(&presented(t.as_bytes()), 10).unwrap_err();
+        assert_eq!(r.why, TokenRefusal::StoreUnreadable);
+        // Hash in upper case is the same hash.
+        let mut upper = ok.clone();
+        upper.name = "ci-upper".into();
+        upper.sha256 = upper.sha256.to_ascii_uppercase();
+        write(vec![ok.clone(), upper]);
+        assert!(load(&p).is_err());
+        // Two entries of one name.
+        let (other, _) = entry("ci", generate().unwrap().as_bytes());
+        write(vec![ok.clone(), other]);
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("`ci` is on two entries"), "{e}");
+        // A name that would inject a line into the log or a metric label.
+        for bad in ["ci\nvaultguard_lockouts_total 9", "a\"b", "", "Upper"] {
+            let mut n = ok.clone();
+            n.name = bad.to_string();
+            write(vec![n]);
+            let e = load(&p).unwrap_err().to_string();
+            assert!(e.contains("is not 1-64 characters"), "{bad}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        write(vec![ok]);
+        assert_eq!(load(&p).unwrap().tokens.len(), 1);
+    }
+
+    #[test]
+    fn a_fifo_or_directory_in_place_of_the_file_is_refused_without_blocking() {
+        let dir = crate::testutil::TmpDir::new("tokens-fifo");
+        let p = dir.join("tokens.json");
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let q = p.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(load(&q).map_err(|e| e.to_string()));
+        });
+        // Before: open(2) waited for a writer, and with it the supervisor.
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("load blocked on a FIFO");
+        let e = r.unwrap_err();
+        assert!(e.contains("it is a FIFO"), "{e}");
+        let d = dir.join("d.json");
+        std::fs::create_dir(&d).unwrap();
+        let e = load(&d).unwrap_err().to_string();
+        assert!(e.contains("a directory"), "{e}");
+    }
+
+    #[test]
+    fn a_directory_others_may_write_refuses_the_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = crate::testutil::TmpDir::new("tokens-dir");
+        let sub = dir.join("lib");
+        let p = sub.join("tokens.json");
+        let (e, _) = entry("ci", b"vg_x");
+        save(
+            &p,
+            &TokenFile {
+                version: 1,
+                tokens: vec![e],
+            },
+        )
+        .unwrap();
+        assert_eq!(load(&p).unwrap().tokens.len(), 1);
+        for mode in [0o777, 0o1777, 0o775] {
+            std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = load(&p).unwrap_err().to_string();
+            assert!(
+                e.contains("may be written by others") && e.contains("chmod go-w"),
+                "{e}"
+            );
+            // The edit lock goes through load too: no edit in such a directory.
+        }
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(load(&p).unwrap().tokens.len(), 1);
+    }
+
+    #[test]
+    fn a_file_over_4_mib_is_refused_and_one_at_the_limit_is_read() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = crate::testutil::TmpDir::new("tokens-big");
+        let p = dir.join("tokens.json");
+        let body = r#"{"version":1,"tokens":[]}"#;
+        let write = |len: usize| {
+            let mut t = body.as_bytes().to_vec();
+            t.resize(len, b' ');
+            std::fs::write(&p, &t).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        write(MAX_FILE as usize);
+        assert!(load(&p).unwrap().tokens.is_empty());
+        write(MAX_FILE as usize + 1);
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("larger than 4 MiB"), "{e}");
     }
 
     #[test]

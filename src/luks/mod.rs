@@ -197,7 +197,15 @@ impl Vault {
             .load::<()>(Some(EncryptionFormat::Luks2), None)
             .map_err(|e| LuksError::Open {
                 device: device.to_string(),
-                msg: format!("not a LUKS2 volume ({})", describe(&e)),
+                // With a detached header it is the header that is not LUKS2.
+                msg: match header {
+                    Some(h) => format!(
+                        "the detached header {} (crypttab header=) is not a LUKS2 header ({})",
+                        h.display(),
+                        describe(&e)
+                    ),
+                    None => format!("not a LUKS2 volume ({})", describe(&e)),
+                },
             })?;
         Ok(Vault {
             dev,

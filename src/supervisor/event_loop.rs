@@ -749,7 +749,7 @@ fn answer_lines(
                 Response::failed(&ProtocolError::LineTooLong.to_string(), None)
             }
             Some(Framed::Line(None)) => continue,
-            Some(Framed::Line(Some(Err(e)))) => Response::failed(&e.to_string(), None),
+            Some(Framed::Line(Some(Err(e)))) => machine.malformed(&c.peer, &e.to_string(), now()),
             Some(Framed::Line(Some(Ok((crate::control::protocol::Request::Watch, _)))))
                 if !watchers.admits(c.peer.uid) =>
             {

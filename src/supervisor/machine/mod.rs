@@ -417,6 +417,14 @@ impl Machine {
                 match found {
                     Ok(a) => self.gate.policy().for_token(&a.name, &a.role, peer),
                     Err(r) => {
+                        // Charged to the presenting uid: otherwise a stream of bad
+                        // tokens (each a stat, a hash and a comparison with every
+                        // entry) would be the one request nobody limits.
+                        let by_uid = self.gate.policy().for_peer(peer);
+                        let (limited, notes) = self.gate.throttle(&by_uid, req.name(), now.mono_ms);
+                        if let Some(retry_after) = limited {
+                            return self.refuse_limited(&by_uid.name, notes, retry_after);
+                        }
                         let notes =
                             self.gate
                                 .token_refused(peer, r.name.as_deref(), r.why, now.mono_ms);
@@ -429,17 +437,23 @@ impl Machine {
         };
         let cmd = req.name();
         let (verdict, notes) = self.gate.decide(&who, cmd, now.mono_ms);
-        let begun = notes.iter().any(|n| n.event == "rate_limited");
-        self.notes(notes);
         match verdict {
-            Verdict::Allowed => {}
+            Verdict::Allowed => self.notes(notes),
             Verdict::Denied => {
+                self.notes(notes);
                 let msg = match &who.token {
                     None => crate::control::protocol::ProtocolError::PermissionDenied {
                         uid: peer.uid,
                         cmd,
                     }
                     .to_string(),
+                    // The token file edited while running (checked at start only).
+                    Some(name) if !self.gate.policy().has_role(&who.role) => format!(
+                        "permission denied: token `{name}` has role `{}`, which does not \
+                         exist in the configuration; ask the administrator to fix the \
+                         token file or define the role",
+                        who.role.escape_default()
+                    ),
                     Some(name) => format!(
                         "permission denied: token `{name}` (role {}) may not run `{cmd}`",
                         who.role
@@ -448,13 +462,7 @@ impl Machine {
                 return (Response::failed(&msg, None), false);
             }
             Verdict::RateLimited { retry_after } => {
-                self.metrics.rate_limited(&who.name);
-                if begun {
-                    // Written once per run, not per refused request.
-                    self.metrics.mark_changed();
-                    self.write_textfile();
-                }
-                return (Response::failed("rate limited", Some(retry_after)), false);
+                return self.refuse_limited(&who.name, notes, retry_after);
             }
         }
         if matches!(req, Request::Metrics) {
@@ -498,6 +506,38 @@ impl Machine {
             return (Response::Event(m), true);
         }
         (r, true)
+    }
+
+    /// Answer a request over its identity's rate limit (counted; the textfile
+    /// is written once per run, not per refused request).
+    fn refuse_limited(
+        &mut self,
+        identity: &str,
+        notes: Vec<Note>,
+        retry_after: u64,
+    ) -> (Response, bool) {
+        let begun = notes.iter().any(|n| n.event == "rate_limited");
+        self.notes(notes);
+        self.metrics.rate_limited(identity);
+        if begun {
+            self.metrics.mark_changed();
+            self.write_textfile();
+        }
+        (Response::failed("rate limited", Some(retry_after)), false)
+    }
+
+    /// A line that is not a request (bad JSON, unknown command, a field of the
+    /// wrong type): answered with `error`, but charged to the peer's rate limit
+    /// first, or a stream of them (each a JSON parse of up to 64 KiB) would be
+    /// the way around it.
+    pub fn malformed(&mut self, peer: &Peer, error: &str, now: Now) -> Response {
+        let who = self.gate.policy().for_peer(peer);
+        let (limited, notes) = self.gate.throttle(&who, "invalid_request", now.mono_ms);
+        if let Some(retry_after) = limited {
+            return self.refuse_limited(&who.name, notes, retry_after).0;
+        }
+        self.notes(notes);
+        Response::failed(error, None)
     }
 
     /// A request line over the limit was refused (and its connection closed):
@@ -556,6 +596,18 @@ impl Machine {
             return;
         };
         if !self.metrics.take_dirty() {
+            return;
+        }
+        // A directory every user may write (/tmp, a 0777 one): anyone could
+        // forge the file node-exporter serves, or put a symlink there and have
+        // root create vaultguard.prom wherever it points. Refused, as the
+        // control socket's directory is.
+        if let Some(why) = path.parent().and_then(textfile_dir_unsafe) {
+            super::log_warn(&format!(
+                "not writing the metrics textfile {}: {why}; point metrics.textfile_dir \
+                 at a directory only its owner can write (`chmod o-w`)",
+                path.display()
+            ));
             return;
         }
         // 0644: node-exporter runs as its own user and must read it.
@@ -741,4 +793,23 @@ impl Machine {
             }
         }
     }
+}
+
+/// Why the textfile's directory is not safe to write as root, if it is not:
+/// every user may write it, or it is a symlink in a directory every user may
+/// write (which anyone could have pointed elsewhere).
+fn textfile_dir_unsafe(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let world = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.mode() & 0o002 != 0);
+    if world(dir) {
+        return Some(format!("{} is writable by every user", dir.display()));
+    }
+    let link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+    if link && dir.parent().is_some_and(world) {
+        return Some(format!(
+            "{} is a symlink in a directory every user may write",
+            dir.display()
+        ));
+    }
+    None
 }
