@@ -44,14 +44,25 @@ pub struct BootHint {
     pub detail: String,
     /// Seconds since the epoch of the write.
     pub updated: f64,
+    /// How long the TPM path took (opening the TPM, the unseal, the keyslot it
+    /// opens), when the TPM opened the vault: the supervisor's
+    /// `vaultguard_boot_tpm_unseal_seconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm_unseal_seconds: Option<f64>,
 }
 
 /// Leave the hint at `path` (the configured state file), atomically, mode 0644.
-pub fn write_boot_hint(path: &Path, state: &str, detail: &str) -> io::Result<()> {
+pub fn write_boot_hint(
+    path: &Path,
+    state: &str,
+    detail: &str,
+    tpm_unseal_seconds: Option<f64>,
+) -> io::Result<()> {
     let hint = BootHint {
         state: state.into(),
         detail: detail.into(),
         updated: crate::audit::now_ms() as f64 / 1000.0,
+        tpm_unseal_seconds,
     };
     let mut text = serde_json::to_vec(&hint).map_err(io::Error::other)?;
     text.push(b'\n');
@@ -60,9 +71,13 @@ pub fn write_boot_hint(path: &Path, state: &str, detail: &str) -> io::Result<()>
 
 /// The (state, detail) the boot path (or a previous supervisor) left at `path`.
 pub fn read_boot_hint(path: &Path) -> Option<(String, String)> {
+    read_boot_hint_full(path).map(|h| (h.state, h.detail))
+}
+
+/// The whole hint, timing included (a snapshot the supervisor wrote has none).
+pub fn read_boot_hint_full(path: &Path) -> Option<BootHint> {
     let text = std::fs::read(path).ok()?;
-    let h: BootHint = serde_json::from_slice(&text).ok()?;
-    Some((h.state, h.detail))
+    serde_json::from_slice(&text).ok()
 }
 
 /// The LUKS UUID a device-mapper UUID names: cryptsetup sets
@@ -132,10 +147,14 @@ mod tests {
     fn the_hint_round_trips_and_the_supervisor_snapshot_reads_as_one() {
         let dir = crate::testutil::TmpDir::new("handoff");
         let p = dir.join("run/state.json");
-        write_boot_hint(&p, "unlocked", "tpm2_unseal").unwrap();
+        write_boot_hint(&p, "unlocked", "tpm2_unseal", Some(0.23)).unwrap();
         assert_eq!(
             read_boot_hint(&p),
             Some(("unlocked".into(), "tpm2_unseal".into()))
+        );
+        assert_eq!(
+            read_boot_hint_full(&p).unwrap().tpm_unseal_seconds,
+            Some(0.23)
         );
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(

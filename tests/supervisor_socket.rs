@@ -289,7 +289,7 @@ fn unlock_req(p: &str) -> String {
 fn every_request_has_the_documented_response_shape() {
     let dir = tmpdir("shapes");
     // The boot path left a hint that agrees with the kernel: it becomes the detail.
-    vaultguard::handoff::write_boot_hint(&dir.join("state.json"), "unlocked", "tpm2_unseal")
+    vaultguard::handoff::write_boot_hint(&dir.join("state.json"), "unlocked", "tpm2_unseal", None)
         .unwrap();
     let h = Harness::launch(dir.clone(), config(&dir), options(&dir), Fake::unlocked());
 

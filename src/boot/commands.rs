@@ -322,8 +322,12 @@ fn report_unlock(
     }
     // Tell the supervisor, once it starts, how the vault was opened; it trusts this
     // only if the mapping is really there.
-    let _ =
-        crate::handoff::write_boot_hint(&cfg.vault.state_path, "unlocked", done.method.as_str());
+    let _ = crate::handoff::write_boot_hint(
+        &cfg.vault.state_path,
+        "unlocked",
+        done.method.as_str(),
+        done.tpm_seconds,
+    );
     let how = match done.method {
         Method::Tpm2 => "with the TPM",
         Method::Tpm2Pin => "with the TPM and PIN",

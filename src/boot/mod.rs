@@ -360,6 +360,8 @@ impl Method {
 #[derive(Debug)]
 pub struct Unlocked {
     pub method: Method,
+    /// How long the TPM path took when it opened the vault (seconds).
+    pub tpm_seconds: Option<f64>,
     /// Why the TPM was not used, when it was not.
     pub fallback_reason: Option<TpmRefusal>,
     /// Whether the phase PCR was extended.
@@ -710,6 +712,8 @@ pub struct Acquired {
     pub slot: u32,
     pub fallback_reason: Option<TpmRefusal>,
     pub tpm: Option<Tpm>,
+    /// How long the TPM path took when it opened the vault (seconds).
+    pub tpm_seconds: Option<f64>,
 }
 
 /// TPM first, then the key file, then the passphrase: the volume key, without
@@ -725,12 +729,16 @@ pub fn acquire_volume_key(
     let mut tuned = options::Tuned::new(prompter, opts.crypttab.prompt);
     let prompter: &mut dyn Prompter = &mut tuned;
     let mut tpm = None;
+    let mut tpm_started = None;
     let tpm_result = match &opts.tpm {
         None => Err(TpmRefusal::Disabled),
         // Nothing to unseal: do not wait for the TPM (the latch opens it later).
         Some(_) if vault.tpm2_tokens().is_empty() => Err(TpmRefusal::NoEnrolment),
         Some(t) => match Tpm::open(&t.tcti, t.timeout) {
             Ok(mut handle) => {
+                // From the TPM device open (its wait, if it only now appeared,
+                // is not counted) to the keyslot opened with the unsealed key.
+                tpm_started = Some(std::time::Instant::now());
                 let r = volume_key_via_tpm(
                     vault,
                     &mut handle,
@@ -756,6 +764,7 @@ pub fn acquire_volume_key(
                 slot,
                 fallback_reason: None,
                 tpm,
+                tpm_seconds: tpm_started.map(|t| t.elapsed().as_secs_f64()),
             })
         }
         Err(reason) => reason,
@@ -784,6 +793,7 @@ pub fn acquire_volume_key(
                     slot,
                     fallback_reason: Some(reason),
                     tpm,
+                    tpm_seconds: None,
                 })
             }
             Err(e) if e.is_wrong_passphrase() => {
@@ -802,6 +812,7 @@ pub fn acquire_volume_key(
             slot,
             fallback_reason: Some(reason),
             tpm,
+            tpm_seconds: None,
         }),
         Err(e) => {
             events.event(
@@ -878,6 +889,7 @@ pub fn unlock(
         prompter.say(&format!("vaultguard: {name} is already open"));
         return Ok(Unlocked {
             method: Method::Passphrase,
+            tpm_seconds: None,
             fallback_reason: None,
             latched: false,
             already_active: true,
@@ -890,6 +902,7 @@ pub fn unlock(
         method,
         fallback_reason,
         mut tpm,
+        tpm_seconds,
         ..
     } = acquire_volume_key(&mut vault, opts, prompter, events)?;
 
@@ -928,6 +941,7 @@ pub fn unlock(
     );
     Ok(Unlocked {
         method,
+        tpm_seconds,
         fallback_reason,
         latched,
         already_active: false,

@@ -10,8 +10,9 @@
 //! as Prometheus expects of a process's counters; the boot path's unlock (the
 //! method in its hand-off) is counted once at start.
 //!
-//! The TPM unseal latency is not in the boot path's hand-off (it carries the
-//! state and the method only), so that series is left out rather than invented.
+//! The TPM unseal latency comes from the boot path's hand-off (the state file's
+//! `tpm_unseal_seconds`, written when the TPM opened the vault at boot); without
+//! it the series is left out rather than invented.
 //! Nothing here runs on a timer: the textfile is written when a value changes.
 
 use super::machine::{Effect, Field};
@@ -45,6 +46,8 @@ pub struct Metrics {
     tokens_refused: BTreeMap<String, u64>,
     last_unlock_s: Option<f64>,
     last_lock_s: Option<f64>,
+    /// The boot unlock's TPM path, from the hand-off.
+    boot_tpm_unseal_s: Option<f64>,
     /// Something the textfile shows changed since it was last written.
     dirty: bool,
 }
@@ -108,6 +111,14 @@ impl Metrics {
                     }
                     "lock" => {
                         let r = str_field(fields, "reason").unwrap_or("unknown");
+                        // One series for all incidents: a label value per incident
+                        // id would grow the exposition without bound (the id is in
+                        // the audit log and the events).
+                        let r = if r.starts_with("incident:") {
+                            "incident"
+                        } else {
+                            r
+                        };
                         bump(&mut self.locks, r);
                     }
                     "unlock_failed" => self.failed_unlocks += 1,
@@ -149,6 +160,14 @@ impl Metrics {
     /// Did anything the textfile shows change since the last call?
     pub fn take_dirty(&mut self) -> bool {
         std::mem::take(&mut self.dirty)
+    }
+
+    /// The boot path's TPM unseal took `secs` (from its hand-off).
+    pub fn boot_tpm_unseal(&mut self, secs: f64) {
+        if secs.is_finite() && secs >= 0.0 {
+            self.boot_tpm_unseal_s = Some(secs);
+            self.dirty = true;
+        }
     }
 
     /// The text exposition format: HELP and TYPE before each family.
@@ -243,6 +262,15 @@ impl Metrics {
             );
             let _ = writeln!(o, "vaultguard_last_lock_duration_seconds {s:.6}");
         }
+        if let Some(s) = self.boot_tpm_unseal_s {
+            head(
+                &mut o,
+                "vaultguard_boot_tpm_unseal_seconds",
+                "gauge",
+                "How long this boot's TPM unlock took: TPM opened, key unsealed, keyslot opened.",
+            );
+            let _ = writeln!(o, "vaultguard_boot_tpm_unseal_seconds {s:.6}");
+        }
         o
     }
 }
@@ -286,6 +314,8 @@ mod tests {
         ));
         m.observe(&snap("unlocked"));
         m.observe(&audit("lock", vec![("reason", "manual_lock".into())]));
+        m.observe(&audit("lock", vec![("reason", "incident:INC-1".into())]));
+        m.observe(&audit("lock", vec![("reason", "incident:INC-2".into())]));
         m.observe(&snap("locked"));
         m.observe(&audit("unlock_failed", vec![]));
         m.observe(&audit("lockout", vec![]));
@@ -301,6 +331,7 @@ mod tests {
             "vaultguard_unlocks_total{method=\"tpm\"} 1",
             "vaultguard_unlocks_total{method=\"passphrase\"} 1",
             "vaultguard_locks_total{reason=\"manual_lock\"} 1",
+            "vaultguard_locks_total{reason=\"incident\"} 2",
             "vaultguard_failed_unlocks_total 1",
             "vaultguard_lockouts_total 1",
             "vaultguard_rate_limited_requests_total{identity=\"token:ci\"} 2",
@@ -312,6 +343,15 @@ mod tests {
         // Unknown until known: no unlock duration, no TPM latency.
         assert!(!t.contains("last_unlock_duration"));
         assert!(!t.contains("unseal"));
+        m.boot_tpm_unseal(0.125);
+        m.boot_tpm_unseal(f64::NAN);
+        let t = m.render();
+        assert!(
+            t.lines()
+                .any(|l| l == "vaultguard_boot_tpm_unseal_seconds 0.125000"),
+            "{t}"
+        );
+        assert!(t.contains("# TYPE vaultguard_boot_tpm_unseal_seconds gauge"));
     }
 
     #[test]

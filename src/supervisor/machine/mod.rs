@@ -285,10 +285,12 @@ impl Machine {
             notes = an.sync(log);
             anchoring = Some(an);
         }
-        let hint = s
+        let hint_full = s
             .state_files
             .first()
-            .and_then(|p| crate::handoff::read_boot_hint(p));
+            .and_then(|p| crate::handoff::read_boot_hint_full(p));
+        let boot_tpm_s = hint_full.as_ref().and_then(|h| h.tpm_unseal_seconds);
+        let hint = hint_full.map(|h| (h.state, h.detail));
         let lockout = Lockout::load(&s.lockout_path).map_err(|e| e.to_string());
         let lockout_path = s.lockout_path.clone();
         let audit_path = s.audit_path.clone();
@@ -319,6 +321,9 @@ impl Machine {
             seq: 0,
             events: Vec::new(),
         };
+        if let Some(secs) = boot_tpm_s {
+            m.metrics.boot_tpm_unseal(secs);
+        }
         m.perform(fx);
         m.note(notes);
         m
