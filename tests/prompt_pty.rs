@@ -288,13 +288,13 @@ fn passphrase_typed_ahead_before_the_prompt_unlocks() {
 }
 
 /// The `cryptsetup` user key of root's user keyring, as /proc/keys shows it.
-fn proc_keys_cryptsetup() -> Option<String> {
+fn proc_keys(name: &str) -> Option<String> {
     std::fs::read_to_string("/proc/keys")
         .unwrap()
         .lines()
         .find(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 8 && f[7] == "user" && f[8].trim_end_matches(':') == "cryptsetup"
+            f.len() > 8 && f[7] == "user" && f[8].trim_end_matches(':') == name
         })
         .map(str::to_string)
 }
@@ -307,10 +307,10 @@ fn proc_keys_cryptsetup() -> Option<String> {
 fn one_typed_passphrase_opens_two_volumes_through_the_keyring_cache() {
     require_root();
     let _one = serial();
-    let _ = vaultguard::keyring::cache::forget("cryptsetup");
+    let _ = vaultguard::keyring::cache::forget("cryptenroll");
     // A cached passphrase that opens neither volume: tried, then the prompt follows.
     let wrong = passphrase("stale");
-    assert!(vaultguard::keyring::cache::push("cryptsetup", wrong.as_bytes()).unwrap());
+    assert!(vaultguard::keyring::cache::push("cryptenroll", wrong.as_bytes()).unwrap());
     let sw = Swtpm::start();
     let pass = passphrase("shared");
     let (d1, d2) = (TempDir::new("cache-1"), TempDir::new("cache-2"));
@@ -327,16 +327,17 @@ fn one_typed_passphrase_opens_two_volumes_through_the_keyring_cache() {
     assert!(st.success(), "{}", String::from_utf8_lossy(&seen));
     assert_enrolled(&img1);
 
-    // The answer is in the user key `cryptsetup`, after the stale one, NUL-separated,
-    // with systemd's timeout (150 s: /proc/keys shows a countdown, not `perm`).
-    let line = proc_keys_cryptsetup().expect("a `cryptsetup` user key in /proc/keys");
+    // `enroll` asks as systemd-cryptenroll does: the answer is in the user key
+    // `cryptenroll` (an unlock's is `cryptsetup`), after the stale one,
+    // NUL-separated, with systemd's timeout (150 s: /proc/keys shows a countdown).
+    let line = proc_keys("cryptenroll").expect("a `cryptenroll` user key in /proc/keys");
     let timeout = line.split_whitespace().nth(3).unwrap().to_string();
     assert!(
         timeout != "perm" && (timeout.ends_with('m') || timeout.ends_with('s')),
         "no timeout on the cache key: {line}"
     );
     let out = Command::new("keyctl")
-        .args(["pipe", "%user:cryptsetup"])
+        .args(["pipe", "%user:cryptenroll"])
         .output()
         .unwrap();
     assert!(out.status.success(), "keyctl pipe: {out:?}");
@@ -351,7 +352,7 @@ fn one_typed_passphrase_opens_two_volumes_through_the_keyring_cache() {
     assert!(st.success(), "{shown}");
     assert!(!shown.contains("Passphrase for"), "asked again: {shown}");
     assert_enrolled(&img2);
-    let _ = vaultguard::keyring::cache::forget("cryptsetup");
+    let _ = vaultguard::keyring::cache::forget("cryptenroll");
 }
 
 #[test]
@@ -362,7 +363,7 @@ fn one_typed_passphrase_opens_two_volumes_through_the_keyring_cache() {
 fn a_systemd_credential_answers_before_any_prompt() {
     require_root();
     let _one = serial();
-    let _ = vaultguard::keyring::cache::forget("cryptsetup");
+    let _ = vaultguard::keyring::cache::forget("cryptenroll");
     let sw = Swtpm::start();
     let pass = passphrase("cred");
     let dir = TempDir::new("cred");
@@ -371,8 +372,10 @@ fn a_systemd_credential_answers_before_any_prompt() {
     let creds = dir.path().join("creds");
     std::fs::create_dir(&creds).unwrap();
 
-    // A wrong credential is no error: the prompt follows, and the typed answer opens.
-    std::fs::write(creds.join("cryptsetup.passphrase"), b"not it").unwrap();
+    // `enroll` reads systemd-cryptenroll's credential (an unlock reads
+    // `cryptsetup.passphrase`). A wrong one is no error: the prompt follows, and
+    // the typed answer opens.
+    std::fs::write(creds.join("cryptenroll.passphrase"), b"not it").unwrap();
     let (mut child, master, rx) = enroll_on_pty(&cfg, &img, Some(&creds));
     let mut seen = Vec::new();
     wait_for_prompt(&rx, &mut seen, b"Passphrase for");
@@ -381,11 +384,11 @@ fn a_systemd_credential_answers_before_any_prompt() {
     drain(&rx, &mut seen, Duration::from_millis(200));
     assert!(st.success(), "{}", String::from_utf8_lossy(&seen));
     assert_enrolled(&img);
-    let _ = vaultguard::keyring::cache::forget("cryptsetup");
+    let _ = vaultguard::keyring::cache::forget("cryptenroll");
 
     // The right one (systemd reads it byte for byte: no trailing newline) answers
     // before any prompt: nothing is typed and none is shown.
-    std::fs::write(creds.join("cryptsetup.passphrase"), pass.as_bytes()).unwrap();
+    std::fs::write(creds.join("cryptenroll.passphrase"), pass.as_bytes()).unwrap();
     let dir2 = TempDir::new("cred-2");
     let img2 = luks_image(dir2.path(), &pass);
     let (mut child, _master, rx) = enroll_on_pty(&cfg, &img2, Some(&creds));
@@ -397,7 +400,7 @@ fn a_systemd_credential_answers_before_any_prompt() {
     assert!(!shown.contains("Passphrase for"), "asked: {shown}");
     assert_enrolled(&img2);
     // A credential is not cached: it is there for the next volume anyway.
-    assert!(proc_keys_cryptsetup().is_none());
+    assert!(proc_keys("cryptenroll").is_none());
 }
 
 #[test]
@@ -419,12 +422,11 @@ fn the_terminal_gets_its_modes_back_when_sigterm_ends_the_prompt() {
     assert!(before.contains(LocalFlags::ECHO | LocalFlags::ICANON));
     let mut seen = Vec::new();
     wait_for_prompt(&rx, &mut seen, b"Passphrase for");
-    // The prompt's modes: no echo, no canonical editing (the pair shares termios).
+    // The prompt's modes (the pair shares termios): no echo, and canonical, the
+    // mode in which the kernel wipes the line it buffered once it is read.
     let during = tcgetattr(&master).unwrap().local_flags;
-    assert!(
-        !during.intersects(LocalFlags::ECHO | LocalFlags::ICANON),
-        "{during:?}"
-    );
+    assert!(!during.intersects(LocalFlags::ECHO), "{during:?}");
+    assert!(during.contains(LocalFlags::ICANON), "{during:?}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

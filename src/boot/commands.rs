@@ -268,7 +268,10 @@ fn read_stdin_secret() -> Result<SecretBytes, BootError> {
 
 impl Prompter for Provisioned {
     fn ask(&mut self, req: &Ask) -> Result<SecretBytes, PromptError> {
-        if req.kind != SecretKind::Passphrase {
+        if !matches!(
+            req.kind,
+            SecretKind::Passphrase | SecretKind::CurrentPassphrase
+        ) {
             return match &mut self.inner {
                 Some(p) => p.ask(req),
                 None => Err(PromptError::NoTerminal("no prompt in this run".into())),

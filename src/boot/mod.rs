@@ -583,7 +583,8 @@ fn unseal_with_pin(
     Err(TpmRefusal::PinTries { tries })
 }
 
-/// Ask for the passphrase (or recovery key) until one opens a keyslot.
+/// Ask for the current passphrase (or recovery key) an enrolment needs until one
+/// opens a keyslot.
 pub fn volume_key_via_passphrase(
     vault: &mut Vault,
     name: &str,
@@ -591,27 +592,45 @@ pub fn volume_key_via_passphrase(
     prompter: &mut dyn Prompter,
     events: &mut dyn Events,
 ) -> Result<SecretBytes, BootError> {
-    passphrase_and_slot(vault, name, tries, prompter, events).map(|(vk, _)| vk)
+    passphrase_and_slot(
+        vault,
+        name,
+        tries,
+        SecretKind::CurrentPassphrase,
+        prompter,
+        events,
+    )
+    .map(|(vk, _)| vk)
 }
 
-/// The volume key and the keyslot the passphrase opened.
+/// The volume key and the keyslot the passphrase opened. `kind`: `Passphrase`
+/// to unlock, `CurrentPassphrase` to enrol or reseal.
 fn passphrase_and_slot(
     vault: &mut Vault,
     name: &str,
     tries: u32,
+    kind: SecretKind,
     prompter: &mut dyn Prompter,
     events: &mut dyn Events,
 ) -> Result<(SecretBytes, u32), BootError> {
     let device = vault.device().to_string();
-    // As systemd-cryptsetup asks: Id names the device, the answer is cached in the
-    // `cryptsetup` user key so the next volume with the same passphrase opens
-    // without a prompt.
+    // As systemd asks: Id names the device, the answer is cached in a user key so
+    // the next volume with the same passphrase opens without a prompt; the
+    // unlock's key is `cryptsetup` (systemd-cryptsetup), an enrolment's
+    // `cryptenroll` (systemd-cryptenroll), so a reseal right after a passphrase
+    // boot still asks for the passphrase rather than reusing the boot's.
     let mut req = Ask::new(
-        SecretKind::Passphrase,
+        kind,
         format!("cryptsetup:{device}"),
         format!("Passphrase for {name} ({device}): "),
     );
-    req.keyname = Some("cryptsetup".into());
+    req.keyname = Some(
+        match kind {
+            SecretKind::CurrentPassphrase => "cryptenroll",
+            _ => "cryptsetup",
+        }
+        .into(),
+    );
     req.accept_cached = true;
     // The credential `cryptsetup.passphrase` and the cache first; a wrong one is
     // no error and costs no try: the prompt follows.
@@ -805,7 +824,14 @@ pub fn acquire_volume_key(
             Err(e) => return Err(e.into()),
         }
     }
-    match passphrase_and_slot(vault, name, opts.tries, prompter, events) {
+    match passphrase_and_slot(
+        vault,
+        name,
+        opts.tries,
+        SecretKind::Passphrase,
+        prompter,
+        events,
+    ) {
         Ok((vk, slot)) => Ok(Acquired {
             vk,
             method: Method::Passphrase,
@@ -1550,8 +1576,14 @@ pub fn reseal(
         Ok(o) => (o.vk, None, vec![(o.token, o.passphrase)]),
         Err(reason) => {
             prompter.say(&format!("vaultguard: the current enrolment cannot unseal ({reason}); the passphrase or recovery key is needed"));
-            let (vk, slot) =
-                passphrase_and_slot(&mut vault, &opts.name, opts.tries, prompter, events)?;
+            let (vk, slot) = passphrase_and_slot(
+                &mut vault,
+                &opts.name,
+                opts.tries,
+                SecretKind::CurrentPassphrase,
+                prompter,
+                events,
+            )?;
             (vk, Some(slot), Vec::new())
         }
     };

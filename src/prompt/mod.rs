@@ -54,6 +54,9 @@ impl std::error::Error for PromptError {}
 pub enum SecretKind {
     /// A LUKS passphrase or recovery key for a volume.
     Passphrase,
+    /// The current passphrase or recovery key an enrolment or reseal needs (as
+    /// systemd-cryptenroll asks it: its own cache key and credential).
+    CurrentPassphrase,
     /// The TPM2 PIN of a volume's token.
     Pin,
     /// A new TPM2 PIN being chosen at enrolment.
@@ -135,6 +138,7 @@ pub trait Prompter {
 pub fn credential_name(kind: SecretKind) -> Option<&'static str> {
     match kind {
         SecretKind::Passphrase => Some("cryptsetup.passphrase"),
+        SecretKind::CurrentPassphrase => Some("cryptenroll.passphrase"),
         SecretKind::Pin => Some("cryptsetup.tpm2-pin"),
         SecretKind::NewPin | SecretKind::Unlock => None,
     }
@@ -203,13 +207,15 @@ impl Prompter for Headless {
 
 /// The controlling terminal, or /dev/console in an initramfs.
 ///
-/// The terminal is switched to the prompt's modes (no kernel echo, no canonical
-/// line editing, no signal characters) *before* the prompt text is written, and
-/// with TCSANOW: a passphrase typed or pasted before or the instant the prompt
-/// appears (serial consoles, IPMI, expect scripts) stays in the input queue and is
-/// read, where TCSAFLUSH would throw it away. The line editing is ours: Enter
-/// ends, Backspace removes one character, Ctrl-U the line, Ctrl-C cancels, Ctrl-D
-/// on an empty line cancels. The saved modes come back on every path (drop guard).
+/// The terminal is switched to the prompt's modes (no kernel echo) *before* the
+/// prompt text is written, and with TCSANOW: a passphrase typed or pasted before
+/// or the instant the prompt appears (serial consoles, IPMI, expect scripts) stays
+/// in the input queue and is read, where TCSAFLUSH would throw it away. Without
+/// echo (`password-echo=no`, the default) the terminal stays canonical, the one
+/// mode in which the kernel wipes what it buffered once it is read; with `*` or
+/// the characters shown the line editing is ours: Enter ends, Backspace removes
+/// one character, Ctrl-U the line, Ctrl-C cancels, Ctrl-D on an empty line
+/// cancels. The saved modes come back on every path (drop guard).
 pub struct Console {
     tty: Option<std::fs::File>,
 }
@@ -254,7 +260,10 @@ impl Prompter for Console {
     fn ask(&mut self, req: &Ask) -> Result<SecretBytes, PromptError> {
         let deadline = req.timeout.map(|t| (std::time::Instant::now() + t, t));
         let tty = self.open()?;
-        let guard = RawInput::new(tty.as_fd().try_clone_to_owned().map_err(PromptError::Io)?)?;
+        let guard = RawInput::new(
+            tty.as_fd().try_clone_to_owned().map_err(PromptError::Io)?,
+            req.echo,
+        )?;
         let answer = (|| {
             tty.write_all(req.message.as_bytes())
                 .and_then(|()| tty.flush())
@@ -419,8 +428,9 @@ fn edit_line(
 }
 
 /// The terminal in the prompt's modes while alive; the saved modes come back when
-/// dropped, on error paths too, and when SIGTERM, SIGHUP or SIGQUIT ends the
-/// process during the prompt (a stopped unit, a closed session): [`restore_on_signal`].
+/// dropped, on error paths too, and when SIGTERM, SIGHUP, SIGQUIT or SIGINT ends
+/// the process during the prompt (a stopped unit, a closed session, Ctrl-C at a
+/// prompt without echo): [`restore_on_signal`].
 struct RawInput {
     fd: OwnedFd,
     saved: rustix::termios::Termios,
@@ -428,15 +438,21 @@ struct RawInput {
 }
 
 /// Put the terminal's saved modes back from a signal handler, then die of the
-/// signal as before. Keyboard signals need none of this: ISIG is off during the
-/// prompt, so Ctrl-C arrives as a byte and ends the prompt through the guard.
+/// signal as before. With echo (masked or on) ISIG is off during the prompt, so
+/// Ctrl-C arrives as a byte and ends the prompt through the guard; without echo
+/// the prompt is in canonical mode with ISIG, and Ctrl-C is SIGINT.
 mod restore_on_signal {
     use nix::libc;
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
     use std::os::fd::RawFd;
     use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
-    const SIGNALS: [Signal; 3] = [Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT];
+    const SIGNALS: [Signal; 4] = [
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGINT,
+    ];
 
     static ARMED: AtomicBool = AtomicBool::new(false);
     static FD: AtomicI32 = AtomicI32::new(-1);
@@ -510,19 +526,31 @@ mod restore_on_signal {
 }
 
 impl RawInput {
-    fn new(fd: OwnedFd) -> Result<RawInput, PromptError> {
+    fn new(fd: OwnedFd, echo: Echo) -> Result<RawInput, PromptError> {
         use rustix::termios::{
             tcgetattr, tcsetattr, LocalModes, OptionalActions, SpecialCodeIndex,
         };
         let saved = tcgetattr(&fd).map_err(|e| PromptError::Io(e.into()))?;
         let signals = restore_on_signal::arm(fd.as_raw_fd());
         let mut t = saved.clone();
-        // No kernel echo (we show `*` ourselves), no canonical editing (ours), and
-        // Ctrl-C arrives as a byte we turn into a cancel, so the modes are restored.
-        t.local_modes
-            .remove(LocalModes::ECHO | LocalModes::ECHONL | LocalModes::ICANON | LocalModes::ISIG);
-        t.special_codes[SpecialCodeIndex::VMIN] = 1;
-        t.special_codes[SpecialCodeIndex::VTIME] = 0;
+        if echo == Echo::Off {
+            // Canonical mode without echo: the kernel edits the line (erase, kill)
+            // and, in exactly this mode, wipes its input buffer as the line is read
+            // (n_tty's zero_buffer, "tty: wipe buffer if not echoing data"). Raw
+            // mode would leave the passphrase in kernel memory after the read; the
+            // key_gone QEMU scenario finds it there. Ctrl-C stays a signal, which
+            // restore_on_signal turns into restored modes and the default death.
+            t.local_modes.remove(LocalModes::ECHO | LocalModes::ECHONL);
+            t.local_modes.insert(LocalModes::ICANON);
+        } else {
+            // `*` or the characters: no kernel echo (we show them), no canonical
+            // editing (ours), and Ctrl-C arrives as a byte we turn into a cancel.
+            t.local_modes.remove(
+                LocalModes::ECHO | LocalModes::ECHONL | LocalModes::ICANON | LocalModes::ISIG,
+            );
+            t.special_codes[SpecialCodeIndex::VMIN] = 1;
+            t.special_codes[SpecialCodeIndex::VTIME] = 0;
+        }
         // TCSANOW, never TCSAFLUSH: flushing would discard type-ahead.
         tcsetattr(&fd, OptionalActions::Now, &t).map_err(|e| PromptError::Io(e.into()))?;
         Ok(RawInput {
