@@ -40,6 +40,7 @@ deb=$(bash packaging/build-deb.sh "$bin" | tail -n 1)
 # No errors and no warnings; packaging/lintian-overrides says why each override.
 lintian --fail-on error,warning "$deb"
 echo "$deb: $(stat -c %s "$deb") bytes, lintian clean"
+bash packaging/check-docs.sh "$bin"
 
 step "QEMU boot scenarios"
 VAULTGUARD_BIN=$bin bash qemu-tests/run.sh "$@"
