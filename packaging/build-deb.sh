@@ -46,6 +46,7 @@ inst 0755 dracut/90vaultguard/vaultguard-unlock.sh /usr/lib/dracut/modules.d/90v
 inst 0644 systemd/vaultguard-unlock.service /usr/lib/dracut/modules.d/90vaultguard/vaultguard-unlock.service
 inst 0755 initramfs/initramfs-tools/hook /usr/share/initramfs-tools/hooks/vaultguard
 inst 0755 initramfs/initramfs-tools/local-top /usr/share/initramfs-tools/scripts/local-top/vaultguard
+inst 0755 initramfs/initramfs-tools/local-bottom /usr/share/initramfs-tools/scripts/local-bottom/vaultguard
 inst 0644 completions/vaultguard.bash /usr/share/bash-completion/completions/vaultguard
 inst 0644 completions/_vaultguard /usr/share/zsh/vendor-completions/_vaultguard
 inst 0644 completions/vaultguard.fish /usr/share/fish/vendor_completions.d/vaultguard.fish
