@@ -21,6 +21,8 @@ build=(
     dpkg-dev                      # static C libraries from Debian sources (build-cdeps.sh)
     dracut-core                   # the dracut-built initramfs scenario
     systemd                       # systemd-cryptenroll/-cryptsetup 252 (interop); dracut's systemd initrd
+    mmdebstrap                    # the appliance guest's Debian root (qemu-tests/lib/appliance.py)
+    lintian                       # the Debian package's check (packaging/build-deb.sh)
 )
 
 missing=()

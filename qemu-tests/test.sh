@@ -6,7 +6,9 @@
 #      integration tests (swtpm on loopback, LUKS2 headers in files, the control
 #      socket with a fake vault, tmpfs mounts and mount namespaces)
 #   4. the static release binary, checked static
-#   5. the QEMU + swtpm boot scenarios, then the demo
+#   5. the Debian package from it (packaging/build-deb.sh), checked by lintian
+#   6. the QEMU + swtpm boot scenarios (appliance_initramfs_tools installs that
+#      package in a real Debian guest), then the demo
 # Usage: qemu-tests/test.sh [SCENARIO...]   (scenarios default to all)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,6 +34,13 @@ cargo test --locked --features root-tests
 step "static release binary"
 bin=$(bash initramfs/build-static.sh | tail -n 1)
 echo "$bin: $(file -b "$bin" | cut -d, -f1-3), $(stat -c %s "$bin") bytes"
+
+step "Debian package and lintian"
+deb=$(bash packaging/build-deb.sh "$bin" | tail -n 1)
+# No errors and no warnings; packaging/lintian-overrides says why each override.
+lintian --fail-on error,warning "$deb"
+echo "$deb: $(stat -c %s "$deb") bytes, lintian clean"
+bash packaging/check-docs.sh "$bin"
 
 step "QEMU boot scenarios"
 VAULTGUARD_BIN=$bin bash qemu-tests/run.sh "$@"
