@@ -1,0 +1,204 @@
+//! Attacks on the newest surfaces of the control socket (issues 14 and 17): the
+//! watch stream, inhibitors, lock reasons and what a lock leaves behind, against a
+//! real supervisor with a fake vault behind it.
+//!
+//! Needs root: the passphrase cache is root's user keyring, as the boot path's.
+
+mod common;
+
+use common::read_line;
+use serde_json::Value;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use vaultguard::config::Config;
+use vaultguard::secret::SecretBytes;
+use vaultguard::supervisor::{
+    BackendError, Handle, Options, Reality, Supervisor, SupervisorError, VaultBackend,
+};
+
+const PASS: &str = "correct horse";
+const GENEROUS: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------- fake vault
+
+#[derive(Clone)]
+struct Fake(Arc<Mutex<(bool, bool)>>);
+
+impl Fake {
+    fn unlocked() -> Fake {
+        Fake(Arc::new(Mutex::new((true, true))))
+    }
+}
+
+impl VaultBackend for Fake {
+    fn probe(&mut self) -> Result<Reality, BackendError> {
+        let w = self.0.lock().unwrap();
+        Ok(Reality {
+            mapping_active: w.0,
+            mounted: w.1,
+        })
+    }
+    fn stop_service(&mut self, _: &str) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn start_service(&mut self, _: &str) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn sync(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn unmount(&mut self) -> Result<(), BackendError> {
+        self.0.lock().unwrap().1 = false;
+        Ok(())
+    }
+    fn close_mapping(&mut self) -> Result<(), BackendError> {
+        self.0.lock().unwrap().0 = false;
+        Ok(())
+    }
+    fn revoke_keys(&mut self) -> Result<usize, BackendError> {
+        Ok(0)
+    }
+    fn activate(&mut self, p: &SecretBytes) -> Result<(), BackendError> {
+        if p.as_bytes() != PASS.as_bytes() {
+            return Err(BackendError::WrongPassphrase);
+        }
+        self.0.lock().unwrap().0 = true;
+        Ok(())
+    }
+    fn verify_passphrase(&mut self, p: &SecretBytes) -> Result<(), BackendError> {
+        if p.as_bytes() != PASS.as_bytes() {
+            return Err(BackendError::WrongPassphrase);
+        }
+        Ok(())
+    }
+    fn mount(&mut self) -> Result<(), BackendError> {
+        self.0.lock().unwrap().1 = true;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- harness
+
+struct Harness {
+    dir: PathBuf,
+    cfg: Config,
+    handle: Option<Handle>,
+    thread: Option<JoinHandle<Result<(), SupervisorError>>>,
+}
+
+impl Harness {
+    fn start(name: &str) -> Harness {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("vg-attack3-{name}-"))
+            .tempdir()
+            .unwrap()
+            .keep();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut cfg = Config::default();
+        cfg.control.socket = dir.join("control.sock");
+        cfg.control.tokens_file = dir.join("lib").join("tokens.json");
+        cfg.audit.path = dir.join("audit.jsonl");
+        cfg.auth.state_path = dir.join("lib").join("lockout.json");
+        cfg.audit.tpm_anchor = false;
+        cfg.vault.state_path = dir.join("state.json");
+        let opts = Options {
+            state_file: dir.join("state.json"),
+            ..Options::default()
+        };
+        let sup = Supervisor::new(&cfg, Box::new(Fake::unlocked()), opts).unwrap();
+        let handle = Some(sup.handle());
+        let thread = Some(std::thread::spawn(move || sup.run()));
+        Harness {
+            dir,
+            cfg,
+            handle,
+            thread,
+        }
+    }
+
+    fn connect(&self) -> UnixStream {
+        let s = UnixStream::connect(&self.cfg.control.socket).unwrap();
+        s.set_read_timeout(Some(GENEROUS)).unwrap();
+        s
+    }
+
+    fn ask_on(s: &mut UnixStream, line: &str) -> Value {
+        s.write_all(format!("{line}\n").as_bytes()).unwrap();
+        serde_json::from_str(&read_line(s).expect("a response line")).unwrap()
+    }
+
+    fn ask(&self, line: &str) -> Value {
+        Harness::ask_on(&mut self.connect(), line)
+    }
+
+    #[allow(dead_code)]
+    fn wakeups(&self) -> u64 {
+        self.handle.as_ref().unwrap().wakeups()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(h) = &self.handle {
+            h.stop();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "root tier: the passphrase cache is root's user keyring; run as root"
+    );
+}
+
+// ---------------------------------------------------------------- attacks
+
+/// Attack: type the passphrase at boot (it lands in root's user keyring as
+/// systemd's `cryptsetup` cache for 150 s), then lock, e.g. right before suspend.
+/// The lock stopped, unmounted, closed and revoked the volume key, but left the
+/// passphrase itself readable in the keyring (`keyctl pipe %user:cryptsetup`),
+/// in RAM through the suspend. Every lock now drops the cache.
+#[test]
+#[cfg_attr(
+    not(feature = "root-tests"),
+    ignore = "root tier: run `cargo test --features root-tests` as root"
+)]
+fn a_lock_drops_the_boot_passphrase_cache_from_roots_keyring() {
+    require_root();
+    let h = Harness::start("cache");
+    let cached = "typed at boot 4f1c";
+    let _ = vaultguard::keyring::cache::forget("cryptsetup");
+    vaultguard::keyring::cache::push("cryptsetup", cached.as_bytes()).unwrap();
+    assert_eq!(
+        vaultguard::keyring::cache::lookup("cryptsetup")
+            .unwrap()
+            .len(),
+        1
+    );
+    let v = h.ask(r#"{"cmd":"lock","reason":"suspend"}"#);
+    assert_eq!(v["success"], true, "{v}");
+    assert_eq!(v["state"], "locked", "{v}");
+    let left = vaultguard::keyring::cache::lookup("cryptsetup").unwrap();
+    assert!(
+        left.is_empty(),
+        "the lock left {} cached passphrase(s) in root's keyring",
+        left.len()
+    );
+    // A lock of a vault already locked sweeps again.
+    vaultguard::keyring::cache::push("cryptsetup", cached.as_bytes()).unwrap();
+    let v = h.ask(r#"{"cmd":"lock"}"#);
+    assert_eq!(v["success"], true, "{v}");
+    assert!(vaultguard::keyring::cache::lookup("cryptsetup")
+        .unwrap()
+        .is_empty());
+}
