@@ -136,7 +136,6 @@ impl Harness {
         Harness::ask_on(&mut self.connect(), line)
     }
 
-    #[allow(dead_code)]
     fn wakeups(&self) -> u64 {
         self.handle.as_ref().unwrap().wakeups()
     }
@@ -201,4 +200,52 @@ fn a_lock_drops_the_boot_passphrase_cache_from_roots_keyring() {
     assert!(vaultguard::keyring::cache::lookup("cryptsetup")
         .unwrap()
         .is_empty());
+}
+
+/// Read event lines until one whose `event` is `want` (bounded).
+fn until_event(s: &mut UnixStream, want: &str) -> Option<Value> {
+    for _ in 0..64 {
+        let v: Value = serde_json::from_str(&read_line(s)?).unwrap();
+        if v["event"] == want {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Attack: subscribe the way shell tools do, `printf '{"cmd":"watch"}\n' | nc -N -U
+/// sock` or socat: the request, then a half-close (no more requests). The
+/// supervisor took the end of input as the end of the connection and dropped the
+/// watcher after its first line, so no event ever reached it. A watcher's end of
+/// input now only means it sends nothing more: the stream goes on, without the
+/// loop spinning on the readable EOF, until the peer closes.
+#[test]
+fn a_watcher_that_half_closes_keeps_its_stream() {
+    let h = Harness::start("halfclose");
+    let mut w = h.connect();
+    w.write_all(b"{\"cmd\":\"watch\"}\n").unwrap();
+    let first: Value = serde_json::from_str(&read_line(&mut w).unwrap()).unwrap();
+    assert_eq!(first["event"], "state", "{first}");
+    w.shutdown(std::net::Shutdown::Write).unwrap();
+    // The loop must not spin on the EOF: a few wake-ups at most while idle.
+    std::thread::sleep(Duration::from_millis(200));
+    let before = h.wakeups();
+    std::thread::sleep(Duration::from_millis(500));
+    let idle = h.wakeups() - before;
+    assert!(
+        idle <= 2,
+        "{idle} wake-ups in 0.5 s with a half-closed watcher"
+    );
+    let v = h.ask(r#"{"cmd":"lock","reason":"incident:IR-7"}"#);
+    assert_eq!(v["success"], true, "{v}");
+    let ev = until_event(&mut w, "lock").expect("the half-closed watcher got no `lock` event");
+    assert_eq!(ev["reason"], "incident:IR-7", "{ev}");
+    // When the peer closes for good, the supervisor lets it go (no leak of a slot
+    // or of wake-ups).
+    drop(w);
+    std::thread::sleep(Duration::from_millis(200));
+    let before = h.wakeups();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(h.wakeups() - before <= 2);
+    assert_eq!(h.ask(r#"{"cmd":"status"}"#)["state"], "locked");
 }

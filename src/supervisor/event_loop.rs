@@ -101,6 +101,10 @@ struct Conn {
     dead: bool,
     /// Sent `{"cmd":"watch"}`: gets every event line from now on.
     watching: bool,
+    /// A watcher whose peer ended its input (half-close, as `nc -N` or socat do
+    /// after the request): nothing more is read, the stream goes on, and a hang-up
+    /// alone (the peer closed for good) ends it.
+    input_done: bool,
 }
 
 /// A watcher whose unsent lines exceed this is dropped: a reader that does not
@@ -372,7 +376,8 @@ impl Supervisor {
             for c in &self.conns {
                 let ev = if !c.out.is_empty() {
                     PollFlags::OUT
-                } else if c.closing {
+                } else if c.closing || c.input_done {
+                    // Not IN: a socket at end of input is always readable.
                     PollFlags::empty()
                 } else {
                     PollFlags::IN
@@ -443,7 +448,9 @@ impl Supervisor {
                     continue;
                 }
                 let c = &mut self.conns[i];
-                if rev.intersects(PollFlags::ERR | PollFlags::NVAL) {
+                if rev.intersects(PollFlags::ERR | PollFlags::NVAL)
+                    || (c.input_done && rev.contains(PollFlags::HUP))
+                {
                     c.dead = true;
                     continue;
                 }
@@ -617,6 +624,7 @@ impl Supervisor {
             self.conns.push(Conn {
                 id,
                 watching: false,
+                input_done: false,
                 stream,
                 peer,
                 input: LineBuffer::new(),
@@ -669,7 +677,7 @@ impl Supervisor {
 fn serve(c: &mut Conn, machine: &mut Machine, opts: &Options, watchers: &mut WatchCount) -> u64 {
     let mut busy = 0;
     for _ in 0..16 {
-        if c.closing || c.dead || c.out.len() > MAX_PENDING_OUT {
+        if c.closing || c.dead || c.input_done || c.out.len() > MAX_PENDING_OUT {
             break;
         }
         match c.input.read_from(&c.stream) {
@@ -681,6 +689,11 @@ fn serve(c: &mut Conn, machine: &mut Machine, opts: &Options, watchers: &mut Wat
                     busy += answer_lines(c, machine, opts, watchers);
                 }
                 c.input.clear();
+                if c.watching {
+                    // A half-close says "no more requests", not "stop the events".
+                    c.input_done = true;
+                    break;
+                }
                 c.closing = true;
                 c.deadline = now().mono_ms + ms(opts.read_timeout);
             }
