@@ -48,6 +48,20 @@ impl Core {
             ) {
                 self.set(VaultState::Locked, &reason.detail(), now);
             }
+            // Nothing was locked, but the request is part of the record: an
+            // `incident:` lock of a vault found locked must leave a trace (and
+            // the inhibitors it overrode), without counting as a lock.
+            let mut fields: Vec<(&'static str, Field)> = vec![
+                ("reason", reason.detail().into()),
+                ("state", self.state.as_str().into()),
+            ];
+            if let Some(u) = uid {
+                fields.push(("uid", u.into()));
+            }
+            if !overrode.is_empty() {
+                fields.push(("overrode", overrode.join(",").into()));
+            }
+            self.audit("already_locked", fields);
             return Response::ok(Some("locked")).with_overrode(overrode);
         }
         self.set(VaultState::Locking, &self.detail.clone(), now);

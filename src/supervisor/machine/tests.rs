@@ -361,6 +361,31 @@ fn lock_runs_the_sequence_in_order_and_audits() {
     assert_eq!(t.fake.calls(), ["revoke"]);
 }
 
+/// Attack: an incident responder locks a vault that is already locked
+/// (`lock --reason incident:IR-7`): the answer was success and the audit log had
+/// no trace of the request or of the incident id. Now it is audited (and sent to
+/// watchers) as `already_locked`, naming the reason and who asked; the state
+/// detail keeps why the vault was locked.
+#[test]
+fn a_reasoned_lock_of_a_locked_vault_is_audited() {
+    let mut t = start(Fake::unlocked());
+    t.handle(&root(), Request::Lock, at(5));
+    let r = t.handle(&root(), Request::LockBecause("incident:IR-7".into()), at(6));
+    assert_eq!(line(&r)["state"], "locked");
+    assert_eq!(t.events(), ["supervisor_start", "lock", "already_locked"]);
+    let f = t.audited("already_locked");
+    assert!(f.contains(&("reason", "incident:IR-7".into())), "{f:?}");
+    assert!(f.contains(&("uid", 0u32.into())), "{f:?}");
+    assert!(t.fx.iter().any(|e| matches!(
+        e,
+        Effect::Event {
+            event: "already_locked",
+            ..
+        }
+    )));
+    assert_eq!(t.detail(), "manual_lock");
+}
+
 /// Attack: a passphrase typed at boot sits 150 s in root's keyring cache; a lock
 /// (before suspend, say) within that time left it there. Every lock that ends
 /// locked now drops the cache, also a lock of a vault already locked; a failed
