@@ -43,7 +43,11 @@ impl VaultBackend for Fake {
             mounted: w.1,
         })
     }
-    fn stop_service(&mut self, _: &str) -> Result<(), BackendError> {
+    fn stop_service(&mut self, unit: &str) -> Result<(), BackendError> {
+        // A unit that takes its time to stop holds the loop, as a real one does.
+        if unit == "slow.service" {
+            std::thread::sleep(Duration::from_millis(700));
+        }
         Ok(())
     }
     fn start_service(&mut self, _: &str) -> Result<(), BackendError> {
@@ -93,6 +97,10 @@ struct Harness {
 
 impl Harness {
     fn start(name: &str) -> Harness {
+        Harness::start_with(name, |_| {})
+    }
+
+    fn start_with(name: &str, tweak: impl FnOnce(&mut Config)) -> Harness {
         let dir = tempfile::Builder::new()
             .prefix(&format!("vg-attack3-{name}-"))
             .tempdir()
@@ -106,6 +114,7 @@ impl Harness {
         cfg.auth.state_path = dir.join("lib").join("lockout.json");
         cfg.audit.tpm_anchor = false;
         cfg.vault.state_path = dir.join("state.json");
+        tweak(&mut cfg);
         let opts = Options {
             state_file: dir.join("state.json"),
             ..Options::default()
@@ -248,4 +257,46 @@ fn a_watcher_that_half_closes_keeps_its_stream() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(h.wakeups() - before <= 2);
     assert_eq!(h.ask(r#"{"cmd":"status"}"#)["state"], "locked");
+}
+
+/// Attack: subscribe in the same turn of the loop as another client's request
+/// that makes events. The first line (the current state) carried the seq of the
+/// newest event, and then that very event (and those before it in the turn)
+/// arrived again: a repeated seq, and a `state` line older than the first. Now
+/// a watcher gets only events numbered after its first line.
+#[test]
+fn a_watcher_subscribing_with_other_requests_sees_no_seq_twice() {
+    let h = Harness::start_with("seq", |c| c.vault.services = vec!["slow.service".into()]);
+    // Three clients, accepted in this order while the supervisor is idle.
+    let mut a = h.connect();
+    let mut b = h.connect();
+    let mut c = h.connect();
+    for s in [&mut a, &mut b, &mut c] {
+        assert!(Harness::ask_on(s, r#"{"cmd":"status"}"#)["state"].is_string());
+    }
+    // C's lock holds the loop (slow.service stops for 0.7 s); meanwhile A asks
+    // for a lock too (an event: already_locked) and B subscribes, so both are
+    // served in the next turn, A first.
+    c.write_all(b"{\"cmd\":\"lock\"}\n").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    a.write_all(b"{\"cmd\":\"lock\",\"reason\":\"incident:IR-9\"}\n")
+        .unwrap();
+    b.write_all(b"{\"cmd\":\"watch\"}\n").unwrap();
+    let first: Value = serde_json::from_str(&read_line(&mut b).unwrap()).unwrap();
+    assert_eq!(first["event"], "state", "{first}");
+    let seq0 = first["seq"].as_u64().unwrap();
+    assert_eq!(
+        Harness::ask_on(&mut c, r#"{"cmd":"status"}"#)["state"],
+        "locked"
+    );
+    // One more event, from a fresh request: the next line B reads must be it.
+    let v = h.ask(r#"{"cmd":"lock","reason":"incident:IR-10"}"#);
+    assert_eq!(v["success"], true, "{v}");
+    let next: Value = serde_json::from_str(&read_line(&mut b).unwrap()).unwrap();
+    assert_eq!(
+        next["seq"].as_u64(),
+        Some(seq0 + 1),
+        "after a first line with seq {seq0} came {next}"
+    );
+    assert_eq!(next["reason"], "incident:IR-10", "{next}");
 }

@@ -105,6 +105,9 @@ struct Conn {
     /// after the request): nothing more is read, the stream goes on, and a hang-up
     /// alone (the peer closed for good) ends it.
     input_done: bool,
+    /// The `seq` of a watcher's first line: it gets only events after it (those
+    /// made earlier in the same turn of the loop are already in that line).
+    watch_from: u64,
 }
 
 /// A watcher whose unsent lines exceed this is dropped: a reader that does not
@@ -515,8 +518,10 @@ impl Supervisor {
         if lines.is_empty() {
             return;
         }
+        let first = (self.machine.seq() + 1).saturating_sub(lines.len() as u64);
         for c in self.conns.iter_mut().filter(|c| c.watching && !c.dead) {
-            for l in &lines {
+            let skip = (c.watch_from + 1).saturating_sub(first) as usize;
+            for l in lines.iter().skip(skip) {
                 if c.out.len() + l.len() > WATCH_QUEUE_BYTES {
                     log_warn(&format!(
                         "watcher (uid {}, pid {}) does not read its events: dropped with {} \
@@ -625,6 +630,7 @@ impl Supervisor {
                 id,
                 watching: false,
                 input_done: false,
+                watch_from: 0,
                 stream,
                 peer,
                 input: LineBuffer::new(),
@@ -784,6 +790,7 @@ fn answer_lines(
                 }
                 if watch && r.succeeded() {
                     c.watching = true;
+                    c.watch_from = machine.seq();
                     c.deadline = u64::MAX;
                     watchers.add(c.peer.uid);
                 }

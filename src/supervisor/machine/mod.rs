@@ -637,7 +637,13 @@ impl Machine {
         self.perform(fx);
     }
 
-    /// The event lines since the last call, in order, for the watchers.
+    /// The `seq` of the newest event line (taken or not).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The event lines since the last call, in order, for the watchers; the last
+    /// one has [`Machine::seq`], the ones before it one less each.
     pub fn take_events(&mut self) -> Vec<Vec<u8>> {
         std::mem::take(&mut self.events)
     }
