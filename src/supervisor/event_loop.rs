@@ -120,6 +120,9 @@ pub const WATCH_QUEUE_BYTES: usize = 64 * 1024;
 pub const MAX_WATCHERS: usize = 2048;
 /// Watchers one non-root uid may hold.
 pub const MAX_WATCHERS_PER_UID: usize = MAX_WATCHERS / 8;
+/// The last watchers are root's: eight uids at their share must not leave the
+/// administrator without a stream (as the request slots keep a root reserve).
+pub const ROOT_WATCH_RESERVE: usize = 16;
 
 /// The watchers open, counted once per wake-up and kept up to date as
 /// connections turn into watchers.
@@ -141,10 +144,14 @@ impl WatchCount {
         w
     }
 
-    /// May `uid` open one more? Root is held only to the total.
+    /// May `uid` open one more? Root is held only to the total; the others
+    /// leave it [`ROOT_WATCH_RESERVE`].
     fn admits(&self, uid: u32) -> bool {
-        self.total < MAX_WATCHERS
-            && (uid == 0 || self.by_uid.get(&uid).copied().unwrap_or(0) < MAX_WATCHERS_PER_UID)
+        if uid == 0 {
+            return self.total < MAX_WATCHERS;
+        }
+        self.total < MAX_WATCHERS - ROOT_WATCH_RESERVE
+            && self.by_uid.get(&uid).copied().unwrap_or(0) < MAX_WATCHERS_PER_UID
     }
 
     fn add(&mut self, uid: u32) {
@@ -1030,6 +1037,29 @@ fn check_socket_dir(dir: &Path, me: u32) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Attack: eight uids allowed `watch` open their 256 watchers each; the
+    /// 2048 were full and root could not watch at all. Root keeps a reserve.
+    #[test]
+    fn eight_uids_at_their_watcher_share_leave_root_its_reserve() {
+        let mut w = WatchCount {
+            total: 0,
+            by_uid: BTreeMap::new(),
+        };
+        for uid in 1000..1008 {
+            while w.admits(uid) {
+                w.add(uid);
+            }
+        }
+        assert_eq!(w.total, MAX_WATCHERS - ROOT_WATCH_RESERVE);
+        assert_eq!(w.by_uid[&1000], MAX_WATCHERS_PER_UID);
+        assert!(!w.admits(1009), "a ninth uid got into root's reserve");
+        for _ in 0..ROOT_WATCH_RESERVE {
+            assert!(w.admits(0));
+            w.add(0);
+        }
+        assert!(!w.admits(0), "the total bound holds for root too");
+    }
 
     fn admit_with(uid: u32, open: &[u32], max: usize) -> Result<(), Refusal> {
         admit(uid, true, open.iter().copied(), max)
