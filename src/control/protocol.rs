@@ -74,6 +74,24 @@ pub fn valid_lock_reason(r: &str) -> bool {
     }
 }
 
+/// A character that must not be in free text shown to operators (`why`): control
+/// characters, and those that reorder, hide or break what a terminal shows around
+/// them (bidirectional overrides and isolates, as in "Trojan Source"; zero-width
+/// and line/paragraph separators): status, `vaultguard status` and the audit
+/// log would otherwise show another text than the one stored.
+fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061C}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{2069}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+        )
+}
+
 /// A short identifier: 1..=`max` of letters, digits, `.`, `_`, `-`.
 pub fn valid_name(s: &str, max: usize) -> bool {
     !s.is_empty()
@@ -281,10 +299,13 @@ pub fn parse_request_with_token(
         "inhibit" => {
             let who = name_field(line, "who", who)?;
             let why = opt_string(line, "why", why)?.unwrap_or_default();
-            if why.len() > MAX_WHY || why.chars().any(char::is_control) {
+            if why.len() > MAX_WHY || why.chars().any(unprintable) {
                 return Err(ProtocolError::BadValue {
                     field: "why",
-                    why: format!("must be at most {MAX_WHY} bytes without control characters"),
+                    why: format!(
+                        "must be at most {MAX_WHY} bytes without control, bidirectional or \
+                         invisible characters"
+                    ),
                 });
             }
             let seconds = match seconds {
@@ -768,6 +789,33 @@ pub struct InhibitorView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Attack: a `why` with a right-to-left override (U+202E) or a line separator
+    /// passed the control-character check and made `status` and the audit log
+    /// show another text than the one stored. Refused now; other unicode stays.
+    #[test]
+    fn why_with_bidi_or_invisible_characters_is_refused() {
+        for bad in [
+            "\u{202E}gol-tidua",
+            "a\u{2028}b",
+            "x\u{200B}y",
+            "\u{2066}z\u{2069}",
+            "\u{FEFF}",
+        ] {
+            let line =
+                serde_json::json!({"cmd":"inhibit","who":"j","why":bad,"seconds":5}).to_string();
+            let e = parse_request(line.as_bytes()).unwrap_err().to_string();
+            assert!(
+                e.contains("`why`") && e.contains("bidirectional"),
+                "{bad:?}: {e}"
+            );
+        }
+        let line = r#"{"cmd":"inhibit","who":"j","why":"Modell lädt 🚀 日本","seconds":5}"#;
+        assert!(matches!(
+            parse_request(line.as_bytes()),
+            Ok(Request::Inhibit(InhibitRequest { ref why, .. })) if why == "Modell lädt 🚀 日本"
+        ));
+    }
 
     fn err(line: &str) -> ProtocolError {
         parse_request(line.as_bytes()).unwrap_err()

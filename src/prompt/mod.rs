@@ -148,17 +148,35 @@ pub fn credential_name(kind: SecretKind) -> Option<&'static str> {
 /// the file holds one or more NUL-separated answers, taken byte for byte (a
 /// trailing newline is part of the answer).
 pub fn credential(kind: SecretKind) -> Vec<SecretBytes> {
-    let (Some(dir), Some(name)) = (
-        std::env::var_os("CREDENTIALS_DIRECTORY"),
-        credential_name(kind),
-    ) else {
+    match std::env::var_os("CREDENTIALS_DIRECTORY") {
+        Some(dir) => credential_in(std::path::Path::new(&dir), kind),
+        None => Vec::new(),
+    }
+}
+
+/// [`credential`] from the directory `dir`. Only a regular file counts: the file
+/// is opened non-blocking, so a FIFO (or a device) under the credential's name
+/// cannot stall the boot waiting for a writer.
+pub fn credential_in(dir: &std::path::Path, kind: SecretKind) -> Vec<SecretBytes> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(name) = credential_name(kind) else {
         return Vec::new();
     };
-    let path = std::path::Path::new(&dir).join(name);
-    let Ok(mut f) = std::fs::File::open(&path) else {
+    let path = dir.join(name);
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(&path)
+    else {
         return Vec::new();
     };
-    let len = f.metadata().map(|m| m.len() as usize).unwrap_or(0);
+    let Ok(meta) = f.metadata() else {
+        return Vec::new();
+    };
+    if !meta.is_file() {
+        return Vec::new();
+    }
+    let len = meta.len() as usize;
     // Credentials are small; one larger than the keyring's payload limit is not ours.
     if len > crate::keyring::cache::MAX_PAYLOAD {
         return Vec::new();
@@ -655,6 +673,36 @@ impl Prompter for Scripted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Attack: a FIFO under the credential's name. `File::open` blocked until a
+    /// writer came, so the boot hung before any prompt; now it is no credential.
+    /// A regular file (also through a symlink, as systemd reads it) still counts.
+    #[test]
+    fn a_fifo_credential_is_no_credential_and_does_not_block() {
+        let dir = crate::testutil::TmpDir::new("cred-fifo");
+        let fifo = dir.join("cryptsetup.passphrase");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let d = dir.to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(credential_in(&d, SecretKind::Passphrase).len());
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(3));
+        if got.is_err() {
+            // Release the blocked reader before failing.
+            let _ = std::fs::OpenOptions::new().write(true).open(&fifo);
+        }
+        assert_eq!(got, Ok(0), "reading a FIFO credential blocked or answered");
+        std::fs::remove_file(&fifo).unwrap();
+        std::fs::write(dir.join("real"), b"one\0two").unwrap();
+        std::os::unix::fs::symlink(dir.join("real"), &fifo).unwrap();
+        let got = credential_in(&dir, SecretKind::Passphrase);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].as_bytes(), b"two");
+        // A directory under the name is none either.
+        std::fs::create_dir(dir.join("cryptsetup.tpm2-pin")).unwrap();
+        assert!(credential_in(&dir, SecretKind::Pin).is_empty());
+    }
 
     #[test]
     fn read_line_strips_newline_and_cr() {

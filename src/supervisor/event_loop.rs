@@ -101,6 +101,13 @@ struct Conn {
     dead: bool,
     /// Sent `{"cmd":"watch"}`: gets every event line from now on.
     watching: bool,
+    /// A watcher whose peer ended its input (half-close, as `nc -N` or socat do
+    /// after the request): nothing more is read, the stream goes on, and a hang-up
+    /// alone (the peer closed for good) ends it.
+    input_done: bool,
+    /// The `seq` of a watcher's first line: it gets only events after it (those
+    /// made earlier in the same turn of the loop are already in that line).
+    watch_from: u64,
 }
 
 /// A watcher whose unsent lines exceed this is dropped: a reader that does not
@@ -113,6 +120,9 @@ pub const WATCH_QUEUE_BYTES: usize = 64 * 1024;
 pub const MAX_WATCHERS: usize = 2048;
 /// Watchers one non-root uid may hold.
 pub const MAX_WATCHERS_PER_UID: usize = MAX_WATCHERS / 8;
+/// The last watchers are root's: eight uids at their share must not leave the
+/// administrator without a stream (as the request slots keep a root reserve).
+pub const ROOT_WATCH_RESERVE: usize = 16;
 
 /// The watchers open, counted once per wake-up and kept up to date as
 /// connections turn into watchers.
@@ -134,10 +144,14 @@ impl WatchCount {
         w
     }
 
-    /// May `uid` open one more? Root is held only to the total.
+    /// May `uid` open one more? Root is held only to the total; the others
+    /// leave it [`ROOT_WATCH_RESERVE`].
     fn admits(&self, uid: u32) -> bool {
-        self.total < MAX_WATCHERS
-            && (uid == 0 || self.by_uid.get(&uid).copied().unwrap_or(0) < MAX_WATCHERS_PER_UID)
+        if uid == 0 {
+            return self.total < MAX_WATCHERS;
+        }
+        self.total < MAX_WATCHERS - ROOT_WATCH_RESERVE
+            && self.by_uid.get(&uid).copied().unwrap_or(0) < MAX_WATCHERS_PER_UID
     }
 
     fn add(&mut self, uid: u32) {
@@ -372,7 +386,8 @@ impl Supervisor {
             for c in &self.conns {
                 let ev = if !c.out.is_empty() {
                     PollFlags::OUT
-                } else if c.closing {
+                } else if c.closing || c.input_done {
+                    // Not IN: a socket at end of input is always readable.
                     PollFlags::empty()
                 } else {
                     PollFlags::IN
@@ -443,7 +458,9 @@ impl Supervisor {
                     continue;
                 }
                 let c = &mut self.conns[i];
-                if rev.intersects(PollFlags::ERR | PollFlags::NVAL) {
+                if rev.intersects(PollFlags::ERR | PollFlags::NVAL)
+                    || (c.input_done && rev.contains(PollFlags::HUP))
+                {
                     c.dead = true;
                     continue;
                 }
@@ -508,8 +525,10 @@ impl Supervisor {
         if lines.is_empty() {
             return;
         }
+        let first = (self.machine.seq() + 1).saturating_sub(lines.len() as u64);
         for c in self.conns.iter_mut().filter(|c| c.watching && !c.dead) {
-            for l in &lines {
+            let skip = (c.watch_from + 1).saturating_sub(first) as usize;
+            for l in lines.iter().skip(skip) {
                 if c.out.len() + l.len() > WATCH_QUEUE_BYTES {
                     log_warn(&format!(
                         "watcher (uid {}, pid {}) does not read its events: dropped with {} \
@@ -617,6 +636,8 @@ impl Supervisor {
             self.conns.push(Conn {
                 id,
                 watching: false,
+                input_done: false,
+                watch_from: 0,
                 stream,
                 peer,
                 input: LineBuffer::new(),
@@ -669,7 +690,7 @@ impl Supervisor {
 fn serve(c: &mut Conn, machine: &mut Machine, opts: &Options, watchers: &mut WatchCount) -> u64 {
     let mut busy = 0;
     for _ in 0..16 {
-        if c.closing || c.dead || c.out.len() > MAX_PENDING_OUT {
+        if c.closing || c.dead || c.input_done || c.out.len() > MAX_PENDING_OUT {
             break;
         }
         match c.input.read_from(&c.stream) {
@@ -681,6 +702,11 @@ fn serve(c: &mut Conn, machine: &mut Machine, opts: &Options, watchers: &mut Wat
                     busy += answer_lines(c, machine, opts, watchers);
                 }
                 c.input.clear();
+                if c.watching {
+                    // A half-close says "no more requests", not "stop the events".
+                    c.input_done = true;
+                    break;
+                }
                 c.closing = true;
                 c.deadline = now().mono_ms + ms(opts.read_timeout);
             }
@@ -771,6 +797,7 @@ fn answer_lines(
                 }
                 if watch && r.succeeded() {
                     c.watching = true;
+                    c.watch_from = machine.seq();
                     c.deadline = u64::MAX;
                     watchers.add(c.peer.uid);
                 }
@@ -1010,6 +1037,29 @@ fn check_socket_dir(dir: &Path, me: u32) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Attack: eight uids allowed `watch` open their 256 watchers each; the
+    /// 2048 were full and root could not watch at all. Root keeps a reserve.
+    #[test]
+    fn eight_uids_at_their_watcher_share_leave_root_its_reserve() {
+        let mut w = WatchCount {
+            total: 0,
+            by_uid: BTreeMap::new(),
+        };
+        for uid in 1000..1008 {
+            while w.admits(uid) {
+                w.add(uid);
+            }
+        }
+        assert_eq!(w.total, MAX_WATCHERS - ROOT_WATCH_RESERVE);
+        assert_eq!(w.by_uid[&1000], MAX_WATCHERS_PER_UID);
+        assert!(!w.admits(1009), "a ninth uid got into root's reserve");
+        for _ in 0..ROOT_WATCH_RESERVE {
+            assert!(w.admits(0));
+            w.add(0);
+        }
+        assert!(!w.admits(0), "the total bound holds for root too");
+    }
 
     fn admit_with(uid: u32, open: &[u32], max: usize) -> Result<(), Refusal> {
         admit(uid, true, open.iter().copied(), max)

@@ -53,6 +53,7 @@ const MIRRORED: &[&str] = &[
     "lock",
     "lock_failed",
     "lock_declined",
+    "already_locked",
     "key_revoke_failed",
     "inhibit",
     "inhibit_refused",

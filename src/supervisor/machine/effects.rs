@@ -80,6 +80,9 @@ pub enum Effect {
     /// Persist the lockout counters.
     SaveLockout(LockoutFile),
     Log(Priority, String),
+    /// Drop the keyring passphrase cache of this name (a lock leaves no cached
+    /// passphrase behind).
+    ForgetCache(String),
     /// Tell the watchers (`{"cmd":"watch"}`): one line `{"seq":N,"event":E,...}`.
     /// The shell numbers them; never carries a secret.
     Event {

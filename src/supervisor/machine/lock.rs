@@ -40,6 +40,7 @@ impl Core {
         if !reality.mapping_active && !reality.mounted {
             // Already locked; still make sure no key lingers.
             let _ = self.backend.revoke_keys();
+            self.forget_cache();
             let overrode = self.override_inhibitors(&reason, now);
             if !matches!(
                 self.state,
@@ -47,6 +48,20 @@ impl Core {
             ) {
                 self.set(VaultState::Locked, &reason.detail(), now);
             }
+            // Nothing was locked, but the request is part of the record: an
+            // `incident:` lock of a vault found locked must leave a trace (and
+            // the inhibitors it overrode), without counting as a lock.
+            let mut fields: Vec<(&'static str, Field)> = vec![
+                ("reason", reason.detail().into()),
+                ("state", self.state.as_str().into()),
+            ];
+            if let Some(u) = uid {
+                fields.push(("uid", u.into()));
+            }
+            if !overrode.is_empty() {
+                fields.push(("overrode", overrode.join(",").into()));
+            }
+            self.audit("already_locked", fields);
             return Response::ok(Some("locked")).with_overrode(overrode);
         }
         self.set(VaultState::Locking, &self.detail.clone(), now);
@@ -94,6 +109,7 @@ impl Core {
             }
         }
         let revoke = self.backend.revoke_keys();
+        self.forget_cache();
         self.set(VaultState::Locked, &reason.detail(), now);
         let mut fields: Vec<(&'static str, Field)> = vec![
             ("reason", reason.detail().into()),
@@ -121,6 +137,14 @@ impl Core {
                 self.audit("key_revoke_failed", vec![("error", msg.as_str().into())]);
                 Response::failed(&msg, None).with_state("locked")
             }
+        }
+    }
+
+    /// Drop the passphrase cache: the passphrase typed at boot would otherwise sit
+    /// in root's keyring for up to 150 s after this lock (through a suspend).
+    fn forget_cache(&mut self) {
+        if let Some(name) = self.s.forget_cache_on_lock.clone() {
+            self.fx.push(super::Effect::ForgetCache(name));
         }
     }
 

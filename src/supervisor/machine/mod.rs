@@ -168,6 +168,10 @@ pub struct Settings {
     pub max_inhibit_s: u64,
     /// `vault.lock_on_suspend`: honour `lock` with reason `suspend`.
     pub lock_on_suspend: bool,
+    /// The keyring passphrase cache dropped at every lock (`cryptsetup`: the
+    /// passphrase typed at boot stays 150 s in root's user keyring otherwise, and
+    /// a lock, above all one before suspend, must leave no secret in RAM).
+    pub forget_cache_on_lock: Option<String>,
 }
 
 impl Settings {
@@ -208,6 +212,7 @@ impl Settings {
             allow: cfg.control.allow.clone(),
             max_inhibit_s: cfg.vault.max_inhibit,
             lock_on_suspend: cfg.vault.lock_on_suspend,
+            forget_cache_on_lock: Some("cryptsetup".into()),
         }
     }
 }
@@ -632,7 +637,13 @@ impl Machine {
         self.perform(fx);
     }
 
-    /// The event lines since the last call, in order, for the watchers.
+    /// The `seq` of the newest event line (taken or not).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The event lines since the last call, in order, for the watchers; the last
+    /// one has [`Machine::seq`], the ones before it one less each.
     pub fn take_events(&mut self) -> Vec<Vec<u8>> {
         std::mem::take(&mut self.events)
     }
@@ -712,6 +723,20 @@ impl Machine {
                     }
                 }
                 Effect::Log(p, msg) => super::log(p as u8, &msg),
+                Effect::ForgetCache(name) => match crate::keyring::cache::forget(&name) {
+                    Ok(true) => super::log(
+                        Priority::Info as u8,
+                        &format!(
+                            "lock: dropped the passphrase cache (user key `{name}`) from the \
+                             keyring"
+                        ),
+                    ),
+                    Ok(false) => {}
+                    Err(e) => super::log_warn(&format!(
+                        "lock: cannot drop the passphrase cache: {e}; drop it with `keyctl \
+                         purge user {name}`"
+                    )),
+                },
                 Effect::Event { event, fields } => {
                     self.seq += 1;
                     let mut m = serde_json::Map::new();

@@ -177,6 +177,8 @@ fn settings() -> Settings {
         allow: crate::config::ControlConfig::default().allow,
         max_inhibit_s: 3600,
         lock_on_suspend: true,
+        // The shell tests must not drop the test runner's real keyring cache.
+        forget_cache_on_lock: None,
     }
 }
 
@@ -357,6 +359,60 @@ fn lock_runs_the_sequence_in_order_and_audits() {
     let r = t.handle(&root(), Request::Lock, at(6));
     assert_eq!(line(&r)["success"], true);
     assert_eq!(t.fake.calls(), ["revoke"]);
+}
+
+/// Attack: an incident responder locks a vault that is already locked
+/// (`lock --reason incident:IR-7`): the answer was success and the audit log had
+/// no trace of the request or of the incident id. Now it is audited (and sent to
+/// watchers) as `already_locked`, naming the reason and who asked; the state
+/// detail keeps why the vault was locked.
+#[test]
+fn a_reasoned_lock_of_a_locked_vault_is_audited() {
+    let mut t = start(Fake::unlocked());
+    t.handle(&root(), Request::Lock, at(5));
+    let r = t.handle(&root(), Request::LockBecause("incident:IR-7".into()), at(6));
+    assert_eq!(line(&r)["state"], "locked");
+    assert_eq!(t.events(), ["supervisor_start", "lock", "already_locked"]);
+    let f = t.audited("already_locked");
+    assert!(f.contains(&("reason", "incident:IR-7".into())), "{f:?}");
+    assert!(f.contains(&("uid", 0u32.into())), "{f:?}");
+    assert!(t.fx.iter().any(|e| matches!(
+        e,
+        Effect::Event {
+            event: "already_locked",
+            ..
+        }
+    )));
+    assert_eq!(t.detail(), "manual_lock");
+}
+
+/// Attack: a passphrase typed at boot sits 150 s in root's keyring cache; a lock
+/// (before suspend, say) within that time left it there. Every lock that ends
+/// locked now drops the cache, also a lock of a vault already locked; a failed
+/// lock (the vault still open) does not.
+#[test]
+fn every_lock_drops_the_passphrase_cache() {
+    let forgets = |t: &T| {
+        t.fx.iter()
+            .filter(|e| matches!(e, Effect::ForgetCache(n) if n == "cryptsetup"))
+            .count()
+    };
+    let s = Settings {
+        forget_cache_on_lock: Some("cryptsetup".into()),
+        ..settings()
+    };
+    let mut t = start_with(s.clone(), Fake::unlocked(), Ok(LockoutFile::default()));
+    assert_eq!(forgets(&t), 0);
+    t.handle(&root(), Request::Lock, at(5));
+    assert_eq!(forgets(&t), 1);
+    t.handle(&root(), Request::Lock, at(6));
+    assert_eq!(forgets(&t), 2);
+    let fake = Fake::unlocked();
+    fake.w().busy = true;
+    let mut t = start_with(s, fake, Ok(LockoutFile::default()));
+    t.handle(&root(), Request::Lock, at(5));
+    assert_eq!(t.state(), VaultState::Unlocked);
+    assert_eq!(forgets(&t), 0);
 }
 
 #[test]
