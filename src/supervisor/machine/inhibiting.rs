@@ -50,6 +50,7 @@ impl Core {
                 "release",
                 vec![
                     ("who", who.as_str().into()),
+                    ("holder", i.holder.as_str().into()),
                     ("uid", i.uid.into()),
                     ("cause", format!("overridden:{}", reason.detail()).into()),
                 ],

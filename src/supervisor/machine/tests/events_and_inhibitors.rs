@@ -195,6 +195,20 @@ fn an_operator_lock_overrides_inhibitors_and_says_which() {
     );
     assert!(t.status(0, at(2)).inhibitors.is_empty());
     assert_eq!(t.next_wakeup(), None);
+    // Watchers hear each overridden inhibitor go, with who held it.
+    let released: Vec<_> = t
+        .watch_events()
+        .into_iter()
+        .filter(|(e, _)| *e == "release")
+        .collect();
+    assert_eq!(released.len(), 2, "{released:?}");
+    for (_, f) in &released {
+        assert_eq!(field(f, "holder"), Some(&Field::from("uid:0")), "{f:?}");
+        assert_eq!(
+            field(f, "cause"),
+            Some(&Field::from("overridden:operator_request"))
+        );
+    }
 }
 
 #[test]
