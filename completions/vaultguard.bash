@@ -4,28 +4,34 @@ _vaultguard() {
     local cur prev words cword
     _init_completion || return
 
-    local global_opts="-c --config --cmdline --help"
-    local commands="unlock attach detach enroll reseal supervise status lock keepalive audit config version"
+    local global_opts="-c --config --cmdline --json -V --version --help"
+    local commands="unlock attach detach enroll reseal supervise status lock keepalive audit config version token metrics"
     local -A opts=(
-        [unlock]="--device --no-tpm --headless --key-file --local --json --help"
-        [attach]="--help"
-        [detach]="--help"
-        [enroll]="--device --pcrs --bank --pin --recovery-key --help"
-        [reseal]="--device --pcrs --bank --pin --help"
+        [unlock]="--device --no-tpm --headless --key-file --local --json --test --unlock-passphrase-file --help"
+        [attach]="--test --json --help"
+        [detach]="--json --help"
+        [enroll]="--device --pcrs --bank --pin --recovery-key --unlock-key-file --unlock-passphrase-file --json --help"
+        [reseal]="--device --pcrs --bank --pin --unlock-key-file --unlock-passphrase-file --json --help"
         [supervise]="--auto-lock-seconds --help"
         [status]="--json --help"
-        [lock]="--json --help"
+        [lock]="--json --reason --help"
         [keepalive]="--json --help"
         [audit]="export rotate verify --help"
         [config]="--get --help"
-        [version]="--help"
+        [version]="--json --help"
+        [metrics]="--help"
+        [token]="issue list revoke --help"
         [audit export]="--key --key-version -o --output --help"
         [audit rotate]="--help"
         [audit verify]="--public-key --tpm --help"
+        [token issue]="--name --role --expires --help"
+        [token list]="--json --help"
+        [token revoke]="--help"
     )
 
     case $prev in
-        -c | --config | --cmdline | --key-file | --key | -o | --output | --public-key)
+        -c | --config | --cmdline | --key-file | --key | -o | --output | --public-key | \
+            --unlock-key-file | --unlock-passphrase-file)
             _filedir
             return
             ;;
@@ -37,12 +43,23 @@ _vaultguard() {
             COMPREPLY=($(compgen -W "sha256 sha1" -- "$cur"))
             return
             ;;
-        --pcrs | --auto-lock-seconds | --key-version | --get)
+        --reason)
+            # incident:<id> takes the operator's own id after the colon.
+            COMPREPLY=($(compgen -W "operator_request suspend incident:" -- "$cur"))
+            [[ ${COMPREPLY[0]} == incident: ]] && compopt -o nospace
+            return
+            ;;
+        --role)
+            # The built-in roles; custom ones are the keys of control.roles.
+            COMPREPLY=($(compgen -W "admin operator viewer agent" -- "$cur"))
+            return
+            ;;
+        --pcrs | --auto-lock-seconds | --key-version | --get | --name | --expires)
             return
             ;;
     esac
 
-    # The command (and the audit subcommand) typed so far, skipping global options.
+    # The command (and the audit or token subcommand) typed so far, skipping global options.
     local cmd="" i
     for ((i = 1; i < cword; i++)); do
         case ${words[i]} in
@@ -51,8 +68,8 @@ _vaultguard() {
             *)
                 if [[ -z $cmd ]]; then
                     cmd=${words[i]}
-                elif [[ $cmd == audit ]]; then
-                    cmd="audit ${words[i]}"
+                elif [[ $cmd == audit || $cmd == token ]]; then
+                    cmd="$cmd ${words[i]}"
                     break
                 else
                     break
