@@ -19,6 +19,7 @@ pub mod idle;
 pub mod lockout;
 pub mod machine;
 pub mod metrics;
+pub mod notify;
 pub mod state_file;
 pub mod system;
 pub mod tpm_anchor;

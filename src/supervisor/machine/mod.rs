@@ -262,6 +262,8 @@ pub struct Machine {
     seq: u64,
     /// Event lines not yet fanned out by the event loop.
     events: Vec<Vec<u8>>,
+    /// systemd's `$NOTIFY_SOCKET`, when run as a `Type=notify` service.
+    notify: Option<super::notify::Notifier>,
 }
 
 impl Machine {
@@ -325,6 +327,7 @@ impl Machine {
             anchoring,
             seq: 0,
             events: Vec::new(),
+            notify: None,
         };
         if let Some(secs) = boot_tpm_s {
             m.metrics.boot_tpm_unseal(secs);
@@ -663,8 +666,18 @@ impl Machine {
         r
     }
 
+    /// Tell systemd the supervisor is ready (the socket is bound and the state
+    /// derived), and from now on each state change (`STATUS=`) and the stop.
+    pub fn notify_ready(&mut self, mut n: super::notify::Notifier) {
+        n.ready(self.state().as_str(), self.detail());
+        self.notify = Some(n);
+    }
+
     /// The supervisor is stopping (the vault is left as it is).
     pub fn stopping(&mut self) {
+        if let Some(n) = &self.notify {
+            n.stopping();
+        }
         // Counts of coalesced entries first: a stop loses none.
         let notes = self.gate.flush();
         self.notes(notes);
@@ -708,6 +721,11 @@ impl Machine {
                     }
                 }
                 Effect::Publish(snap) => {
+                    // Here and never on a timer: systemd hears of a change when
+                    // the state file does.
+                    if let Some(n) = &mut self.notify {
+                        n.status(&snap.state, &snap.detail);
+                    }
                     for path in &self.state_files {
                         if let Err(e) = state_file::write(path, &snap) {
                             super::log_warn(&format!(
