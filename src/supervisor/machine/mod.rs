@@ -713,10 +713,7 @@ impl Machine {
             match e {
                 Effect::Audit { event, fields } => {
                     if let Err(err) = self.append(event, &fields) {
-                        super::log(
-                            Priority::Warning as u8,
-                            &format!("`{event}` not audited: {err}"),
-                        );
+                        super::log(Priority::Warning, &format!("`{event}` not audited: {err}"));
                         self.core.audit_failed(err.to_string());
                     }
                 }
@@ -740,10 +737,10 @@ impl Machine {
                         super::log_warn(&e.to_string());
                     }
                 }
-                Effect::Log(p, msg) => super::log(p as u8, &msg),
+                Effect::Log(p, msg) => super::log(p, &msg),
                 Effect::ForgetCache(name) => match crate::keyring::cache::forget(&name) {
                     Ok(true) => super::log(
-                        Priority::Info as u8,
+                        Priority::Info,
                         &format!(
                             "lock: dropped the passphrase cache (user key `{name}`) from the \
                              keyring"
