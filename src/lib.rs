@@ -16,6 +16,7 @@ pub mod exit;
 pub mod handoff;
 pub mod json;
 pub mod keyring;
+pub mod log;
 pub mod luks;
 pub mod prompt;
 pub mod secret;

@@ -35,7 +35,7 @@ fn main() -> ExitCode {
             if json {
                 println!("{}", exits::json_error(&e.to_string(), exit));
             } else {
-                eprintln!("vaultguard: {e}");
+                vaultguard::log::error(&e.to_string());
             }
             exit.into()
         }
@@ -126,7 +126,7 @@ fn load_config(args: &Args) -> Result<Config, Box<dyn std::error::Error>> {
     };
     let (mut cfg, warnings) = Config::load_with_warnings(path, explicit)?;
     for w in warnings {
-        eprintln!("vaultguard: warning: {w}");
+        vaultguard::log::warn(&format!("warning: {w}"));
     }
     // In the initramfs the kernel command line applies without being asked for.
     let cmdline = args.cmdline.clone().or_else(|| {
@@ -136,7 +136,7 @@ fn load_config(args: &Args) -> Result<Config, Box<dyn std::error::Error>> {
         let text = std::fs::read_to_string(cmdline)
             .map_err(|e| format!("cannot read {}: {e}", cmdline.display()))?;
         for w in cfg.apply_cmdline(&text) {
-            eprintln!("vaultguard: {w}");
+            vaultguard::log::warn(&w.to_string());
         }
     }
     Ok(cfg)

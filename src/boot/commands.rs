@@ -11,6 +11,7 @@ use super::{
 };
 use crate::audit;
 use crate::config::{parse_pcr_list, Config};
+use crate::log::Priority;
 use crate::luks;
 use crate::prompt::{system_prompter, Ask, PromptError, Prompter, SecretKind};
 use crate::secret::SecretBytes;
@@ -45,7 +46,7 @@ impl Events for AuditEvents {
         }
         if let Err(e) = audit::append(&self.path, name, &fields) {
             // Losing an audit line must not stop the boot; say so where it is seen.
-            eprintln!("vaultguard: audit log {}: {e}", self.path.display());
+            crate::log::warn(&format!("audit log {}: {e}", self.path.display()));
         }
     }
 }
@@ -100,7 +101,10 @@ pub fn run_unlock(
     let headless = headless || opt_headless;
     let mut prompter = with_answer(system_prompter(headless), passphrase);
     for w in &warnings {
-        prompter.say(&format!("vaultguard: vault.options: {w}"));
+        prompter.say_at(
+            Priority::Warning,
+            &format!("vaultguard: vault.options: {w}"),
+        );
     }
     if test {
         return report_test(opts, headless, prompter.as_mut());
@@ -143,17 +147,22 @@ fn report_test(
         (Method::Passphrase, Some("systemd-recovery")) => "the recovery key",
         (Method::Passphrase, _) => "the passphrase",
     };
-    let mut line = format!(
-        "vaultguard: {what} opens keyslot {} of {}; activation was not tried (test only)",
-        t.slot, opts.device
+    println_unless_json(
+        Priority::Info,
+        &format!(
+            "vaultguard: {what} opens keyslot {} of {}; activation was not tried (test only)",
+            t.slot, opts.device
+        ),
     );
     if let (Some(r), false) = (
         &t.fallback_reason,
         matches!(t.method, Method::Tpm2 | Method::Tpm2Pin),
     ) {
-        line.push_str(&format!("\nvaultguard: the TPM would not: {r}"));
+        println_unless_json(
+            Priority::Warning,
+            &format!("vaultguard: the TPM would not: {r}"),
+        );
     }
-    println_unless_json(&line);
     Ok(serde_json::json!({
         "success": true,
         "test": true,
@@ -174,11 +183,11 @@ pub fn set_json(on: bool) {
     JSON.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-fn println_unless_json(line: &str) {
+fn println_unless_json(priority: Priority, line: &str) {
     if JSON.load(std::sync::atomic::Ordering::Relaxed) {
-        eprintln!("{line}");
+        crate::log::say(priority, line);
     } else {
-        println!("{line}");
+        crate::log::say_stdout(priority, line);
     }
 }
 
@@ -289,7 +298,13 @@ impl Prompter for Provisioned {
     fn say(&mut self, line: &str) {
         match &mut self.inner {
             Some(p) => p.say(line),
-            None => eprintln!("{line}"),
+            None => crate::log::say(Priority::Info, line),
+        }
+    }
+    fn say_at(&mut self, priority: Priority, line: &str) {
+        match &mut self.inner {
+            Some(p) => p.say_at(priority, line),
+            None => crate::log::say(priority, line),
         }
     }
     // The key given on the command line is the only answer: no credential, no
@@ -342,7 +357,10 @@ fn report_unlock(
     } else {
         ""
     };
-    prompter.say(&format!("vaultguard: {} unlocked {how}{latch}", opts.name));
+    prompter.say_at(
+        Priority::Info,
+        &format!("vaultguard: {} unlocked {how}{latch}", opts.name),
+    );
     Ok(summary)
 }
 
@@ -358,7 +376,7 @@ pub fn run_attach(
     let (opts, headless, warnings) = attach_options(cfg, name, device_arg, keyfile, options)?;
     let mut prompter = system_prompter(headless);
     for w in &warnings {
-        prompter.say(&format!("vaultguard: {w}"));
+        prompter.say_at(Priority::Warning, &format!("vaultguard: {w}"));
     }
     if test {
         return report_test(opts, headless, prompter.as_mut());
@@ -427,11 +445,12 @@ pub fn run_detach(cfg: &Config, name: &str) -> Result<Summary, BootError> {
     if was_open {
         let mut events = AuditEvents::for_config(cfg);
         detach(name, &mut events)?;
-        println_unless_json(&format!("vaultguard: {name} closed"));
+        println_unless_json(Priority::Info, &format!("vaultguard: {name} closed"));
     } else {
-        println_unless_json(&format!(
-            "vaultguard: {name} is not open; nothing was closed"
-        ));
+        println_unless_json(
+            Priority::Info,
+            &format!("vaultguard: {name} is not open; nothing was closed"),
+        );
     }
     Ok(serde_json::json!({"success": true, "name": name, "was_open": was_open}))
 }
@@ -553,7 +572,7 @@ pub fn enrolment_lines(what: &str, r: &EnrollReport) -> Vec<String> {
 fn print_enrolment(what: &str, r: &EnrollReport) -> Summary {
     let json = JSON.load(std::sync::atomic::Ordering::Relaxed);
     for line in enrolment_lines(what, r) {
-        println_unless_json(&line);
+        println_unless_json(Priority::Info, &line);
     }
     let mut summary = serde_json::json!({
         "success": true,

@@ -18,6 +18,7 @@ pub mod commands;
 pub mod options;
 
 use crate::encoding::base64_encode_secret;
+use crate::log::Priority;
 use crate::luks::token::{self, PcrBank, Tpm2Token};
 use crate::luks::{self, ActivateFlags, LuksError, Vault};
 use crate::prompt::{Ask, PromptError, Prompter, SecretKind};
@@ -575,7 +576,7 @@ fn unseal_with_pin(
                 // The TPM's own count when the response did not carry it.
                 let tries_left = tries_left.or_else(|| tpm.da_tries_left().ok());
                 let msg = TpmError::WrongPin { tries_left }.to_string();
-                prompter.say(&format!("vaultguard: {msg}"));
+                prompter.say_at(Priority::Warning, &format!("vaultguard: {msg}"));
             }
             Err(e) => return Err(TpmRefusal::Tpm(e)),
         }
@@ -652,13 +653,16 @@ fn passphrase_and_slot(
             }
             Err(e) if e.is_wrong_passphrase() => {
                 events.event("passphrase_wrong", &[("name", name)]);
-                prompter.say(&match tries.checked_sub(attempt) {
-                    // tries=0 (unlimited) arrives as u32::MAX: no count to give.
-                    Some(left) if tries != u32::MAX => {
-                        format!("vaultguard: wrong passphrase ({left} tries left)")
-                    }
-                    _ => "vaultguard: wrong passphrase".to_string(),
-                });
+                prompter.say_at(
+                    Priority::Warning,
+                    &match tries.checked_sub(attempt) {
+                        // tries=0 (unlimited) arrives as u32::MAX: no count to give.
+                        Some(left) if tries != u32::MAX => {
+                            format!("vaultguard: wrong passphrase ({left} tries left)")
+                        }
+                        _ => "vaultguard: wrong passphrase".to_string(),
+                    },
+                );
             }
             Err(e) => return Err(e.into()),
         }
@@ -788,9 +792,10 @@ pub fn acquire_volume_key(
         }
         Err(reason) => reason,
     };
-    prompter.say(&format!(
-        "vaultguard: TPM unlock of {name} not possible: {reason}"
-    ));
+    prompter.say_at(
+        Priority::Warning,
+        &format!("vaultguard: TPM unlock of {name} not possible: {reason}"),
+    );
     events.event(
         "tpm_refused",
         &[("name", name), ("reason", &reason.to_string())],
@@ -816,10 +821,10 @@ pub fn acquire_volume_key(
                 })
             }
             Err(e) if e.is_wrong_passphrase() => {
-                prompter.say(&format!(
-                    "vaultguard: key file {} opens no keyslot",
-                    path.display()
-                ));
+                prompter.say_at(
+                    Priority::Warning,
+                    &format!("vaultguard: key file {} opens no keyslot", path.display()),
+                );
             }
             Err(e) => return Err(e.into()),
         }
@@ -897,6 +902,9 @@ impl Prompter for NothingCached<'_> {
     fn say(&mut self, line: &str) {
         self.0.say(line)
     }
+    fn say_at(&mut self, priority: Priority, line: &str) {
+        self.0.say_at(priority, line)
+    }
     fn unattended(&mut self, req: &crate::prompt::Ask) -> Vec<SecretBytes> {
         self.0.unattended(req)
     }
@@ -912,7 +920,10 @@ pub fn unlock(
 ) -> Result<Unlocked, BootError> {
     let name = opts.name.as_str();
     if luks::is_active(name)? {
-        prompter.say(&format!("vaultguard: {name} is already open"));
+        prompter.say_at(
+            Priority::Info,
+            &format!("vaultguard: {name} is already open"),
+        );
         return Ok(Unlocked {
             method: Method::Passphrase,
             tpm_seconds: None,
@@ -955,7 +966,10 @@ pub fn unlock(
             latched = true;
         }
     } else if opts.tpm.is_some() {
-        prompter.say("vaultguard: no TPM, the phase PCR could not be extended");
+        prompter.say_at(
+            Priority::Warning,
+            "vaultguard: no TPM, the phase PCR could not be extended",
+        );
     }
     events.event(
         "unlocked",
@@ -1575,7 +1589,7 @@ pub fn reseal(
     ) {
         Ok(o) => (o.vk, None, vec![(o.token, o.passphrase)]),
         Err(reason) => {
-            prompter.say(&format!("vaultguard: the current enrolment cannot unseal ({reason}); the passphrase or recovery key is needed"));
+            prompter.say_at(Priority::Warning, &format!("vaultguard: the current enrolment cannot unseal ({reason}); the passphrase or recovery key is needed"));
             let (vk, slot) = passphrase_and_slot(
                 &mut vault,
                 &opts.name,

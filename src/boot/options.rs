@@ -113,6 +113,9 @@ impl Prompter for Tuned<'_> {
     fn say(&mut self, line: &str) {
         self.inner.say(line)
     }
+    fn say_at(&mut self, priority: crate::log::Priority, line: &str) {
+        self.inner.say_at(priority, line)
+    }
     fn unattended(&mut self, req: &Ask) -> Vec<SecretBytes> {
         let req = self.tune(req);
         self.inner.unattended(&req)

@@ -185,8 +185,11 @@ impl Prompter for AskPassword {
     }
 
     fn say(&mut self, line: &str) {
+        self.say_at(crate::log::Priority::Info, line)
+    }
+    fn say_at(&mut self, priority: crate::log::Priority, line: &str) {
         // Under systemd our stderr goes to the journal and the console.
-        eprintln!("{line}");
+        crate::log::say(priority, line)
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod ask_password;
 
+pub use crate::log::Priority;
 use crate::secret::SecretBytes;
 use std::fmt;
 use std::io::{Read, Write};
@@ -116,6 +117,13 @@ pub trait Prompter {
     fn ask(&mut self, req: &Ask) -> Result<SecretBytes, PromptError>;
     /// Show one line to the operator (status, reasons for a fallback).
     fn say(&mut self, line: &str);
+    /// [`Prompter::say`] at a journald priority: prompters whose lines go to
+    /// stderr under systemd (headless, ask-password) tag them so that
+    /// `journalctl -p warning` finds refusals and fallbacks; a terminal has no use
+    /// for the priority.
+    fn say_at(&mut self, _priority: Priority, line: &str) {
+        self.say(line)
+    }
     /// The answers to try before anyone is asked: the systemd credential for the
     /// request's kind, then (with `accept_cached`) the keyring cache `keyname`.
     /// Callers try each and fall through to [`Prompter::ask`] when none opens.
@@ -219,7 +227,10 @@ impl Prompter for Headless {
         Err(PromptError::NoTerminal("running headless".into()))
     }
     fn say(&mut self, line: &str) {
-        eprintln!("{line}");
+        self.say_at(Priority::Info, line)
+    }
+    fn say_at(&mut self, priority: Priority, line: &str) {
+        crate::log::say(priority, line)
     }
 }
 

@@ -327,6 +327,10 @@ impl Supervisor {
             cfg.metrics.textfile_dir.as_deref(),
         );
         log_info(&format!("control socket {}", socket_path.display()));
+        let mut machine = machine;
+        if let Some(n) = super::notify::Notifier::from_env() {
+            machine.notify_ready(n);
+        }
         Ok(Supervisor {
             machine,
             listener,

@@ -19,6 +19,7 @@ pub mod idle;
 pub mod lockout;
 pub mod machine;
 pub mod metrics;
+pub mod notify;
 pub mod state_file;
 pub mod system;
 pub mod tpm_anchor;
@@ -108,20 +109,16 @@ pub fn run_system(cfg: &Config, auto_lock: Option<Duration>) -> Result<(), Super
     sup.run()
 }
 
-/// Log lines go to stderr; under systemd (JOURNAL_STREAM set) they carry a syslog
-/// priority prefix so that journald files warnings as warnings.
-pub(crate) fn log(priority: u8, msg: &str) {
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        eprintln!("<{priority}>{msg}");
-    } else {
-        eprintln!("vaultguard: {msg}");
-    }
+/// Log lines go to stderr, with a journald priority when stderr is the journal
+/// ([`crate::log`]).
+pub(crate) fn log(priority: crate::log::Priority, msg: &str) {
+    crate::log::log(priority, msg);
 }
 
 pub(crate) fn log_info(msg: &str) {
-    log(6, msg);
+    crate::log::info(msg);
 }
 
 pub(crate) fn log_warn(msg: &str) {
-    log(4, msg);
+    crate::log::warn(msg);
 }

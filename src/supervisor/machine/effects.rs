@@ -62,11 +62,7 @@ impl From<i64> for Field {
 }
 
 /// Log priorities as syslog numbers (journald files them so).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Priority {
-    Warning = 4,
-    Info = 6,
-}
+pub use crate::log::Priority;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {

@@ -262,6 +262,8 @@ pub struct Machine {
     seq: u64,
     /// Event lines not yet fanned out by the event loop.
     events: Vec<Vec<u8>>,
+    /// systemd's `$NOTIFY_SOCKET`, when run as a `Type=notify` service.
+    notify: Option<super::notify::Notifier>,
 }
 
 impl Machine {
@@ -325,6 +327,7 @@ impl Machine {
             anchoring,
             seq: 0,
             events: Vec::new(),
+            notify: None,
         };
         if let Some(secs) = boot_tpm_s {
             m.metrics.boot_tpm_unseal(secs);
@@ -663,8 +666,18 @@ impl Machine {
         r
     }
 
+    /// Tell systemd the supervisor is ready (the socket is bound and the state
+    /// derived), and from now on each state change (`STATUS=`) and the stop.
+    pub fn notify_ready(&mut self, mut n: super::notify::Notifier) {
+        n.ready(self.state().as_str(), self.detail());
+        self.notify = Some(n);
+    }
+
     /// The supervisor is stopping (the vault is left as it is).
     pub fn stopping(&mut self) {
+        if let Some(n) = &self.notify {
+            n.stopping();
+        }
         // Counts of coalesced entries first: a stop loses none.
         let notes = self.gate.flush();
         self.notes(notes);
@@ -700,14 +713,16 @@ impl Machine {
             match e {
                 Effect::Audit { event, fields } => {
                     if let Err(err) = self.append(event, &fields) {
-                        super::log(
-                            Priority::Warning as u8,
-                            &format!("`{event}` not audited: {err}"),
-                        );
+                        super::log(Priority::Warning, &format!("`{event}` not audited: {err}"));
                         self.core.audit_failed(err.to_string());
                     }
                 }
                 Effect::Publish(snap) => {
+                    // Here and never on a timer: systemd hears of a change when
+                    // the state file does.
+                    if let Some(n) = &mut self.notify {
+                        n.status(&snap.state, &snap.detail);
+                    }
                     for path in &self.state_files {
                         if let Err(e) = state_file::write(path, &snap) {
                             super::log_warn(&format!(
@@ -722,10 +737,10 @@ impl Machine {
                         super::log_warn(&e.to_string());
                     }
                 }
-                Effect::Log(p, msg) => super::log(p as u8, &msg),
+                Effect::Log(p, msg) => super::log(p, &msg),
                 Effect::ForgetCache(name) => match crate::keyring::cache::forget(&name) {
                     Ok(true) => super::log(
-                        Priority::Info as u8,
+                        Priority::Info,
                         &format!(
                             "lock: dropped the passphrase cache (user key `{name}`) from the \
                              keyring"
