@@ -63,6 +63,10 @@ pub struct Options {
     /// A connection must complete each request line within this time.
     pub read_timeout: Duration,
     pub max_clients: usize,
+    /// Hand the program image's pages back once, when the loop first waits
+    /// ([`crate::secret::release_image_pages`]): `vaultguard supervise` sets it;
+    /// in-process tests leave their test binary alone.
+    pub release_image_when_idle: bool,
 }
 
 impl Default for Options {
@@ -73,6 +77,7 @@ impl Default for Options {
             warn_before: None,
             read_timeout: Duration::from_secs(10),
             max_clients: 256,
+            release_image_when_idle: false,
         }
     }
 }
@@ -366,6 +371,7 @@ impl Supervisor {
     /// is not a reason to lock or unlock.
     pub fn run(mut self) -> Result<(), SupervisorError> {
         let mut served = false;
+        let mut image_released = !self.opts.release_image_when_idle;
         loop {
             self.arm_timer()?;
             let t = now();
@@ -412,6 +418,13 @@ impl Supervisor {
                 while ready_now == 0 && Instant::now() < until {
                     ready_now = rustix::event::poll(&mut fds, Some(&ZERO)).unwrap_or(0);
                 }
+            }
+            if ready_now == 0 && !image_released {
+                // Start-up is over the first time the loop waits: what it touched
+                // (configuration, audit import, the first publish, sd_notify) need
+                // not stay resident for hours. Once, never on a timer.
+                crate::secret::release_image_pages();
+                image_released = true;
             }
             let polled = if ready_now > 0 {
                 Ok(ready_now)

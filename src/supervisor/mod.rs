@@ -101,11 +101,11 @@ pub fn run_system(cfg: &Config, auto_lock: Option<Duration>) -> Result<(), Super
     let opts = Options {
         auto_lock_override: auto_lock,
         state_file: cfg.vault.state_path.clone(),
+        release_image_when_idle: true,
         ..Options::default()
     };
     let sup = Supervisor::new(cfg, backend, opts)?;
     let sup = sup.stop_on(std::os::fd::OwnedFd::from(sfd));
-    crate::secret::release_image_pages();
     sup.run()
 }
 
