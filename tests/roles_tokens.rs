@@ -513,7 +513,17 @@ fn a_token_is_printed_once_stored_hashed_and_refused_once_revoked() {
     // Token commands are root's alone.
     let as_user = {
         use std::os::unix::process::CommandExt;
-        Command::new(env!("CARGO_BIN_EXE_vaultguard"))
+        // A copy the other uid can reach: the build tree may sit below a directory
+        // only root can enter (a CI clone in a 0700 temporary directory).
+        let reach = tempfile::Builder::new()
+            .prefix("vg-tokens-bin-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(reach.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = reach.path().join("vaultguard");
+        std::fs::copy(env!("CARGO_BIN_EXE_vaultguard"), &bin).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Command::new(&bin)
             .arg("--config")
             .arg(&h.config_path)
             .args(["token", "list"])
