@@ -96,9 +96,12 @@ pub fn init_library() {
 /// device-mapper's control node: absent when dm_mod is not loaded.
 const DM_CONTROL: &str = "/dev/mapper/control";
 
-/// Refuse early, and say why, when there is no device-mapper: libcryptsetup
-/// would report it as a name "invalid or still in use". The node can exist with
-/// no driver behind it (a container's static /dev): opening it is the test.
+/// Say why an operation failed when there is no device-mapper: libcryptsetup
+/// reports it as a name "invalid or still in use". Asked after libcryptsetup
+/// failed, never before: with dm_mod not loaded yet (an initramfs-tools initrd)
+/// libdevmapper creates the control node and opening it loads the module, which a
+/// check in front would prevent. The node can exist with no driver behind it (a
+/// container's static /dev): opening it is the test.
 fn need_device_mapper(what: &'static str, control: &Path) -> Result<(), LuksError> {
     match std::fs::OpenOptions::new()
         .read(true)
@@ -433,11 +436,16 @@ impl Vault {
         vk: &SecretBytes,
         flags: ActivateFlags,
     ) -> Result<(), LuksError> {
-        need_device_mapper("activating the mapping", Path::new(DM_CONTROL))?;
         self.dev
             .activate_handle()
             .activate_by_volume_key(Some(name), Some(vk.as_bytes()), flags.to_crypt())
-            .map_err(op("activating the mapping"))?;
+            .map_err(|e| {
+                let err = op("activating the mapping")(e);
+                match need_device_mapper("activating the mapping", Path::new(DM_CONTROL)) {
+                    Err(no_dm) => no_dm,
+                    Ok(()) => err,
+                }
+            })?;
         // dm-crypt copied the key when the table was loaded; libcryptsetup leaves
         // its logon key linked in this thread's keyring, where it would live as
         // long as the process (the supervisor: for days). Best effort: the lock
@@ -499,11 +507,14 @@ fn libc_enoent() -> i32 {
 
 /// Is the mapping `name` present?
 pub fn is_active(name: &str) -> Result<bool, LuksError> {
-    need_device_mapper("querying the mapping", Path::new(DM_CONTROL))?;
     match libcryptsetup_rs::status(None, name) {
         Ok(CryptStatusInfo::Active) | Ok(CryptStatusInfo::Busy) => Ok(true),
         Ok(_) => Ok(false),
-        Err(e) => Err(op("querying the mapping")(e)),
+        Err(e) => {
+            let err = op("querying the mapping")(e);
+            need_device_mapper("querying the mapping", Path::new(DM_CONTROL))?;
+            Err(err)
+        }
     }
 }
 
