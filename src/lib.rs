@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod encoding;
 pub mod exit;
+pub mod generator;
 pub mod handoff;
 pub mod json;
 pub mod keyring;

@@ -19,8 +19,19 @@ fn main() -> ExitCode {
     if std::env::var_os("TSS2_LOG").is_none() {
         std::env::set_var("TSS2_LOG", "all+NONE");
     }
-    vaultguard::luks::init_library();
     let argv: Vec<String> = std::env::args().collect();
+    // Installed as /usr/lib/systemd/system-generators/vaultguard-generator: the
+    // systemd generator (src/generator.rs), which never fails the boot.
+    if argv
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        == Some(vaultguard::generator::ARGV0)
+    {
+        vaultguard::generator::main(&argv);
+        return ExitCode::SUCCESS;
+    }
+    vaultguard::luks::init_library();
     if vaultguard::cli::wants_version(&argv) {
         print_version(vaultguard::cli::wants_json(&argv));
         return ExitCode::SUCCESS;

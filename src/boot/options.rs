@@ -386,6 +386,8 @@ pub fn parse(s: &str) -> Result<CrypttabOptions, OptionError> {
             "luks" | "noauto" | "auto" | "nofail" | "fail" | "_netdev" | "keyfile-timeout"
             | "x-initrd.attach" => {}
             k if k.starts_with("x-systemd.") => {}
+            // The generator's mark (src/generator.rs): this line is vaultguard's.
+            "x-vaultguard" => {}
             "x-vaultguard.no-tpm" => o.no_tpm = flag(v)?,
             "x-vaultguard.tcti" => match v {
                 Some(t) if !t.is_empty() => {
@@ -453,6 +455,7 @@ fn is_option(word: &str) -> bool {
         "_netdev",
         "keyfile-timeout",
         "x-initrd.attach",
+        "x-vaultguard",
         "-",
         "none",
     ];
