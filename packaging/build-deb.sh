@@ -24,6 +24,22 @@ if [ ! -x "$bin" ] || ! file "$bin" | grep -Eq 'statically linked|static-pie lin
 fi
 
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+# VAULTGUARD_DEB_VERSION_SUFFIX (e.g. "+rebuild1"): the same binary under a higher
+# package version, for upgrade tests and local rebuilds; the changelog gets an
+# entry for it.
+suffix=${VAULTGUARD_DEB_VERSION_SUFFIX:-}
+case "$suffix" in
+"" | [+~.]*[0-9A-Za-z]*) ;;
+*)
+    echo "build-deb: VAULTGUARD_DEB_VERSION_SUFFIX=$suffix must start with + ~ or . (a Debian version suffix)" >&2
+    exit 1
+    ;;
+esac
+if ! printf '%s' "$suffix" | grep -Eq '^[0-9A-Za-z.+~]*$'; then
+    echo "build-deb: VAULTGUARD_DEB_VERSION_SUFFIX=$suffix: only letters, digits, . + ~ may follow" >&2
+    exit 1
+fi
+version=$version$suffix
 arch=$(dpkg --print-architecture)
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
 date=$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%d)
@@ -38,6 +54,9 @@ inst() { # MODE SRC DEST
 doc=/usr/share/doc/vaultguard
 
 inst 0755 "$bin" /usr/bin/vaultguard
+# The crypttab generator is the same binary, dispatched on its name (src/generator.rs).
+mkdir -p "$stage/usr/lib/systemd/system-generators"
+ln -s ../../../bin/vaultguard "$stage/usr/lib/systemd/system-generators/vaultguard-generator"
 inst 0644 systemd/vaultguard-supervisor.service /usr/lib/systemd/system/vaultguard-supervisor.service
 inst 0644 systemd/vaultguard-unlock.service /usr/lib/systemd/system/vaultguard-unlock.service
 # The dracut module where dracut looks for it (what dracut/install.sh installs).
@@ -62,6 +81,13 @@ for page in "$out"/man/*.[0-9]; do
     gzip -9n "$stage/usr/share/man/man$sec/$(basename "$page")"
 done
 install -D -m 0644 packaging/changelog "$stage$doc/changelog.gz.tmp"
+if [ -n "$suffix" ]; then
+    {
+        printf 'vaultguard (%s) unstable; urgency=medium\n\n  * Rebuild of %s.\n\n' "$version" "${version%"$suffix"}"
+        printf ' -- vaultguard developers <vaultguard@localhost.invalid>  %s\n\n' "$(date -u -R -d "@$SOURCE_DATE_EPOCH")"
+        cat packaging/changelog
+    } >"$stage$doc/changelog.gz.tmp"
+fi
 gzip -9nc "$stage$doc/changelog.gz.tmp" >"$stage$doc/changelog.gz"
 rm "$stage$doc/changelog.gz.tmp"
 

@@ -31,6 +31,10 @@
 //! `vaultguard-attach@NAME.service`. systemd-cryptsetup's unit for the line is
 //! never loaded, and whatever asks for it gets vaultguard's.
 //!
+//! In the initrd (dracut's systemd initrd, /etc/initrd-release) it reads the
+//! initrd's /etc/crypttab, which dracut's crypt module installs, the same way;
+//! the configured vault is left to vaultguard-unlock.service there.
+//!
 //! A generator must never fail the boot: a line it cannot use gets one line on
 //! the kernel log (generators log to kmsg) and is skipped; the exit status is
 //! always 0.
@@ -492,6 +496,15 @@ pub fn main(argv: &[String]) -> i32 {
             }
         };
         if !is_ours(&line, vault.as_deref()) {
+            continue;
+        }
+        if in_initrd && vault.as_deref() == Some(line.name.as_str()) {
+            // In the initrd the configured vault is vaultguard-unlock.service's
+            // (the dracut module enables it); a second unit would race it.
+            log.line(
+                6,
+                &format!("{at}: {} is unlocked by vaultguard-unlock.service in the initrd; no attach unit", line.name),
+            );
             continue;
         }
         if !seen.insert(line.name.clone()) {

@@ -47,6 +47,13 @@ install() {
         name=$("$bin" -c "$conf" config --get vault.name 2>/dev/null || echo secure-ai-vault)
         mkdir -p "$initdir/etc/systemd/system"
         ln -sf /dev/null "$initdir/etc/systemd/system/systemd-cryptsetup@$(systemd-escape "$name").service"
+        # The crypttab generator (src/generator.rs) for the crypttab dracut's crypt
+        # module puts in the initrd: its x-vaultguard lines get vaultguard's unit
+        # there too. The configured vault itself stays vaultguard-unlock.service's
+        # (the generator's alias sits in the early dir, which outranks the mask
+        # above, only for a line in the initrd's crypttab).
+        mkdir -p "$initdir$systemdutildir/system-generators"
+        ln_r /usr/bin/vaultguard "$systemdutildir/system-generators/vaultguard-generator"
     else
         inst_hook pre-mount 10 "$moddir/vaultguard-unlock.sh"
     fi
