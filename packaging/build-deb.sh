@@ -35,7 +35,7 @@ case "$suffix" in
     exit 1
     ;;
 esac
-if ! printf '%s' "$suffix" | grep -Eq '^[0-9A-Za-z.+~]*$'; then
+if [ -n "$suffix" ] && ! printf '%s\n' "$suffix" | grep -Eq '^[0-9A-Za-z.+~]+$'; then
     echo "build-deb: VAULTGUARD_DEB_VERSION_SUFFIX=$suffix: only letters, digits, . + ~ may follow" >&2
     exit 1
 fi

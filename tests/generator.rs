@@ -202,8 +202,8 @@ fn generator_writes_units_links_and_the_alias_for_its_lines_only() {
         .lines()
         .filter(|l| !l.trim().is_empty())
         .filter(|l| {
-            !(l.contains("Command /usr/bin/vaultguard is not executable")
-                && !Path::new("/usr/bin/vaultguard").exists())
+            !l.contains("Command /usr/bin/vaultguard is not executable")
+                || Path::new("/usr/bin/vaultguard").exists()
         })
         .collect();
     assert!(other.is_empty(), "systemd-analyze verify:\n{text}");
