@@ -24,6 +24,7 @@ mod marshal;
 pub mod nv;
 mod pcr;
 pub mod policy;
+pub mod signed;
 pub mod srk;
 mod template;
 mod unseal;
