@@ -78,6 +78,7 @@ fn tpm_opts(sw: &Swtpm) -> TpmOptions {
         tcti: sw.tcti(),
         timeout: Duration::from_secs(5),
         phase_pcr: Some(15),
+        signature: None,
     }
 }
 
@@ -93,6 +94,7 @@ fn enroll_opts(sw: &Swtpm, img: &Path, pcrs: Vec<u32>, pin: bool) -> EnrollOptio
         recovery_key: false,
         tries: 3,
         audit_nv_index: Some(vaultguard::tpm::nv::DEFAULT_AUDIT_NV_INDEX),
+        signed: None,
     }
 }
 

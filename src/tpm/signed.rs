@@ -159,9 +159,11 @@ impl PolicyKey {
                     y: y.to_vec(),
                 }
             }
-            oid => return Err(key_err(format!(
+            oid => {
+                return Err(key_err(format!(
                 "a public key of algorithm {oid}; signed PCR policies take RSA-2048 or ECC P-256"
-            ))),
+            )))
+            }
         };
         Ok(PolicyKey {
             spki: der.to_vec(),
@@ -268,7 +270,7 @@ pub struct SignatureEntry {
 
 /// `tpm2-pcr-signature.json`: bank name → signed policies. Banks other than those
 /// vaultguard signs are kept as they were when the file is extended.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SignatureFile {
     banks: Map<String, Value>,
 }
@@ -483,6 +485,21 @@ pub fn locate_signature_file(explicit: Option<&Path>, in_initrd: bool) -> Option
     dirs.iter()
         .map(|d| Path::new(d).join(name))
         .find(|p| p.exists())
+}
+
+/// Read a PEM key file (public or private), refusing anything larger than a key
+/// file can be before reading it all.
+pub fn read_key_file(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyError> {
+    const MAX: u64 = 64 * 1024;
+    let f = std::fs::File::open(path).map_err(|e| key_err(e.to_string()))?;
+    let mut buf = zeroize::Zeroizing::new(Vec::new());
+    f.take(MAX + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| key_err(e.to_string()))?;
+    if buf.len() as u64 > MAX {
+        return Err(key_err(format!("larger than {MAX} bytes: not a PEM key")));
+    }
+    Ok(buf)
 }
 
 /// A private key that signs PCR policies (`vaultguard policy sign`).
