@@ -1237,6 +1237,14 @@ pub fn sealed_object_with(
             })?;
             let in_initrd = crate::handoff::in_initrd();
             let (signatures, source) = match signed::locate_signature_file(signature, in_initrd) {
+                Some(path) if !path.exists() => (
+                    Err(format!(
+                        "no signature file at {}; sign this boot's PCR values with \
+                         `vaultguard policy sign`",
+                        path.display()
+                    )),
+                    path.display().to_string(),
+                ),
                 Some(path) => (
                     signed::read_signature_file(&path).map_err(|e| e.to_string()),
                     path.display().to_string(),

@@ -74,7 +74,7 @@ fn key_err(msg: impl Into<String>) -> KeyError {
 /// A public key that approves PCR policies (the token's `tpm2_pubkey`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyKey {
-    /// DER SubjectPublicKeyInfo (its SHA-256 is the signature file's `pkfp`).
+    /// DER SubjectPublicKeyInfo.
     spki: Vec<u8>,
     kind: KeyKind,
 }
@@ -175,9 +175,28 @@ impl PolicyKey {
         matches!(self.kind, KeyKind::Rsa { .. })
     }
 
-    /// The signature file's `pkfp`: SHA-256 of the DER SubjectPublicKeyInfo.
+    /// The signature file's `pkfp`: SHA-256 of the key as OpenSSL's
+    /// i2d_PublicKey encodes it (what systemd's pubkey_fingerprint hashes): the
+    /// PKCS#1 RSAPublicKey DER for RSA, the uncompressed point (04 || x || y) for
+    /// ECC — not the SubjectPublicKeyInfo.
     pub fn fingerprint(&self) -> Vec<u8> {
-        Bank::Sha256.hash(&[&self.spki])
+        match &self.kind {
+            KeyKind::Rsa { n, e } => {
+                use rsa::pkcs1::EncodeRsaPublicKey;
+                let key = rsa::RsaPublicKey::new_unchecked(
+                    rsa::BigUint::from_bytes_be(n),
+                    rsa::BigUint::from(*e),
+                );
+                // Encoding a key we decoded cannot fail; an empty input would give
+                // a fingerprint no signature file holds.
+                let der = key
+                    .to_pkcs1_der()
+                    .map(|d| d.as_bytes().to_vec())
+                    .unwrap_or_default();
+                Bank::Sha256.hash(&[&der])
+            }
+            KeyKind::P256 { x, y } => Bank::Sha256.hash(&[&[0x04], x, y]),
+        }
     }
 
     /// The key as the TPM loads it (marshalled TPMT_PUBLIC).
@@ -693,6 +712,22 @@ mod tests {
         assert_eq!(
             hex_encode(&signed_sealing_policy(&ec, Bank::Sha256, &zero7, true)),
             "70ab085157f4d2bc4589dbcf0e156a7e3a4fab5cef5ed54d89bc1b1a0445b9dd"
+        );
+    }
+
+    #[test]
+    fn fingerprints_are_systemds() {
+        // sha256 of `openssl rsa -pubin -RSAPublicKey_out -outform DER` and of the
+        // EC point, the pkfp systemd-cryptsetup 257 accepted for these keys.
+        let rsa = PolicyKey::from_pem(RSA_PUB.as_bytes()).unwrap();
+        assert_eq!(
+            hex_encode(&rsa.fingerprint()),
+            "838132ab26b5a532ecbab211938110168bfb0698d9fed58c5e18d0dfb5fd0c1d"
+        );
+        let ec = PolicyKey::from_pem(EC_PUB.as_bytes()).unwrap();
+        assert_eq!(
+            hex_encode(&ec.fingerprint()),
+            "647a5df9dd2ebeacbb2107fe6abad841994da5212a9f688b73b061fbed6bd12d"
         );
     }
 
