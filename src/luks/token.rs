@@ -301,7 +301,7 @@ impl Tpm2Token {
             None | Some(Value::Null) => Vec::new(),
             Some(v) => parse_pcr_array(v, "tpm2_pubkey_pcrs")?,
         };
-        if pubkey.is_some() != !pubkey_pcrs.is_empty() {
+        if pubkey.is_some() == pubkey_pcrs.is_empty() {
             return Err(field(
                 "tpm2_pubkey_pcrs",
                 "a signed policy needs both `tpm2_pubkey` and a non-empty `tpm2_pubkey_pcrs`",
