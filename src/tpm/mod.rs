@@ -13,7 +13,8 @@
 //! Layout: `error` (TpmError), `unseal` (unseal and the refusal checks), `pcr`
 //! (PCR reads, latch, trial policy), `da` (dictionary-attack state), `template`
 //! (SRK and sealed-object templates), `marshal` (the TPM2B reader), `policy`
-//! (pure policy arithmetic), `srk` (the serialized SRK), `nv` (audit anchor).
+//! (pure policy arithmetic), `signed` (signed PCR policies: the policy key, the
+//! signature file, signing), `srk` (the serialized SRK), `nv` (audit anchor).
 //! This module takes its own input ([`SealedObject`]), never touches LUKS
 //! headers and never logs a secret: errors carry PCR numbers, handles and TPM
 //! response kinds only.
