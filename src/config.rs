@@ -105,6 +105,11 @@ pub struct TpmConfig {
     pub tcti: String,
     /// Seconds to wait for the TPM device to appear before falling back.
     pub timeout: u64,
+    /// Signed PCR policies: the `systemd-measure sign` signature file (crypttab
+    /// `tpm2-signature=` overrides it); unset: where systemd-cryptsetup looks
+    /// (/etc/systemd, /run/systemd, /usr/local/lib/systemd, /usr/lib/systemd,
+    /// /.extra in the initrd).
+    pub signature: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -204,6 +209,7 @@ impl Default for TpmConfig {
             phase_pcr: 15,
             tcti: "device:/dev/tpmrm0".into(),
             timeout: 10,
+            signature: None,
         }
     }
 }
