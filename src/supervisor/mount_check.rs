@@ -139,7 +139,7 @@ mod tests {
     fn a_fine_directory_and_fstab_say_nothing() {
         let tmp = crate::testutil::TmpDir::new("mc-ok");
         let fstab = "# comment\n/dev/vda / ext4 rw 0 1\n";
-        assert!(problems(&vault(&tmp.to_path_buf()), Some(fstab)).is_empty());
+        assert!(problems(&vault(&tmp), Some(fstab)).is_empty());
     }
 
     #[test]
