@@ -63,6 +63,8 @@ inst 0644 systemd/vaultguard-unlock.service /usr/lib/systemd/system/vaultguard-u
 inst 0755 dracut/90vaultguard/module-setup.sh /usr/lib/dracut/modules.d/90vaultguard/module-setup.sh
 inst 0755 dracut/90vaultguard/vaultguard-unlock.sh /usr/lib/dracut/modules.d/90vaultguard/vaultguard-unlock.sh
 inst 0644 systemd/vaultguard-unlock.service /usr/lib/dracut/modules.d/90vaultguard/vaultguard-unlock.service
+inst 0755 dracut/90vaultguard/vaultguard-mount.sh /usr/lib/dracut/modules.d/90vaultguard/vaultguard-mount.sh
+inst 0644 dracut/90vaultguard/vaultguard-mount.service /usr/lib/dracut/modules.d/90vaultguard/vaultguard-mount.service
 inst 0755 initramfs/initramfs-tools/hook /usr/share/initramfs-tools/hooks/vaultguard
 inst 0755 initramfs/initramfs-tools/local-top /usr/share/initramfs-tools/scripts/local-top/vaultguard
 inst 0755 initramfs/initramfs-tools/local-bottom /usr/share/initramfs-tools/scripts/local-bottom/vaultguard

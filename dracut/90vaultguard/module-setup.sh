@@ -18,7 +18,15 @@ check() {
 }
 
 depends() {
-    echo dm
+    # With systemd in the initrd the passphrase prompt is an ask-password request:
+    # without the console agent nobody would answer it (the crypt module that
+    # carries the agent is left out of a hostonly image whose root is not
+    # encrypted). Without systemd on the host, dm alone (the pre-mount hook).
+    if command -v systemd-tty-ask-password-agent >/dev/null; then
+        echo dm systemd-ask-password
+    else
+        echo dm
+    fi
     return 0
 }
 
@@ -42,6 +50,14 @@ install() {
         mkdir -p "$initdir$systemdsystemunitdir/initrd.target.wants"
         ln_r "$systemdsystemunitdir/vaultguard-unlock.service" \
             "$systemdsystemunitdir/initrd.target.wants/vaultguard-unlock.service"
+        # The mount inside /sysroot before switch-root (initramfs-tools does it
+        # in local-bottom): see vaultguard-mount.sh.
+        inst_simple "$moddir/vaultguard-mount.sh" /usr/lib/vaultguard/vaultguard-mount.sh
+        inst_simple "$moddir/vaultguard-mount.service" \
+            "$systemdsystemunitdir/vaultguard-mount.service"
+        mkdir -p "$initdir$systemdsystemunitdir/initrd-fs.target.wants"
+        ln_r "$systemdsystemunitdir/vaultguard-mount.service" \
+            "$systemdsystemunitdir/initrd-fs.target.wants/vaultguard-mount.service"
         # A crypttab entry for the same volume would race us with its own prompt:
         # mask the unit the cryptsetup generator would make for it.
         name=$("$bin" -c "$conf" config --get vault.name 2>/dev/null || echo secure-ai-vault)

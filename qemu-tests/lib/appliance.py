@@ -9,6 +9,13 @@ distribution's own kernel and initramfs-tools initrd, root on one virtio disk.
     ''', files={"vaultguard.deb": deb_path})
     b.expect_poweroff()
 
+dracut-core is in the root too (appliance_dracut, the boot benchmark): the guest
+can build a systemd initrd with its own `dracut` beside the initramfs-tools one.
+With tpm2-tools (dracut's tpm2-tss module refuses to install without it) the
+root image is about 750 MB, and mmdebstrap took 119 s on the 2-CPU build machine
+at load ~1 (59 s before these packages, shared/notes/appliance-guest.md) and
+346 s at load ~11 (465 s for the whole cached image).
+
 The root file system is built once per machine with mmdebstrap (--variant=minbase
 and PACKAGES, from the host's apt sources) into an ext4 image made with
 `mke2fs -d` (no loop device, no mount), and cached in qemu-tests/work/cache under
@@ -36,7 +43,16 @@ import harness
 
 SUITE = "bookworm"
 PACKAGES = ["systemd-sysv", "udev", "kmod", "cryptsetup-bin", "e2fsprogs", "initramfs-tools",
-            "linux-image-amd64"]
+            "linux-image-amd64",
+            # dracut with systemd in the initrd (appliance_dracut, the boot benchmark).
+            # dracut-core, not dracut: the latter conflicts with initramfs-tools, and
+            # one image serves both generators (each scenario runs its own).
+            "dracut-core",
+            # systemd 252's TPM2 support (systemd-cryptenroll, systemd-cryptsetup, the
+            # libcryptsetup token plugin) dlopens libtss2-esys/-rc/-mu and the device
+            # TCTI; dracut's tpm2-tss module refuses to install without the `tpm2`
+            # binary, so tpm2-tools (which depends on those libraries) comes too.
+            "tpm2-tools", "libtss2-tcti-device0"]
 ROOT_SIZE = "2G"
 MEMORY_MB = 1024
 BOOT_TIMEOUT = 300
@@ -178,17 +194,21 @@ class Appliance:
         self.root = scenario.disk("root", 1)
         subprocess.run(["cp", "--sparse=always", cached, self.root.path], check=True)
 
-    def boot(self, body, *, files=None, nic="none", label=None, cmdline="", timeout=BOOT_TIMEOUT):
+    def boot(self, body, *, files=None, nic="none", label=None, cmdline="", timeout=BOOT_TIMEOUT,
+             initrd=None):
         """Boot the appliance with its own kernel and current initrd; the vgtest
         unit runs `body` (after guest-lib.sh) once multi-user.target is reached.
-        files: {name: host path} put next to the body in /run/vgtest."""
+        files: {name: host path} put next to the body in /run/vgtest.
+        initrd: the initrd's path inside the root (default /boot/initrd.img-KVER),
+        so one root can carry an initramfs-tools and a dracut image side by side."""
         s = self.s
         if s.current is not None:
             raise harness.ScenarioFailed(f"{s.name}: boot {s.current.label} still running")
         s.nboots += 1
         label = label or f"boot{s.nboots}"
         kernel = debugfs_dump(self.root.path, f"/boot/vmlinuz-{self.kver}", s.path(f"{label}.vmlinuz"))
-        initrd = debugfs_dump(self.root.path, f"/boot/initrd.img-{self.kver}", s.path(f"{label}.initrd.img"))
+        initrd_path = initrd or f"/boot/initrd.img-{self.kver}"
+        initrd = debugfs_dump(self.root.path, initrd_path, s.path(f"{label}.initrd.img"))
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
             def add(name, data):
@@ -208,7 +228,11 @@ class Appliance:
             f.truncate(-(-len(data) // (1 << 20)) << 20)  # whole MiB: a disk size QEMU takes
         if nic not in harness.NICS:
             raise harness.ScenarioFailed(f"nic={nic!r}: one of {', '.join(harness.NICS)}")
-        append = f"root=/dev/vda rw console=ttyS0 panic=-1 quiet {cmdline}".strip()
+        # No floppy driver: QEMU's pc machine has a floppy controller without a
+        # disk, and udev's probes of /dev/fd0 under TCG (I/O errors, a udev worker
+        # in a soft lockup for a minute) held a dracut boot past multi-user.target's
+        # timeout; a hostonly dracut would also carry the module into the initrd.
+        append = f"root=/dev/vda rw console=ttyS0 panic=-1 quiet modprobe.blacklist=floppy {cmdline}".strip()
         cmd = ["qemu-system-x86_64", "-accel", "tcg", "-m", str(MEMORY_MB), "-smp", "1",
                "-nographic", "-monitor", "none", "-no-reboot",
                "-chardev", "stdio,id=ser0,signal=off", "-serial", "chardev:ser0",
@@ -228,7 +252,7 @@ class Appliance:
         with open(s.path(f"{label}.cmd"), "w") as f:
             f.write(" ".join(cmd) + "\n" + " ".join(swtpm_cmd) + "\n")
         harness.log(f"{label}: booting the appliance ({os.path.getsize(initrd) >> 10} KiB "
-                    f"initramfs-tools initrd, nic {nic})")
+                    f"initrd {initrd_path}, nic {nic})")
         b = harness.Boot(s, label, cmd, swtpm_cmd, timeout)
         s.current = b
         return b

@@ -19,6 +19,7 @@ pub mod idle;
 pub mod lockout;
 pub mod machine;
 pub mod metrics;
+pub mod mount_check;
 pub mod notify;
 pub mod state_file;
 pub mod system;
@@ -96,6 +97,12 @@ pub fn run_system(cfg: &Config, auto_lock: Option<Duration>) -> Result<(), Super
         Ok(0) => {}
         Ok(n) => log_info(&format!("took over {n} audit entries from the initramfs")),
         Err(e) => log_warn(&format!("initramfs audit entries not taken over: {e}")),
+    }
+    // What may have kept the boot from mounting the vault, said once (errors <3>,
+    // warnings <4>); the supervisor starts either way, so the operator can fix it.
+    let fstab = std::fs::read_to_string("/etc/fstab").ok();
+    for (priority, line) in mount_check::problems(&cfg.vault, fstab.as_deref()) {
+        log(priority, &line);
     }
     let backend = Box::new(system::SystemBackend::new(&cfg.vault));
     let opts = Options {

@@ -319,16 +319,61 @@ fn create_mount_point(target: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The refusal of a mount point that is a symlink: mount(2) follows it, so the
+/// vault would land wherever the link points (a directory another user or a
+/// workload chose). One line saying what to do.
+fn symlink_refusal(target: &Path) -> BackendError {
+    let to = std::fs::read_link(target)
+        .map(|t| format!(" (to {})", t.display()))
+        .unwrap_or_default();
+    failed(
+        "mount",
+        format!(
+            "the mount point {shown} is a symlink{to}; vaultguard does not mount through one: \
+             make it a directory (rm {shown} && mkdir -m 0700 {shown}), then vaultguard unlock",
+            shown = target.display()
+        ),
+    )
+}
+
 /// Mount `source` at `target` with the first filesystem type the kernel accepts.
+/// The target is opened without following a final symlink and the mount made on
+/// that descriptor (/proc/self/fd/N), so a link swapped in after the check is not
+/// followed either.
 fn mount_first_type(source: &Path, target: &Path, types: &[&str]) -> Result<(), BackendError> {
     let shown = target.display();
+    if std::fs::symlink_metadata(target).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(symlink_refusal(target));
+    }
     create_mount_point(target)
         .map_err(|e| failed("create the mount point", format!("{shown}: {e}")))?;
+    let dir = match rustix::fs::open(
+        target,
+        rustix::fs::OFlags::PATH
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        // O_PATH|O_NOFOLLOW on a symlink gives the link itself, and O_DIRECTORY
+        // then ENOTDIR; ELOOP on older kernels.
+        Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP)
+            if std::fs::symlink_metadata(target).is_ok_and(|m| m.file_type().is_symlink()) =>
+        {
+            return Err(symlink_refusal(target))
+        }
+        Err(e) => return Err(failed("open the mount point", format!("{shown}: {e}"))),
+    };
+    let via = PathBuf::from(format!("/proc/self/fd/{}", {
+        use std::os::fd::AsRawFd;
+        dir.as_raw_fd()
+    }));
     let mut last = Errno::EINVAL;
     for t in types {
         match nix::mount::mount(
             Some(source),
-            target,
+            &via,
             Some(*t),
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
             None::<&str>,
@@ -510,6 +555,57 @@ mod tests {
         b.unmount().unwrap();
         let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!is_mount_point(&mi, &dir));
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: run `cargo test --features root-tests` as root"
+    )]
+    fn a_symlinked_mount_point_is_refused_and_nothing_is_mounted_through_it() {
+        let tmp = crate::testutil::TmpDir::new("mntlink");
+        let dir = tmp.to_path_buf();
+        let elsewhere = dir.join("elsewhere");
+        let link = dir.join("vault");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let result = mount_first_type(Path::new("tmpfs"), &link, &["tmpfs"]);
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let leaked = is_mount_point(&mi, &elsewhere) || is_mount_point(&mi, &link);
+        if leaked {
+            let _ = nix::mount::umount2(&elsewhere, MntFlags::MNT_DETACH);
+        }
+        assert!(!leaked, "a tmpfs was mounted through the symlink");
+        let err = result.unwrap_err().to_string();
+        assert!(
+            err.contains(&format!(
+                "the mount point {} is a symlink (to {}); vaultguard does not mount through one",
+                link.display(),
+                elsewhere.display()
+            )),
+            "{err}"
+        );
+        assert!(err.contains("mkdir -m 0700"), "{err}");
+        // The link is left as it was: the operator's to remove.
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(feature = "root-tests"),
+        ignore = "root tier: run `cargo test --features root-tests` as root"
+    )]
+    fn a_directory_mount_point_is_mounted_through_its_descriptor() {
+        let tmp = crate::testutil::TmpDir::new("mntfd");
+        let dir = tmp.to_path_buf().join("vault");
+        mount_first_type(Path::new("tmpfs"), &dir, &["tmpfs"]).unwrap();
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mounted = is_mount_point(&mi, &dir);
+        let _ = nix::mount::umount2(&dir, MntFlags::MNT_DETACH);
+        assert!(mounted, "tmpfs not mounted on {}", dir.display());
     }
 
     #[test]
