@@ -52,6 +52,7 @@ PACKAGES = ["systemd-sysv", "udev", "kmod", "cryptsetup-bin", "e2fsprogs", "init
             # libcryptsetup token plugin) dlopens libtss2-esys/-rc/-mu and the device
             # TCTI; dracut's tpm2-tss module refuses to install without the `tpm2`
             # binary, so tpm2-tools (which depends on those libraries) comes too.
+            # (libtss2 brings tpm-udev, which vaultguard depends on: /dev/tpmrm0 tss:tss 0660.)
             "tpm2-tools", "libtss2-tcti-device0"]
 ROOT_SIZE = "2G"
 MEMORY_MB = 1024
