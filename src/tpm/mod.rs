@@ -13,13 +13,15 @@
 //! Layout: `error` (TpmError), `unseal` (unseal and the refusal checks), `pcr`
 //! (PCR reads, latch, trial policy), `da` (dictionary-attack state), `template`
 //! (SRK and sealed-object templates), `marshal` (the TPM2B reader), `policy`
-//! (pure policy arithmetic), `srk` (the serialized SRK), `nv` (audit anchor).
+//! (pure policy arithmetic), `srk` (the serialized SRK), `nv` (audit anchor),
+//! `eventlog` (the firmware event log: replay, prediction, refusal diff).
 //! This module takes its own input ([`SealedObject`]), never touches LUKS
 //! headers and never logs a secret: errors carry PCR numbers, handles and TPM
 //! response kinds only.
 
 mod da;
 mod error;
+pub mod eventlog;
 mod marshal;
 pub mod nv;
 mod pcr;
