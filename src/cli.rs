@@ -45,6 +45,7 @@ pub enum Command {
     Version(VersionCmd),
     Token(TokenCmd),
     Metrics(MetricsCmd),
+    Policy(PolicyCmd),
 }
 
 /// Arguments as argh should see them. systemd-cryptsetup's `attach NAME DEVICE -
@@ -104,6 +105,9 @@ const OPTIONS_WITH_VALUES: &[&str] = &[
     "--output",
     "--public-key",
     "--key-version",
+    "--initrd",
+    "--kernel",
+    "--event-log",
     "--auto-lock-seconds",
 ];
 
@@ -466,6 +470,49 @@ pub struct ResealCmd {
     /// LUKS2 device (path or UUID=...)
     #[argh(positional, arg_name = "device")]
     pub device_arg: Option<String>,
+}
+
+/// PCR policies for updates: predict the next boot's PCRs from the event log
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "policy")]
+pub struct PolicyCmd {
+    #[argh(subcommand)]
+    pub command: PolicySub,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum PolicySub {
+    Predict(PolicyPredictCmd),
+}
+
+/// print the PCR values the next boot will have after a staged initrd/kernel/
+/// command line: replays this boot's TPM event log (refused if it does not match
+/// the live PCRs) with the staged components' digests
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "predict")]
+pub struct PolicyPredictCmd {
+    /// the staged initrd, as the kernel's EFI stub measures it into PCR 9
+    #[argh(option)]
+    pub initrd: Option<PathBuf>,
+    /// the staged kernel image (EFI/PE), as UEFI firmware measures it into PCR 4
+    #[argh(option)]
+    pub kernel: Option<PathBuf>,
+    /// the kernel command line the boot loader will pass (LoadOptions, PCR 9)
+    #[argh(option)]
+    pub cmdline: Option<String>,
+    /// PCRs to predict (default: 4,7,9,11, those the event log has)
+    #[argh(option)]
+    pub pcrs: Option<String>,
+    /// PCR bank: sha256 (default) or sha1
+    #[argh(option)]
+    pub bank: Option<String>,
+    /// the TCG event log (default /sys/kernel/security/tpm0/binary_bios_measurements)
+    #[argh(option)]
+    pub event_log: Option<PathBuf>,
+    /// print one JSON object: {"bank":"sha256","pcrs":{"9":"<hex>"}}
+    #[argh(switch)]
+    pub json: bool,
 }
 
 #[cfg(test)]

@@ -55,6 +55,9 @@ fn command_json(c: &Command) -> bool {
         Command::Keepalive(c) => c.json,
         Command::Version(c) => c.json,
         Command::Token(t) => matches!(&t.command, vaultguard::cli::TokenSub::List(l) if l.json),
+        Command::Policy(p) => {
+            matches!(&p.command, vaultguard::cli::PolicySub::Predict(c) if c.json)
+        }
         // config prints JSON already; the others print no JSON of their own.
         _ => false,
     }
@@ -331,6 +334,11 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             return vaultguard::control::metrics_cli::run(&load_config(&args)?, json)
         }
         Command::Version(_) => print_version(json),
+        Command::Policy(p) => match &p.command {
+            vaultguard::cli::PolicySub::Predict(c) => {
+                return vaultguard::predict_cli::run(&load_config(&args)?, c, json)
+            }
+        },
     }
     Ok(ExitCode::SUCCESS)
 }
