@@ -53,6 +53,7 @@ fn through_the_token(object: &SealedObject) -> SealedObject {
         srk: object.srk.clone(),
         pcr_values: object.pcr_values.clone(),
         keyslot_macs: Default::default(),
+        eventlog: Default::default(),
     };
     vaultguard::boot::sealed_object(&Tpm2Token::from_json(&token.to_json()).unwrap())
 }

@@ -15,6 +15,7 @@
 //! on disk, verified, never from libcryptsetup's memory of what it meant to write.
 
 pub mod commands;
+pub mod explain;
 pub mod options;
 
 use crate::encoding::base64_encode_secret;
@@ -796,10 +797,18 @@ pub fn acquire_volume_key(
         Priority::Warning,
         &format!("vaultguard: TPM unlock of {name} not possible: {reason}"),
     );
-    events.event(
-        "tpm_refused",
-        &[("name", name), ("reason", &reason.to_string())],
-    );
+    // Which event-log records differ from enrolment, one line each.
+    let explained = explain::explain(vault, tpm.as_mut(), &reason);
+    for line in &explained {
+        prompter.say_at(Priority::Warning, &format!("vaultguard:   {line}"));
+    }
+    let diff = explained.join("\n");
+    let mut fields = vec![("name", name.to_string()), ("reason", reason.to_string())];
+    if !explained.is_empty() {
+        fields.push(("eventlog_diff", diff));
+    }
+    let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    events.event("tpm_refused", &fields);
     if opts.crypttab.token_only {
         return Err(BootError::TokenOnly(reason));
     }
@@ -1248,6 +1257,12 @@ fn seal_and_verify(
         srk: Some(sealed.srk.clone()),
         pcr_values: Some(sealed.pcr_values.iter().cloned().collect()),
         keyslot_macs: Default::default(), // set once the keyslot exists
+        eventlog: explain::enrolment_eventlog(
+            tpm,
+            opts.bank,
+            &sealed.pcr_values,
+            opts.tpm.phase_pcr,
+        ),
     };
     let object = sealed_object(&token);
     let verification = match tpm.check_policy(&object, opts.tpm.phase_pcr) {
