@@ -457,6 +457,10 @@ pub struct ResealCmd {
     /// require a PIN on the new enrolment
     #[argh(switch)]
     pub pin: bool,
+    /// the change was verified: print the event-log records that changed since
+    /// enrolment and audit them with the reseal (tpm.reseal_after_recovery)
+    #[argh(switch)]
+    pub confirm: bool,
     /// unlock the volume with this key file (- for standard input), no prompt
     #[argh(option)]
     pub unlock_key_file: Option<PathBuf>,

@@ -231,6 +231,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 c.bank.as_deref(),
                 c.pin,
                 unlock,
+                c.confirm,
             )?;
             return Ok(summary(json, s));
         }

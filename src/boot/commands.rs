@@ -327,6 +327,21 @@ fn report_unlock(
     events: &mut dyn Events,
 ) -> Result<Summary, BootError> {
     let done = unlock(opts, prompter, events)?;
+    // Opt-in self-healing: only on a PCR change, only with the operator's "yes".
+    if let Some(reason) = done
+        .fallback_reason
+        .as_ref()
+        .filter(|r| cfg.tpm.reseal_after_recovery && super::self_heal::is_pcr_change(r))
+    {
+        let healed = enroll_options(cfg, Some(&opts.device), None, None, false, false)
+            .and_then(|eo| super::self_heal::offer_reseal(&eo, reason, prompter, events));
+        if let Err(e) = healed {
+            prompter.say_at(
+                Priority::Warning,
+                &format!("vaultguard: reseal after recovery failed: {e}"),
+            );
+        }
+    }
     let summary = serde_json::json!({
         "success": true,
         "name": opts.name,
@@ -640,6 +655,7 @@ pub fn run_reseal(
     bank: Option<&str>,
     pin: bool,
     unlock: Option<Provisioned>,
+    confirm: bool,
 ) -> Result<Summary, BootError> {
     let mut opts = enroll_options(cfg, device_arg, pcrs, bank, pin, false)?;
     if unlock.is_some() {
@@ -647,7 +663,29 @@ pub fn run_reseal(
     }
     let mut prompter = with_answer(system_prompter(false), unlock);
     let mut events = AuditEvents::for_config(cfg);
+    // --confirm: the operator verified the change; what changed is shown and
+    // audited with the reseal.
+    let diff = if confirm {
+        let mut vault = luks::Vault::open(&opts.device)?;
+        let mut tpm = crate::tpm::Tpm::open(&opts.tpm.tcti, opts.tpm.timeout)?;
+        super::explain::current_diff(&mut vault, &mut tpm)
+    } else {
+        Vec::new()
+    };
+    for line in &diff {
+        prompter.say_at(Priority::Info, &format!("vaultguard:   {line}"));
+    }
     let report = reseal(&opts, prompter.as_mut(), &mut events)?;
+    if confirm {
+        events.event(
+            "reseal_confirmed",
+            &[
+                ("device", &opts.device),
+                ("keyslot", &report.keyslot.to_string()),
+                ("eventlog_diff", &diff.join("\n")),
+            ],
+        );
+    }
     Ok(print_enrolment("resealed into", &report))
 }
 

@@ -91,6 +91,38 @@ pub fn explain(vault: &mut Vault, tpm: Option<&mut Tpm>, reason: &TpmRefusal) ->
     lines(&enrolled, &log, bank, &changed)
 }
 
+/// The records that differ from enrolment for the PCRs whose live value differs
+/// from the one the token recorded (for `reseal --confirm`, with no refusal in
+/// hand); empty when nothing was recorded or nothing changed.
+pub fn current_diff(vault: &mut Vault, tpm: &mut Tpm) -> Vec<String> {
+    let Some(t) = vault
+        .tpm2_tokens()
+        .into_iter()
+        .filter_map(|(_, t)| t.ok())
+        .find(|t| !t.eventlog.is_empty())
+    else {
+        return Vec::new();
+    };
+    let bank = tpm_bank(t.bank);
+    let pcrs: Vec<u32> = t.eventlog.keys().copied().collect();
+    let Ok(live) = tpm.read_pcrs(bank, &pcrs) else {
+        return Vec::new();
+    };
+    let recorded = t.pcr_values.clone().unwrap_or_default();
+    let changed: Vec<u32> = live
+        .iter()
+        .filter(|(p, v)| recorded.get(p) != Some(v))
+        .map(|(p, _)| *p)
+        .collect();
+    if changed.is_empty() {
+        return Vec::new();
+    }
+    match replaying_log(tpm, bank, &changed) {
+        Ok(log) => lines(&t.eventlog, &log, bank, &changed),
+        Err(e) => vec![format!("the event log cannot explain it: {e}")],
+    }
+}
+
 /// The diff of `enrolled` against `log` for `changed`, as lines; a changed PCR
 /// whose records all match was extended outside the log, and says so.
 pub fn lines(enrolled: &EventDigests, log: &EventLog, bank: Bank, changed: &[u32]) -> Vec<String> {

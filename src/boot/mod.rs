@@ -17,6 +17,7 @@
 pub mod commands;
 pub mod explain;
 pub mod options;
+pub mod self_heal;
 
 use crate::encoding::base64_encode_secret;
 use crate::log::Priority;
