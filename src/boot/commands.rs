@@ -355,11 +355,18 @@ fn report_unlock(
     }
     // Tell the supervisor, once it starts, how the vault was opened; it trusts this
     // only if the mapping is really there.
-    let _ = crate::handoff::write_boot_hint(
+    let refusal: Vec<String> = done
+        .fallback_reason
+        .iter()
+        .map(ToString::to_string)
+        .chain(done.refusal_explained.iter().cloned())
+        .collect();
+    let _ = crate::handoff::write_boot_hint_with_refusal(
         &cfg.vault.state_path,
         "unlocked",
         done.method.as_str(),
         done.tpm_seconds,
+        &refusal,
     );
     let how = match done.method {
         Method::Tpm2 => "with the TPM",

@@ -370,6 +370,8 @@ pub struct Unlocked {
     /// Whether the phase PCR was extended.
     pub latched: bool,
     pub already_active: bool,
+    /// See [`Acquired::refusal_explained`].
+    pub refusal_explained: Vec<String>,
 }
 
 /// Which secrets have been tried on which keyslots in this operation: a keyslot's
@@ -739,6 +741,9 @@ pub struct Acquired {
     pub tpm: Option<Tpm>,
     /// How long the TPM path took when it opened the vault (seconds).
     pub tpm_seconds: Option<f64>,
+    /// The event-log records that changed since enrolment, when the TPM refused
+    /// because PCRs changed (one line each).
+    pub refusal_explained: Vec<String>,
 }
 
 /// TPM first, then the key file, then the passphrase: the volume key, without
@@ -790,6 +795,7 @@ pub fn acquire_volume_key(
                 fallback_reason: None,
                 tpm,
                 tpm_seconds: tpm_started.map(|t| t.elapsed().as_secs_f64()),
+                refusal_explained: Vec::new(),
             })
         }
         Err(reason) => reason,
@@ -828,6 +834,7 @@ pub fn acquire_volume_key(
                     fallback_reason: Some(reason),
                     tpm,
                     tpm_seconds: None,
+                    refusal_explained: explained,
                 })
             }
             Err(e) if e.is_wrong_passphrase() => {
@@ -854,6 +861,7 @@ pub fn acquire_volume_key(
             fallback_reason: Some(reason),
             tpm,
             tpm_seconds: None,
+            refusal_explained: explained,
         }),
         Err(e) => {
             events.event(
@@ -940,6 +948,7 @@ pub fn unlock(
             fallback_reason: None,
             latched: false,
             already_active: true,
+            refusal_explained: Vec::new(),
         });
     }
     let mut vault = Vault::open_with_header(&opts.device, opts.crypttab.header.as_deref())?;
@@ -950,6 +959,7 @@ pub fn unlock(
         fallback_reason,
         mut tpm,
         tpm_seconds,
+        refusal_explained,
         ..
     } = acquire_volume_key(&mut vault, opts, prompter, events)?;
 
@@ -995,6 +1005,7 @@ pub fn unlock(
         fallback_reason,
         latched,
         already_active: false,
+        refusal_explained,
     })
 }
 
