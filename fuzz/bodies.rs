@@ -39,15 +39,35 @@ pub fn config(data: &[u8]) {
     let _ = cfg.validate();
 }
 
+/// A `systemd-measure sign` signature file (`tpm2-pcr-signature.json`), as read
+/// from /etc/systemd, /run/systemd or the initrd's /.extra. What is accepted must
+/// write back so that it reads the same, and looking a signature up never panics.
+pub fn signature_file(data: &[u8]) {
+    use vaultguard::tpm::policy::Bank;
+    use vaultguard::tpm::signed::SignatureFile;
+    let Ok(f) = SignatureFile::parse(data) else {
+        return;
+    };
+    let again = SignatureFile::parse(f.to_json_string().as_bytes()).expect("a written file parses");
+    for bank in [Bank::Sha1, Bank::Sha256, Bank::Sha384, Bank::Sha512] {
+        assert_eq!(again.entries(bank), f.entries(bank));
+        for e in f.entries(bank) {
+            assert!(f.find(bank, &e.pcrs, &e.pkfp, &e.pol).is_some());
+            let _ = f.explain_miss(bank, &e.pcrs, &[0; 32]);
+        }
+    }
+}
+
 /// A target's name (that of its `fuzz_targets/` file and corpus folder) and body.
 pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target.
-pub const TARGETS: [Target; 4] = [
+pub const TARGETS: [Target; 5] = [
     ("control_request", control_request),
     ("token_json", token_json),
     ("config", config),
     ("eventlog", eventlog),
+    ("signature_file", signature_file),
 ];
 
 /// The firmware's TCG event log (binary_bios_measurements), which root or a

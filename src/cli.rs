@@ -104,6 +104,12 @@ const OPTIONS_WITH_VALUES: &[&str] = &[
     "-o",
     "--output",
     "--public-key",
+    "--public-key-pcrs",
+    "--tpm2-pcrs",
+    "--tpm2-with-pin",
+    "--private-key",
+    "--predicted",
+    "--signature",
     "--key-version",
     "--initrd",
     "--kernel",
@@ -435,9 +441,67 @@ pub struct EnrollCmd {
     /// print one JSON object on standard output
     #[argh(switch)]
     pub json: bool,
+    /// a signed PCR policy: the PEM public key (RSA-2048 or ECC P-256) whose
+    /// signatures approve PCR values (as systemd-cryptenroll --tpm2-public-key)
+    #[argh(option)]
+    pub public_key: Option<PathBuf>,
+    /// the PCRs the signatures approve, e.g. 9 or 4,9,11 (default 11)
+    #[argh(option)]
+    pub public_key_pcrs: Option<String>,
+    /// with --public-key: PCRs bound to their current values beside the signed
+    /// ones (default none, as systemd-cryptenroll); the phase PCR is added
+    #[argh(option)]
+    pub tpm2_pcrs: Option<String>,
+    /// yes/no: also require a PIN (as --pin; systemd-cryptenroll's spelling)
+    #[argh(option)]
+    pub tpm2_with_pin: Option<String>,
     /// LUKS2 device (path or UUID=...), as systemd-cryptenroll takes it
     #[argh(positional, arg_name = "device")]
     pub device_arg: Option<String>,
+}
+
+/// signed PCR policies: sign the PCR values of a boot (systemd-measure's format)
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "policy")]
+pub struct PolicyCmd {
+    #[argh(subcommand)]
+    pub command: PolicySub,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum PolicySub {
+    Sign(PolicySignCmd),
+    Predict(PolicyPredictCmd),
+}
+
+/// sign the PolicyPCR digest of PCR values (predicted, or the live ones) and
+/// write or extend the systemd-measure signature file
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "sign")]
+pub struct PolicySignCmd {
+    /// PEM private key (RSA-2048 or ECC P-256; unencrypted)
+    #[argh(option)]
+    pub private_key: PathBuf,
+    /// PEM public key: checked to be the private key's (default: derived from it)
+    #[argh(option)]
+    pub public_key: Option<PathBuf>,
+    /// the PCRs to sign (default: those in --predicted, else 11)
+    #[argh(option)]
+    pub public_key_pcrs: Option<String>,
+    /// PCR values as `policy predict --json` prints them ({"bank":"sha256",
+    /// "pcrs":{"9":"<hex>"}}), `-` for standard input; PCRs it lacks are read live
+    #[argh(option)]
+    pub predicted: Option<String>,
+    /// the signature file (default /etc/systemd/tpm2-pcr-signature.json)
+    #[argh(option)]
+    pub signature: Option<PathBuf>,
+    /// add to the signature file instead of replacing it
+    #[argh(switch)]
+    pub append: bool,
+    /// print one JSON object on standard output
+    #[argh(switch)]
+    pub json: bool,
 }
 
 /// after a verified firmware/boot change: seal to the current PCRs; the new
@@ -474,20 +538,6 @@ pub struct ResealCmd {
     /// LUKS2 device (path or UUID=...)
     #[argh(positional, arg_name = "device")]
     pub device_arg: Option<String>,
-}
-
-/// PCR policies for updates: predict the next boot's PCRs from the event log
-#[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "policy")]
-pub struct PolicyCmd {
-    #[argh(subcommand)]
-    pub command: PolicySub,
-}
-
-#[derive(FromArgs, Debug)]
-#[argh(subcommand)]
-pub enum PolicySub {
-    Predict(PolicyPredictCmd),
 }
 
 /// print the PCR values the next boot will have after a staged initrd/kernel/

@@ -108,6 +108,11 @@ pub struct TpmConfig {
     /// After a passphrase/recovery-key unlock caused by a PCR change, offer on the
     /// console to reseal to this boot's PCRs (yes/no; never without the answer).
     pub reseal_after_recovery: bool,
+    /// Signed PCR policies: the `systemd-measure sign` signature file (crypttab
+    /// `tpm2-signature=` overrides it); unset: where systemd-cryptsetup looks
+    /// (/etc/systemd, /run/systemd, /usr/local/lib/systemd, /usr/lib/systemd,
+    /// /.extra in the initrd).
+    pub signature: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -208,6 +213,7 @@ impl Default for TpmConfig {
             tcti: "device:/dev/tpmrm0".into(),
             timeout: 10,
             reseal_after_recovery: false,
+            signature: None,
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod json;
 pub mod keyring;
 pub mod log;
 pub mod luks;
+pub mod policy_cli;
 pub mod predict_cli;
 pub mod prompt;
 pub mod secret;

@@ -55,9 +55,10 @@ fn command_json(c: &Command) -> bool {
         Command::Keepalive(c) => c.json,
         Command::Version(c) => c.json,
         Command::Token(t) => matches!(&t.command, vaultguard::cli::TokenSub::List(l) if l.json),
-        Command::Policy(p) => {
-            matches!(&p.command, vaultguard::cli::PolicySub::Predict(c) if c.json)
-        }
+        Command::Policy(p) => match &p.command {
+            vaultguard::cli::PolicySub::Predict(c) => c.json,
+            vaultguard::cli::PolicySub::Sign(s) => s.json,
+        },
         // config prints JSON already; the others print no JSON of their own.
         _ => false,
     }
@@ -206,14 +207,37 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 c.unlock_passphrase_file.as_deref(),
             )?;
             let cfg = load_config(&args)?;
+            let pin = match c.tpm2_with_pin.as_deref() {
+                None => c.pin,
+                Some("yes" | "true" | "1" | "on") => true,
+                Some("no" | "false" | "0" | "off") => c.pin,
+                Some(other) => {
+                    return Err(Failure::usage(format!(
+                        "--tpm2-with-pin takes yes or no, not `{}`",
+                        other.escape_default()
+                    ))
+                    .into())
+                }
+            };
+            let signed = commands::SignedArgs {
+                public_key: c.public_key.clone(),
+                public_key_pcrs: c.public_key_pcrs.clone(),
+                tpm2_pcrs: c.tpm2_pcrs.clone(),
+            };
+            // --tpm2-pcrs is the literal PCR list (systemd's name for --pcrs).
+            let pcrs = match (&c.public_key, c.tpm2_pcrs.as_deref()) {
+                (None, Some(p)) => Some(p),
+                _ => c.pcrs.as_deref(),
+            };
             let s = commands::run_enroll(
                 &cfg,
                 device,
-                c.pcrs.as_deref(),
+                pcrs,
                 c.bank.as_deref(),
-                c.pin,
+                pin,
                 c.recovery_key,
                 unlock,
+                &signed,
             )?;
             return Ok(summary(json, s));
         }
@@ -331,15 +355,11 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Token(t) => {
             return vaultguard::control::token_cli::run(&load_config(&args)?, t, json)
         }
+        Command::Policy(p) => return vaultguard::policy_cli::run(&load_config(&args)?, p, json),
         Command::Metrics(_) => {
             return vaultguard::control::metrics_cli::run(&load_config(&args)?, json)
         }
         Command::Version(_) => print_version(json),
-        Command::Policy(p) => match &p.command {
-            vaultguard::cli::PolicySub::Predict(c) => {
-                return vaultguard::predict_cli::run(&load_config(&args)?, c, json)
-            }
-        },
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -289,7 +289,10 @@ fn pin_loop_stops_before_the_tpm_locks_out() {
     let mut tpm = got_tpm_reopen(&sw);
     let token = v.tpm2_tokens().remove(0).1.unwrap();
     assert!(tpm
-        .unseal(&vaultguard::boot::sealed_object(&token), Some(b"1357"))
+        .unseal(
+            &vaultguard::boot::sealed_object(&token).unwrap(),
+            Some(b"1357")
+        )
         .is_ok());
     // and once the counter has decayed (here: reset by the owner), the PIN path
     // opens the vault again without the passphrase
@@ -425,6 +428,7 @@ fn without_an_enrolment_the_tpm_is_not_waited_for() {
             tcti: format!("device:{}", dir.path().join("no-such-tpm").display()),
             timeout: Duration::from_secs(20),
             phase_pcr: Some(15),
+            signature: None,
         }),
         ..UnlockOptions {
             name: "secure-ai-vault".into(),

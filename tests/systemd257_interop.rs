@@ -78,6 +78,7 @@ fn tpm_opts(sw: &Swtpm) -> TpmOptions {
         tcti: sw.tcti(),
         timeout: Duration::from_secs(5),
         phase_pcr: Some(15),
+        signature: None,
     }
 }
 
@@ -93,6 +94,7 @@ fn enroll_opts(sw: &Swtpm, img: &Path, pcrs: Vec<u32>, pin: bool) -> EnrollOptio
         recovery_key: false,
         tries: 3,
         audit_nv_index: Some(vaultguard::tpm::nv::DEFAULT_AUDIT_NV_INDEX),
+        signed: None,
     }
 }
 
@@ -407,4 +409,205 @@ fn vaultguard_opens_a_systemd_257_enrolment_without_pin() {
 #[test]
 fn vaultguard_opens_a_systemd_257_enrolment_with_pin() {
     systemd_257_enrolment_opened_by_vaultguard(Some("4321"));
+}
+
+// ---- Signed PCR policies (PolicyAuthorize), both directions -----------------
+
+/// A P-256 or RSA-2048 key pair made by openssl: (private PEM path, public PEM path).
+fn signing_key(dir: &Path, kind: &str) -> (PathBuf, PathBuf) {
+    let private = dir.join(format!("{kind}-key.pem"));
+    let public = dir.join(format!("{kind}-pub.pem"));
+    let alg: &[&str] = match kind {
+        "rsa" => &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+        _ => &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+    };
+    check(
+        "openssl genpkey",
+        Command::new("openssl")
+            .arg("genpkey")
+            .args(alg)
+            .arg("-out")
+            .arg(&private)
+            .output()
+            .unwrap(),
+    );
+    check(
+        "openssl pkey -pubout",
+        Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&private)
+            .arg("-out")
+            .arg(&public)
+            .output()
+            .unwrap(),
+    );
+    (private, public)
+}
+
+/// `vaultguard policy sign` (the binary) over the live PCR 9 of `sw`, into `sig`.
+fn policy_sign(sw: &Swtpm, dir: &Path, private: &Path, sig: &Path, append: bool) -> String {
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, format!("{{\"tpm\":{{\"tcti\":\"{}\"}}}}", sw.tcti())).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vaultguard"));
+    cmd.arg("-c")
+        .arg(&cfg)
+        .args(["policy", "sign", "--private-key"])
+        .arg(private)
+        .args(["--public-key-pcrs", "9", "--signature"])
+        .arg(sig);
+    if append {
+        cmd.arg("--append");
+    }
+    let out = cmd.output().unwrap();
+    check("vaultguard policy sign", out.clone());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// systemd-cryptenroll 257 --tpm2-public-key enrols (PCR 9 signed; with or
+/// without literal PCR 7 and a PIN); `vaultguard policy sign` signs the live PCR 9;
+/// vaultguard opens the volume with that signature file.
+fn systemd_257_signed_enrolment_opened_by_vaultguard(kind: &str, literal_and_pin: bool) {
+    let mut sw = Swtpm::start();
+    let dir = TempDir::new(&format!("sd257-signed-{kind}"));
+    let img = luks_image(dir.path(), PASS);
+    sw.tool(
+        "tpm2_pcrextend",
+        &["9:sha256=0909090909090909090909090909090909090909090909090909090909090909"],
+    );
+    let (private, public) = signing_key(dir.path(), kind);
+    let mut cmd = cryptenroll257();
+    cmd.arg(format!("--tpm2-device={}", sw.tcti()))
+        .arg(format!("--tpm2-public-key={}", public.display()))
+        .arg("--tpm2-public-key-pcrs=9")
+        .env("PASSWORD", PASS);
+    if literal_and_pin {
+        cmd.arg("--tpm2-pcrs=7")
+            .arg("--tpm2-with-pin=yes")
+            .env("NEWPIN", "4321");
+    } else {
+        cmd.arg("--tpm2-pcrs=");
+    }
+    cmd.arg(&img);
+    let err = check(
+        "systemd-cryptenroll 257 --tpm2-public-key",
+        cmd.output().unwrap(),
+    );
+    assert!(err.contains("New TPM2 token enrolled"), "{err}");
+    let t = {
+        let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+        v.tpm2_tokens().remove(0).1.unwrap()
+    };
+    assert_eq!(t.pubkey_pcrs, vec![9]);
+    assert_eq!(
+        t.pubkey.as_deref(),
+        Some(std::fs::read(&public).unwrap().as_slice())
+    );
+
+    let sig = dir.path().join("tpm2-pcr-signature.json");
+    let mut opts = tpm_opts(&sw);
+    opts.signature = Some(sig.clone());
+    let uopts = UnlockOptions {
+        name: "signed257".into(),
+        device: img.display().to_string(),
+        tpm: Some(opts),
+        tries: 3,
+        keyfile: None,
+        flags: ActivateFlags::default(),
+        crypttab: Default::default(),
+    };
+    // Before anyone signed: refused with the reason, the passphrase opens it.
+    let mut p = Scripted::new(&[PASS]);
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    let got = acquire_volume_key(&mut v, &uopts, &mut p, &mut NoEvents).unwrap();
+    assert_eq!(got.method, Method::Passphrase);
+    assert!(
+        p.said.iter().any(|l| l.contains("no signature file")),
+        "{:?}",
+        p.said
+    );
+
+    policy_sign(&sw, dir.path(), &private, &sig, false);
+    let answers: Vec<&str> = if literal_and_pin {
+        vec!["4321"]
+    } else {
+        vec![]
+    };
+    let mut p = Scripted::new(&answers);
+    let got = acquire_volume_key(&mut v, &uopts, &mut p, &mut NoEvents).unwrap();
+    assert_eq!(
+        got.method,
+        if literal_and_pin {
+            Method::Tpm2Pin
+        } else {
+            Method::Tpm2
+        },
+        "{:?}",
+        p.said
+    );
+    assert_eq!(got.vk.as_bytes(), volume_key(&img, PASS).as_slice());
+}
+
+#[test]
+fn vaultguard_opens_a_systemd_257_signed_enrolment_ecc() {
+    systemd_257_signed_enrolment_opened_by_vaultguard("ec", false);
+}
+
+#[test]
+fn vaultguard_opens_a_systemd_257_signed_enrolment_rsa_with_literal_pcr_and_pin() {
+    systemd_257_signed_enrolment_opened_by_vaultguard("rsa", true);
+}
+
+/// vaultguard enrols with --public-key (PCR 9 signed, literal PCR 7 + phase PCR
+/// 15); `vaultguard policy sign` writes the signature file where
+/// systemd-cryptsetup looks (/run/systemd, bound from a temporary directory in a
+/// private mount namespace so the host's is untouched); systemd-cryptenroll 257
+/// unseals the token with it and adds NEWPASS.
+#[test]
+fn systemd_257_opens_a_vaultguard_signed_enrolment() {
+    let mut sw = Swtpm::start();
+    let dir = TempDir::new("vg257-signed");
+    let img = luks_image(dir.path(), PASS);
+    sw.tool(
+        "tpm2_pcrextend",
+        &["9:sha256=0909090909090909090909090909090909090909090909090909090909090909"],
+    );
+    // RSA: systemd 257 hands the TPM every policy signature as RSASSA, so an ECC
+    // key's signature fails there with TPM_RC_SCHEME (vaultguard verifies both).
+    let (private, public) = signing_key(dir.path(), "rsa");
+    let mut opts = enroll_opts(&sw, &img, vec![7], false);
+    let runsd = dir.path().join("run-systemd");
+    std::fs::create_dir(&runsd).unwrap();
+    let sig = runsd.join("tpm2-pcr-signature.json");
+    opts.tpm.signature = Some(sig.clone());
+    opts.signed = Some(vaultguard::boot::SignedEnrolment {
+        public_key_pem: std::fs::read(&public).unwrap(),
+        pcrs: vec![9],
+    });
+    let r = enroll(&opts, &mut Scripted::new(&[PASS]), &mut NoEvents).unwrap();
+    assert!(
+        matches!(r.verification, Verification::Unsigned(ref why) if why.contains("no signature file")),
+        "{:?}",
+        r.verification
+    );
+    policy_sign(&sw, dir.path(), &private, &sig, false);
+
+    let run = trixie();
+    let script = format!(
+        "mount --bind {} /run/systemd && exec {} systemd-cryptenroll \
+         --unlock-tpm2-device={} --password {}",
+        runsd.display(),
+        run.display(),
+        sw.tcti(),
+        img.display()
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .env("NEWPASSWORD", NEWPASS)
+        .env_remove("PASSWORD")
+        .env_remove("PIN")
+        .output()
+        .unwrap();
+    let err = check("systemd-cryptenroll 257 --unlock-tpm2-device (signed)", out);
+    assert!(err.contains("New password enrolled as key slot"), "{err}");
+    assert_eq!(volume_key(&img, NEWPASS), volume_key(&img, PASS));
 }

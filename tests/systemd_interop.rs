@@ -49,6 +49,7 @@ fn opts(sw: &Swtpm, img: &std::path::Path) -> UnlockOptions {
             tcti: sw.tcti(),
             timeout: Duration::from_secs(5),
             phase_pcr: Some(15),
+            signature: None,
         }),
         tries: 3,
         keyfile: None,

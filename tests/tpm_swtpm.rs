@@ -36,6 +36,7 @@ fn token_from(sealed: &vaultguard::tpm::Sealed, pcrs: &[u32], pin: bool) -> Seal
         salt: sealed.salt.clone(),
         srk: Some(sealed.srk.clone()),
         pcr_values: Some(sealed.pcr_values.iter().cloned().collect()),
+        signed: None,
     }
 }
 
@@ -54,8 +55,10 @@ fn through_the_token(object: &SealedObject) -> SealedObject {
         pcr_values: object.pcr_values.clone(),
         keyslot_macs: Default::default(),
         eventlog: Default::default(),
+        pubkey: None,
+        pubkey_pcrs: Vec::new(),
     };
-    vaultguard::boot::sealed_object(&Tpm2Token::from_json(&token.to_json()).unwrap())
+    vaultguard::boot::sealed_object(&Tpm2Token::from_json(&token.to_json()).unwrap()).unwrap()
 }
 
 fn seal(tpm: &mut Tpm, pcrs: &[u32], pin: Option<&[u8]>) -> vaultguard::tpm::Sealed {

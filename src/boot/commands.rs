@@ -56,6 +56,7 @@ fn tpm_options(cfg: &Config) -> TpmOptions {
         tcti: cfg.tpm.tcti.clone(),
         timeout: Duration::from_secs(cfg.tpm.timeout),
         phase_pcr: Some(cfg.tpm.phase_pcr),
+        signature: cfg.tpm.signature.clone(),
     }
 }
 
@@ -425,6 +426,9 @@ pub fn attach_options(
     if let Some(p) = o.phase_pcr {
         tpm.phase_pcr = p;
     }
+    if let Some(s) = &o.signature {
+        tpm.signature = Some(s.clone());
+    }
     if let Some(t) = o.token_timeout {
         tpm.timeout = t;
     }
@@ -511,7 +515,60 @@ fn enroll_options(
         recovery_key,
         tries: cfg.auth.boot_tries,
         audit_nv_index: cfg.audit.tpm_anchor.then_some(cfg.audit.tpm_nv_index),
+        signed: None,
     })
+}
+
+/// `enroll --public-key FILE --public-key-pcrs LIST [--tpm2-pcrs LIST]`: a signed
+/// PCR policy, as systemd-cryptenroll --tpm2-public-key takes it.
+#[derive(Debug, Clone, Default)]
+pub struct SignedArgs {
+    pub public_key: Option<PathBuf>,
+    pub public_key_pcrs: Option<String>,
+    /// The literal PCRs beside the signed ones (default: none, as systemd).
+    pub tpm2_pcrs: Option<String>,
+}
+
+/// Apply `args` to `opts`: read and check the key, the PCR lists.
+fn apply_signed(
+    cfg: &Config,
+    opts: &mut EnrollOptions,
+    args: &SignedArgs,
+) -> Result<(), BootError> {
+    let bad = BootError::BadArgument;
+    let Some(path) = &args.public_key else {
+        if args.public_key_pcrs.is_some() {
+            return Err(bad(ArgError::PublicKey(
+                "--public-key-pcrs needs --public-key".into(),
+            )));
+        }
+        return Ok(());
+    };
+    let shown = path.display();
+    let pem = crate::tpm::signed::read_key_file(path)
+        .map_err(|e| bad(ArgError::PublicKey(format!("{shown}: {e}"))))?;
+    crate::tpm::signed::PolicyKey::from_pem(&pem)
+        .map_err(|e| bad(ArgError::PublicKey(format!("{shown}: {e}"))))?;
+    let pcrs = parse_pcr_list(args.public_key_pcrs.as_deref().unwrap_or("11"))
+        .map_err(|e| bad(ArgError::PcrList(format!("--public-key-pcrs: {e}"))))?;
+    if pcrs.is_empty() {
+        return Err(bad(ArgError::PcrList("--public-key-pcrs is empty".into())));
+    }
+    let literal = match &args.tpm2_pcrs {
+        Some(p) => parse_pcr_list(p).map_err(|e| bad(ArgError::PcrList(e)))?,
+        None => Vec::new(),
+    };
+    if literal.contains(&cfg.tpm.phase_pcr) || pcrs.contains(&cfg.tpm.phase_pcr) {
+        return Err(bad(ArgError::PhasePcrListed {
+            pcr: cfg.tpm.phase_pcr,
+        }));
+    }
+    opts.pcrs = literal;
+    opts.signed = Some(crate::boot::SignedEnrolment {
+        public_key_pem: pem.to_vec(),
+        pcrs,
+    });
+    Ok(())
 }
 
 /// The console lines that report an enrolment or reseal (the recovery key, shown
@@ -534,6 +591,10 @@ pub fn enrolment_lines(what: &str, r: &EnrollReport) -> Vec<String> {
              in this boot because the phase PCR is already extended (the next boot will use it)"
                 .into()
         }
+        Verification::Unsigned(ref why) => format!(
+            "vaultguard: signed policy enrolled; not unsealed yet ({why}). Sign the PCR values \
+             the next boot will have with `vaultguard policy sign` before rebooting"
+        ),
     });
     match &r.audit_anchor {
         AuditAnchor::Skipped => {}
@@ -643,8 +704,10 @@ pub fn run_enroll(
     pin: bool,
     recovery_key: bool,
     unlock: Option<Provisioned>,
+    signed: &SignedArgs,
 ) -> Result<Summary, BootError> {
     let mut opts = enroll_options(cfg, device_arg, pcrs, bank, pin, recovery_key)?;
+    apply_signed(cfg, &mut opts, signed)?;
     if unlock.is_some() {
         opts.tries = 1;
     }

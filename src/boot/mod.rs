@@ -200,6 +200,8 @@ pub enum ArgError {
     UnknownBank {
         name: String,
     },
+    /// `--public-key` is not a usable policy key (the key parser's line).
+    PublicKey(String),
 }
 
 impl fmt::Display for ArgError {
@@ -211,6 +213,7 @@ impl fmt::Display for ArgError {
                 "PCR {pcr} is the phase PCR; it is bound to zeros automatically"
             ),
             ArgError::UnknownBank { name } => write!(f, "unknown PCR bank `{name}`"),
+            ArgError::PublicKey(why) => write!(f, "--public-key: {why}"),
         }
     }
 }
@@ -309,6 +312,9 @@ pub struct TpmOptions {
     pub timeout: Duration,
     /// PCR extended after unlock and bound to zeros at enrolment.
     pub phase_pcr: Option<u32>,
+    /// The signed-policy signature file (config `tpm.signature`, crypttab
+    /// `tpm2-signature=`); `None`: where systemd-cryptsetup looks.
+    pub signature: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -455,7 +461,13 @@ fn volume_key_via_tpm(
                 continue;
             }
         };
-        let object = sealed_object(&token);
+        let object = match sealed_object_with(&token, opts.signature.as_deref()) {
+            Ok(o) => o,
+            Err(err) => {
+                reason = TpmRefusal::TokenUnusable { token: id, err };
+                continue;
+            }
+        };
         let secret = if token.pin {
             // Nobody is asked for a PIN the TPM would refuse anyway.
             if let Some(why) = refusal(tpm, id, &object, opts.phase_pcr) {
@@ -1036,6 +1048,17 @@ pub struct EnrollOptions {
     /// The NV index to define as the audit log's TPM anchor
     /// ([`crate::tpm::nv::DEFAULT_AUDIT_NV_INDEX`] by default); `None` skips it.
     pub audit_nv_index: Option<u32>,
+    /// A signed PCR policy (`--public-key`, `--public-key-pcrs`): `pcrs` then are
+    /// the literal PCRs beside it (`--tpm2-pcrs`, may be empty).
+    pub signed: Option<SignedEnrolment>,
+}
+
+/// The signed half of an enrolment: the PEM public key (stored in the token as
+/// systemd-cryptenroll stores it) and the PCRs its signatures approve.
+#[derive(Debug, Clone)]
+pub struct SignedEnrolment {
+    pub public_key_pem: Vec<u8>,
+    pub pcrs: Vec<u32>,
 }
 
 /// What enrolment did about the audit log's TPM anchor (an NV extend index).
@@ -1064,6 +1087,9 @@ pub enum Verification {
     /// The phase PCR is already extended in this boot, so only the policy could be
     /// checked (against the TPM's own computation).
     PolicyOnly,
+    /// A signed enrolment with no signature yet for the current PCR values: the
+    /// policy was computed in software (and matches the sealed object's).
+    Unsigned(String),
 }
 
 #[derive(Debug)]
@@ -1208,8 +1234,72 @@ fn ask_new_pin(prompter: &mut dyn Prompter, name: &str) -> Result<SecretBytes, B
 
 /// The TPM's input for a `systemd-tpm2` token: `tpm` never reads LUKS tokens and
 /// `luks` never names TPM types, so the translation lives here, in the flow.
-pub fn sealed_object(t: &Tpm2Token) -> SealedObject {
-    SealedObject {
+/// A signed enrolment's signature file is looked up where systemd-cryptsetup
+/// looks (see [`sealed_object_with`]).
+pub fn sealed_object(t: &Tpm2Token) -> Result<SealedObject, token::TokenError> {
+    sealed_object_with(t, None)
+}
+
+/// [`sealed_object`] with the signature file named by config `tpm.signature` or
+/// crypttab `tpm2-signature=` (`None`: systemd-cryptsetup's places, `/.extra`
+/// too in the initrd). An unusable signature file does not make the token
+/// unusable: the unseal is refused with the file's problem as the reason.
+pub fn sealed_object_with(
+    t: &Tpm2Token,
+    signature: Option<&std::path::Path>,
+) -> Result<SealedObject, token::TokenError> {
+    use crate::tpm::signed;
+    let signed = match &t.pubkey {
+        None => None,
+        Some(pem) => {
+            let key = signed::PolicyKey::from_pem(pem).map_err(|e| token::TokenError::Field {
+                field: "tpm2_pubkey",
+                msg: e.to_string(),
+            })?;
+            let in_initrd = crate::handoff::in_initrd();
+            let (signatures, source) = match signed::locate_signature_file(signature, in_initrd) {
+                Some(path) if !path.exists() => (
+                    Err(format!(
+                        "no signature file at {}; sign this boot's PCR values with \
+                         `vaultguard policy sign`",
+                        path.display()
+                    )),
+                    path.display().to_string(),
+                ),
+                Some(path) => (
+                    signed::read_signature_file(&path).map_err(|e| e.to_string()),
+                    path.display().to_string(),
+                ),
+                None => {
+                    let looked = match signature {
+                        Some(p) => {
+                            format!("{} in {}", p.display(), signed::SIGNATURE_DIRS.join(", "))
+                        }
+                        None => format!(
+                            "{} in {}{}",
+                            signed::SIGNATURE_FILE_NAME,
+                            signed::SIGNATURE_DIRS.join(", "),
+                            if in_initrd { ", /.extra" } else { "" }
+                        ),
+                    };
+                    (
+                        Err(format!(
+                            "no signature file ({looked}); sign this boot's PCR values with \
+                                 `vaultguard policy sign`"
+                        )),
+                        looked,
+                    )
+                }
+            };
+            Some(crate::tpm::SignedPolicy {
+                key,
+                pcrs: t.pubkey_pcrs.clone(),
+                signatures,
+                source,
+            })
+        }
+    };
+    Ok(SealedObject {
         blob: t.blob.clone(),
         pcrs: t.pcrs.clone(),
         bank: tpm_bank(t.bank),
@@ -1222,7 +1312,8 @@ pub fn sealed_object(t: &Tpm2Token) -> SealedObject {
         salt: t.salt.clone(),
         srk: t.srk.clone(),
         pcr_values: t.pcr_values.clone(),
-    }
+        signed,
+    })
 }
 
 /// The token format's bank name for a TPM bank.
@@ -1251,12 +1342,22 @@ fn seal_and_verify(
     opts: &EnrollOptions,
     pin: Option<&SecretBytes>,
 ) -> Result<(Sealed, Tpm2Token, Verification), BootError> {
-    let sealed = tpm.seal(&SealRequest {
-        bank: opts.bank,
-        pcrs: &opts.pcrs,
-        phase_pcr: opts.tpm.phase_pcr,
-        pin: pin.map(SecretBytes::as_bytes),
-    })?;
+    let key = match &opts.signed {
+        Some(s) => Some(
+            crate::tpm::signed::PolicyKey::from_pem(&s.public_key_pem)
+                .map_err(|e| BootError::BadArgument(ArgError::PublicKey(e.to_string())))?,
+        ),
+        None => None,
+    };
+    let sealed = tpm.seal_signed(
+        &SealRequest {
+            bank: opts.bank,
+            pcrs: &opts.pcrs,
+            phase_pcr: opts.tpm.phase_pcr,
+            pin: pin.map(SecretBytes::as_bytes),
+        },
+        key.as_ref(),
+    )?;
     let token = Tpm2Token {
         keyslots: vec![0], // set once the keyslot exists
         blob: sealed.blob.clone(),
@@ -1275,8 +1376,15 @@ fn seal_and_verify(
             &sealed.pcr_values,
             opts.tpm.phase_pcr,
         ),
+        pubkey: opts.signed.as_ref().map(|s| s.public_key_pem.clone()),
+        pubkey_pcrs: opts
+            .signed
+            .as_ref()
+            .map(|s| s.pcrs.clone())
+            .unwrap_or_default(),
     };
-    let object = sealed_object(&token);
+    let object = sealed_object_with(&token, opts.tpm.signature.as_deref())
+        .map_err(|e| BootError::BadArgument(ArgError::PublicKey(e.to_string())))?;
     let verification = match tpm.check_policy(&object, opts.tpm.phase_pcr) {
         Ok(()) => {
             let back = tpm.unseal(&object, pin.map(SecretBytes::as_bytes))?;
@@ -1298,6 +1406,9 @@ fn seal_and_verify(
             }
             Verification::PolicyOnly
         }
+        // Enrolled before anyone signed this boot's PCR values: the usual order
+        // (enrol, then `policy sign`); the policy was checked in software.
+        Err(TpmError::Signature(why)) => Verification::Unsigned(why),
         Err(e) => return Err(BootError::Verify(VerifyFailure::Refused(e))),
     };
     Ok((sealed, token, verification))
@@ -1632,7 +1743,8 @@ pub fn reseal(
     // PIN (a PIN would have to be asked again just to tidy up).
     for (id, t) in &old {
         if !t.pin && !secrets.iter().any(|(s, _)| s == id) {
-            if let Ok(secret) = tpm.unseal(&sealed_object(t), None) {
+            let object = sealed_object_with(t, opts.tpm.signature.as_deref());
+            if let Some(secret) = object.ok().and_then(|o| tpm.unseal(&o, None).ok()) {
                 secrets.push((*id, base64_encode_secret(secret.as_bytes())));
             }
         }

@@ -47,6 +47,8 @@ pub struct CrypttabOptions {
     pub token_timeout: Option<Duration>,
     /// `tpm2-device=` or `x-vaultguard.tcti=`.
     pub tcti: Option<String>,
+    /// `tpm2-signature=`: the signed-policy signature file.
+    pub signature: Option<PathBuf>,
     /// `tpm2-measure-pcr=`: `Some(None)` is "do not measure".
     pub phase_pcr: Option<Option<u32>>,
     /// `x-vaultguard.no-tpm`: do not use the TPM at all.
@@ -213,10 +215,6 @@ fn refusal(key: &str) -> Option<&'static str> {
             "vaultguard unlocks with a TPM2 token, key file or passphrase only; \
              FIDO2 and PKCS#11 tokens are not supported"
         }
-        "tpm2-signature" => {
-            "signed PCR policies are not supported yet; enrol with `vaultguard enroll` \
-             (PCR values) and remove the option"
-        }
         "tpm2-pcrlock" => {
             "pcrlock policies are not supported; enrol with `vaultguard enroll` and remove \
              the option"
@@ -349,6 +347,10 @@ pub fn parse(s: &str) -> Result<CrypttabOptions, OptionError> {
                     ))
                 }
             },
+            "tpm2-signature" => match v {
+                Some(p) if !p.is_empty() => o.signature = Some(PathBuf::from(p)),
+                _ => return Err(bad("expected the path of a signature file")),
+            },
             "tpm2-pcrs" => {
                 // As in systemd, these apply only to a volume without token metadata;
                 // vaultguard's tokens always carry their PCRs, which is what is used.
@@ -441,6 +443,7 @@ fn is_option(word: &str) -> bool {
         "timeout",
         "token-timeout",
         "tpm2-device",
+        "tpm2-signature",
         "tpm2-pcrs",
         "tpm2-pin",
         "tpm2-measure-pcr",
@@ -698,9 +701,18 @@ mod tests {
     }
 
     #[test]
+    fn tpm2_signature_names_the_signature_file() {
+        assert_eq!(
+            ok("tpm2-signature=/boot/sig.json").signature.as_deref(),
+            Some(std::path::Path::new("/boot/sig.json"))
+        );
+        assert_eq!(ok("discard").signature, None);
+        assert!(refused("tpm2-signature=").contains("signature file"));
+    }
+
+    #[test]
     fn what_vaultguard_cannot_do_is_refused_by_name() {
         for (opt, word) in [
-            ("tpm2-signature=/boot/sig.json", "signed PCR policies"),
             ("tpm2-pcrlock=/var/lib/pcrlock.json", "pcrlock"),
             ("fido2-device=auto", "FIDO2"),
             ("pkcs11-uri=auto", "PKCS#11"),

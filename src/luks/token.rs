@@ -103,6 +103,12 @@ pub struct Tpm2Token {
     /// The event-log records of the sealed PCRs at enrolment (not secret: the
     /// log is world-readable measurements); empty when the log was not usable.
     pub eventlog: EventDigests,
+    /// `tpm2_pubkey`: the PEM public key that signs PCR policies (a signed
+    /// enrolment), as systemd-cryptenroll --tpm2-public-key= writes it (base64 of
+    /// the PEM text).
+    pub pubkey: Option<Vec<u8>>,
+    /// `tpm2_pubkey_pcrs`: the PCRs whose values the signatures approve.
+    pub pubkey_pcrs: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,16 +297,27 @@ impl Tpm2Token {
             }
         };
 
-        for (key, what) in [
-            ("tpm2_pubkey_pcrs", "signed PCR policies (tpm2_pubkey_pcrs)"),
-            ("tpm2_pubkey", "signed PCR policies (tpm2_pubkey)"),
-        ] {
-            if obj
-                .get(key)
-                .is_some_and(|v| !v.is_null() && v != &Value::Array(vec![]))
-            {
-                return Err(TokenError::Unsupported(what.into()));
+        let pubkey = match obj.get("tpm2_pubkey") {
+            None | Some(Value::Null) => None,
+            Some(v) => {
+                let text = base64_decode(single_string(v, "tpm2_pubkey")?)
+                    .map_err(|e| field("tpm2_pubkey", e))?;
+                if text.is_empty() {
+                    None
+                } else {
+                    Some(text)
+                }
             }
+        };
+        let pubkey_pcrs = match obj.get("tpm2_pubkey_pcrs") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(v) => parse_pcr_array(v, "tpm2_pubkey_pcrs")?,
+        };
+        if pubkey.is_some() == pubkey_pcrs.is_empty() {
+            return Err(field(
+                "tpm2_pubkey_pcrs",
+                "a signed policy needs both `tpm2_pubkey` and a non-empty `tpm2_pubkey_pcrs`",
+            ));
         }
         if obj.get("tpm2_pcrlock").and_then(Value::as_bool) == Some(true) {
             return Err(TokenError::Unsupported(
@@ -409,6 +426,8 @@ impl Tpm2Token {
             pcr_values,
             keyslot_macs,
             eventlog,
+            pubkey,
+            pubkey_pcrs,
         })
     }
 
@@ -512,6 +531,13 @@ impl Tpm2Token {
                 .collect();
             m.insert(EVENTLOG_FIELD.into(), Value::Object(vm));
         }
+        if let Some(pubkey) = &self.pubkey {
+            m.insert("tpm2_pubkey".into(), base64_encode(pubkey).into());
+            m.insert(
+                "tpm2_pubkey_pcrs".into(),
+                Value::Array(self.pubkey_pcrs.iter().map(|&p| Value::from(p)).collect()),
+            );
+        }
         Value::Object(m)
     }
 }
@@ -543,6 +569,8 @@ mod tests {
             )]
             .into_iter()
             .collect(),
+            pubkey: None,
+            pubkey_pcrs: Vec::new(),
         }
     }
 
@@ -730,12 +758,19 @@ mod tests {
             Tpm2Token::from_json(&json!({"type": "luks2-keyring"})),
             Err(TokenError::NotTpm2)
         );
+        // A signed policy: both fields or neither; round trip keeps them.
         let mut signed = good.clone();
         signed["tpm2_pubkey_pcrs"] = json!([11]);
-        assert!(matches!(
-            Tpm2Token::from_json(&signed),
-            Err(TokenError::Unsupported(_))
-        ));
+        let e = Tpm2Token::from_json(&signed).unwrap_err().to_string();
+        assert!(e.contains("tpm2_pubkey_pcrs"), "{e}");
+        signed["tpm2_pubkey"] = json!(base64_encode(b"-----BEGIN PUBLIC KEY-----\n"));
+        let t = Tpm2Token::from_json(&signed).unwrap();
+        assert_eq!(t.pubkey_pcrs, vec![11]);
+        assert_eq!(
+            t.pubkey.as_deref(),
+            Some(&b"-----BEGIN PUBLIC KEY-----\n"[..])
+        );
+        assert_eq!(Tpm2Token::from_json(&t.to_json()).unwrap(), t);
         let mut pcrlock = good;
         pcrlock["tpm2_pcrlock"] = json!(true);
         assert!(matches!(

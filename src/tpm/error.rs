@@ -66,6 +66,9 @@ pub enum TpmError {
     /// The owner hierarchy has an authorisation value; vaultguard defines NV
     /// indexes only with the empty owner authorisation.
     OwnerAuthSet,
+    /// A signed PCR policy cannot be satisfied: no usable signature for the
+    /// current PCR values, or the signature file is unusable (the line says which).
+    Signature(String),
 }
 
 impl fmt::Display for TpmError {
@@ -134,6 +137,7 @@ impl fmt::Display for TpmError {
             ),
             TpmError::PinRequired => write!(f, "this enrolment needs a PIN and none was given"),
             TpmError::LatchFailed(why) => write!(f, "could not extend the phase PCR: {why}"),
+            TpmError::Signature(why) => write!(f, "signed PCR policy: {why}"),
             TpmError::PcrOutOfRange { pcr } => write!(f, "PCR {pcr} is out of range (0-23)"),
             TpmError::PcrUnavailable { pcr, bank } => {
                 write!(f, "the TPM has no PCR {pcr} in the {bank} bank")

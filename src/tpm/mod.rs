@@ -26,6 +26,7 @@ mod marshal;
 pub mod nv;
 mod pcr;
 pub mod policy;
+pub mod signed;
 pub mod srk;
 mod template;
 mod unseal;
@@ -85,6 +86,21 @@ pub struct SealedObject {
     pub srk: Option<Vec<u8>>,
     /// The PCR values recorded at sealing, where known.
     pub pcr_values: Option<std::collections::BTreeMap<u32, Vec<u8>>>,
+    /// A signed PCR policy (PolicyAuthorize) in front of the literal one.
+    pub signed: Option<SignedPolicy>,
+}
+
+/// A signed PCR policy: the key whose signatures approve PolicyPCR digests over
+/// `pcrs`, and the signature file the caller found (see [`signed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedPolicy {
+    pub key: signed::PolicyKey,
+    pub pcrs: Vec<u32>,
+    /// The signature file, or why there is none usable (the unseal is then
+    /// refused with that reason, and the passphrase is asked).
+    pub signatures: Result<signed::SignatureFile, String>,
+    /// Where the signature file is (or was looked for), for messages.
+    pub source: String,
 }
 
 /// What `seal` produced: everything a `systemd-tpm2` token needs, plus the secret.
@@ -269,6 +285,17 @@ impl Tpm {
 
     /// Seal a fresh secret to the PCR policy described by `req`.
     pub fn seal(&mut self, req: &SealRequest<'_>) -> Result<Sealed, TpmError> {
+        self.seal_signed(req, None)
+    }
+
+    /// Seal a fresh secret; with `key`, to a signed policy (PolicyAuthorize by
+    /// `key`, then the literal PCRs of `req` and the PIN), as systemd-cryptenroll
+    /// --tpm2-public-key does.
+    pub fn seal_signed(
+        &mut self,
+        req: &SealRequest<'_>,
+        key: Option<&signed::PolicyKey>,
+    ) -> Result<Sealed, TpmError> {
         let (srk, srk_ser) = self.srk_get_or_create()?;
         let mut values = self.read_pcrs(req.bank, req.pcrs)?;
         if let Some(phase) = req.phase_pcr {
@@ -276,7 +303,10 @@ impl Tpm {
             values.push((phase, vec![0u8; req.bank.digest_len()]));
         }
         values.sort_by_key(|(p, _)| *p);
-        let policy = policy::sealing_policy(req.bank, &values, req.pin.is_some());
+        let policy = match key {
+            Some(k) => signed::signed_sealing_policy(k, req.bank, &values, req.pin.is_some()),
+            None => policy::sealing_policy(req.bank, &values, req.pin.is_some()),
+        };
 
         let (salt, auth) = match req.pin {
             Some(pin) => {

@@ -6,6 +6,7 @@ use super::error::{Alteration, BlobDefect, Malformed};
 use super::marshal::Reader;
 use super::pcr::{hashing_alg, pcr_slot};
 use super::policy;
+use super::signed;
 use super::srk::{SerializedKey, SRK_HANDLE};
 use super::template::{check_storage_key, srk_template};
 use super::{cmd, rc_kind, PcrValues, SealedObject, Tpm, TpmError};
@@ -19,7 +20,8 @@ use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Auth, Digest, PcrSelectionListBuilder, PcrSlot, Private, Public, SymmetricDefinition,
+    Auth, Digest, EccParameter, EccSignature, Name, Nonce, PcrSelectionListBuilder, PcrSlot,
+    Private, Public, PublicKeyRsa, RsaSignature, Signature, SymmetricDefinition,
 };
 use tss_esapi::traits::UnMarshall;
 
@@ -27,7 +29,7 @@ impl Tpm {
     /// Compute the policy digest that the live PCRs would produce for `sealed`.
     pub fn live_policy(&mut self, sealed: &SealedObject) -> Result<(Vec<u8>, PcrValues), TpmError> {
         let live = self.read_pcrs(sealed.bank, &sealed.pcrs)?;
-        Ok((policy::sealing_policy(sealed.bank, &live, sealed.pin), live))
+        Ok((expected_policy(sealed, &live), live))
     }
 
     /// Check the live PCRs against the enrolled policy before asking the TPM, naming
@@ -42,6 +44,9 @@ impl Tpm {
         check_sealed(sealed)?;
         let (digest, live) = self.live_policy(sealed)?;
         if digest == sealed.policy_hash {
+            if sealed.signed.is_some() {
+                self.signed_approval(sealed)?;
+            }
             return Ok(());
         }
         let mut changed = Vec::new();
@@ -66,6 +71,119 @@ impl Tpm {
             bound: sealed.pcrs.clone(),
             phase: phase_pcr,
         })
+    }
+
+    /// The signature that approves the live values of the signed policy's PCRs:
+    /// (approved digest, signature). One PCR_Read; refuses with the reason no
+    /// signature fits (none found, other key, other PCRs, other values).
+    pub fn signed_approval(
+        &mut self,
+        sealed: &SealedObject,
+    ) -> Result<(Vec<u8>, Vec<u8>), TpmError> {
+        self.approval(sealed, true)
+    }
+
+    /// [`Tpm::signed_approval`]; without `check_live`, a file with exactly one
+    /// signature by the key over the policy's PCRs gives it without reading the
+    /// PCRs (one TPM command less per unlock): the TPM itself then refuses it at
+    /// PolicyAuthorize if it does not fit, and the refusal is explained with the
+    /// full check.
+    fn approval(
+        &mut self,
+        sealed: &SealedObject,
+        check_live: bool,
+    ) -> Result<(Vec<u8>, Vec<u8>), TpmError> {
+        let Some(sp) = &sealed.signed else {
+            return Err(TpmError::Signature(
+                "the enrolment has no signed policy".into(),
+            ));
+        };
+        let file = match &sp.signatures {
+            Ok(f) => f,
+            Err(why) => return Err(TpmError::Signature(why.clone())),
+        };
+        let pkfp = sp.key.fingerprint();
+        if !check_live {
+            let mut candidates = file
+                .entries(sealed.bank)
+                .into_iter()
+                .filter(|e| e.pcrs == sp.pcrs && e.pkfp == pkfp);
+            if let (Some(only), None) = (candidates.next(), candidates.next()) {
+                return Ok((only.pol, only.sig));
+            }
+        }
+        let live = self.read_pcrs(sealed.bank, &sp.pcrs)?;
+        let pol = signed::approved_policy(sealed.bank, &live);
+        match file.find(sealed.bank, &sp.pcrs, &pkfp, &pol) {
+            Some(e) => Ok((pol, e.sig)),
+            None => Err(TpmError::Signature(format!(
+                "{} does not approve this boot: {}",
+                sp.source,
+                file.explain_miss(sealed.bank, &sp.pcrs, &pkfp)
+            ))),
+        }
+    }
+
+    /// PolicyPCR over the signed PCRs, then the key's approval of that digest:
+    /// LoadExternal + VerifySignature (a ticket), FlushContext, PolicyAuthorize.
+    fn policy_authorize_steps(
+        &mut self,
+        ps: PolicySession,
+        sealed: &SealedObject,
+        sp: &super::SignedPolicy,
+        pol: &[u8],
+        sig: &[u8],
+    ) -> Result<(), UnsealStep> {
+        let sel = pcr_selection(sealed.bank, &sp.pcrs).map_err(UnsealStep::Other)?;
+        self.ctx()?
+            .execute_without_session(|c| c.policy_pcr(ps, Digest::default(), sel))
+            .map_err(UnsealStep::Tpm)?;
+        let bad =
+            |what: &str| UnsealStep::Other(TpmError::Signature(format!("{}: {what}", sp.source)));
+        let public = Public::unmarshall(&sp.key.tpmt_public())
+            .map_err(|_| bad("the enrolled public key cannot be loaded"))?;
+        let signature = if sp.key.is_rsa() {
+            let s = PublicKeyRsa::try_from(sig.to_vec())
+                .map_err(|_| bad("an RSA signature of the wrong size"))?;
+            Signature::RsaSsa(
+                RsaSignature::create(HashingAlgorithm::Sha256, s)
+                    .map_err(|_| bad("an unusable RSA signature"))?,
+            )
+        } else {
+            let (r, s) = signed::ecdsa_r_s(sig).ok_or_else(|| bad("not a DER ECDSA signature"))?;
+            Signature::EcDsa(
+                EccSignature::create(
+                    HashingAlgorithm::Sha256,
+                    EccParameter::try_from(r).map_err(|_| bad("ECDSA r too large"))?,
+                    EccParameter::try_from(s).map_err(|_| bad("ECDSA s too large"))?,
+                )
+                .map_err(|_| bad("an unusable ECDSA signature"))?,
+            )
+        };
+        let ahash =
+            Digest::try_from(policy::Bank::Sha256.hash(&[pol])).map_err(|_| bad("digest size"))?;
+        let approved = Digest::try_from(pol.to_vec()).map_err(|_| bad("digest size"))?;
+        let name = Name::try_from(sp.key.name()).map_err(|_| bad("key name size"))?;
+        let key = self
+            .ctx()?
+            .execute_without_session(|c| c.load_external_public(public, Hierarchy::Owner))
+            .map_err(UnsealStep::Tpm)?;
+        let ticket = self
+            .ctx()?
+            .execute_without_session(|c| c.verify_signature(key, ahash, signature));
+        self.flush(key.into());
+        let ticket = ticket.map_err(|e| {
+            UnsealStep::Other(TpmError::Signature(format!(
+                "the TPM rejected the signature in {} for PCRs {:?} ({e}): it was not made by the enrolled key",
+                sp.source, sp.pcrs
+            )))
+        })?;
+        self.ctx()?
+            .execute_without_session(|c| {
+                c.policy_authorize(ps, approved, Nonce::default(), &name, ticket)
+            })
+            .map_err(UnsealStep::Tpm)?;
+        Ok(())
     }
 
     /// Check the recorded SRK against the TPM and return the parent to load under.
@@ -172,6 +290,13 @@ impl Tpm {
         if let Some(object) = object {
             self.flush(object.into());
         }
+        // A signature picked without reading the PCRs (the file's only one for
+        // this key) that the TPM refused: say why, from the live values.
+        if let (Err(UnsealStep::Tpm(_)), Some(_)) = (&result, &sealed.signed) {
+            if let Err(why @ TpmError::Signature(_)) = self.approval(sealed, true) {
+                return Err(why);
+            }
+        }
         result.map_err(|e| match e {
             // Without a PIN there is no authorisation value to get wrong: an
             // authorisation failure is the session's (its HMAC), not the operator's.
@@ -209,6 +334,12 @@ impl Tpm {
         sealed: &SealedObject,
         pin: Option<&[u8]>,
     ) -> Result<SecretBytes, UnsealStep> {
+        // A signed policy: find the signature for the live PCRs first, so that a
+        // boot nobody signed is refused before any session is started.
+        let approval = match &sealed.signed {
+            Some(_) => Some(self.approval(sealed, false).map_err(UnsealStep::Other)?),
+            None => None,
+        };
         // The policy session is salted with the parent (only the real TPM can
         // recover the salt). Without a PIN it also encrypts the response, so one
         // session does everything: one ECDH, one session's worth of TPM commands.
@@ -241,19 +372,16 @@ impl Tpm {
                 .tr_sess_set_attributes(session, attrs, mask)
                 .map_err(UnsealStep::Tpm)?;
             let ps = PolicySession::try_from(session).map_err(UnsealStep::Tpm)?;
-            let slots: Vec<PcrSlot> = sealed
-                .pcrs
-                .iter()
-                .map(|&p| pcr_slot(p))
-                .collect::<Result<_, _>>()
-                .map_err(UnsealStep::Other)?;
-            let sel = PcrSelectionListBuilder::new()
-                .with_selection(hashing_alg(sealed.bank), &slots)
-                .build()
-                .map_err(UnsealStep::Tpm)?;
-            self.ctx()?
-                .execute_without_session(|c| c.policy_pcr(ps, Digest::default(), sel))
-                .map_err(UnsealStep::Tpm)?;
+            if let (Some(sp), Some((pol, sig))) = (&sealed.signed, &approval) {
+                self.policy_authorize_steps(ps, sealed, sp, pol, sig)?;
+            }
+            // A signed enrolment may have no literal PCRs (then no PolicyPCR here).
+            if !(sealed.signed.is_some() && sealed.pcrs.is_empty()) {
+                let sel = pcr_selection(sealed.bank, &sealed.pcrs).map_err(UnsealStep::Other)?;
+                self.ctx()?
+                    .execute_without_session(|c| c.policy_pcr(ps, Digest::default(), sel))
+                    .map_err(UnsealStep::Tpm)?;
+            }
             if sealed.pin {
                 self.ctx()?
                     .execute_without_session(|c| c.policy_auth_value(ps))
@@ -351,12 +479,27 @@ pub fn check_sealed(sealed: &SealedObject) -> Result<(), TpmError> {
     if let Some(recorded) = &sealed.pcr_values {
         if recorded.keys().copied().eq(sealed.pcrs.iter().copied()) {
             let values: PcrValues = recorded.iter().map(|(p, v)| (*p, v.clone())).collect();
-            if policy::sealing_policy(sealed.bank, &values, sealed.pin) != sealed.policy_hash {
+            if expected_policy(sealed, &values) != sealed.policy_hash {
                 return Err(TpmError::Altered(Alteration::PolicyNotTheRecordedPcrs));
             }
         }
     }
     Ok(())
+}
+
+/// A TPML_PCR_SELECTION of `pcrs` in `bank`.
+fn pcr_selection(
+    bank: policy::Bank,
+    pcrs: &[u32],
+) -> Result<tss_esapi::structures::PcrSelectionList, TpmError> {
+    let slots: Vec<PcrSlot> = pcrs
+        .iter()
+        .map(|&p| pcr_slot(p))
+        .collect::<Result<_, _>>()?;
+    PcrSelectionListBuilder::new()
+        .with_selection(hashing_alg(bank), &slots)
+        .build()
+        .map_err(cmd("PCR selection"))
 }
 
 pub(super) enum UnsealStep {
@@ -375,6 +518,14 @@ pub(super) fn rc_kind_of(step: &UnsealStep) -> Option<Tss2ResponseCodeKind> {
     match step {
         UnsealStep::Tpm(e) | UnsealStep::Load(e) => rc_kind(e),
         UnsealStep::Other(_) => None,
+    }
+}
+
+/// The sealing policy `sealed` has with `literal` as its literal PCR values.
+fn expected_policy(sealed: &SealedObject, literal: &[(u32, Vec<u8>)]) -> Vec<u8> {
+    match &sealed.signed {
+        Some(s) => signed::signed_sealing_policy(&s.key, sealed.bank, literal, sealed.pin),
+        None => policy::sealing_policy(sealed.bank, literal, sealed.pin),
     }
 }
 

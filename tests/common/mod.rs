@@ -193,6 +193,13 @@ impl TpmCommand {
             0x17E => "PCR_Read",
             0x17F => "PolicyPCR",
             0x182 => "PCR_Extend",
+            0x167 => "LoadExternal",
+            0x177 => "VerifySignature",
+            0x16A => "PolicyAuthorize",
+            0x149 => "PolicyNV",
+            0x14E => "NV_Read",
+            0x134 => "NV_Increment",
+            0x169 => "NV_ReadPublic",
             _ => "other",
         }
     }
@@ -384,6 +391,7 @@ pub fn tpm_opts(sw: &Swtpm) -> vaultguard::boot::TpmOptions {
         tcti: sw.tcti(),
         timeout: Duration::from_secs(5),
         phase_pcr: Some(15),
+        signature: None,
     }
 }
 
@@ -399,6 +407,7 @@ pub fn enroll_opts(sw: &Swtpm, img: &Path) -> vaultguard::boot::EnrollOptions {
         recovery_key: false,
         tries: 3,
         audit_nv_index: Some(vaultguard::tpm::nv::DEFAULT_AUDIT_NV_INDEX),
+        signed: None,
     }
 }
 

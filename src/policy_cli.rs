@@ -1,0 +1,245 @@
+//! `vaultguard policy …`: signed PCR policies from the command line.
+//!
+//! `policy sign` approves a set of PCR values for every enrolment bound to the
+//! signing key (`enroll --public-key`, or systemd-cryptenroll --tpm2-public-key):
+//! it signs their PolicyPCR digest, as `systemd-measure sign` does, and writes or
+//! extends the signature file systemd-cryptsetup and vaultguard read. The values
+//! come from `--predicted` (the JSON `policy predict --json` prints; the update
+//! workflow is `policy predict --initrd NEW --json | policy sign … --predicted -
+//! --append`) or, for PCRs it lacks, from the TPM now. The private key is only
+//! read here; in production it stays on the machine that signs, not the appliance.
+
+use crate::cli::{PolicyCmd, PolicySignCmd, PolicySub};
+use crate::config::{parse_pcr_list, Config};
+use crate::encoding::{hex_decode, hex_encode};
+use crate::exit::Failure;
+use crate::tpm::policy::Bank;
+use crate::tpm::signed::{self, PolicyKey, SignatureEntry, SignatureFile, SigningKey};
+use crate::tpm::Tpm;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::error::Error;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+type Result<T> = std::result::Result<T, Box<dyn Error>>;
+
+/// Where `policy sign` writes by default: the first place systemd-cryptsetup looks.
+pub const DEFAULT_SIGNATURE_FILE: &str = "/etc/systemd/tpm2-pcr-signature.json";
+
+pub fn run(cfg: &Config, cmd: &PolicyCmd, json: bool) -> Result<ExitCode> {
+    match &cmd.command {
+        PolicySub::Sign(c) => sign(cfg, c, json || c.json),
+        PolicySub::Predict(c) => crate::predict_cli::run(cfg, c, json || c.json),
+    }
+}
+
+/// Predicted PCR values: `{"bank":"sha256","pcrs":{"9":"<hex>",…}}`.
+pub fn parse_predicted(
+    bytes: &[u8],
+) -> std::result::Result<(Bank, BTreeMap<u32, Vec<u8>>), String> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("is not JSON ({e})"))?;
+    let bank_name = v
+        .get("bank")
+        .and_then(Value::as_str)
+        .ok_or("has no \"bank\" string")?;
+    let bank =
+        Bank::from_name(bank_name).ok_or_else(|| format!("names an unknown bank `{bank_name}`"))?;
+    let pcrs = v
+        .get("pcrs")
+        .and_then(Value::as_object)
+        .ok_or("has no \"pcrs\" object")?;
+    let mut out = BTreeMap::new();
+    for (k, val) in pcrs {
+        let p: u32 = k
+            .parse()
+            .ok()
+            .filter(|&p| p < 24)
+            .ok_or_else(|| format!("key `{k}` is not a PCR number (0-23)"))?;
+        let hex = val
+            .as_str()
+            .ok_or_else(|| format!("PCR {p}: the value is not a hex string"))?;
+        let bytes = hex_decode(hex).map_err(|e| format!("PCR {p}: {e}"))?;
+        if bytes.len() != bank.digest_len() {
+            return Err(format!(
+                "PCR {p}: {} bytes, a {} value has {}",
+                bytes.len(),
+                bank.name(),
+                bank.digest_len()
+            ));
+        }
+        out.insert(p, bytes);
+    }
+    Ok((bank, out))
+}
+
+fn read_limited(path: &str) -> std::result::Result<Vec<u8>, String> {
+    const MAX: u64 = 1 << 20;
+    let mut buf = Vec::new();
+    let r = if path == "-" {
+        std::io::stdin().take(MAX + 1).read_to_end(&mut buf)
+    } else {
+        std::fs::File::open(path).and_then(|f| f.take(MAX + 1).read_to_end(&mut buf))
+    };
+    r.map_err(|e| e.to_string())?;
+    if buf.len() as u64 > MAX {
+        return Err(format!("larger than {MAX} bytes"));
+    }
+    Ok(buf)
+}
+
+fn sign(cfg: &Config, c: &PolicySignCmd, json: bool) -> Result<ExitCode> {
+    let usage = |msg: String| -> Box<dyn Error> { Failure::usage(msg).into() };
+    let shown = c.private_key.display();
+    let pem = signed::read_key_file(&c.private_key)
+        .map_err(|e| usage(format!("--private-key {shown}: {e}")))?;
+    let key =
+        SigningKey::from_pem(&pem).map_err(|e| usage(format!("--private-key {shown}: {e}")))?;
+    drop(pem);
+    let public = key.public();
+    if let Some(p) = &c.public_key {
+        let text = signed::read_key_file(p)
+            .map_err(|e| usage(format!("--public-key {}: {e}", p.display())))?;
+        let given = PolicyKey::from_pem(&text)
+            .map_err(|e| usage(format!("--public-key {}: {e}", p.display())))?;
+        if given.fingerprint() != public.fingerprint() {
+            return Err(usage(format!(
+                "--public-key {} is not the public half of --private-key {shown}",
+                p.display()
+            )));
+        }
+    }
+    let (bank, predicted) = match &c.predicted {
+        Some(src) => {
+            let shown = if src == "-" {
+                "standard input"
+            } else {
+                src.as_str()
+            };
+            let bytes =
+                read_limited(src).map_err(|e| usage(format!("--predicted {shown}: {e}")))?;
+            parse_predicted(&bytes).map_err(|e| usage(format!("--predicted {shown} {e}")))?
+        }
+        None => (Bank::Sha256, BTreeMap::new()),
+    };
+    let pcrs = match &c.public_key_pcrs {
+        Some(l) => parse_pcr_list(l).map_err(|e| usage(format!("--public-key-pcrs: {e}")))?,
+        None if !predicted.is_empty() => predicted.keys().copied().collect(),
+        None => vec![11],
+    };
+    if pcrs.is_empty() {
+        return Err(usage("--public-key-pcrs is empty".into()));
+    }
+    let missing: Vec<u32> = pcrs
+        .iter()
+        .copied()
+        .filter(|p| !predicted.contains_key(p))
+        .collect();
+    let mut values: Vec<(u32, Vec<u8>)> = pcrs
+        .iter()
+        .filter_map(|p| predicted.get(p).map(|v| (*p, v.clone())))
+        .collect();
+    if !missing.is_empty() {
+        let mut tpm = Tpm::open(&cfg.tpm.tcti, Duration::from_secs(cfg.tpm.timeout))?;
+        values.extend(tpm.read_pcrs(bank, &missing)?);
+    }
+    values.sort_by_key(|(p, _)| *p);
+    let pol = signed::approved_policy(bank, &values);
+    let sig = key.sign(&pol)?;
+    if !signed::verify(&public, &pol, &sig) {
+        return Err("the signature just made does not verify with the key's public half".into());
+    }
+    let entry = SignatureEntry {
+        pcrs: pcrs.clone(),
+        pkfp: public.fingerprint(),
+        pol: pol.clone(),
+        sig,
+    };
+    let path = c
+        .signature
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SIGNATURE_FILE));
+    let mut file = if c.append && path.exists() {
+        signed::read_signature_file(&path).map_err(|e| {
+            format!("cannot extend the signature file: {e}; sign without --append to replace it")
+        })?
+    } else {
+        SignatureFile::default()
+    };
+    file.add(bank, &entry);
+    write_signature_file(&path, &file)?;
+
+    let list = pcrs
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    if json {
+        let vals: serde_json::Map<String, Value> = values
+            .iter()
+            .map(|(p, v)| (p.to_string(), Value::String(hex_encode(v))))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "success": true,
+                "signature_file": path.display().to_string(),
+                "bank": bank.name(),
+                "pcrs": pcrs,
+                "values": vals,
+                "pol": hex_encode(&pol),
+                "pkfp": hex_encode(&entry.pkfp),
+                "appended": c.append,
+            })
+        );
+    } else {
+        println!(
+            "vaultguard: signed {} PCRs {list} (policy {}) with key {} into {}",
+            bank.name(),
+            hex_encode(&pol),
+            hex_encode(&entry.pkfp),
+            path.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_signature_file(path: &Path, file: &SignatureFile) -> Result<()> {
+    // Public data (signatures over PCR values): readable by all, as systemd's.
+    crate::atomic_file::write_atomic(path, file.to_json_string().as_bytes(), 0o644, 0o755)
+        .map_err(|e| format!("cannot write the signature file {}: {e}", path.display()).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn predicted_json_is_checked() {
+        let (bank, v) = parse_predicted(
+            format!(
+                "{{\"bank\":\"sha256\",\"pcrs\":{{\"9\":\"{}\"}}}}",
+                "ab".repeat(32)
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(bank, Bank::Sha256);
+        assert_eq!(v.get(&9).unwrap(), &vec![0xab; 32]);
+        for (bad, want) in [
+            ("nope", "not JSON"),
+            ("{\"pcrs\":{}}", "bank"),
+            ("{\"bank\":\"md5\",\"pcrs\":{}}", "unknown bank"),
+            (
+                "{\"bank\":\"sha256\",\"pcrs\":{\"30\":\"00\"}}",
+                "PCR number",
+            ),
+            ("{\"bank\":\"sha256\",\"pcrs\":{\"9\":\"00\"}}", "bytes"),
+        ] {
+            let e = parse_predicted(bad.as_bytes()).unwrap_err();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Signed PCR policies (PolicyAuthorize) against swtpm: vaultguard seals to a
+//! public key and unseals given a signature over the live PCR values, in one
+//! salted session; a signature for other PCR values, other PCRs, another key, a
+//! forged one, an unreadable or huge signature file are each refused with one
+//! line and never unseal.
+
+mod common;
+
+use common::{Swtpm, TempDir};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use vaultguard::tpm::policy::Bank;
+use vaultguard::tpm::signed::{
+    approved_policy, read_signature_file, PolicyKey, SignatureEntry, SignatureFile, SigningKey,
+};
+use vaultguard::tpm::{PrimaryAlg, SealRequest, SealedObject, SignedPolicy, Tpm, TpmError};
+
+fn open(sw: &Swtpm) -> Tpm {
+    Tpm::open(&sw.tcti(), Duration::from_secs(5)).expect("connect to swtpm")
+}
+
+/// A fresh private key made by openssl (the tool operators use), as PEM.
+pub fn openssl_key(dir: &Path, kind: &str) -> Vec<u8> {
+    let path = dir.join(format!("{kind}.pem"));
+    let args: &[&str] = match kind {
+        "rsa" => &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+        _ => &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+    };
+    let out = Command::new("openssl")
+        .arg("genpkey")
+        .args(args)
+        .arg("-out")
+        .arg(&path)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read(&path).unwrap()
+}
+
+fn sign_live(tpm: &mut Tpm, key: &SigningKey, pcrs: &[u32]) -> SignatureEntry {
+    let live = tpm.read_pcrs(Bank::Sha256, pcrs).unwrap();
+    let pol = approved_policy(Bank::Sha256, &live);
+    SignatureEntry {
+        pcrs: pcrs.to_vec(),
+        pkfp: key.public().fingerprint(),
+        sig: key.sign(&pol).unwrap(),
+        pol,
+    }
+}
+
+struct Enrolment {
+    object: SealedObject,
+    secret: Vec<u8>,
+}
+
+/// Seal to `key` over PCR 9 (signed) + PCR 7 and the phase PCR 15 (literal).
+fn enrol(tpm: &mut Tpm, key: &PolicyKey, pin: Option<&[u8]>, file: SignatureFile) -> Enrolment {
+    let sealed = tpm
+        .seal_signed(
+            &SealRequest {
+                bank: Bank::Sha256,
+                pcrs: &[7],
+                phase_pcr: Some(15),
+                pin,
+            },
+            Some(key),
+        )
+        .expect("seal to a signed policy");
+    Enrolment {
+        object: SealedObject {
+            blob: sealed.blob.clone(),
+            pcrs: vec![7, 15],
+            bank: Bank::Sha256,
+            primary_alg: PrimaryAlg::Ecc,
+            policy_hash: sealed.policy_hash.clone(),
+            pin: pin.is_some(),
+            salt: sealed.salt.clone(),
+            srk: Some(sealed.srk.clone()),
+            pcr_values: Some(sealed.pcr_values.iter().cloned().collect()),
+            signed: Some(SignedPolicy {
+                key: key.clone(),
+                pcrs: vec![9],
+                signatures: Ok(file),
+                source: "the test's signature file".into(),
+            }),
+        },
+        secret: sealed.secret.as_bytes().to_vec(),
+    }
+}
+
+fn with_file(object: &SealedObject, file: Result<SignatureFile, String>) -> SealedObject {
+    let mut o = object.clone();
+    o.signed.as_mut().unwrap().signatures = file;
+    o
+}
+
+fn refusal(tpm: &mut Tpm, object: &SealedObject) -> String {
+    match tpm.unseal(object, None) {
+        Ok(_) => panic!("unsealed with a policy that must be refused"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn signed_unseal_is_one_salted_session_and_the_commands_are_counted() {
+    let dir = TempDir::new("signed-count");
+    for kind in ["ec", "rsa"] {
+        let sw = Swtpm::start();
+        let mut tpm = open(&sw);
+        let key = SigningKey::from_pem(&openssl_key(dir.path(), kind)).unwrap();
+        let mut file = SignatureFile::default();
+        file.add(Bank::Sha256, &sign_live(&mut tpm, &key, &[9]));
+        let e = enrol(&mut tpm, &key.public(), None, file);
+        drop(tpm);
+        let rec = sw.recorder();
+        let mut tpm = Tpm::open(&rec.tcti(), Duration::from_secs(5)).unwrap();
+        rec.take(); // Startup
+        let secret = tpm.unseal(&e.object, None).expect("signed unseal");
+        assert_eq!(secret.as_bytes(), e.secret.as_slice(), "{kind}");
+        let sent = rec.take();
+        let names: Vec<&str> = sent.iter().map(|c| c.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "ReadPublic",
+                "StartAuthSession",
+                "PolicyPCR",
+                "LoadExternal",
+                "VerifySignature",
+                "FlushContext",
+                "PolicyAuthorize",
+                "PolicyPCR",
+                "Load",
+                "Unseal",
+                "FlushContext"
+            ],
+            "{kind}"
+        );
+        // One session, salted with the SRK.
+        assert_eq!(
+            names.iter().filter(|n| **n == "StartAuthSession").count(),
+            1
+        );
+        assert_eq!(sent[1].handle, Some(0x8100_0001));
+    }
+}
+
+#[test]
+fn signed_unseal_with_pin_and_after_a_new_signature() {
+    let dir = TempDir::new("signed-pin");
+    let sw = Swtpm::start();
+    let mut tpm = open(&sw);
+    let key = SigningKey::from_pem(&openssl_key(dir.path(), "ec")).unwrap();
+    let mut file = SignatureFile::default();
+    file.add(Bank::Sha256, &sign_live(&mut tpm, &key, &[9]));
+    let e = enrol(&mut tpm, &key.public(), Some(b"2468"), file.clone());
+    let s = tpm.unseal(&e.object, Some(b"2468")).expect("PIN unseal");
+    assert_eq!(s.as_bytes(), e.secret.as_slice());
+    assert!(matches!(
+        tpm.unseal(&e.object, Some(b"1111")),
+        Err(TpmError::WrongPin { .. })
+    ));
+
+    // The "update": PCR 9 moves; the old signature no longer fits...
+    tpm.latch(9, b"new initrd", "x", "y").unwrap();
+    let why = tpm
+        .unseal(&e.object, Some(b"2468"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(why.contains("does not approve this boot"), "{why}");
+    // ...until the new values are signed (appended: both stay in the file).
+    file.add(Bank::Sha256, &sign_live(&mut tpm, &key, &[9]));
+    assert_eq!(file.entries(Bank::Sha256).len(), 2);
+    let o = with_file(&e.object, Ok(file));
+    let s = tpm
+        .unseal(&o, Some(b"2468"))
+        .expect("unseal after re-signing");
+    assert_eq!(s.as_bytes(), e.secret.as_slice());
+}
+
+#[test]
+fn wrong_signatures_are_refused_with_one_line_and_never_unseal() {
+    let dir = TempDir::new("signed-bad");
+    let sw = Swtpm::start();
+    let mut tpm = open(&sw);
+    let key = SigningKey::from_pem(&openssl_key(dir.path(), "ec")).unwrap();
+    let other = SigningKey::from_pem(&openssl_key(dir.path(), "rsa")).unwrap();
+    let good = sign_live(&mut tpm, &key, &[9]);
+    let e = enrol(&mut tpm, &key.public(), None, SignatureFile::default());
+
+    let one = |entry: &SignatureEntry| {
+        let mut f = SignatureFile::default();
+        f.add(Bank::Sha256, entry);
+        Ok(f)
+    };
+    // No signature file at all.
+    let why = refusal(
+        &mut tpm,
+        &with_file(
+            &e.object,
+            Err("no signature file (tpm2-pcr-signature.json in /etc/systemd)".into()),
+        ),
+    );
+    assert!(why.contains("no signature file"), "{why}");
+    // Signed by another key.
+    let by_other = sign_live(&mut tpm, &other, &[9]);
+    let why = refusal(&mut tpm, &with_file(&e.object, one(&by_other)));
+    assert!(why.contains("other keys"), "{why}");
+    // Signs other PCRs.
+    let more_pcrs = sign_live(&mut tpm, &key, &[9, 11]);
+    let why = refusal(&mut tpm, &with_file(&e.object, one(&more_pcrs)));
+    assert!(why.contains("other PCRs"), "{why}");
+    // A forged signature under the right key's fingerprint: the TPM rejects it.
+    let other_ec = SigningKey::from_pem(&openssl_key(dir.path(), "ec")).unwrap();
+    let mut forged = good.clone();
+    forged.sig = other_ec.sign(&good.pol).unwrap();
+    let why = refusal(&mut tpm, &with_file(&e.object, one(&forged)));
+    assert!(why.contains("rejected the signature"), "{why}");
+    // A signature of the wrong type for the key (RSA bytes for an EC key).
+    let mut garbled = good.clone();
+    garbled.sig = other.sign(&good.pol).unwrap();
+    let why = refusal(&mut tpm, &with_file(&e.object, one(&garbled)));
+    assert!(why.contains("not a DER ECDSA signature"), "{why}");
+    // A signature of other PCR values, sole candidate (no PCR read before the
+    // session): the TPM refuses at PolicyAuthorize; the check explains it.
+    let mut stale = good.clone();
+    let other_vals = vec![(9u32, vec![0x42u8; 32])];
+    stale.pol = approved_policy(Bank::Sha256, &other_vals);
+    stale.sig = key.sign(&stale.pol).unwrap();
+    let o = with_file(&e.object, one(&stale));
+    assert!(tpm.unseal(&o, None).is_err());
+    let why = tpm.check_policy(&o, Some(15)).unwrap_err().to_string();
+    assert!(why.contains("does not approve this boot"), "{why}");
+    assert!(!why.contains('\n'));
+    // And the good one opens it.
+    let s = tpm.unseal(&with_file(&e.object, one(&good)), None).unwrap();
+    assert_eq!(s.as_bytes(), e.secret.as_slice());
+}
+
+#[test]
+fn signature_files_that_are_not_json_or_huge_are_refused_before_use() {
+    let dir = TempDir::new("signed-files");
+    let p = dir.path().join("sig.json");
+    std::fs::write(&p, b"this is not json").unwrap();
+    let e = read_signature_file(&p).unwrap_err().to_string();
+    assert!(e.contains("is not JSON") && e.contains("sig.json"), "{e}");
+    // Huge: refused by its size, before it is read (a sparse file of 2 GiB).
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(2 << 30).unwrap();
+    let t = std::time::Instant::now();
+    let e = read_signature_file(&p).unwrap_err().to_string();
+    assert!(e.contains("more than"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(1));
+}
