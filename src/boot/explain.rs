@@ -32,19 +32,22 @@ fn replaying_log(tpm: &mut Tpm, bank: Bank, pcrs: &[u32]) -> Result<EventLog, St
     Ok(log)
 }
 
-/// What the token keeps: the records of each sealed PCR the log has events for
-/// (the phase PCR excluded), or nothing when the log does not describe this boot.
+/// What the token keeps: the records of each sealed PCR (literal or signed) the
+/// log has events for (the phase PCR excluded), or nothing when the log does not
+/// describe this boot.
 pub fn enrolment_eventlog(
     tpm: &mut Tpm,
     bank: Bank,
-    sealed: &[(u32, Vec<u8>)],
+    sealed: &[u32],
     phase: Option<u32>,
 ) -> EventDigests {
-    let pcrs: Vec<u32> = sealed
+    let mut pcrs: Vec<u32> = sealed
         .iter()
-        .map(|(p, _)| *p)
+        .copied()
         .filter(|p| Some(*p) != phase)
         .collect();
+    pcrs.sort_unstable();
+    pcrs.dedup();
     let Ok(log) = replaying_log(tpm, bank, &pcrs) else {
         return EventDigests::new();
     };
@@ -58,7 +61,14 @@ pub fn enrolment_eventlog(
 /// The records that differ from enrolment, one line each, when `reason` is a PCR
 /// change and a token recorded the log; empty otherwise.
 pub fn explain(vault: &mut Vault, tpm: Option<&mut Tpm>, reason: &TpmRefusal) -> Vec<String> {
-    let TpmRefusal::Tpm(TpmError::PcrMismatch { changed, phase, .. }) = reason else {
+    let TpmRefusal::Tpm(err) = reason else {
+        return Vec::new();
+    };
+    let TpmError::PcrMismatch { changed, phase, .. } = err else {
+        // A signed policy that no signature approves: which PCR is not said.
+        if matches!(err, TpmError::Signature(_)) {
+            return explain_signed(vault, tpm);
+        }
         return Vec::new();
     };
     let changed: Vec<u32> = changed
@@ -89,6 +99,47 @@ pub fn explain(vault: &mut Vault, tpm: Option<&mut Tpm>, reason: &TpmRefusal) ->
         Err(e) => return vec![format!("the event log cannot explain it: {e}")],
     };
     lines(&enrolled, &log, bank, &changed)
+}
+
+/// A signed enrolment refused (no signature approves this boot): the records of
+/// its signed PCRs that differ from enrolment, when it recorded them; the TPM
+/// does not say which PCR, so every recorded signed PCR is compared.
+fn explain_signed(vault: &mut Vault, tpm: Option<&mut Tpm>) -> Vec<String> {
+    let Some(t) = vault
+        .tpm2_tokens()
+        .into_iter()
+        .filter_map(|(_, t)| t.ok())
+        .find(|t| t.pubkey.is_some() && !t.eventlog.is_empty())
+    else {
+        return Vec::new();
+    };
+    let bank = tpm_bank(t.bank);
+    let signed: Vec<u32> = t
+        .pubkey_pcrs
+        .iter()
+        .copied()
+        .filter(|p| t.eventlog.contains_key(p))
+        .collect();
+    if signed.is_empty() {
+        return Vec::new();
+    }
+    let log = match tpm {
+        Some(tpm) => replaying_log(tpm, bank, &signed),
+        None => eventlog::read(&log_path()).map_err(|e| e.to_string()),
+    };
+    let log = match log {
+        Ok(l) => l,
+        Err(e) => return vec![format!("the event log cannot explain it: {e}")],
+    };
+    let before: EventDigests = signed.iter().map(|p| (*p, t.eventlog[p].clone())).collect();
+    let now: EventDigests = signed
+        .iter()
+        .map(|&p| (p, log.digest_list(bank, p)))
+        .collect();
+    eventlog::diff(&before, &now)
+        .iter()
+        .map(ToString::to_string)
+        .collect()
 }
 
 /// The records that differ from enrolment for the PCRs whose live value differs

@@ -1373,7 +1373,12 @@ fn seal_and_verify(
         eventlog: explain::enrolment_eventlog(
             tpm,
             opts.bank,
-            &sealed.pcr_values,
+            &sealed
+                .pcr_values
+                .iter()
+                .map(|(p, _)| *p)
+                .chain(opts.signed.iter().flat_map(|s| s.pcrs.iter().copied()))
+                .collect::<Vec<_>>(),
             opts.tpm.phase_pcr,
         ),
         pubkey: opts.signed.as_ref().map(|s| s.public_key_pem.clone()),

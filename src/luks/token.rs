@@ -385,9 +385,13 @@ impl Tpm2Token {
                 .as_object()
                 .ok_or_else(|| field(EVENTLOG_FIELD, "is not an object"))?;
             for (k, v) in m {
-                let p: u32 = k.parse().ok().filter(|p| pcrs.contains(p)).ok_or_else(|| {
-                    field(EVENTLOG_FIELD, format!("key `{k}` is not a bound PCR"))
-                })?;
+                let p: u32 = k
+                    .parse()
+                    .ok()
+                    .filter(|p| pcrs.contains(p) || pubkey_pcrs.contains(p))
+                    .ok_or_else(|| {
+                        field(EVENTLOG_FIELD, format!("key `{k}` is not a bound PCR"))
+                    })?;
                 let list = v
                     .as_array()
                     .filter(|a| a.len() <= EVENTLOG_MAX_EVENTS)
@@ -572,6 +576,26 @@ mod tests {
             pubkey: None,
             pubkey_pcrs: Vec::new(),
         }
+    }
+
+    #[test]
+    fn eventlog_may_record_the_signed_pcrs_of_a_signed_enrolment() {
+        let mut t = sample();
+        t.pubkey = Some(b"-----BEGIN PUBLIC KEY-----\n...\n".to_vec());
+        t.pubkey_pcrs = vec![9];
+        t.eventlog.insert(
+            9,
+            vec![(
+                "EV_EVENT_TAG tag 0x8F3B22EC \"Linux initrd\"".into(),
+                vec![3; 32],
+            )],
+        );
+        let j = t.to_json();
+        assert_eq!(Tpm2Token::from_json(&j).unwrap(), t);
+        // Neither literal nor signed: refused.
+        let mut j = t.to_json();
+        j["vaultguard_eventlog"]["11"] = j["vaultguard_eventlog"]["9"].clone();
+        assert!(Tpm2Token::from_json(&j).is_err());
     }
 
     #[test]
