@@ -9,8 +9,9 @@ bytes PCR 9 measures) and is restored to /etc/systemd/tpm2-pcr-signature.json,
 where systemd-cryptsetup (and vaultguard) look.
 Boot 1 (A): enrol (--public-key, --public-key-pcrs 9, --tpm2-pcrs 7); sign this
 boot's PCR 9; `policy predict --initrd B --json | policy sign --predicted -
---append`. Boot 2 (B): the TPM unlocks, no prompt. Boot 3 (C): refused, the
-passphrase opens."""
+--append`. Boot 2 (B): the TPM unlocks, no prompt. Boot 3 (C): refused, naming the
+initrd record of PCR 9 (A's and C's SHA-256), the passphrase opens."""
+import hashlib
 import os
 import subprocess
 import sys
@@ -23,6 +24,11 @@ CMDLINE = "rd.vaultguard.device=/dev/vda"
 KEY = "/etc/vaultguard/policy-key.pem"
 PUB = "/etc/vaultguard/policy-pub.pem"
 SIG = "/etc/systemd/tpm2-pcr-signature.json"
+
+
+def sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def variant(s, a_path, label, text):
@@ -117,6 +123,9 @@ def run(s):
     b = s.boot(initrd=c_path, cmdline=CMDLINE, ovmf=True, label="boot3-unsigned")
     b.expect_pass("tampered-is-booted", 120)
     b.expect(rf"TPM unlock of {NAME} not possible: ", 90)
+    # Which record made it unsigned: the initrd, A's digest at enrolment, C's now.
+    b.expect(r"vaultguard:   PCR 9: EV_EVENT_TAG tag 0x8F3B22EC \"Linux initrd\": "
+             rf"{sha(a_path)} -> {sha(c_path)}", 30)
     b.expect(rf"Passphrase for {NAME} \(/dev/vda\): ", 30)
     b.sendline(harness.PASSPHRASE)
     if b.value("unlock-status", 90) != "0":
