@@ -5,13 +5,13 @@ _vaultguard() {
     _init_completion || return
 
     local global_opts="-c --config --cmdline --json -V --version --help"
-    local commands="unlock attach detach enroll reseal supervise status lock keepalive audit config version token metrics"
+    local commands="unlock attach detach enroll reseal supervise status lock keepalive audit config version token metrics policy"
     local -A opts=(
         [unlock]="--device --no-tpm --headless --key-file --local --json --test --unlock-passphrase-file --help"
         [attach]="--test --json --help"
         [detach]="--json --help"
         [enroll]="--device --pcrs --bank --pin --recovery-key --unlock-key-file --unlock-passphrase-file --json --help"
-        [reseal]="--device --pcrs --bank --pin --unlock-key-file --unlock-passphrase-file --json --help"
+        [reseal]="--device --pcrs --bank --pin --confirm --unlock-key-file --unlock-passphrase-file --json --help"
         [supervise]="--auto-lock-seconds --help"
         [status]="--json --help"
         [lock]="--json --reason --help"
@@ -21,6 +21,8 @@ _vaultguard() {
         [version]="--json --help"
         [metrics]="--help"
         [token]="issue list revoke --help"
+        [policy]="predict --help"
+        [policy predict]="--initrd --kernel --cmdline --pcrs --bank --event-log --json --help"
         [audit export]="--key --key-version -o --output --help"
         [audit rotate]="--help"
         [audit verify]="--public-key --tpm --help"
@@ -31,7 +33,7 @@ _vaultguard() {
 
     case $prev in
         -c | --config | --cmdline | --key-file | --key | -o | --output | --public-key | \
-            --unlock-key-file | --unlock-passphrase-file)
+            --unlock-key-file | --unlock-passphrase-file | --initrd | --kernel | --event-log)
             _filedir
             return
             ;;
@@ -68,7 +70,7 @@ _vaultguard() {
             *)
                 if [[ -z $cmd ]]; then
                     cmd=${words[i]}
-                elif [[ $cmd == audit || $cmd == token ]]; then
+                elif [[ $cmd == audit || $cmd == token || $cmd == policy ]]; then
                     cmd="$cmd ${words[i]}"
                     break
                 else

@@ -1,8 +1,8 @@
 # fish completion for vaultguard(8). To add a command or option, add a line
 # below (keep them in step with src/cli.rs).
-set -l commands unlock attach detach enroll reseal supervise status lock keepalive audit config version token metrics
+set -l commands unlock attach detach enroll reseal supervise status lock keepalive audit config version token metrics policy
 function __vaultguard_no_command
-    not __fish_seen_subcommand_from unlock attach detach enroll reseal supervise status lock keepalive audit config version token metrics
+    not __fish_seen_subcommand_from unlock attach detach enroll reseal supervise status lock keepalive audit config version token metrics policy
 end
 
 complete -c vaultguard -f
@@ -63,3 +63,13 @@ complete -c vaultguard -n '__fish_seen_subcommand_from token; and __fish_seen_su
 complete -c vaultguard -n '__fish_seen_subcommand_from token; and __fish_seen_subcommand_from issue' -l role -x -a 'admin operator viewer agent' -d 'role it carries'
 complete -c vaultguard -n '__fish_seen_subcommand_from token; and __fish_seen_subcommand_from issue' -l expires -x -a '90d 30d 12h 30min' -d 'valid for (systemd time span)'
 complete -c vaultguard -n '__fish_seen_subcommand_from token; and __fish_seen_subcommand_from list' -l json -d 'print JSON instead of a table'
+complete -c vaultguard -n __vaultguard_no_command -a policy -d 'PCR policies for updates'
+complete -c vaultguard -n '__fish_seen_subcommand_from reseal' -l confirm -d 'change verified: show and audit the event-log diff'
+complete -c vaultguard -n '__fish_seen_subcommand_from policy; and not __fish_seen_subcommand_from predict' -a predict -d 'the next boot PCRs after a staged initrd/kernel'
+complete -c vaultguard -n '__fish_seen_subcommand_from policy; and __fish_seen_subcommand_from predict' -l initrd -r -F -d 'staged initrd (PCR 9)'
+complete -c vaultguard -n '__fish_seen_subcommand_from policy; and __fish_seen_subcommand_from predict' -l kernel -r -F -d 'staged kernel image (PCR 4)'
+complete -c vaultguard -n '__fish_seen_subcommand_from policy; and __fish_seen_subcommand_from predict' -l cmdline -x -d 'kernel command line (PCR 9)'
+complete -c vaultguard -n '__fish_seen_subcommand_from policy; and __fish_seen_subcommand_from predict' -l pcrs -x -d 'PCRs to predict'
+complete -c vaultguard -n '__fish_seen_subcommand_from policy; and __fish_seen_subcommand_from predict' -l bank -x -a 'sha256 sha1' -d 'PCR bank'
+complete -c vaultguard -n '__fish_seen_subcommand_from policy; and __fish_seen_subcommand_from predict' -l event-log -r -F -d 'TCG event log'
+complete -c vaultguard -n '__fish_seen_subcommand_from policy; and __fish_seen_subcommand_from predict' -l json -d 'print one JSON object'

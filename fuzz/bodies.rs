@@ -62,9 +62,46 @@ pub fn signature_file(data: &[u8]) {
 pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target.
-pub const TARGETS: [Target; 4] = [
+pub const TARGETS: [Target; 5] = [
     ("control_request", control_request),
     ("token_json", token_json),
     ("config", config),
+    ("eventlog", eventlog),
     ("signature_file", signature_file),
 ];
+
+/// The firmware's TCG event log (binary_bios_measurements), which root or a
+/// firmware bug may have written: parsed, replayed, described, diffed and used for
+/// a prediction, never a panic. The input's first byte also goes through the PE
+/// hasher as an image of the rest.
+pub fn eventlog(data: &[u8]) {
+    use vaultguard::tpm::eventlog;
+    use vaultguard::tpm::policy::Bank;
+    let _ = eventlog::authenticode_digest(Bank::Sha256, data);
+    let Ok(log) = eventlog::parse(data) else {
+        return;
+    };
+    for bank in [Bank::Sha1, Bank::Sha256] {
+        let _ = log.replay(bank);
+        let lists: std::collections::BTreeMap<u32, _> = log
+            .pcrs()
+            .into_iter()
+            .map(|p| (p, log.digest_list(bank, p)))
+            .collect();
+        let changes = eventlog::Changes {
+            initrd: Some(data.to_vec()),
+            kernel: Some(data.to_vec()),
+            load_options: Some("x".into()),
+        };
+        if let Ok(new) = log.with_changes(bank, &changes) {
+            let now = new
+                .pcrs()
+                .into_iter()
+                .map(|p| (p, new.digest_list(bank, p)))
+                .collect();
+            for d in eventlog::diff(&lists, &now) {
+                let _ = d.to_string();
+            }
+        }
+    }
+}

@@ -7,6 +7,7 @@ set -euo pipefail
 harness=(
     qemu-system-x86 ipxe-qemu     # TCG guest; ipxe-qemu: NIC option ROMs (PCR 2 changes)
     swtpm swtpm-tools             # software TPM 2.0; swtpm_setup manufactures it
+    ovmf                          # UEFI firmware: OVMF boots write a TCG event log (PCRs 4/9)
     tpm2-tools                    # TPM checks, on the host and carried into guests
     cryptsetup-bin dmsetup        # LUKS2 images made on the host; guest-side checks
     busybox-static                # the test initramfs's userland

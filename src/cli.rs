@@ -111,6 +111,9 @@ const OPTIONS_WITH_VALUES: &[&str] = &[
     "--predicted",
     "--signature",
     "--key-version",
+    "--initrd",
+    "--kernel",
+    "--event-log",
     "--auto-lock-seconds",
 ];
 
@@ -469,6 +472,7 @@ pub struct PolicyCmd {
 #[argh(subcommand)]
 pub enum PolicySub {
     Sign(PolicySignCmd),
+    Predict(PolicyPredictCmd),
 }
 
 /// sign the PolicyPCR digest of PCR values (predicted, or the live ones) and
@@ -517,6 +521,10 @@ pub struct ResealCmd {
     /// require a PIN on the new enrolment
     #[argh(switch)]
     pub pin: bool,
+    /// the change was verified: print the event-log records that changed since
+    /// enrolment and audit them with the reseal (tpm.reseal_after_recovery)
+    #[argh(switch)]
+    pub confirm: bool,
     /// unlock the volume with this key file (- for standard input), no prompt
     #[argh(option)]
     pub unlock_key_file: Option<PathBuf>,
@@ -530,6 +538,35 @@ pub struct ResealCmd {
     /// LUKS2 device (path or UUID=...)
     #[argh(positional, arg_name = "device")]
     pub device_arg: Option<String>,
+}
+
+/// print the PCR values the next boot will have after a staged initrd/kernel/
+/// command line: replays this boot's TPM event log (refused if it does not match
+/// the live PCRs) with the staged components' digests
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "predict")]
+pub struct PolicyPredictCmd {
+    /// the staged initrd, as the kernel's EFI stub measures it into PCR 9
+    #[argh(option)]
+    pub initrd: Option<PathBuf>,
+    /// the staged kernel image (EFI/PE), as UEFI firmware measures it into PCR 4
+    #[argh(option)]
+    pub kernel: Option<PathBuf>,
+    /// the kernel command line the boot loader will pass (LoadOptions, PCR 9)
+    #[argh(option)]
+    pub cmdline: Option<String>,
+    /// PCRs to predict (default: 4,7,9,11, those the event log has)
+    #[argh(option)]
+    pub pcrs: Option<String>,
+    /// PCR bank: sha256 (default) or sha1
+    #[argh(option)]
+    pub bank: Option<String>,
+    /// the TCG event log (default /sys/kernel/security/tpm0/binary_bios_measurements)
+    #[argh(option)]
+    pub event_log: Option<PathBuf>,
+    /// print one JSON object: {"bank":"sha256","pcrs":{"9":"<hex>"}}
+    #[argh(switch)]
+    pub json: bool,
 }
 
 #[cfg(test)]

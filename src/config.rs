@@ -105,6 +105,9 @@ pub struct TpmConfig {
     pub tcti: String,
     /// Seconds to wait for the TPM device to appear before falling back.
     pub timeout: u64,
+    /// After a passphrase/recovery-key unlock caused by a PCR change, offer on the
+    /// console to reseal to this boot's PCRs (yes/no; never without the answer).
+    pub reseal_after_recovery: bool,
     /// Signed PCR policies: the `systemd-measure sign` signature file (crypttab
     /// `tpm2-signature=` overrides it); unset: where systemd-cryptsetup looks
     /// (/etc/systemd, /run/systemd, /usr/local/lib/systemd, /usr/lib/systemd,
@@ -209,6 +212,7 @@ impl Default for TpmConfig {
             phase_pcr: 15,
             tcti: "device:/dev/tpmrm0".into(),
             timeout: 10,
+            reseal_after_recovery: false,
             signature: None,
         }
     }

@@ -49,6 +49,10 @@ pub struct BootHint {
     /// `vaultguard_boot_tpm_unseal_seconds`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm_unseal_seconds: Option<f64>,
+    /// Why the TPM did not open the vault, when it did not: the reason, then the
+    /// event-log records that changed since enrolment (`status` shows them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tpm_refusal: Vec<String>,
 }
 
 /// Leave the hint at `path` (the configured state file), atomically, mode 0644.
@@ -58,11 +62,23 @@ pub fn write_boot_hint(
     detail: &str,
     tpm_unseal_seconds: Option<f64>,
 ) -> io::Result<()> {
+    write_boot_hint_with_refusal(path, state, detail, tpm_unseal_seconds, &[])
+}
+
+/// [`write_boot_hint`] with why the TPM did not open the vault (for `status`).
+pub fn write_boot_hint_with_refusal(
+    path: &Path,
+    state: &str,
+    detail: &str,
+    tpm_unseal_seconds: Option<f64>,
+    tpm_refusal: &[String],
+) -> io::Result<()> {
     let hint = BootHint {
         state: state.into(),
         detail: detail.into(),
         updated: crate::audit::now_ms() as f64 / 1000.0,
         tpm_unseal_seconds,
+        tpm_refusal: tpm_refusal.to_vec(),
     };
     let mut text = serde_json::to_vec(&hint).map_err(io::Error::other)?;
     text.push(b'\n');

@@ -20,6 +20,7 @@ pub mod keyring;
 pub mod log;
 pub mod luks;
 pub mod policy_cli;
+pub mod predict_cli;
 pub mod prompt;
 pub mod secret;
 pub mod supervisor;

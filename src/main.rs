@@ -66,7 +66,10 @@ fn command_json(c: &Command) -> bool {
         Command::Keepalive(c) => c.json,
         Command::Version(c) => c.json,
         Command::Token(t) => matches!(&t.command, vaultguard::cli::TokenSub::List(l) if l.json),
-        Command::Policy(p) => matches!(&p.command, vaultguard::cli::PolicySub::Sign(s) if s.json),
+        Command::Policy(p) => match &p.command {
+            vaultguard::cli::PolicySub::Predict(c) => c.json,
+            vaultguard::cli::PolicySub::Sign(s) => s.json,
+        },
         // config prints JSON already; the others print no JSON of their own.
         _ => false,
     }
@@ -263,6 +266,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 c.bank.as_deref(),
                 c.pin,
                 unlock,
+                c.confirm,
             )?;
             return Ok(summary(json, s));
         }

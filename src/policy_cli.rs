@@ -32,6 +32,7 @@ pub const DEFAULT_SIGNATURE_FILE: &str = "/etc/systemd/tpm2-pcr-signature.json";
 pub fn run(cfg: &Config, cmd: &PolicyCmd, json: bool) -> Result<ExitCode> {
     match &cmd.command {
         PolicySub::Sign(c) => sign(cfg, c, json || c.json),
+        PolicySub::Predict(c) => crate::predict_cli::run(cfg, c, json || c.json),
     }
 }
 

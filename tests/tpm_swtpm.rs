@@ -54,6 +54,7 @@ fn through_the_token(object: &SealedObject) -> SealedObject {
         srk: object.srk.clone(),
         pcr_values: object.pcr_values.clone(),
         keyslot_macs: Default::default(),
+        eventlog: Default::default(),
         pubkey: None,
         pubkey_pcrs: Vec::new(),
     };

@@ -721,7 +721,7 @@ class Scenario:
     def boot(self, body=None, *, init=None, cmdline="", nic="none", files=None, dynamic=(),
              libs=(), trees=(), modules=(), static_only=False, vaultguard=True,
              tpm=True, timeout=DEFAULT_BOOT_TIMEOUT, label=None, qemu_args=(), initrd=None,
-             qmp=False):
+             qmp=False, ovmf=False):
         """Build an initramfs and boot it; return the running Boot.
 
         body:      shell script run by the harness's /init (qemu-tests/lib/init.sh)
@@ -745,6 +745,12 @@ class Scenario:
         timeout:   whole-boot limit in seconds; QEMU is killed when it is reached.
         qmp:       open a QMP monitor socket for Boot.qmp() (system_wakeup,
                    dump-guest-memory, query-status).
+        ovmf:      boot UEFI firmware (Debian's OVMF, the scenario's own variable
+                   store) instead of SeaBIOS: the firmware and the kernel's EFI stub
+                   write a TCG event log (kernel in PCR 4, initrd and command line
+                   in PCR 9). QEMU's -kernel patches the kernel's setup header
+                   (initrd address and size) before OVMF measures it, so PCR 4
+                   follows the initrd's size; the command line is in PCR 9.
         """
         if self.current is not None:
             raise ScenarioFailed(f"{self.name}: boot {self.current.label} still running "
@@ -759,7 +765,8 @@ class Scenario:
             kver = build_initramfs.kernel_release()
             log(f"{label}: booting the prebuilt {os.path.basename(initrd)} "
                 f"({os.path.getsize(initrd) >> 10} KiB)")
-            return self._start_qemu(label, initrd, kver, cmdline, nic, tpm, timeout, qemu_args, qmp)
+            return self._start_qemu(label, initrd, kver, cmdline, nic, tpm, timeout, qemu_args, qmp,
+                                    ovmf)
         with open(os.path.join(LIB, "guest-lib.sh"), "rb") as f:
             guest_lib = f.read()
         adds = [(guest_lib, "/usr/lib/vgtest/lib.sh")]
@@ -789,9 +796,47 @@ class Scenario:
         log(f"{label}: booting ({info['size'] >> 10} KiB initramfs in {time.time() - t:.1f} s, "
             f"nic {nic}{', no TPM' if not tpm else ''})")
         return self._start_qemu(label, initrd, info["kernel_release"], cmdline, nic, tpm,
-                                timeout, qemu_args, qmp)
+                                timeout, qemu_args, qmp, ovmf)
 
-    def _start_qemu(self, label, initrd, kver, cmdline, nic, tpm, timeout, qemu_args, qmp=False):
+    def build_initrd(self, label, body, *, files=None, dynamic=(), modules=()):
+        """Build a test initramfs running `body` (as boot(body=...) would) and return
+        its path, to boot it several times with boot(initrd=...): the same image
+        each time, so the same PCR 9 under OVMF."""
+        with open(os.path.join(LIB, "guest-lib.sh"), "rb") as f:
+            guest_lib = f.read()
+        with open(os.path.join(LIB, "init.sh"), "rb") as f:
+            init_bytes = f.read()
+        script = b"#!/bin/sh\n. /usr/lib/vgtest/lib.sh\n" + _dedent(body).encode()
+        adds = [(guest_lib, "/usr/lib/vgtest/lib.sh"), (script, "/scenario.sh")]
+        for dst, src in (files or {}).items():
+            adds.append((src.encode() if isinstance(src, str) else src, dst))
+        path = self.path(f"{label}.initramfs.cpio")
+        try:
+            build_initramfs.build(
+                path, init_bytes, vaultguard=vaultguard_binary(), adds=adds,
+                dynamic=list(dynamic), libs=[], trees=[],
+                modules=build_initramfs.DEFAULT_MODULES + list(modules),
+                static_only=False, listing=self.path(f"{label}.initramfs.list"),
+                compress=os.environ.get("VG_INITRAMFS_COMPRESS", "none"))
+        except build_initramfs.BuildError as e:
+            raise ScenarioFailed(f"{self.name}/{label}: initramfs: {e}") from None
+        return path
+
+    def _ovmf_args(self):
+        """Debian's OVMF (4 MB build, no secure boot) with this scenario's own copy
+        of the variable store (the firmware writes it)."""
+        code = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+        if not os.path.exists(code):
+            raise ScenarioFailed(f"{code} is missing: install Debian's ovmf package "
+                                 "(qemu-tests/setup-host.sh)")
+        vars_copy = self.path("OVMF_VARS_4M.fd")
+        if not os.path.exists(vars_copy):
+            shutil.copyfile("/usr/share/OVMF/OVMF_VARS_4M.fd", vars_copy)
+        return ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+                "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
+
+    def _start_qemu(self, label, initrd, kver, cmdline, nic, tpm, timeout, qemu_args, qmp=False,
+                    ovmf=False):
         if nic not in NICS:
             raise ScenarioFailed(f"nic={nic!r}: one of {', '.join(NICS)}")
         append = f"console=ttyS0 panic=-1 quiet vgtest.disks={len(self.disks)} {cmdline}".strip()
@@ -800,6 +845,8 @@ class Scenario:
                "-chardev", "stdio,id=ser0,signal=off", "-serial", "chardev:ser0",
                "-kernel", build_initramfs.kernel_image(kver), "-initrd", initrd,
                "-append", append, *NICS[nic]]
+        if ovmf:
+            cmd += self._ovmf_args()
         swtpm_cmd = None
         if tpm:
             sock = self.path("swtpm.ctrl")

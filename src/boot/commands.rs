@@ -328,6 +328,21 @@ fn report_unlock(
     events: &mut dyn Events,
 ) -> Result<Summary, BootError> {
     let done = unlock(opts, prompter, events)?;
+    // Opt-in self-healing: only on a PCR change, only with the operator's "yes".
+    if let Some(reason) = done
+        .fallback_reason
+        .as_ref()
+        .filter(|r| cfg.tpm.reseal_after_recovery && super::self_heal::is_pcr_change(r))
+    {
+        let healed = enroll_options(cfg, Some(&opts.device), None, None, false, false)
+            .and_then(|eo| super::self_heal::offer_reseal(&eo, reason, prompter, events));
+        if let Err(e) = healed {
+            prompter.say_at(
+                Priority::Warning,
+                &format!("vaultguard: reseal after recovery failed: {e}"),
+            );
+        }
+    }
     let summary = serde_json::json!({
         "success": true,
         "name": opts.name,
@@ -341,11 +356,18 @@ fn report_unlock(
     }
     // Tell the supervisor, once it starts, how the vault was opened; it trusts this
     // only if the mapping is really there.
-    let _ = crate::handoff::write_boot_hint(
+    let refusal: Vec<String> = done
+        .fallback_reason
+        .iter()
+        .map(ToString::to_string)
+        .chain(done.refusal_explained.iter().cloned())
+        .collect();
+    let _ = crate::handoff::write_boot_hint_with_refusal(
         &cfg.vault.state_path,
         "unlocked",
         done.method.as_str(),
         done.tpm_seconds,
+        &refusal,
     );
     let how = match done.method {
         Method::Tpm2 => "with the TPM",
@@ -703,6 +725,7 @@ pub fn run_reseal(
     bank: Option<&str>,
     pin: bool,
     unlock: Option<Provisioned>,
+    confirm: bool,
 ) -> Result<Summary, BootError> {
     let mut opts = enroll_options(cfg, device_arg, pcrs, bank, pin, false)?;
     if unlock.is_some() {
@@ -710,7 +733,29 @@ pub fn run_reseal(
     }
     let mut prompter = with_answer(system_prompter(false), unlock);
     let mut events = AuditEvents::for_config(cfg);
+    // --confirm: the operator verified the change; what changed is shown and
+    // audited with the reseal.
+    let diff = if confirm {
+        let mut vault = luks::Vault::open(&opts.device)?;
+        let mut tpm = crate::tpm::Tpm::open(&opts.tpm.tcti, opts.tpm.timeout)?;
+        super::explain::current_diff(&mut vault, &mut tpm)
+    } else {
+        Vec::new()
+    };
+    for line in &diff {
+        prompter.say_at(Priority::Info, &format!("vaultguard:   {line}"));
+    }
     let report = reseal(&opts, prompter.as_mut(), &mut events)?;
+    if confirm {
+        events.event(
+            "reseal_confirmed",
+            &[
+                ("device", &opts.device),
+                ("keyslot", &report.keyslot.to_string()),
+                ("eventlog_diff", &diff.join("\n")),
+            ],
+        );
+    }
     Ok(print_enrolment("resealed into", &report))
 }
 

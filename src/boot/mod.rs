@@ -15,7 +15,9 @@
 //! on disk, verified, never from libcryptsetup's memory of what it meant to write.
 
 pub mod commands;
+pub mod explain;
 pub mod options;
+pub mod self_heal;
 
 use crate::encoding::base64_encode_secret;
 use crate::log::Priority;
@@ -374,6 +376,8 @@ pub struct Unlocked {
     /// Whether the phase PCR was extended.
     pub latched: bool,
     pub already_active: bool,
+    /// See [`Acquired::refusal_explained`].
+    pub refusal_explained: Vec<String>,
 }
 
 /// Which secrets have been tried on which keyslots in this operation: a keyslot's
@@ -749,6 +753,9 @@ pub struct Acquired {
     pub tpm: Option<Tpm>,
     /// How long the TPM path took when it opened the vault (seconds).
     pub tpm_seconds: Option<f64>,
+    /// The event-log records that changed since enrolment, when the TPM refused
+    /// because PCRs changed (one line each).
+    pub refusal_explained: Vec<String>,
 }
 
 /// TPM first, then the key file, then the passphrase: the volume key, without
@@ -800,6 +807,7 @@ pub fn acquire_volume_key(
                 fallback_reason: None,
                 tpm,
                 tpm_seconds: tpm_started.map(|t| t.elapsed().as_secs_f64()),
+                refusal_explained: Vec::new(),
             })
         }
         Err(reason) => reason,
@@ -808,10 +816,18 @@ pub fn acquire_volume_key(
         Priority::Warning,
         &format!("vaultguard: TPM unlock of {name} not possible: {reason}"),
     );
-    events.event(
-        "tpm_refused",
-        &[("name", name), ("reason", &reason.to_string())],
-    );
+    // Which event-log records differ from enrolment, one line each.
+    let explained = explain::explain(vault, tpm.as_mut(), &reason);
+    for line in &explained {
+        prompter.say_at(Priority::Warning, &format!("vaultguard:   {line}"));
+    }
+    let diff = explained.join("\n");
+    let mut fields = vec![("name", name.to_string()), ("reason", reason.to_string())];
+    if !explained.is_empty() {
+        fields.push(("eventlog_diff", diff));
+    }
+    let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    events.event("tpm_refused", &fields);
     if opts.crypttab.token_only {
         return Err(BootError::TokenOnly(reason));
     }
@@ -830,6 +846,7 @@ pub fn acquire_volume_key(
                     fallback_reason: Some(reason),
                     tpm,
                     tpm_seconds: None,
+                    refusal_explained: explained,
                 })
             }
             Err(e) if e.is_wrong_passphrase() => {
@@ -856,6 +873,7 @@ pub fn acquire_volume_key(
             fallback_reason: Some(reason),
             tpm,
             tpm_seconds: None,
+            refusal_explained: explained,
         }),
         Err(e) => {
             events.event(
@@ -942,6 +960,7 @@ pub fn unlock(
             fallback_reason: None,
             latched: false,
             already_active: true,
+            refusal_explained: Vec::new(),
         });
     }
     let mut vault = Vault::open_with_header(&opts.device, opts.crypttab.header.as_deref())?;
@@ -952,6 +971,7 @@ pub fn unlock(
         fallback_reason,
         mut tpm,
         tpm_seconds,
+        refusal_explained,
         ..
     } = acquire_volume_key(&mut vault, opts, prompter, events)?;
 
@@ -997,6 +1017,7 @@ pub fn unlock(
         fallback_reason,
         latched,
         already_active: false,
+        refusal_explained,
     })
 }
 
@@ -1349,6 +1370,17 @@ fn seal_and_verify(
         srk: Some(sealed.srk.clone()),
         pcr_values: Some(sealed.pcr_values.iter().cloned().collect()),
         keyslot_macs: Default::default(), // set once the keyslot exists
+        eventlog: explain::enrolment_eventlog(
+            tpm,
+            opts.bank,
+            &sealed
+                .pcr_values
+                .iter()
+                .map(|(p, _)| *p)
+                .chain(opts.signed.iter().flat_map(|s| s.pcrs.iter().copied()))
+                .collect::<Vec<_>>(),
+            opts.tpm.phase_pcr,
+        ),
         pubkey: opts.signed.as_ref().map(|s| s.public_key_pem.clone()),
         pubkey_pcrs: opts
             .signed

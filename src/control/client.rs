@@ -344,6 +344,15 @@ pub fn human(cmd: Cmd, reply: &Reply) -> String {
             if let Some(m) = v.get("message").and_then(|m| m.as_str()) {
                 s.push_str(&format!("\nproblem: {m}"));
             }
+            for line in v
+                .get("tpm_refusal")
+                .and_then(|r| r.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|l| l.as_str())
+            {
+                s.push_str(&format!("\nTPM refused at boot: {line}"));
+            }
             for i in v
                 .get("inhibitors")
                 .and_then(|i| i.as_array())

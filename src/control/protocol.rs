@@ -769,6 +769,10 @@ pub struct StatusReply {
     /// The inhibitors holding off the idle lock (left out when there are none).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub inhibitors: Vec<InhibitorView>,
+    /// Why the TPM did not open the vault at boot, when it did not: the reason,
+    /// then one line per event-log record that changed since enrolment.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tpm_refusal: Vec<String>,
 }
 
 /// One inhibitor as `status` shows it.
@@ -1062,6 +1066,7 @@ mod tests {
             lockout_seconds: None,
             message: None,
             inhibitors: vec![],
+            tpm_refusal: vec![],
         };
         assert_eq!(
             String::from_utf8(Response::status(&s).to_line()).unwrap(),
@@ -1077,6 +1082,7 @@ mod tests {
             lockout_seconds: Some(60),
             message: None,
             inhibitors: vec![],
+            tpm_refusal: vec![],
         };
         assert_eq!(
             String::from_utf8(Response::status(&s).with_audit_error("disk full").to_line()).unwrap(),

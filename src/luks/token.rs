@@ -22,6 +22,15 @@ use std::fmt;
 pub const TOKEN_TYPE: &str = "systemd-tpm2";
 const PCR_VALUES_FIELD: &str = "vaultguard_pcr_values";
 const KEYSLOT_MACS_FIELD: &str = "vaultguard_keyslot_macs";
+/// The firmware event log's records of each sealed PCR at enrolment, to name the
+/// records that changed when the TPM refuses (`{"9":[{"event":"…","digest":"hex"}]}`).
+const EVENTLOG_FIELD: &str = "vaultguard_eventlog";
+/// Bounds on what a header may make us keep: events per PCR, description length.
+const EVENTLOG_MAX_EVENTS: usize = 512;
+const EVENTLOG_MAX_TEXT: usize = 256;
+
+/// PCR → (event description, digest) in log order; see [`Tpm2Token::eventlog`].
+pub type EventDigests = BTreeMap<u32, Vec<(String, Vec<u8>)>>;
 /// LUKS2 has keyslots 0-31.
 pub const MAX_KEYSLOTS: usize = 32;
 
@@ -91,6 +100,9 @@ pub struct Tpm2Token {
     /// Keyslot → HMAC-SHA256(volume key, binding of that keyslot to `blob`); see
     /// [`Tpm2Token::keyslot_mac`]. Empty in enrolments by other tools.
     pub keyslot_macs: BTreeMap<u32, Vec<u8>>,
+    /// The event-log records of the sealed PCRs at enrolment (not secret: the
+    /// log is world-readable measurements); empty when the log was not usable.
+    pub eventlog: EventDigests,
     /// `tpm2_pubkey`: the PEM public key that signs PCR policies (a signed
     /// enrolment), as systemd-cryptenroll --tpm2-public-key= writes it (base64 of
     /// the PEM text).
@@ -367,6 +379,44 @@ impl Tpm2Token {
             }
         }
 
+        let mut eventlog = BTreeMap::new();
+        if let Some(m) = obj.get(EVENTLOG_FIELD) {
+            let m = m
+                .as_object()
+                .ok_or_else(|| field(EVENTLOG_FIELD, "is not an object"))?;
+            for (k, v) in m {
+                let p: u32 = k
+                    .parse()
+                    .ok()
+                    .filter(|p| pcrs.contains(p) || pubkey_pcrs.contains(p))
+                    .ok_or_else(|| {
+                        field(EVENTLOG_FIELD, format!("key `{k}` is not a bound PCR"))
+                    })?;
+                let list = v
+                    .as_array()
+                    .filter(|a| a.len() <= EVENTLOG_MAX_EVENTS)
+                    .ok_or_else(|| field(EVENTLOG_FIELD, "values must be short arrays"))?;
+                let mut events = Vec::with_capacity(list.len());
+                for e in list {
+                    let text = e
+                        .get("event")
+                        .and_then(Value::as_str)
+                        .filter(|t| t.len() <= EVENTLOG_MAX_TEXT)
+                        .ok_or_else(|| field(EVENTLOG_FIELD, "an entry has no short `event`"))?;
+                    let digest = e
+                        .get("digest")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| field(EVENTLOG_FIELD, "an entry has no `digest`"))
+                        .and_then(|h| hex_decode(h).map_err(|e| field(EVENTLOG_FIELD, e)))?;
+                    if digest.len() != bank.digest_len() {
+                        return Err(field(EVENTLOG_FIELD, "a digest has the wrong length"));
+                    }
+                    events.push((text.to_string(), digest));
+                }
+                eventlog.insert(p, events);
+            }
+        }
+
         Ok(Tpm2Token {
             keyslots,
             blob,
@@ -379,6 +429,7 @@ impl Tpm2Token {
             srk,
             pcr_values,
             keyslot_macs,
+            eventlog,
             pubkey,
             pubkey_pcrs,
         })
@@ -470,6 +521,20 @@ impl Tpm2Token {
                 .collect();
             m.insert(KEYSLOT_MACS_FIELD.into(), Value::Object(vm));
         }
+        if !self.eventlog.is_empty() {
+            let vm: Map<String, Value> = self
+                .eventlog
+                .iter()
+                .map(|(p, list)| {
+                    let events = list
+                        .iter()
+                        .map(|(t, d)| serde_json::json!({"event": t, "digest": hex_encode(d)}))
+                        .collect();
+                    (p.to_string(), Value::Array(events))
+                })
+                .collect();
+            m.insert(EVENTLOG_FIELD.into(), Value::Object(vm));
+        }
         if let Some(pubkey) = &self.pubkey {
             m.insert("tpm2_pubkey".into(), base64_encode(pubkey).into());
             m.insert(
@@ -499,9 +564,76 @@ mod tests {
             srk: Some(vec![0x81, 0, 0, 1, 0, 0]),
             pcr_values: Some([(7, vec![1; 32]), (15, vec![0; 32])].into_iter().collect()),
             keyslot_macs: [(1, vec![0x33; 32])].into_iter().collect(),
+            eventlog: [(
+                7,
+                vec![(
+                    "EV_EFI_VARIABLE_DRIVER_CONFIG variable SecureBoot".into(),
+                    vec![2; 32],
+                )],
+            )]
+            .into_iter()
+            .collect(),
             pubkey: None,
             pubkey_pcrs: Vec::new(),
         }
+    }
+
+    #[test]
+    fn eventlog_may_record_the_signed_pcrs_of_a_signed_enrolment() {
+        let mut t = sample();
+        t.pubkey = Some(b"-----BEGIN PUBLIC KEY-----\n...\n".to_vec());
+        t.pubkey_pcrs = vec![9];
+        t.eventlog.insert(
+            9,
+            vec![(
+                "EV_EVENT_TAG tag 0x8F3B22EC \"Linux initrd\"".into(),
+                vec![3; 32],
+            )],
+        );
+        let j = t.to_json();
+        assert_eq!(Tpm2Token::from_json(&j).unwrap(), t);
+        // Neither literal nor signed: refused.
+        let mut j = t.to_json();
+        j["vaultguard_eventlog"]["11"] = j["vaultguard_eventlog"]["9"].clone();
+        assert!(Tpm2Token::from_json(&j).is_err());
+    }
+
+    #[test]
+    fn eventlog_field_round_trips_and_is_bounded() {
+        let t = sample();
+        let j = t.to_json();
+        assert_eq!(
+            j["vaultguard_eventlog"]["7"][0]["event"],
+            "EV_EFI_VARIABLE_DRIVER_CONFIG variable SecureBoot"
+        );
+        assert_eq!(Tpm2Token::from_json(&j).unwrap(), t);
+        for bad in [
+            json!({"3": []}),
+            json!({"7": [{"event": "x", "digest": "00"}]}),
+            json!({"7": [{"digest": "00".repeat(32)}]}),
+            json!({"7": [{"event": "x".repeat(300), "digest": "00".repeat(32)}]}),
+            json!({"7": vec![json!({"event": "x", "digest": "00".repeat(32)}); 513]}),
+            json!([]),
+        ] {
+            let mut j = t.to_json();
+            j["vaultguard_eventlog"] = bad.clone();
+            assert!(
+                matches!(
+                    Tpm2Token::from_json(&j),
+                    Err(TokenError::Field {
+                        field: "vaultguard_eventlog",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
+        // Absent: empty, and not written back.
+        let mut j = t.to_json();
+        j.as_object_mut().unwrap().remove("vaultguard_eventlog");
+        let back = Tpm2Token::from_json(&j).unwrap();
+        assert!(back.eventlog.is_empty());
+        assert!(back.to_json().get("vaultguard_eventlog").is_none());
     }
 
     #[test]

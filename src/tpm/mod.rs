@@ -14,13 +14,15 @@
 //! (PCR reads, latch, trial policy), `da` (dictionary-attack state), `template`
 //! (SRK and sealed-object templates), `marshal` (the TPM2B reader), `policy`
 //! (pure policy arithmetic), `signed` (signed PCR policies: the policy key, the
-//! signature file, signing), `srk` (the serialized SRK), `nv` (audit anchor).
+//! signature file, signing), `srk` (the serialized SRK), `nv` (audit anchor),
+//! `eventlog` (the firmware event log: replay, prediction, refusal diff).
 //! This module takes its own input ([`SealedObject`]), never touches LUKS
 //! headers and never logs a secret: errors carry PCR numbers, handles and TPM
 //! response kinds only.
 
 mod da;
 mod error;
+pub mod eventlog;
 mod marshal;
 pub mod nv;
 mod pcr;

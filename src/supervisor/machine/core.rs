@@ -41,6 +41,8 @@ pub struct Core {
     pub(super) inhibit_audited: BTreeMap<u32, (u64, u32)>,
     /// In state `error`: what failed and what was done.
     pub(super) message: Option<String>,
+    /// The boot path's TPM refusal and its event-log explanation (boot hint).
+    pub(super) tpm_refusal: Vec<String>,
 }
 
 /// Audit entries that watchers also get as events (the rest are the
@@ -111,6 +113,7 @@ impl Core {
             inhibitors: Inhibitors::default(),
             inhibit_audited: BTreeMap::new(),
             message,
+            tpm_refusal: Vec::new(),
         };
         c.fx.info(format!(
             "supervising: vault {} ({}), auto-lock {}",
@@ -184,6 +187,7 @@ impl Core {
                     keep: i.keep,
                 })
                 .collect(),
+            tpm_refusal: self.tpm_refusal.clone(),
         }
     }
 

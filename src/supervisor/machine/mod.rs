@@ -297,6 +297,10 @@ impl Machine {
             .first()
             .and_then(|p| crate::handoff::read_boot_hint_full(p));
         let boot_tpm_s = hint_full.as_ref().and_then(|h| h.tpm_unseal_seconds);
+        let tpm_refusal = hint_full
+            .as_ref()
+            .map(|h| h.tpm_refusal.clone())
+            .unwrap_or_default();
         let hint = hint_full.map(|h| (h.state, h.detail));
         let lockout = Lockout::load(&s.lockout_path).map_err(|e| e.to_string());
         let lockout_path = s.lockout_path.clone();
@@ -313,7 +317,8 @@ impl Machine {
             roles::Policy::from_config(&crate::config::ControlConfig::default())
                 .expect("the default control configuration is valid")
         });
-        let (core, fx) = Core::start(s, backend, hint, lockout, now);
+        let (mut core, fx) = Core::start(s, backend, hint, lockout, now);
+        core.tpm_refusal = tpm_refusal;
         let mut m = Machine {
             core,
             gate: Gate::new(policy),

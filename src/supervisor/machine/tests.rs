@@ -889,6 +889,31 @@ mod shell {
     }
 
     #[test]
+    fn status_shows_the_boot_paths_tpm_refusal_and_its_event_log_lines() {
+        let dir = TmpDir::new("machine-refusal");
+        let lines = [
+            "PCR 9 changed since enrolment: run `vaultguard reseal` after verifying the update"
+                .to_string(),
+            "PCR 9: EV_EVENT_TAG tag 0x8F3B22EC \"Linux initrd\": aa -> bb".to_string(),
+        ];
+        crate::handoff::write_boot_hint_with_refusal(
+            &dir.join("state.json"),
+            "unlocked",
+            "passphrase",
+            None,
+            &lines,
+        )
+        .unwrap();
+        let m = Machine::start(settings_in(&dir), Box::new(Fake::unlocked()), at(0));
+        let st = m.status(0, at(1));
+        assert_eq!(st.detail, "passphrase");
+        assert_eq!(st.tpm_refusal, lines);
+        let line =
+            String::from_utf8(crate::control::protocol::Response::status(&st).to_line()).unwrap();
+        assert!(line.contains("\"tpm_refusal\":[\"PCR 9 changed"), "{line}");
+    }
+
+    #[test]
     fn unlocks_wait_until_the_audit_log_can_be_written_again() {
         // A symlinked audit path (O_NOFOLLOW refuses it): the shell tells the
         // core, which refuses unlocks until the shell's retry entry is written.
