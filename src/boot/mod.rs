@@ -15,6 +15,7 @@
 //! on disk, verified, never from libcryptsetup's memory of what it meant to write.
 
 pub mod commands;
+pub mod net;
 pub mod options;
 
 use crate::encoding::base64_encode_secret;
