@@ -159,3 +159,87 @@ class Tang:
         r = subprocess.run([TANGD_ROTATE, "-d", self.keydir], capture_output=True, text=True)
         if r.returncode != 0:
             raise TangError(f"{TANGD_ROTATE} -d {self.keydir}: {r.stdout}{r.stderr}")
+
+
+# clevis in a test guest: Debian's clevis 19 is bash scripts around jose, curl,
+# cryptsetup (and tpm2-tools for the tpm2 pin); boot(files=clevis_files(),
+# dynamic=CLEVIS_DYNAMIC, libs=CLEVIS_LIBS) carries them and their DT_NEEDED closure
+# into the busybox initramfs, so `clevis luks unlock` runs in the same guest, on the
+# same kernel, TPM and network as vaultguard.
+CLEVIS_SCRIPTS = ["clevis", "clevis-luks-unlock", "clevis-luks-common-functions",
+                  "clevis-decrypt", "clevis-decrypt-tang", "clevis-decrypt-sss",
+                  "clevis-decrypt-tpm2", "clevis-decrypt-null"]
+CLEVIS_DYNAMIC = ["/usr/bin/bash", "/usr/bin/jose", "/usr/bin/curl", "/usr/sbin/cryptsetup",
+                  "/usr/sbin/dmsetup", "/usr/bin/tpm2_createprimary", "/usr/bin/tpm2_load",
+                  "/usr/bin/tpm2_unseal", "/usr/bin/tpm2_flushcontext"]
+# tpm2-tools open the TPM through a TCTI loaded with dlopen.
+CLEVIS_LIBS = ["libtss2-tcti-device.so.0"]
+
+
+def clevis_files():
+    import pathlib
+    return {f"/usr/bin/{n}": pathlib.Path(f"/usr/bin/{n}") for n in CLEVIS_SCRIPTS}
+
+
+def bind_tang(image, tang, keyfile, url=GUEST_URL):
+    """`clevis luks bind` a tang pin for `url` into a LUKS2 image file on the host,
+    with the advertisement fetched from the running `tang` (the host cannot reach
+    the guest-side URL; clevis takes the advertisement as "adv" instead and trusts
+    it as the guest would after checking its thumbprint)."""
+    return bind(image, "tang", {"url": url, "adv": tang.adv()}, keyfile)
+
+
+def bind(image, pin, cfg, keyfile, env=None):
+    """`clevis luks bind -y -d IMAGE -k KEYFILE PIN CFG` (cfg a dict, its "adv"
+    values kept as JSON); returns the keyslot clevis added (from luksDump)."""
+    r = subprocess.run(["clevis", "luks", "bind", "-y", "-d", image, "-k", keyfile, pin,
+                        json.dumps(cfg)], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        raise TangError(f"clevis luks bind {pin} {json.dumps(cfg)[:200]} on {image} failed:\n"
+                        f"{r.stdout}{r.stderr}")
+    return r
+
+
+class HostTpm:
+    """The scenario's TPM state served on the host (swtpm, unix socket) while clevis
+    binds a tpm2 pin to it: `with HostTpm(s.tpm_dir, s.path("host-swtpm")) as t:
+    bind(..., env=t.env)`. swtpm saves the state when it stops, and the guest's
+    next boot starts its own swtpm on it: the same seeds, so the same primary key."""
+
+    def __init__(self, state_dir, sock_base):
+        self.state_dir = state_dir
+        # sun_path holds 108 bytes; the control socket is SOCK.ctrl (the swtpm
+        # TCTI's convention).
+        self.sock = sock_base if len(sock_base) < 90 else f"/tmp/vg-host-swtpm-{os.getpid()}"
+        self.proc = None
+        self.env = {"TPM2TOOLS_TCTI": f"swtpm:path={self.sock}"}
+
+    def __enter__(self):
+        for p in (self.sock, self.sock + ".ctrl"):
+            if os.path.exists(p):
+                os.unlink(p)
+        self.proc = subprocess.Popen(
+            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state_dir}",
+             "--server", f"type=unixio,path={self.sock}",
+             "--ctrl", f"type=unixio,path={self.sock}.ctrl",
+             "--flags", "not-need-init,startup-clear"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(200):
+            if os.path.exists(self.sock + ".ctrl") or self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        if not os.path.exists(self.sock + ".ctrl"):
+            self.__exit__()
+            raise TangError(f"swtpm on {self.state_dir} did not start")
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
