@@ -146,6 +146,7 @@ fn report_test(
         (Method::KeyFile, _) => "the key file",
         (Method::Passphrase, Some("systemd-recovery")) => "the recovery key",
         (Method::Passphrase, _) => "the passphrase",
+        (Method::Clevis, _) => "the clevis token",
     };
     println_unless_json(
         Priority::Info,
@@ -351,6 +352,7 @@ fn report_unlock(
         Method::Tpm2Pin => "with the TPM and PIN",
         Method::KeyFile => "with the key file",
         Method::Passphrase => "with the passphrase",
+        Method::Clevis => "with a clevis token",
     };
     let latch = if done.latched {
         ", phase PCR extended"
@@ -428,6 +430,10 @@ pub fn attach_options(
             keyfile_size: o.keyfile_size,
             header: o.header.clone(),
             prompt: o.prompt(),
+            network: super::NetworkUnlock {
+                deadline: Duration::from_secs(cfg.clevis.deadline),
+                tang_thumbprints: cfg.clevis.tang_thumbprints.clone(),
+            },
         },
     };
     Ok((opts, o.headless, o.warnings))

@@ -338,6 +338,25 @@ pub struct CrypttabUnlock {
     pub header: Option<PathBuf>,
     /// `timeout=`, `password-echo=`, `password-cache=`.
     pub prompt: options::PromptTuning,
+    /// clevis tokens (Tang, sss): the network wait and trusted Tang keys.
+    pub network: NetworkUnlock,
+}
+
+/// How long clevis pins may take and which Tang keys are trusted besides the
+/// tokens' own (`clevis.deadline`, `clevis.tang_thumbprints`).
+#[derive(Debug, Clone)]
+pub struct NetworkUnlock {
+    pub deadline: Duration,
+    pub tang_thumbprints: Vec<String>,
+}
+
+impl Default for NetworkUnlock {
+    fn default() -> Self {
+        NetworkUnlock {
+            deadline: Duration::from_secs(crate::clevis::DEFAULT_DEADLINE_SECS),
+            tang_thumbprints: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -346,6 +365,8 @@ pub enum Method {
     Tpm2Pin,
     KeyFile,
     Passphrase,
+    /// A clevis token (Tang, sss, tpm2 pins).
+    Clevis,
 }
 
 impl Method {
@@ -355,6 +376,7 @@ impl Method {
             Method::Tpm2Pin => "tpm2_pin",
             Method::KeyFile => "keyfile",
             Method::Passphrase => "passphrase",
+            Method::Clevis => "clevis",
         }
     }
 }
@@ -801,6 +823,16 @@ pub fn acquire_volume_key(
         "tpm_refused",
         &[("name", name), ("reason", &reason.to_string())],
     );
+    if let Some((vk, slot)) = volume_key_via_clevis(vault, opts, prompter, events) {
+        return Ok(Acquired {
+            vk,
+            method: Method::Clevis,
+            slot,
+            fallback_reason: Some(reason),
+            tpm,
+            tpm_seconds: None,
+        });
+    }
     if opts.crypttab.token_only {
         return Err(BootError::TokenOnly(reason));
     }
@@ -852,6 +884,86 @@ pub fn acquire_volume_key(
                 &[("name", name), ("error", &e.to_string())],
             );
             Err(e)
+        }
+    }
+}
+
+/// clevis tokens: every pin of every token at once, until one opens a keyslot or
+/// `clevis.deadline` passes; one line per pin says what happened (shown before
+/// any passphrase prompt). `None` when there are no clevis tokens or none opened.
+fn volume_key_via_clevis(
+    vault: &mut Vault,
+    opts: &UnlockOptions,
+    prompter: &mut dyn Prompter,
+    events: &mut dyn Events,
+) -> Option<(SecretBytes, u32)> {
+    use crate::clevis::{self, ClevisToken};
+    let name = opts.name.as_str();
+    let raw = match vault.tokens_of_type(clevis::TOKEN_TYPE) {
+        Ok(r) => r,
+        Err(e) => {
+            prompter.say_at(
+                Priority::Warning,
+                &format!("vaultguard: cannot read the clevis tokens of {name}: {e}"),
+            );
+            return None;
+        }
+    };
+    if raw.is_empty() {
+        return None;
+    }
+    let mut tokens = Vec::new();
+    for (id, v) in raw {
+        match ClevisToken::from_json(id, &v) {
+            Ok(t) => tokens.push(t),
+            Err(e) => prompter.say_at(
+                Priority::Warning,
+                &format!("vaultguard: clevis token {id} of {name} cannot be used: {e}"),
+            ),
+        }
+    }
+    if tokens.is_empty() {
+        return None;
+    }
+    let mut eopts = clevis::EngineOptions::new(opts.crypttab.network.deadline);
+    eopts.trusted_thumbprints = opts.crypttab.network.tang_thumbprints.clone();
+    let out = clevis::open_tokens(tokens, &eopts, |tok, pass| {
+        for &slot in &tok.keyslots {
+            match vault.volume_key(Some(slot), pass.as_bytes()) {
+                Ok(got) => return Ok(Some(got)),
+                Err(e) if e.is_wrong_passphrase() => continue,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(None)
+    });
+    for line in &out.lines {
+        let prio = if line.outcome.is_ok() || out.opened.is_some() {
+            Priority::Info
+        } else {
+            Priority::Warning
+        };
+        prompter.say_at(prio, &format!("vaultguard: {name}: {line}"));
+    }
+    match out.opened {
+        Some((id, got)) => {
+            events.event(
+                "clevis_unlocked",
+                &[
+                    ("name", name),
+                    ("token", &id.to_string()),
+                    ("seconds", &format!("{:.3}", out.elapsed.as_secs_f64())),
+                ],
+            );
+            Some(got)
+        }
+        None => {
+            let reasons: Vec<String> = out.lines.iter().map(|l| l.to_string()).collect();
+            events.event(
+                "clevis_failed",
+                &[("name", name), ("pins", &reasons.join("; "))],
+            );
+            None
         }
     }
 }
