@@ -927,6 +927,11 @@ fn volume_key_via_clevis(
     }
     let mut eopts = clevis::EngineOptions::new(opts.crypttab.network.deadline);
     eopts.trusted_thumbprints = opts.crypttab.network.tang_thumbprints.clone();
+    // The network may still be coming up (a lease a moment after vaultguard starts):
+    // wait for a route within the same deadline, so the total stays bounded.
+    if let Some(why) = net::wait_before_clevis(&tokens, eopts.deadline) {
+        prompter.say_at(Priority::Warning, &format!("vaultguard: {name}: {why}"));
+    }
     let out = clevis::open_tokens(tokens, &eopts, |tok, pass| {
         for &slot in &tok.keyslots {
             match vault.volume_key(Some(slot), pass.as_bytes()) {

@@ -305,6 +305,65 @@ pub fn wait_for_urls(urls: &[&str], deadline: Instant) -> Result<Vec<Route>, Net
     RouteTables::default().wait_for(&targets, deadline)
 }
 
+/// The network needs of a set of clevis tokens: the Tang URLs of every tang pin
+/// (nested sss included) and whether any tpm2 pin could answer without the network.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PinNeeds {
+    pub tang_urls: Vec<String>,
+    pub has_tpm2: bool,
+}
+
+/// Walk the tokens' pins. A pin that does not parse is skipped here: the engine
+/// reports it on its own line.
+pub fn pin_needs(tokens: &[crate::clevis::ClevisToken]) -> PinNeeds {
+    use crate::clevis::jwe::Jwe;
+    fn walk(jwe: &Jwe, depth: usize, out: &mut PinNeeds) {
+        match jwe.pin() {
+            Ok("tang") => {
+                if let Ok(t) = crate::clevis::tang::TangPin::from_jwe(jwe) {
+                    if !out.tang_urls.contains(&t.url) {
+                        out.tang_urls.push(t.url);
+                    }
+                }
+            }
+            Ok("tpm2") => out.has_tpm2 = true,
+            Ok("sss") if depth < 8 => {
+                if let Ok(p) = crate::clevis::sss::SssPin::from_jwe(jwe) {
+                    for c in &p.children {
+                        if let Ok(child) = Jwe::from_compact(c) {
+                            walk(&child, depth + 1, out);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = PinNeeds::default();
+    for t in tokens {
+        walk(&t.jwe, 0, &mut out);
+    }
+    out
+}
+
+/// The boot path's one call before the clevis engine: wait, until `deadline` (the
+/// engine's own), for routes to the tokens' Tang servers. Only when no tpm2 pin is
+/// among them: a TPM pin must start at once, not after the network (the engine
+/// runs it on its own thread), so with one present the engine starts now and a Tang
+/// pin without a route says so on its line. Returns a line for the operator when
+/// the wait ended without a route (the engine then runs and reports each pin).
+pub fn wait_before_clevis(
+    tokens: &[crate::clevis::ClevisToken],
+    deadline: Instant,
+) -> Option<String> {
+    let needs = pin_needs(tokens);
+    if needs.tang_urls.is_empty() || needs.has_tpm2 {
+        return None;
+    }
+    let urls: Vec<&str> = needs.tang_urls.iter().map(String::as_str).collect();
+    wait_for_urls(&urls, deadline).err().map(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,6 +539,45 @@ mod tests {
         );
         let t = tables(dir.path(), QEMU_RESTRICTED);
         assert_eq!(t.read().unwrap().len(), 1);
+    }
+
+    // Written by `clevis luks bind` (clevis 19, Debian 12) on a throwaway image: a
+    // tang pin, and sss t=2 of a tpm2 pin (swtpm) and the same tang pin.
+    fn token(json: &str) -> crate::clevis::ClevisToken {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        crate::clevis::ClevisToken::from_json(0, &v).unwrap()
+    }
+    const TANG_TOKEN: &str = include_str!("testdata/clevis-token-tang.json");
+    const SSS_TOKEN: &str = include_str!("testdata/clevis-token-sss-tpm2-tang.json");
+
+    #[test]
+    fn clevis_tokens_name_their_tang_servers_and_tpm2_pins() {
+        let tang = pin_needs(&[token(TANG_TOKEN)]);
+        assert_eq!(
+            tang,
+            PinNeeds {
+                tang_urls: vec!["http://10.0.2.100".into()],
+                has_tpm2: false
+            }
+        );
+        let both = pin_needs(&[token(TANG_TOKEN), token(SSS_TOKEN)]);
+        assert_eq!(
+            both,
+            PinNeeds {
+                tang_urls: vec!["http://10.0.2.100".into()],
+                has_tpm2: true
+            }
+        );
+    }
+
+    #[test]
+    fn no_wait_when_a_tpm2_pin_could_answer_or_no_tang_pin_needs_the_network() {
+        // The deadline is an hour away: a wait would hang the test.
+        let far = Instant::now() + Duration::from_secs(3600);
+        let start = Instant::now();
+        assert_eq!(wait_before_clevis(&[token(SSS_TOKEN)], far), None);
+        assert_eq!(wait_before_clevis(&[], far), None);
+        assert!(start.elapsed() < Duration::from_secs(1));
     }
 
     #[test]
