@@ -83,14 +83,26 @@ class Tang:
     def host_url(self):
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, port=None):
-        """Serve on 127.0.0.1:`port` (a free one by default); return when /adv answers."""
+    def start(self, port=None, any_adv=False):
+        """Serve on 127.0.0.1:`port` (a free one by default); return when /adv answers.
+        any_adv=True: answer `GET /adv/THP` for any THP with this server's default
+        advertisement (the request line rewritten before tangd reads it), i.e. an
+        advertisement signed by this server's key, whatever key the client asked
+        for; a plain tangd answers 404 for a key it does not hold."""
         if self.proc is not None:
             raise TangError(f"tang {self.name} already running on port {self.port}")
         self.port = port or _free_port()
+        serve = f"EXEC:{TANGD} {self.keydir}"
+        if any_adv:
+            # A script file: socat's address syntax would split a command line.
+            wrapper = self.keydir + ".any-adv.sh"
+            with open(wrapper, "w") as f:
+                f.write(f"#!/bin/sh\nsed -u -e '1s#^GET /adv/[^ ]*#GET /adv#' | "
+                        f"exec {TANGD} {self.keydir}\n")
+            os.chmod(wrapper, 0o755)
+            serve = f"EXEC:{wrapper}"
         self.proc = subprocess.Popen(
-            ["socat", f"TCP-LISTEN:{self.port},bind=127.0.0.1,fork,reuseaddr",
-             f"EXEC:{TANGD} {self.keydir}"],
+            ["socat", f"TCP-LISTEN:{self.port},bind=127.0.0.1,fork,reuseaddr", serve],
             stdin=subprocess.DEVNULL, stdout=open(self.log_path, "a"), stderr=subprocess.STDOUT,
             start_new_session=True)
         deadline = time.time() + 10
@@ -243,3 +255,17 @@ class HostTpm:
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
+
+
+def expect_clevis_token(image, token_id=0):
+    """Fail unless the image's token `token_id` is a clevis token (what bind wrote)."""
+    r = subprocess.run(["cryptsetup", "token", "export", "--token-id", str(token_id), image],
+                       capture_output=True, text=True)
+    try:
+        tok = json.loads(r.stdout)
+    except ValueError:
+        tok = {}
+    if tok.get("type") != "clevis":
+        raise TangError(f"{image}: token {token_id} is not a clevis token after clevis luks "
+                        f"bind: {r.stdout[:200]}{r.stderr[:200]}")
+    return tok

@@ -7,9 +7,8 @@ guestfwd leads to a real tangd behind socat on the host's 127.0.0.1. The guest l
 the guest's one route is 10.0.2.0/24, which covers the Tang address), fetches /adv
 with busybox wget (the payload matches what the host reads from the same tangd), and
 fails to reach anything else, at once (slirp resets the connection or the kernel has
-no route): the host's loopback
-through the gateway (10.0.2.2:PORT, the very port tangd listens on), an outside
-address, the user network's DNS."""
+no route): the host's loopback through the gateway (10.0.2.2:PORT, the very port
+tangd listens on), an outside address, the user network's DNS."""
 import os
 import sys
 
