@@ -33,8 +33,9 @@ GUEST_URL = f"http://{GUEST_ADDR}"
 TANGD = "/usr/libexec/tangd"
 TANGD_KEYGEN = "/usr/libexec/tangd-keygen"
 TANGD_ROTATE = "/usr/libexec/tangd-rotate-keys"
-# The guest's NIC driver (virtio_net pulls in net_failover and failover).
-NET_MODULES = ["virtio_net"]
+# The guest's NIC driver (virtio_net pulls in net_failover and failover), and its
+# RNG's: see user_net().
+NET_MODULES = ["virtio_net", "virtio_rng"]
 
 
 class TangError(Exception):
@@ -60,7 +61,12 @@ def user_net(port=None, blackhole=False):
         # -lf: socat's own diagnostics go to a file, never into the guest's stream.
         netdev += (f",guestfwd=tcp:{GUEST_ADDR}:80-cmd:socat -lf /dev/null "
                    f"STDIO TCP:127.0.0.1:{port}")
-    return ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0"]
+    # A virtio RNG too: the TCG guest (qemu64, no RDRAND) otherwise seeds its CRNG
+    # about 12 s after boot, and getrandom() holds every program that needs it
+    # (vaultguard's first run of the boot, ~2.6 s in tang_unlock) until then; real
+    # machines seed it from RDRAND or the TPM within the first second.
+    return ["-netdev", netdev, "-device", "virtio-net-pci,netdev=n0",
+            "-device", "virtio-rng-pci"]
 
 
 class Tang:
