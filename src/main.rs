@@ -203,6 +203,17 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 c.unlock_passphrase_file.as_deref(),
             )?;
             let cfg = load_config(&args)?;
+            if !c.tang.is_empty() || c.threshold.is_some() {
+                let s = commands::run_enroll_clevis(
+                    &cfg,
+                    device,
+                    &c.tang,
+                    &c.tang_thumbprint,
+                    c.threshold,
+                    unlock,
+                )?;
+                return Ok(summary(json, s));
+            }
             let s = commands::run_enroll(
                 &cfg,
                 device,

@@ -470,3 +470,157 @@ fn hostile_servers_fail_one_pin_each_within_the_deadline() {
         "{l}"
     );
 }
+
+fn enroll_tang(dir: &Path, img: &Path, extra: &[&str]) -> Output {
+    let pw = dir.join("pw");
+    std::fs::write(&pw, PASS).unwrap();
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, "{}").unwrap();
+    Command::new(vaultguard_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("enroll")
+        .args(extra)
+        .arg("--unlock-passphrase-file")
+        .arg(&pw)
+        .arg(img)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn signing_thumbprint(t: &Tangd) -> String {
+    t.key_files("sign")[0]
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .to_string()
+}
+
+/// `clevis luks pass` prints the passphrase clevis recovers from the token of
+/// `slot`; cryptsetup checks it opens that keyslot.
+fn clevis_pass_opens(img: &Path, slot: u32) {
+    let out = run(Command::new("clevis")
+        .args(["luks", "pass", "-d"])
+        .arg(img)
+        .args(["-s", &slot.to_string()]));
+    assert_eq!(out.stdout.len(), 43, "clevis' passphrase shape");
+    run_with_input(
+        Command::new("cryptsetup")
+            .args([
+                "open",
+                "--test-passphrase",
+                "--key-slot",
+                &slot.to_string(),
+                "--key-file",
+                "-",
+            ])
+            .arg(img),
+        &out.stdout,
+    );
+}
+
+#[test]
+fn vaultguard_tang_enrolment_opens_with_clevis() {
+    let d = TempDir::new("clevis-enroll");
+    let tang = Tangd::start(d.path());
+    let img = luks_image(d.path(), PASS);
+    // Not trusted, no terminal to ask: refused, naming the thumbprint to check.
+    let out = enroll_tang(d.path(), &img, &["--tang", &tang.url()]);
+    let thp = signing_thumbprint(&tang);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains(&format!("its signing keys ({thp}) were not confirmed")),
+        "{}",
+        text(&out)
+    );
+    assert!(token_list(&img).is_empty(), "nothing written");
+    let out = enroll_tang(
+        d.path(),
+        &img,
+        &["--tang", &tang.url(), "--tang-thumbprint", &thp],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("(tang): keyslot 1, clevis token 0"),
+        "{}",
+        text(&out)
+    );
+    let list = run(Command::new("clevis")
+        .args(["luks", "list", "-d"])
+        .arg(&img));
+    assert_eq!(
+        String::from_utf8_lossy(&list.stdout).trim(),
+        format!("1: tang '{{\"url\":\"{}\"}}'", tang.url())
+    );
+    clevis_pass_opens(&img, 1);
+    // And vaultguard opens its own binding.
+    let (out, _) = unlock_test(d.path(), &img, "{}");
+    assert!(
+        text(&out).contains("the clevis token opens keyslot 1"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn vaultguard_sss_enrolment_of_two_tangs_opens_with_clevis() {
+    let d = TempDir::new("clevis-enroll-sss");
+    let a = Tangd::start(&d.path().join("a"));
+    let mut b = Tangd::start(&d.path().join("b"));
+    let img = luks_image(d.path(), PASS);
+    let out = enroll_tang(
+        d.path(),
+        &img,
+        &[
+            "--tang",
+            &a.url(),
+            "--tang",
+            &b.url(),
+            "--threshold",
+            "2",
+            "--tang-thumbprint",
+            &signing_thumbprint(&a),
+            "--tang-thumbprint",
+            &signing_thumbprint(&b),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("(sss t=2 of 2)"), "{}", text(&out));
+    let list = run(Command::new("clevis")
+        .args(["luks", "list", "-d"])
+        .arg(&img));
+    let list = String::from_utf8_lossy(&list.stdout).to_string();
+    assert!(
+        list.starts_with("1: sss '{\"t\":2,\"pins\":{\"tang\":["),
+        "{list}"
+    );
+    clevis_pass_opens(&img, 1);
+    // t=2: with b down neither clevis nor vaultguard may open it.
+    b.stop();
+    let out = Command::new("clevis")
+        .args(["luks", "pass", "-d"])
+        .arg(&img)
+        .args(["-s", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() || out.stdout.is_empty());
+    let (out, _) = unlock_test(d.path(), &img, r#"{"clevis":{"deadline":2}}"#);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("1 of its 2 pins failed, 2 needed"),
+        "{}",
+        text(&out)
+    );
+}
+
+fn token_list(img: &Path) -> Vec<String> {
+    let out = run(Command::new("cryptsetup")
+        .args(["luksDump", "--dump-json-metadata"])
+        .arg(img));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["tokens"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default()
+}

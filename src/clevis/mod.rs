@@ -25,6 +25,7 @@
 //! Never: logs a key, a share, a blinding scalar or a plaintext; follows a redirect;
 //! retries past the deadline.
 
+pub mod enroll;
 pub mod http;
 pub mod jwe;
 pub mod jwk;

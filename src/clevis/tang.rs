@@ -169,7 +169,7 @@ impl TangPin {
 }
 
 /// A fresh non-zero scalar from the kernel's random source. Zeroized on drop.
-fn random_scalar() -> Result<Zeroizing<Scalar>, ClevisError> {
+pub(crate) fn random_scalar() -> Result<Zeroizing<Scalar>, ClevisError> {
     for _ in 0..64 {
         let mut bytes = Zeroizing::new([0u8; 66]);
         crate::secret::fill_random(&mut bytes[..])
