@@ -624,3 +624,88 @@ fn token_list(img: &Path) -> Vec<String> {
         .map(|m| m.keys().cloned().collect())
         .unwrap_or_default()
 }
+
+fn clevis_bind_tpm(img: &Path, sw: &common::Swtpm, cfg: &str) {
+    run_with_input(
+        Command::new("clevis")
+            .args(["luks", "bind", "-y", "-k", "-", "-d"])
+            .arg(img)
+            .args(["sss", cfg])
+            .env("TPM2TOOLS_TCTI", sw.tcti()),
+        PASS.as_bytes(),
+    );
+}
+
+#[test]
+fn sss_of_tang_and_clevis_tpm2_pin_opens_and_names_a_pcr_change() {
+    let d = TempDir::new("clevis-tpm2");
+    let mut sw = common::Swtpm::start();
+    let tang = Tangd::start(d.path());
+    let both = luks_image(&d.path().join("both").tap_mkdir(), PASS);
+    let either = luks_image(&d.path().join("either").tap_mkdir(), PASS);
+    let cfg = |t: u32| {
+        format!(
+            "{{\"t\":{t},\"pins\":{{\"tang\":[{{\"url\":\"{}\"}}],\"tpm2\":{{\"pcr_ids\":\"7\",\"pcr_bank\":\"sha256\"}}}}}}",
+            tang.url()
+        )
+    };
+    clevis_bind_tpm(&both, &sw, &cfg(2));
+    clevis_bind_tpm(&either, &sw, &cfg(1));
+    let config = format!("{{\"tpm\":{{\"tcti\":\"{}\"}}}}", sw.tcti());
+    let unlock = |img: &Path| {
+        let cfgp = d.path().join("tpm-config.json");
+        std::fs::write(&cfgp, &config).unwrap();
+        Command::new(vaultguard_bin())
+            .arg("--config")
+            .arg(&cfgp)
+            .args(["unlock", "--test", "--headless", "--device"])
+            .arg(img)
+            .output()
+            .unwrap()
+    };
+    let out = unlock(&both);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("clevis token 0 sss[1] tpm2: answered"),
+        "the TPM unsealed its share: {t}"
+    );
+    assert!(
+        t.contains(&format!(
+            "clevis token 0 sss[0] tang {}: answered",
+            tang.url()
+        )),
+        "{t}"
+    );
+
+    // PCR 7 moves (a Secure Boot change): the tpm2 share is refused, naming PCR 7;
+    // t=2 cannot open, t=1 still opens through Tang.
+    sw.tool(
+        "tpm2_pcrextend",
+        &["7:sha256=0000000000000000000000000000000000000000000000000000000000000001"],
+    );
+    let out = unlock(&both);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(
+        t.contains("clevis token 0 sss[1] tpm2: TPM refused:"),
+        "{t}"
+    );
+    assert!(t.contains("PCR"), "the refusal names the PCR policy: {t}");
+    assert!(t.contains("1 of its 2 pins failed, 2 needed"), "{t}");
+    let out = unlock(&either);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("the clevis token opens keyslot 1"), "{t}");
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> PathBuf;
+}
+
+impl TapMkdir for PathBuf {
+    fn tap_mkdir(self) -> PathBuf {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}

@@ -929,6 +929,11 @@ fn volume_key_via_clevis(
     }
     let mut eopts = clevis::EngineOptions::new(opts.crypttab.network.deadline);
     eopts.trusted_thumbprints = opts.crypttab.network.tang_thumbprints.clone();
+    if let Some(t) = opts.tpm.clone() {
+        eopts.tpm = Some(std::sync::Arc::new(move |jwe: &clevis::jwe::Jwe| {
+            clevis_tpm2_pin(&t, jwe)
+        }));
+    }
     let out = clevis::open_tokens(tokens, &eopts, |tok, pass| {
         for &slot in &tok.keyslots {
             match vault.volume_key(Some(slot), pass.as_bytes()) {
@@ -968,6 +973,43 @@ fn volume_key_via_clevis(
             None
         }
     }
+}
+
+/// A clevis `tpm2` pin: its sealed object under tpm2-tools' default primary (the
+/// template systemd < 254 used, which `tpm` derives for legacy tokens), unsealed
+/// through a salted PCR policy session on its own TPM connection.
+fn clevis_tpm2_pin(
+    t: &TpmOptions,
+    jwe: &crate::clevis::jwe::Jwe,
+) -> Result<SecretBytes, crate::clevis::ClevisError> {
+    use crate::clevis::{tpm2pin, ClevisError};
+    let cfg = tpm2pin::Tpm2PinConfig::from_jwe(jwe)?;
+    let bank = Bank::from_name(&cfg.pcr_bank)
+        .ok_or_else(|| ClevisError::Unsupported(format!("tpm2 pin PCR bank {:?}", cfg.pcr_bank)))?;
+    let mut pcrs = cfg.pcr_ids.clone();
+    pcrs.sort_unstable();
+    pcrs.dedup();
+    let sealed = SealedObject {
+        blob: cfg.blob,
+        pcrs,
+        bank,
+        primary_alg: if cfg.key == "rsa" {
+            PrimaryAlg::Rsa
+        } else {
+            PrimaryAlg::Ecc
+        },
+        policy_hash: Vec::new(),
+        pin: false,
+        salt: None,
+        srk: None,
+        pcr_values: None,
+    };
+    let mut tpm =
+        Tpm::open(&t.tcti, t.timeout).map_err(|e| ClevisError::Tpm(format!("TPM: {e}")))?;
+    let unsealed = tpm
+        .unseal(&sealed, None)
+        .map_err(|e| ClevisError::Tpm(format!("TPM refused: {e}")))?;
+    tpm2pin::finish(jwe, &unsealed)
 }
 
 /// `vaultguard enroll --tang URL …`: what to bind.

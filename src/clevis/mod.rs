@@ -31,6 +31,7 @@ pub mod jwe;
 pub mod jwk;
 pub mod sss;
 pub mod tang;
+pub mod tpm2pin;
 
 use crate::secret::SecretBytes;
 use jwe::Jwe;
