@@ -439,9 +439,14 @@ pub struct EnrollCmd {
     /// (repeatable; check it with tang-show-keys on the server)
     #[argh(option)]
     pub tang_thumbprint: Vec<String>,
-    /// with several --tang: how many must answer (clevis sss "t"; default 1)
+    /// with several --tang (and --tpm2): how many must answer (clevis sss "t";
+    /// default 1)
     #[argh(option)]
     pub threshold: Option<usize>,
+    /// with --tang: add the TPM as a clevis tpm2 pin (sealed to --pcrs/--bank)
+    /// inside the sss, e.g. --tpm2 --tang URL --threshold 2 for TPM and Tang
+    #[argh(switch)]
+    pub tpm2: bool,
     /// LUKS2 device (path or UUID=...), as systemd-cryptenroll takes it
     #[argh(positional, arg_name = "device")]
     pub device_arg: Option<String>,

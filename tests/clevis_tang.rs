@@ -709,3 +709,76 @@ impl TapMkdir for PathBuf {
         self
     }
 }
+
+#[test]
+fn vaultguard_sss_of_tpm2_and_tang_opens_with_clevis_and_tpm2_tools() {
+    let d = TempDir::new("clevis-enroll-tpm2");
+    let sw = common::Swtpm::start();
+    let tang = Tangd::start(d.path());
+    let img = luks_image(d.path(), PASS);
+    let pw = d.path().join("pw");
+    std::fs::write(&pw, PASS).unwrap();
+    let cfg = d.path().join("tpm-config.json");
+    std::fs::write(&cfg, format!("{{\"tpm\":{{\"tcti\":\"{}\"}}}}", sw.tcti())).unwrap();
+    let out = Command::new(vaultguard_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .args(["enroll", "--tpm2", "--pcrs", "7", "--tang", &tang.url()])
+        .args([
+            "--tang-thumbprint",
+            &signing_thumbprint(&tang),
+            "--threshold",
+            "2",
+        ])
+        .arg("--unlock-passphrase-file")
+        .arg(&pw)
+        .arg(&img)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("(sss t=2 of 2): keyslot 1, clevis token 0"),
+        "{}",
+        text(&out)
+    );
+    let list = run(Command::new("clevis")
+        .args(["luks", "list", "-d"])
+        .arg(&img));
+    let list = String::from_utf8_lossy(&list.stdout).to_string();
+    assert!(
+        list.contains("\"tpm2\":[{\"hash\":\"sha256\",\"key\":\"ecc\""),
+        "{list}"
+    );
+    assert!(list.contains("\"pcr_ids\":\"7\""), "{list}");
+    // clevis (tpm2-tools against the same swtpm, Tang) recovers the passphrase.
+    let pass = run(Command::new("clevis")
+        .args(["luks", "pass", "-d"])
+        .arg(&img)
+        .args(["-s", "1"])
+        .env("TPM2TOOLS_TCTI", sw.tcti()));
+    assert_eq!(pass.stdout.len(), 43);
+    run_with_input(
+        Command::new("cryptsetup")
+            .args([
+                "open",
+                "--test-passphrase",
+                "--key-slot",
+                "1",
+                "--key-file",
+                "-",
+            ])
+            .arg(&img),
+        &pass.stdout,
+    );
+    let out = Command::new(vaultguard_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .args(["unlock", "--test", "--headless", "--device"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("clevis token 0 sss[1] tpm2: answered"), "{t}");
+}

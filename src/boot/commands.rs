@@ -645,14 +645,25 @@ pub fn run_enroll_clevis(
     tang: &[String],
     thumbprints: &[String],
     threshold: Option<usize>,
+    tpm2: Option<(Option<&str>, Option<&str>)>,
     unlock: Option<Provisioned>,
 ) -> Result<Summary, BootError> {
+    let tpm2 = match tpm2 {
+        Some((pcrs, bank)) => {
+            // The same PCR/bank choice as a systemd-tpm2 enrolment, minus the
+            // phase PCR (clevis' pin has no latch).
+            let e = enroll_options(cfg, device_arg, pcrs, bank, false, false)?;
+            Some((e.tpm, e.bank, e.pcrs))
+        }
+        None => None,
+    };
     let opts = super::ClevisEnrollOptions {
         device: device(cfg, device_arg)?,
         name: cfg.vault.name.clone(),
         tang: tang.to_vec(),
         thumbprints: thumbprints.to_vec(),
         threshold,
+        tpm2,
         tries: if unlock.is_some() {
             1
         } else {

@@ -1020,8 +1020,10 @@ pub struct ClevisEnrollOptions {
     pub tang: Vec<String>,
     /// Signing-key thumbprints the operator vouches for (`--tang-thumbprint`).
     pub thumbprints: Vec<String>,
-    /// sss `t` over the Tang servers (`--threshold`); `None`: 1.
+    /// sss `t` over the pins (`--threshold`); `None`: 1.
     pub threshold: Option<usize>,
+    /// Also a clevis `tpm2` pin (`--tpm2`), sealed to these PCRs of `bank`.
+    pub tpm2: Option<(TpmOptions, Bank, Vec<u32>)>,
     pub tries: u32,
     /// Per advertisement fetch.
     pub timeout: Duration,
@@ -1048,9 +1050,9 @@ pub fn enroll_clevis(
     confirm: &mut dyn FnMut(&crate::clevis::enroll::Advertisement) -> bool,
 ) -> Result<ClevisEnrolled, BootError> {
     use crate::clevis::{enroll as ce, ClevisError};
-    if opts.tang.is_empty() {
+    if opts.tang.is_empty() && opts.tpm2.is_none() {
         return Err(BootError::Clevis(ClevisError::Malformed(
-            "no --tang server given".into(),
+            "no --tang server (or --tpm2) given".into(),
         )));
     }
     let mut advs = Vec::new();
@@ -1073,14 +1075,37 @@ pub fn enroll_clevis(
     crate::secret::fill_random(raw.as_mut_bytes())
         .map_err(|e| BootError::Clevis(ClevisError::Crypto(format!("no randomness: {e}"))))?;
     let pass = SecretBytes::from_vec(crate::clevis::b64::encode(raw.as_bytes()).into_bytes());
-    let (jwe, pin) = if advs.len() == 1 && t == 1 {
-        (advs[0].encrypt(pass.as_bytes()), "tang".to_string())
+    let mut tpm = match &opts.tpm2 {
+        Some((t, bank, pcrs)) => Some((Tpm::open(&t.tcti, t.timeout)?, *bank, pcrs.clone())),
+        None => None,
+    };
+    let n = advs.len() + usize::from(tpm.is_some());
+    let mut tpm2_pin = |pt: &[u8]| -> Result<ce::Encrypted, ClevisError> {
+        let Some((handle, bank, pcrs)) = tpm.as_mut() else {
+            return Err(ClevisError::Tpm("no TPM".into()));
+        };
+        ce::tpm2_encrypt(pt, bank.name(), pcrs, |jwk| {
+            handle
+                .seal_data_legacy_primary(*bank, pcrs, jwk)
+                .map_err(|e| ClevisError::Tpm(format!("sealing to the TPM: {e}")))
+        })
+    };
+    let (jwe, pin) = if n == 1 && t == 1 {
+        if advs.is_empty() {
+            (tpm2_pin(pass.as_bytes()), "tpm2".to_string())
+        } else {
+            (advs[0].encrypt(pass.as_bytes()), "tang".to_string())
+        }
     } else {
         (
-            ce::sss_encrypt(t, advs.len(), pass.as_bytes(), |i, pt| {
-                Ok(advs[i].encrypt(pt)?.compact())
+            ce::sss_encrypt(t, n, pass.as_bytes(), |i, pt| {
+                if i < advs.len() {
+                    Ok(advs[i].encrypt(pt)?.compact())
+                } else {
+                    Ok(tpm2_pin(pt)?.compact())
+                }
             }),
-            format!("sss t={t} of {}", advs.len()),
+            format!("sss t={t} of {n}"),
         )
     };
     let jwe = jwe.map_err(BootError::Clevis)?;

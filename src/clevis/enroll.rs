@@ -103,6 +103,42 @@ impl Advertisement {
     }
 }
 
+/// The clevis `tpm2` pin's JWE of `plaintext`: a fresh A256GCM JWK sealed by
+/// `seal` (which returns TPM2B_PRIVATE and TPM2B_PUBLIC) to `pcr_ids` of `bank`.
+pub fn tpm2_encrypt(
+    plaintext: &[u8],
+    bank: &str,
+    pcr_ids: &[u32],
+    tpm_seal: impl FnOnce(&[u8]) -> Result<(Vec<u8>, Vec<u8>), ClevisError>,
+) -> Result<Encrypted, ClevisError> {
+    let mut key = SecretBytes::zeroed(32);
+    crate::secret::fill_random(key.as_mut_bytes())
+        .map_err(|e| ClevisError::Crypto(format!("no randomness: {e}")))?;
+    // What `jose jwk gen -i '{"alg":"A256GCM"}'` makes, the shape clevis seals.
+    let jwk = SecretBytes::from_vec(
+        format!(
+            "{{\"alg\":\"A256GCM\",\"k\":\"{}\",\"key_ops\":[\"encrypt\",\"decrypt\"],\"kty\":\"oct\"}}",
+            b64::encode(key.as_bytes())
+        )
+        .into_bytes(),
+    );
+    let (private, public) = tpm_seal(jwk.as_bytes())?;
+    let ids: Vec<String> = pcr_ids.iter().map(u32::to_string).collect();
+    let header = json!({
+        "alg": "dir",
+        "enc": "A256GCM",
+        "clevis": {"pin": "tpm2", "tpm2": {
+            "hash": "sha256",
+            "key": "ecc",
+            "jwk_pub": b64::encode(&public),
+            "jwk_priv": b64::encode(&private),
+            "pcr_bank": bank,
+            "pcr_ids": ids.join(","),
+        }},
+    });
+    seal(&header, key.as_bytes(), plaintext)
+}
+
 /// A JWE made here, in both serializations.
 pub struct Encrypted {
     pub protected: String,
