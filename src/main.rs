@@ -210,7 +210,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     &c.tang,
                     &c.tang_thumbprint,
                     c.threshold,
-                    c.tpm2.then(|| (c.pcrs.as_deref(), c.bank.as_deref())),
+                    c.tpm2.then_some((c.pcrs.as_deref(), c.bank.as_deref())),
                     unlock,
                 )?;
                 return Ok(summary(json, s));
