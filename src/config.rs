@@ -936,6 +936,25 @@ mod tests {
     }
 
     #[test]
+    fn clevis_deadline_and_tang_thumbprints_from_file_and_cmdline() {
+        let mut c = Config::default();
+        assert_eq!(c.clevis.deadline, 10);
+        let thp = "3kOpVDW0pw0OyRx2jGNO_JzATRAj0raqCk8jhG2bZFI";
+        let w = c.apply_cmdline(&format!(
+            "rd.vaultguard.clevis.deadline=4 rd.vaultguard.clevis.tang_thumbprint={thp} \
+             rd.vaultguard.clevis.tang_thumbprint=not-a-thumbprint"
+        ));
+        assert_eq!(c.clevis.deadline, 4);
+        assert_eq!(c.clevis.tang_thumbprints, vec![thp.to_string()]);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("not an S256 JWK thumbprint"), "{w:?}");
+        let c = Config::from_json(r#"{"clevis":{"deadline":3,"tang_thumbprints":["x"]}}"#, "t")
+            .unwrap();
+        assert_eq!(c.clevis.deadline, 3);
+        assert!(Config::from_json(r#"{"clevis":{"dead_line":3}}"#, "t").is_err());
+    }
+
+    #[test]
     fn rd_vaultguard_options_sets_the_boot_unlocks_crypttab_options() {
         let mut c = Config::default();
         assert!(c.vault.options.is_empty());

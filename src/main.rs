@@ -203,6 +203,18 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 c.unlock_passphrase_file.as_deref(),
             )?;
             let cfg = load_config(&args)?;
+            if !c.tang.is_empty() || c.threshold.is_some() {
+                let s = commands::run_enroll_clevis(
+                    &cfg,
+                    device,
+                    &c.tang,
+                    &c.tang_thumbprint,
+                    c.threshold,
+                    c.tpm2.then_some((c.pcrs.as_deref(), c.bank.as_deref())),
+                    unlock,
+                )?;
+                return Ok(summary(json, s));
+            }
             let s = commands::run_enroll(
                 &cfg,
                 device,

@@ -98,12 +98,15 @@ pub enum BootError {
         error: Box<BootError>,
         left: Option<String>,
     },
+    /// A clevis (Tang/sss) enrolment step failed.
+    Clevis(crate::clevis::ClevisError),
 }
 
 impl fmt::Display for BootError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BootError::Luks(e) => e.fmt(f),
+            BootError::Clevis(e) => write!(f, "clevis: {e}"),
             BootError::Tpm(e) => e.fmt(f),
             BootError::Prompt(e) => e.fmt(f),
             BootError::TriesExhausted { what, tries } => write!(f, "{what}: all {tries} tries failed"),
@@ -932,6 +935,11 @@ fn volume_key_via_clevis(
     if let Some(why) = net::wait_before_clevis(&tokens, eopts.deadline) {
         prompter.say_at(Priority::Warning, &format!("vaultguard: {name}: {why}"));
     }
+    if let Some(t) = opts.tpm.clone() {
+        eopts.tpm = Some(std::sync::Arc::new(move |jwe: &clevis::jwe::Jwe| {
+            clevis_tpm2_pin(&t, jwe)
+        }));
+    }
     let out = clevis::open_tokens(tokens, &eopts, |tok, pass| {
         for &slot in &tok.keyslots {
             match vault.volume_key(Some(slot), pass.as_bytes()) {
@@ -971,6 +979,177 @@ fn volume_key_via_clevis(
             None
         }
     }
+}
+
+/// A clevis `tpm2` pin: its sealed object under tpm2-tools' default primary (the
+/// template systemd < 254 used, which `tpm` derives for legacy tokens), unsealed
+/// through a salted PCR policy session on its own TPM connection.
+fn clevis_tpm2_pin(
+    t: &TpmOptions,
+    jwe: &crate::clevis::jwe::Jwe,
+) -> Result<SecretBytes, crate::clevis::ClevisError> {
+    use crate::clevis::{tpm2pin, ClevisError};
+    let cfg = tpm2pin::Tpm2PinConfig::from_jwe(jwe)?;
+    let bank = Bank::from_name(&cfg.pcr_bank)
+        .ok_or_else(|| ClevisError::Unsupported(format!("tpm2 pin PCR bank {:?}", cfg.pcr_bank)))?;
+    let mut pcrs = cfg.pcr_ids.clone();
+    pcrs.sort_unstable();
+    pcrs.dedup();
+    let sealed = SealedObject {
+        blob: cfg.blob,
+        pcrs,
+        bank,
+        primary_alg: if cfg.key == "rsa" {
+            PrimaryAlg::Rsa
+        } else {
+            PrimaryAlg::Ecc
+        },
+        policy_hash: Vec::new(),
+        pin: false,
+        salt: None,
+        srk: None,
+        pcr_values: None,
+    };
+    let mut tpm =
+        Tpm::open(&t.tcti, t.timeout).map_err(|e| ClevisError::Tpm(format!("TPM: {e}")))?;
+    let unsealed = tpm
+        .unseal(&sealed, None)
+        .map_err(|e| ClevisError::Tpm(format!("TPM refused: {e}")))?;
+    tpm2pin::finish(jwe, &unsealed)
+}
+
+/// `vaultguard enroll --tang URL …`: what to bind.
+#[derive(Debug, Clone)]
+pub struct ClevisEnrollOptions {
+    pub device: String,
+    pub name: String,
+    pub tang: Vec<String>,
+    /// Signing-key thumbprints the operator vouches for (`--tang-thumbprint`).
+    pub thumbprints: Vec<String>,
+    /// sss `t` over the pins (`--threshold`); `None`: 1.
+    pub threshold: Option<usize>,
+    /// Also a clevis `tpm2` pin (`--tpm2`), sealed to these PCRs of `bank`.
+    pub tpm2: Option<(TpmOptions, Bank, Vec<u32>)>,
+    pub tries: u32,
+    /// Per advertisement fetch.
+    pub timeout: Duration,
+}
+
+/// What `enroll --tang` wrote.
+#[derive(Debug)]
+pub struct ClevisEnrolled {
+    pub keyslot: u32,
+    pub token: u32,
+    /// "tang" or "sss t=N of M".
+    pub pin: String,
+}
+
+/// Bind the volume to Tang (one server: a `tang` pin; several or `--threshold`:
+/// `sss` over `tang` pins) as a clevis token with its own keyslot. Every server's
+/// signing keys must be trusted — by `--tang-thumbprint`, or by `confirm` (the
+/// operator's yes after seeing the thumbprints, as `clevis luks bind` asks) —
+/// before the existing passphrase is even asked for.
+pub fn enroll_clevis(
+    opts: &ClevisEnrollOptions,
+    prompter: &mut dyn Prompter,
+    events: &mut dyn Events,
+    confirm: &mut dyn FnMut(&crate::clevis::enroll::Advertisement) -> bool,
+) -> Result<ClevisEnrolled, BootError> {
+    use crate::clevis::{enroll as ce, ClevisError};
+    if opts.tang.is_empty() && opts.tpm2.is_none() {
+        return Err(BootError::Clevis(ClevisError::Malformed(
+            "no --tang server (or --tpm2) given".into(),
+        )));
+    }
+    let mut advs = Vec::new();
+    for url in &opts.tang {
+        let adv = ce::fetch_advertisement(url, std::time::Instant::now() + opts.timeout)
+            .map_err(BootError::Clevis)?;
+        if !adv.trusted_by(&opts.thumbprints) && !confirm(&adv) {
+            return Err(BootError::Clevis(ClevisError::Untrusted(format!(
+                "{url}: its signing keys ({}) were not confirmed: check them on the server (`tang-show-keys`) and pass --tang-thumbprint",
+                adv.signing_thumbprints.join(", ")
+            ))));
+        }
+        advs.push(adv);
+    }
+    let t = opts.threshold.unwrap_or(1);
+    let mut vault = Vault::open(&opts.device)?;
+    let vk = volume_key_via_passphrase(&mut vault, &opts.name, opts.tries, prompter, events)?;
+    // What clevis luks bind makes: 32 random bytes, base64url, as the passphrase.
+    let mut raw = SecretBytes::zeroed(32);
+    crate::secret::fill_random(raw.as_mut_bytes())
+        .map_err(|e| BootError::Clevis(ClevisError::Crypto(format!("no randomness: {e}"))))?;
+    let pass = SecretBytes::from_vec(crate::clevis::b64::encode(raw.as_bytes()).into_bytes());
+    let mut tpm = match &opts.tpm2 {
+        Some((t, bank, pcrs)) => Some((Tpm::open(&t.tcti, t.timeout)?, *bank, pcrs.clone())),
+        None => None,
+    };
+    let n = advs.len() + usize::from(tpm.is_some());
+    let mut tpm2_pin = |pt: &[u8]| -> Result<ce::Encrypted, ClevisError> {
+        let Some((handle, bank, pcrs)) = tpm.as_mut() else {
+            return Err(ClevisError::Tpm("no TPM".into()));
+        };
+        ce::tpm2_encrypt(pt, bank.name(), pcrs, |jwk| {
+            handle
+                .seal_data_legacy_primary(*bank, pcrs, jwk)
+                .map_err(|e| ClevisError::Tpm(format!("sealing to the TPM: {e}")))
+        })
+    };
+    let (jwe, pin) = if n == 1 && t == 1 {
+        if advs.is_empty() {
+            (tpm2_pin(pass.as_bytes()), "tpm2".to_string())
+        } else {
+            (advs[0].encrypt(pass.as_bytes()), "tang".to_string())
+        }
+    } else {
+        (
+            ce::sss_encrypt(t, n, pass.as_bytes(), |i, pt| {
+                if i < advs.len() {
+                    Ok(advs[i].encrypt(pt)?.compact())
+                } else {
+                    Ok(tpm2_pin(pt)?.compact())
+                }
+            }),
+            format!("sss t={t} of {n}"),
+        )
+    };
+    let jwe = jwe.map_err(BootError::Clevis)?;
+    let keyslot = vault.add_keyslot(&vk, pass.as_bytes(), true)?;
+    let token = match vault.add_token(&serde_json::json!({
+        "type": crate::clevis::TOKEN_TYPE,
+        "keyslots": [keyslot.to_string()],
+        "jwe": jwe.flattened(),
+    })) {
+        Ok(t) => t,
+        Err(e) => {
+            // No keyslot without its token: nothing could ever open it.
+            let left = vault.destroy_keyslot(keyslot).err().map(|_| {
+                format!(
+                    "keyslot {keyslot}: cryptsetup luksKillSlot {} {keyslot}",
+                    opts.device
+                )
+            });
+            return Err(BootError::PartlyWritten {
+                error: Box::new(e.into()),
+                left,
+            });
+        }
+    };
+    events.event(
+        "clevis_enrolled",
+        &[
+            ("name", opts.name.as_str()),
+            ("keyslot", &keyslot.to_string()),
+            ("token", &token.to_string()),
+            ("pin", &pin),
+        ],
+    );
+    Ok(ClevisEnrolled {
+        keyslot,
+        token,
+        pin,
+    })
 }
 
 /// What `unlock --test` found: which keyslot the first key that works opens,

@@ -198,10 +198,13 @@ pub fn request(
                 if buf.len() > MAX_RESPONSE {
                     return Err(HttpError::TooLarge);
                 }
-                // Done as soon as a complete response is in: a server that
-                // answers and keeps the connection open must not cost the deadline.
-                if let Ok(Some(_)) = parse_response(&buf, false) {
-                    break;
+                // Done as soon as the response is complete (or refused by its
+                // header): tangd keeps reading requests until its input closes,
+                // so waiting for the close would cost the whole deadline.
+                match parse_response(&buf, false) {
+                    Ok(None) => {}
+                    Ok(Some(r)) => return Ok(r),
+                    Err(e) => return Err(e),
                 }
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,

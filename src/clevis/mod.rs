@@ -25,11 +25,13 @@
 //! Never: logs a key, a share, a blinding scalar or a plaintext; follows a redirect;
 //! retries past the deadline.
 
+pub mod enroll;
 pub mod http;
 pub mod jwe;
 pub mod jwk;
 pub mod sss;
 pub mod tang;
+pub mod tpm2pin;
 
 use crate::secret::SecretBytes;
 use jwe::Jwe;
@@ -41,6 +43,8 @@ use std::time::{Duration, Instant};
 pub const TOKEN_TYPE: &str = "clevis";
 /// Default of `clevis.deadline`, seconds.
 pub const DEFAULT_DEADLINE_SECS: u64 = 10;
+/// How long past the deadline the engine listens for the pins' own timeouts.
+const REPORT_GRACE: Duration = Duration::from_millis(150);
 
 /// Why a pin or token could not be used. Each message names the failure for the
 /// operator; none carries key material.
@@ -183,7 +187,7 @@ enum Node {
     Leaf(usize),
     Sss {
         pin: sss::SssPin,
-        jwe: Jwe,
+        jwe: Box<Jwe>,
         children: Vec<Node>,
         leaf: usize,
     },
@@ -298,7 +302,7 @@ impl Engine {
                 }
                 Node::Sss {
                     pin: sp,
-                    jwe,
+                    jwe: Box::new(jwe),
                     children,
                     leaf,
                 }
@@ -332,11 +336,12 @@ impl Engine {
                 }
                 let mut done = Vec::new();
                 let mut pending = 0;
+                let mut failed = 0;
                 for c in children {
                     match self.eval(c) {
                         Eval::Done(s) => done.push(s),
                         Eval::Pending => pending += 1,
-                        Eval::Failed => {}
+                        Eval::Failed => failed += 1,
                     }
                 }
                 if done.len() >= pin.t {
@@ -350,8 +355,7 @@ impl Engine {
                     ev
                 } else if done.len() + pending < pin.t {
                     self.leaves[*leaf].state = Some(Err(format!(
-                        "{} of {} pins answered, {} needed",
-                        done.len(),
+                        "{failed} of its {} pins failed, {} needed: cannot open",
                         children.len(),
                         pin.t
                     )));
@@ -424,7 +428,10 @@ pub fn open_tokens<T>(
         if roots.iter().all(Option::is_none) {
             break;
         }
-        let Some(left) = opts.deadline.checked_duration_since(Instant::now()) else {
+        // The pins' own timeouts end at the deadline; a moment more lets their
+        // "timed out" reach the report instead of a bare "no answer".
+        let Some(left) = (opts.deadline + REPORT_GRACE).checked_duration_since(Instant::now())
+        else {
             break;
         };
         match rx.recv_timeout(left) {
@@ -447,6 +454,9 @@ pub fn open_tokens<T>(
                 Some(Ok(_)) => Ok(()),
                 Some(Err(e)) => Err(e),
                 None if opened.is_some() => Err("abandoned (another pin set won)".into()),
+                None if Instant::now() < opts.deadline => {
+                    Err("abandoned (its token could no longer open)".into())
+                }
                 None => Err(format!("no answer within the deadline ({waited:.0} s)")),
             },
         })

@@ -139,7 +139,7 @@ pub fn recover(p: &[u8], points: &[&SecretBytes]) -> Result<SecretBytes, ClevisE
             }
             acc = acc * (zero - xs[j]) * inv;
         }
-        k = k + acc * ys[i];
+        k += acc * ys[i];
     }
     Ok(be_bytes(&k.retrieve(), len))
 }

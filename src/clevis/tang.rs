@@ -117,8 +117,15 @@ impl TangPin {
             Some(k) => format!("/adv/{}", k.thumbprint()),
             None => "/adv".to_string(),
         };
-        let resp = http::request(url, "GET", &path, None, deadline)
-            .map_err(|e| ClevisError::Http(self.url.clone(), e))?;
+        let resp = match http::request(url, "GET", &path, None, deadline) {
+            // That key is gone from the server: its plain advertisement must then
+            // be signed by a key we trust, or the server is not the one bound.
+            Err(http::HttpError::Status(404)) if path != "/adv" => {
+                http::request(url, "GET", "/adv", None, deadline)
+            }
+            r => r,
+        }
+        .map_err(|e| ClevisError::Http(self.url.clone(), e))?;
         let jws: Value = serde_json::from_slice(&resp.body).map_err(|e| {
             ClevisError::Malformed(format!("advertisement of {} is not JSON: {e}", self.url))
         })?;
@@ -162,7 +169,7 @@ impl TangPin {
 }
 
 /// A fresh non-zero scalar from the kernel's random source. Zeroized on drop.
-fn random_scalar() -> Result<Zeroizing<Scalar>, ClevisError> {
+pub(crate) fn random_scalar() -> Result<Zeroizing<Scalar>, ClevisError> {
     for _ in 0..64 {
         let mut bytes = Zeroizing::new([0u8; 66]);
         crate::secret::fill_random(&mut bytes[..])
