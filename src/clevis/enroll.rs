@@ -16,8 +16,6 @@ use super::jwk::EcJwk;
 use super::tang::{adv_keys, verify_advertisement};
 use super::{b64, ClevisError};
 use crate::secret::SecretBytes;
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce};
 use crypto_bigint::modular::runtime_mod::{DynResidue, DynResidueParams};
 use crypto_bigint::U256;
 use serde_json::{json, Value};
@@ -173,16 +171,16 @@ fn seal(header: &Value, cek: &[u8], plaintext: &[u8]) -> Result<Encrypted, Clevi
     let mut iv = [0u8; 12];
     crate::secret::fill_random(&mut iv)
         .map_err(|e| ClevisError::Crypto(format!("no randomness: {e}")))?;
-    let cipher = Aes256Gcm::new_from_slice(cek)
-        .map_err(|_| ClevisError::Crypto("A256GCM key setup failed".into()))?;
     let mut buf = SecretBytes::from_slice(plaintext);
-    let tag = cipher
-        .encrypt_in_place_detached(
-            Nonce::from_slice(&iv),
-            protected.as_bytes(),
-            buf.as_mut_bytes(),
-        )
-        .map_err(|_| ClevisError::Crypto("A256GCM encryption failed".into()))?;
+    let mut tag = [0u8; 16];
+    super::gcry::aes256gcm(
+        true,
+        cek,
+        &iv,
+        protected.as_bytes(),
+        buf.as_mut_bytes(),
+        &mut tag,
+    )?;
     Ok(Encrypted {
         protected,
         iv: b64::encode(&iv),

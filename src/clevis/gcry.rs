@@ -46,6 +46,83 @@ extern "C" {
     fn gcry_sexp_build(r: *mut Ptr, erroff: *mut usize, fmt: *const c_char, ...) -> c_uint;
     fn gcry_sexp_release(s: Ptr);
     fn gcry_pk_verify(sig: Ptr, data: Ptr, pkey: Ptr) -> c_uint;
+    fn gcry_cipher_open(h: *mut Ptr, algo: c_int, mode: c_int, flags: c_uint) -> c_uint;
+    fn gcry_cipher_close(h: Ptr);
+    fn gcry_cipher_setkey(h: Ptr, key: *const u8, len: usize) -> c_uint;
+    fn gcry_cipher_setiv(h: Ptr, iv: *const u8, len: usize) -> c_uint;
+    fn gcry_cipher_authenticate(h: Ptr, a: *const u8, len: usize) -> c_uint;
+    fn gcry_cipher_encrypt(
+        h: Ptr,
+        out: *mut u8,
+        outlen: usize,
+        inp: *const u8,
+        inlen: usize,
+    ) -> c_uint;
+    fn gcry_cipher_decrypt(
+        h: Ptr,
+        out: *mut u8,
+        outlen: usize,
+        inp: *const u8,
+        inlen: usize,
+    ) -> c_uint;
+    fn gcry_cipher_gettag(h: Ptr, tag: *mut u8, len: usize) -> c_uint;
+    fn gcry_cipher_checktag(h: Ptr, tag: *const u8, len: usize) -> c_uint;
+}
+
+const GCRY_CIPHER_AES256: c_int = 9;
+const GCRY_CIPHER_MODE_GCM: c_int = 9;
+
+/// AES-256-GCM in place. Encrypting fills `tag`; decrypting checks it and
+/// returns false (with `buf` wiped) when it does not match.
+pub fn aes256gcm(
+    encrypt: bool,
+    key: &[u8],
+    iv: &[u8],
+    aad: &[u8],
+    buf: &mut [u8],
+    tag: &mut [u8; 16],
+) -> Result<bool, ClevisError> {
+    if key.len() != 32 || iv.len() != 12 {
+        return Err(ClevisError::Crypto(
+            "A256GCM needs a 32-byte key and 12-byte iv".into(),
+        ));
+    }
+    init();
+    let mut h = std::ptr::null_mut();
+    // SAFETY: out-pointer to a local; the handle is closed below on every path.
+    if unsafe { gcry_cipher_open(&mut h, GCRY_CIPHER_AES256, GCRY_CIPHER_MODE_GCM, 0) } != 0
+        || h.is_null()
+    {
+        return Err(ClevisError::Crypto("libgcrypt has no AES-256-GCM".into()));
+    }
+    // SAFETY: every buffer is valid for the length given; in-place operation is
+    // requested by a NULL input of length 0, as libgcrypt documents.
+    let r = unsafe {
+        if gcry_cipher_setkey(h, key.as_ptr(), key.len()) != 0
+            || gcry_cipher_setiv(h, iv.as_ptr(), iv.len()) != 0
+            || gcry_cipher_authenticate(h, aad.as_ptr(), aad.len()) != 0
+        {
+            Err(ClevisError::Crypto("A256GCM setup failed".into()))
+        } else if encrypt {
+            if gcry_cipher_encrypt(h, buf.as_mut_ptr(), buf.len(), std::ptr::null(), 0) != 0
+                || gcry_cipher_gettag(h, tag.as_mut_ptr(), 16) != 0
+            {
+                Err(ClevisError::Crypto("A256GCM encryption failed".into()))
+            } else {
+                Ok(true)
+            }
+        } else if gcry_cipher_decrypt(h, buf.as_mut_ptr(), buf.len(), std::ptr::null(), 0) != 0 {
+            Err(ClevisError::Crypto("A256GCM decryption failed".into()))
+        } else {
+            Ok(gcry_cipher_checktag(h, tag.as_ptr(), 16) == 0)
+        }
+    };
+    // SAFETY: opened above, closed once.
+    unsafe { gcry_cipher_close(h) };
+    if matches!(r, Ok(false)) {
+        zeroize::Zeroize::zeroize(buf);
+    }
+    r
 }
 
 /// libgcrypt must be initialised once per process; libcryptsetup does the same
