@@ -9,17 +9,15 @@
 //! security; a fixed one spares the binary a primality test. Decryption takes `p`
 //! from the header either way, so both kinds of binding open with both tools.
 
+use super::gcry::{self, Op};
 use super::http::{self, Url};
 use super::jwe::concat_kdf;
-use super::jwk::{self, EcJwk};
+use super::jwk::EcJwk;
 use super::tang::{adv_keys, verify_advertisement};
 use super::{b64, ClevisError};
 use crate::secret::SecretBytes;
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce};
 use crypto_bigint::modular::runtime_mod::{DynResidue, DynResidueParams};
 use crypto_bigint::U256;
-use p521::ProjectivePoint;
 use serde_json::{json, Value};
 use std::time::Instant;
 
@@ -83,10 +81,11 @@ impl Advertisement {
 
     /// The tang pin's JWE of `plaintext`: ECDH-ES with the exchange key, A256GCM.
     pub fn encrypt(&self, plaintext: &[u8]) -> Result<Encrypted, ClevisError> {
-        let e = super::tang::random_scalar()?;
-        let epk = (ProjectivePoint::GENERATOR * *e).to_affine();
-        let z = (ProjectivePoint::from(self.exchange.point) * *e).to_affine();
-        let (zx, _) = jwk::xy_of(&z);
+        let e = gcry::random_scalar()?;
+        let epk = gcry::compute(Op::MulBase(e.as_bytes()))?;
+        let gcry::Point { x: zx, y: mut zy } =
+            gcry::compute(Op::Mul(&self.exchange.point, e.as_bytes()))?;
+        zeroize::Zeroize::zeroize(&mut zy);
         let zx = zeroize::Zeroizing::new(zx);
         let cek = concat_kdf(&zx, "A256GCM", b"", b"", 256);
         let mut epk_jwk = EcJwk::from_point(epk).to_json();
@@ -172,16 +171,16 @@ fn seal(header: &Value, cek: &[u8], plaintext: &[u8]) -> Result<Encrypted, Clevi
     let mut iv = [0u8; 12];
     crate::secret::fill_random(&mut iv)
         .map_err(|e| ClevisError::Crypto(format!("no randomness: {e}")))?;
-    let cipher = Aes256Gcm::new_from_slice(cek)
-        .map_err(|_| ClevisError::Crypto("A256GCM key setup failed".into()))?;
     let mut buf = SecretBytes::from_slice(plaintext);
-    let tag = cipher
-        .encrypt_in_place_detached(
-            Nonce::from_slice(&iv),
-            protected.as_bytes(),
-            buf.as_mut_bytes(),
-        )
-        .map_err(|_| ClevisError::Crypto("A256GCM encryption failed".into()))?;
+    let mut tag = [0u8; 16];
+    super::gcry::aes256gcm(
+        true,
+        cek,
+        &iv,
+        protected.as_bytes(),
+        buf.as_mut_bytes(),
+        &mut tag,
+    )?;
     Ok(Encrypted {
         protected,
         iv: b64::encode(&iv),

@@ -9,8 +9,6 @@
 use super::b64;
 use super::ClevisError;
 use crate::secret::SecretBytes;
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -155,21 +153,22 @@ impl Jwe {
                 self.tag.len()
             )));
         }
-        let cipher = Aes256Gcm::new_from_slice(cek)
-            .map_err(|_| ClevisError::Crypto("A256GCM key setup failed".into()))?;
         let mut buf = SecretBytes::from_slice(&self.ciphertext);
-        cipher
-            .decrypt_in_place_detached(
-                Nonce::from_slice(&self.iv),
-                self.protected_b64.as_bytes(),
-                buf.as_mut_bytes(),
-                Tag::from_slice(&self.tag),
-            )
-            .map_err(|_| {
-                ClevisError::Crypto(
-                    "JWE authentication failed (wrong key, or the token was altered)".into(),
-                )
-            })?;
+        let mut tag = [0u8; 16];
+        tag.copy_from_slice(&self.tag);
+        let ok = super::gcry::aes256gcm(
+            false,
+            cek,
+            &self.iv,
+            self.protected_b64.as_bytes(),
+            buf.as_mut_bytes(),
+            &mut tag,
+        )?;
+        if !ok {
+            return Err(ClevisError::Crypto(
+                "JWE authentication failed (wrong key, or the token was altered)".into(),
+            ));
+        }
         Ok(buf)
     }
 
@@ -254,15 +253,15 @@ mod tests {
 
     #[test]
     fn dir_a256gcm_round_trip_and_tamper() {
-        use aes_gcm::aead::AeadInPlace;
         let key = [7u8; 32];
         let hdr = b64::encode(br#"{"alg":"dir","enc":"A256GCM","clevis":{"pin":"x"}}"#);
         let iv = [1u8; 12];
         let mut ct = b"secret!".to_vec();
-        let tag = Aes256Gcm::new_from_slice(&key)
-            .unwrap()
-            .encrypt_in_place_detached(Nonce::from_slice(&iv), hdr.as_bytes(), &mut ct)
-            .unwrap();
+        let mut tag = [0u8; 16];
+        assert!(
+            super::super::gcry::aes256gcm(true, &key, &iv, hdr.as_bytes(), &mut ct, &mut tag)
+                .unwrap()
+        );
         let compact = format!(
             "{hdr}..{}.{}.{}",
             b64::encode(&iv),

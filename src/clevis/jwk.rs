@@ -3,14 +3,13 @@
 //!
 //! Every point read from outside is checked to lie on the curve before it is used
 //! (a point off the curve in a Tang answer would otherwise leak the blinding
-//! scalar's residues). Only P-521 is built in: it is what `tangd-keygen` makes and
+//! scalar's residues); the curve arithmetic is libgcrypt's (`gcry`). Only P-521 is built in: it is what `tangd-keygen` makes and
 //! what clevis binds against a default Tang; P-256/P-384 keys are refused with the
 //! curve named rather than misread.
 
 use super::b64;
+use super::gcry::{self, Point};
 use super::ClevisError;
-use p521::elliptic_curve::sec1::{EncodedPoint, FromEncodedPoint, ToEncodedPoint};
-use p521::{AffinePoint, NistP521};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -20,7 +19,7 @@ pub const P521_COORD_LEN: usize = 66;
 /// An EC public key as a JWK carries it, with the fields clevis reads.
 #[derive(Debug, Clone)]
 pub struct EcJwk {
-    pub point: AffinePoint,
+    pub point: Point,
     pub alg: Option<String>,
     pub key_ops: Vec<String>,
     /// The JSON as received (the thumbprint covers only the required members).
@@ -72,14 +71,14 @@ impl EcJwk {
         })
     }
 
-    pub fn from_point(point: AffinePoint) -> EcJwk {
-        let (x, y) = xy_of(&point);
+    pub fn from_point(point: Point) -> EcJwk {
+        let (x, y) = (b64::encode(&point.x), b64::encode(&point.y));
         EcJwk {
             point,
             alg: None,
             key_ops: Vec::new(),
-            x: b64::encode(&x),
-            y: b64::encode(&y),
+            x,
+            y,
         }
     }
 
@@ -114,27 +113,9 @@ impl EcJwk {
     }
 }
 
-/// A point from big-endian coordinates, refused unless it is on P-521 (and not
-/// the identity, which has no affine coordinates).
-pub fn point_from_xy(x: &[u8], y: &[u8]) -> Result<AffinePoint, ClevisError> {
-    if x.len() != P521_COORD_LEN || y.len() != P521_COORD_LEN {
-        return Err(ClevisError::Malformed(format!(
-            "EC point coordinates of {}/{} bytes, P-521 needs {P521_COORD_LEN}",
-            x.len(),
-            y.len()
-        )));
-    }
-    let ep = EncodedPoint::<NistP521>::from_affine_coordinates(x.into(), y.into(), false);
-    Option::<AffinePoint>::from(AffinePoint::from_encoded_point(&ep))
-        .ok_or_else(|| ClevisError::Crypto("an EC point is not on curve P-521".into()))
-}
-
-/// Big-endian x and y of a (non-identity) affine point.
-pub fn xy_of(p: &AffinePoint) -> (Vec<u8>, Vec<u8>) {
-    let ep = p.to_encoded_point(false);
-    let x = ep.x().map(|c| c.to_vec()).unwrap_or_default();
-    let y = ep.y().map(|c| c.to_vec()).unwrap_or_default();
-    (x, y)
+/// A point from big-endian coordinates, refused unless it is on P-521.
+pub fn point_from_xy(x: &[u8], y: &[u8]) -> Result<Point, ClevisError> {
+    gcry::point(x, y)
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@
 //! retries past the deadline.
 
 pub mod enroll;
+pub mod gcry;
 pub mod http;
 pub mod jwe;
 pub mod jwk;

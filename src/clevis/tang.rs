@@ -12,16 +12,14 @@
 //! secret. The server sees only a uniformly blinded point and learns nothing of
 //! the key. `e`, the secret point and the content key live in zeroizing types.
 
+use super::gcry::{self, Op};
 use super::http::{self, Url};
 use super::jwe::Jwe;
-use super::jwk::{self, EcJwk};
+use super::jwk::EcJwk;
 use super::{b64, ClevisError};
 use crate::secret::SecretBytes;
-use p521::ecdsa::signature::Verifier;
-use p521::ecdsa::{Signature, VerifyingKey};
-use p521::elliptic_curve::group::Group;
-use p521::{NonZeroScalar, ProjectivePoint, Scalar};
 use serde_json::Value;
+use sha2::{Digest, Sha512};
 use std::time::Instant;
 use zeroize::Zeroizing;
 
@@ -138,9 +136,8 @@ impl TangPin {
 
     /// The McCallum–Relyea exchange; returns Z's x coordinate (zeroizing).
     fn recover(&self, url: &Url, deadline: Instant) -> Result<Zeroizing<Vec<u8>>, ClevisError> {
-        let e = random_scalar()?;
-        let epk = ProjectivePoint::from(self.epk.point);
-        let blinded = (epk + ProjectivePoint::GENERATOR * *e).to_affine();
+        let e = gcry::random_scalar()?;
+        let blinded = gcry::compute(Op::AddMulBase(&self.epk.point, e.as_bytes()))?;
         let req = EcJwk::from_point(blinded).to_json().to_string();
         let resp = http::request(
             url,
@@ -155,33 +152,13 @@ impl TangPin {
         })?;
         // from_json checks the point is on the curve.
         let y = EcJwk::from_json(&answer)?;
-        let srv = ProjectivePoint::from(self.exchange.point);
-        let zp = ProjectivePoint::from(y.point) - srv * *e;
-        if bool::from(zp.is_identity()) {
-            return Err(ClevisError::Crypto(format!(
-                "{} answered a degenerate point",
-                self.url
-            )));
-        }
-        let (x, _) = jwk::xy_of(&zp.to_affine());
+        let z = gcry::compute(Op::SubMul(&y.point, &self.exchange.point, e.as_bytes())).map_err(
+            |_| ClevisError::Crypto(format!("{} answered a degenerate point", self.url)),
+        )?;
+        let gcry::Point { x, mut y } = z;
+        zeroize::Zeroize::zeroize(&mut y);
         Ok(Zeroizing::new(x))
     }
-}
-
-/// A fresh non-zero scalar from the kernel's random source. Zeroized on drop.
-pub(crate) fn random_scalar() -> Result<Zeroizing<Scalar>, ClevisError> {
-    for _ in 0..64 {
-        let mut bytes = Zeroizing::new([0u8; 66]);
-        crate::secret::fill_random(&mut bytes[..])
-            .map_err(|e| ClevisError::Crypto(format!("no randomness: {e}")))?;
-        // 521 bits: keep the top byte's low bit only, then reject ≥ n (rare).
-        bytes[0] &= 0x01;
-        let repr = p521::FieldBytes::clone_from_slice(&bytes[..]);
-        if let Some(s) = Option::<NonZeroScalar>::from(NonZeroScalar::from_repr(repr)) {
-            return Ok(Zeroizing::new(*s.as_ref()));
-        }
-    }
-    Err(ClevisError::Crypto("no usable random scalar".into()))
 }
 
 /// The keys of an advertisement given as a JWKS or a JWS over one.
@@ -241,15 +218,10 @@ pub fn verify_advertisement(
             algs.push(alg.to_string());
             continue;
         }
-        let Ok(sig) = Signature::from_slice(&b64::decode(s, "JWS signature")?) else {
-            continue;
-        };
-        let input = format!("{prot}.{payload}");
+        let sig = b64::decode(s, "JWS signature")?;
+        let digest = Sha512::digest(format!("{prot}.{payload}").as_bytes());
         for k in &candidates {
-            let Ok(vk) = VerifyingKey::from_affine(k.point) else {
-                continue;
-            };
-            if vk.verify(input.as_bytes(), &sig).is_ok() {
+            if gcry::ecdsa_verify(&k.point, &digest, &sig)? {
                 return Ok(keys);
             }
         }
@@ -273,7 +245,6 @@ pub fn verify_advertisement(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use p521::elliptic_curve::PrimeField;
 
     // An advertisement from Debian's tangd 11 (keys made by tangd-keygen).
     const ADV: &str = include_str!("testdata/adv.json");
@@ -327,9 +298,16 @@ mod tests {
     }
 
     #[test]
-    fn random_scalars_differ() {
-        let a = random_scalar().unwrap();
-        let b = random_scalar().unwrap();
-        assert_ne!(a.to_repr(), b.to_repr());
+    fn random_scalars_differ_and_blinding_cancels() {
+        let a = gcry::random_scalar().unwrap();
+        let b = gcry::random_scalar().unwrap();
+        assert_ne!(a.as_bytes(), b.as_bytes());
+        assert_eq!(a.len(), 66);
+        // (P + a·G) − a·G = P, the identity the exchange relies on.
+        let p = gcry::compute(Op::MulBase(b.as_bytes())).unwrap();
+        let g = gcry::compute(Op::MulBase(&[1])).unwrap();
+        let blinded = gcry::compute(Op::AddMulBase(&p, a.as_bytes())).unwrap();
+        let back = gcry::compute(Op::SubMul(&blinded, &g, a.as_bytes())).unwrap();
+        assert_eq!(back, p);
     }
 }
