@@ -58,16 +58,62 @@ pub fn signature_file(data: &[u8]) {
     }
 }
 
+/// A clevis LUKS2 token (or a bare compact JWE, or a Tang advertisement), as an
+/// attacker who can write the header or answer for a Tang server shapes it:
+/// token, JWE, JWK and advertisement parsers, and the pin readers on top.
+pub fn clevis_jwe(data: &[u8]) {
+    use vaultguard::clevis::jwe::Jwe;
+    use vaultguard::clevis::{jwk::EcJwk, sss::SssPin, tang, ClevisToken};
+    if let Ok(s) = std::str::from_utf8(data) {
+        if let Ok(j) = Jwe::from_compact(s) {
+            let _ = SssPin::from_jwe(&j);
+            let _ = tang::TangPin::from_jwe(&j);
+        }
+    }
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    if let Ok(t) = ClevisToken::from_json(0, &v) {
+        let _ = t.jwe.pin();
+        let _ = tang::TangPin::from_jwe(&t.jwe);
+        if let Ok(s) = SssPin::from_jwe(&t.jwe) {
+            for c in &s.children {
+                let _ = Jwe::from_compact(c);
+            }
+        }
+    }
+    let _ = EcJwk::from_json(&v);
+    if let Ok(keys) = tang::adv_keys(&v) {
+        let known: Vec<EcJwk> = keys
+            .iter()
+            .filter_map(|k| EcJwk::from_json(k).ok())
+            .collect();
+        let _ = tang::verify_advertisement(&v, &known, &[]);
+    }
+}
+
+/// A Tang server's HTTP response, complete or cut anywhere.
+pub fn http_response(data: &[u8]) {
+    use vaultguard::clevis::http::{parse_response, MAX_RESPONSE};
+    for closed in [false, true] {
+        if let Ok(Some(r)) = parse_response(data, closed) {
+            assert!(r.body.len() <= MAX_RESPONSE && (200..300).contains(&r.status));
+        }
+    }
+}
+
 /// A target's name (that of its `fuzz_targets/` file and corpus folder) and body.
 pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target.
-pub const TARGETS: [Target; 5] = [
+pub const TARGETS: [Target; 7] = [
     ("control_request", control_request),
     ("token_json", token_json),
     ("config", config),
     ("eventlog", eventlog),
     ("signature_file", signature_file),
+    ("clevis_jwe", clevis_jwe),
+    ("http_response", http_response),
 ];
 
 /// The firmware's TCG event log (binary_bios_measurements), which root or a

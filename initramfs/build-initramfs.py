@@ -8,6 +8,10 @@ Contents:
     kernel, with their dependencies (modprobe --show-depends) and the modules.*
     indexes (depmod on the image), listed in /etc/modules for /init to load;
   - the given /init script, /etc/initrd-release, /dev/console and /dev/null;
+  - busybox udhcpc's hook /usr/share/udhcpc/default.script (UDHCPC_SCRIPT): a guest
+    with a NIC (its driver in --module, e.g. virtio_net) brings its network up with
+    `udhcpc -i eth0`, as an initramfs-tools or dracut initrd would before unlocking
+    a volume bound to a Tang server;
   - optionally extra files (--add SRC:DST), extra dynamically linked programs with
     the shared libraries ldd names (--add-dynamic PROG[:DST]) and libraries loaded
     at run time with dlopen (--add-lib NAME|PATH|GLOB), then an ld.so.cache.
@@ -47,6 +51,26 @@ import tempfile
 # ext4 (and the crc32c it asks the crypto API for) on the opened vault.
 DEFAULT_MODULES = ["virtio_pci", "virtio_blk", "dm_mod", "dm_crypt", "xts", "ecb",
                    "crc32c_generic", "ext4"]
+
+# busybox udhcpc runs this with $1 = deconfig | bound | renew | leasefail | nak and the
+# lease in the environment ($ip, $mask as a prefix length, $router). It configures
+# the address and the default route only: the guests resolve no names (a Tang URL
+# in a test names its server by address), so no resolv.conf.
+UDHCPC_SCRIPT = b"""#!/bin/sh
+case "$1" in
+deconfig)
+    ip -4 addr flush dev "$interface"
+    ip link set "$interface" up
+    ;;
+bound|renew)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    for r in $router; do ip route replace default via "$r" dev "$interface"; break; done
+    echo "udhcpc: $interface $ip/${mask:-24} via ${router:-no router}"
+    ;;
+esac
+exit 0
+"""
 
 # Merged /usr: these top-level directories are links into /usr.
 MERGED = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64"}
@@ -460,6 +484,7 @@ def build(out, init, vaultguard=None, adds=(), dynamic=(), libs=(), trees=(),
     img = Initramfs(kver=kver, root=keep_root)
     try:
         img.add_busybox()
+        img.add_file("/usr/share/udhcpc/default.script", data=UDHCPC_SCRIPT, mode=0o755)
         if vaultguard:
             img.add_vaultguard(vaultguard)
         img.add_modules(list(modules))

@@ -13,6 +13,10 @@ Run by qemu-tests/bench.sh (which installs and builds first). Sections:
               real, mounted vault
   boot        QEMU appliance guest: kernel start to the vault's mount unit active,
               initramfs-tools + vaultguard vs dracut + systemd-cryptsetup 252
+  tang        QEMU + a real tangd through restricted user networking: Tang unlock
+              latency, vaultguard vs `clevis luks unlock` (clevis 19) in the same
+              guest; time to the passphrase prompt with the Tang server hung or
+              unreachable, vs clevis (capped at VG_BENCH_CLEVIS_CAP, 300 s)
   fuzz        cargo-fuzz targets, a bounded time each, from the committed corpus
 Usage: bench.py [SECTION...]   (all by default).
 
@@ -754,6 +758,128 @@ def _pass_file(s):
     return p
 
 
+# --- Tang (issue 15) ---------------------------------------------------------
+
+TANG_RUNS = int(os.environ.get("VG_BENCH_TANG_RUNS", "3"))
+# clevis has no deadline of its own (curl without --max-time): a measurement stops here.
+CLEVIS_CAP = int(os.environ.get("VG_BENCH_CLEVIS_CAP", "300"))
+TANG_DEADLINE = 10  # vaultguard's default clevis.deadline, seconds
+
+# Alternating, in one guest: vaultguard attach, then clevis luks unlock, of the same
+# volume through the same tangd; process start to mapping ready, by Debian's date.
+TANG_BODY = r"""
+    D=/usr/bin/date
+    net_up eth0 >/dev/null
+    timed() { # timed LABEL command...: VGT:TIME LABEL start end status
+        _l=$1; shift; _a=$($D +%s.%N); "$@" >/dev/null 2>/tmp/err </dev/null; _s=$?; _b=$($D +%s.%N)
+        test -b /dev/mapper/bench || _s=99
+        echo "VGT:TIME $_l $_a $_b $_s"; [ $_s = 0 ] || cat /tmp/err
+        cryptsetup close bench 2>/dev/null
+    }
+    i=0
+    while [ $i -lt RUNS ]; do
+        timed vg vaultguard attach bench /dev/vda none
+        timed clevis clevis luks unlock -d /dev/vda -n bench
+        i=$((i + 1))
+    done
+    mark online-done; read _
+    offline() { # offline MODE: vaultguard to its prompt, then clevis, capped
+        mark "vg-$1-start"
+        vaultguard attach bench /dev/vda none
+        cryptsetup close bench
+        _a=$($D +%s.%N)
+        timeout CAP clevis luks unlock -d /dev/vda -n bench >/dev/null 2>/tmp/err
+        _s=$?; _b=$($D +%s.%N)
+        echo "VGT:TIME clevis-$1 $_a $_b $_s"; cat /tmp/err
+        cryptsetup close bench 2>/dev/null
+        return 0
+    }
+    offline MODE
+"""
+
+
+def bench_tang(previous):
+    """Tang unlock latency, vaultguard vs clevis 19 in the same guest, and the time
+    to the passphrase prompt with the Tang server offline, in two ways: a server that
+    accepts and never answers (a hung tangd), and nothing at the address (the guest's
+    packets go unanswered: a server that is down behind a firewall)."""
+    import tang as tanglib
+    begin("tang")
+    s = harness.Scenario("bench-tang")
+    server = tanglib.Tang(s.dir).start()
+    hung = None
+    times, prompt_s = {}, {}
+    try:
+        vault = s.luks_disk("vault")
+        keyfile = s.path("passphrase")
+        with open(keyfile, "w") as f:
+            f.write(harness.PASSPHRASE)
+        tanglib.bind_tang(vault.path, server, keyfile)
+        common = dict(modules=tanglib.NET_MODULES, files=tanglib.clevis_files(),
+                      dynamic=tanglib.CLEVIS_DYNAMIC + ["/usr/bin/date"], libs=tanglib.CLEVIS_LIBS,
+                      timeout=1800)
+        for mode in ("hung", "dropped"):
+            body = (TANG_BODY.replace("RUNS", str(TANG_RUNS if mode == "hung" else 0))
+                    .replace("CAP", str(CLEVIS_CAP)).replace("MODE", mode))
+            b = s.boot(body, qemu_args=tanglib.user_net(server.port if mode == "hung" else None),
+                       **common)
+            b.expect_mark("online-done", 600)
+            port = server.port
+            if mode == "hung":
+                server.stop()
+                hung = subprocess.Popen(["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr",
+                                         "EXEC:sleep 3600"], start_new_session=True)
+            b.sendline("")
+            b.expect_mark(f"vg-{mode}-start", 60)
+            t0 = time.time()
+            b.expect(r"Passphrase for bench \(/dev/vda\): ", TANG_DEADLINE + 60)
+            prompt_s[f"vg-{mode}"] = time.time() - t0
+            b.sendline(harness.PASSPHRASE)
+            b.expect(r"(?m)^VGT:TIME clevis-", CLEVIS_CAP + 120)
+            b.expect_poweroff(timeout=120)
+            for label, a, z, st in re.findall(r"^VGT:TIME (\S+) ([\d.]+) ([\d.]+) (\d+)$",
+                                              b.output, re.M):
+                if label.startswith("clevis-"):
+                    secs = float(z) - float(a)
+                    # timeout(1) ended it (busybox's reports the signal: 143).
+                    capped = st in ("124", "143") or secs >= CLEVIS_CAP
+                    prompt_s[label] = None if capped else secs
+                    RESULTS.setdefault("clevis_offline_status", {})[label] = int(st)
+                    continue
+                if st != "0":
+                    b.fail(f"{label} failed in the guest (status {st}); see {s.dir}")
+                times.setdefault(label, []).append((float(z) - float(a)) * 1000)
+            if hung is not None:
+                os.killpg(hung.pid, signal.SIGTERM)
+                hung.wait()
+                hung = None
+                server.start(port)
+    finally:
+        server.stop()
+        if hung is not None:
+            os.killpg(hung.pid, signal.SIGTERM)
+            hung.wait()
+        s.finish()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    RESULTS["unlock_ms"] = {k: {"median": med[k], "runs": v} for k, v in times.items()}
+    RESULTS["prompt_s"] = prompt_s
+    RESULTS["clevis_cap_s"] = CLEVIS_CAP
+    RESULTS["deadline_s"] = TANG_DEADLINE
+    header(f"Tang unlock in the guest (TCG), median of {TANG_RUNS}, alternating", "clevis 19")
+    row("Tang pin: start to mapping ready", f"{med['vg']:.0f} ms", f"{med['clevis']:.0f} ms",
+        "<= clevis", med["vg"] <= med["clevis"])
+
+    def clevis_cell(k):
+        v = prompt_s.get(k)
+        return f"> {CLEVIS_CAP} s (cap)" if v is None else f"{v:.1f} s (gives up)"
+
+    for mode, what in (("hung", "Tang accepts, never answers"),
+                       ("dropped", "Tang unreachable, packets dropped")):
+        v = prompt_s[f"vg-{mode}"]
+        row(f"{what}: start to passphrase prompt", f"{v:.1f} s", clevis_cell(f"clevis-{mode}"),
+            f"<= {TANG_DEADLINE + 1} s", v <= TANG_DEADLINE + 1)
+
+
 # --- fuzzing -----------------------------------------------------------------
 
 def bench_fuzz():
@@ -801,7 +927,7 @@ def run_info(section):
             "command": f"qemu-tests/bench.py {section}"}
 
 
-ALL_SECTIONS = ["size", "supervisor", "guest", "boot", "fuzz"]
+ALL_SECTIONS = ["size", "supervisor", "guest", "boot", "tang", "fuzz"]
 
 
 def main(argv):
@@ -830,6 +956,8 @@ def main(argv):
         bench_guest(guest_tools, previous)
     if "boot" in sections:
         bench_boot()
+    if "tang" in sections:
+        bench_tang(previous)
     if "fuzz" in sections:
         bench_fuzz()
     # This run's sections replace their last run; the others keep theirs.

@@ -16,6 +16,8 @@ harness=(
     libc-bin file cpio python3    # ldd/ldconfig for dynamic programs; inspection; runner
     python3-prometheus-client     # tests/metrics.rs parses the metrics with Prometheus's own parser
     keyutils                      # keyctl: host tests read systemd's passphrase cache key
+    tang socat                    # a real tangd on 127.0.0.1 behind socat (qemu-tests/lib/tang.py)
+    clevis clevis-luks clevis-tpm2 jose  # clevis tokens bound on the host; clevis in guests (bench)
 )
 build=(
     clang libclang-dev pkg-config # Rust build: bindgen (libcryptsetup-rs-sys)

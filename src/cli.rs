@@ -455,6 +455,22 @@ pub struct EnrollCmd {
     /// yes/no: also require a PIN (as --pin; systemd-cryptenroll's spelling)
     #[argh(option)]
     pub tpm2_with_pin: Option<String>,
+    /// bind to this Tang server instead of the TPM, as a clevis token
+    /// (repeatable: sss over the servers)
+    #[argh(option)]
+    pub tang: Vec<String>,
+    /// trust the Tang signing key with this (S256) thumbprint without asking
+    /// (repeatable; check it with tang-show-keys on the server)
+    #[argh(option)]
+    pub tang_thumbprint: Vec<String>,
+    /// with several --tang (and --tpm2): how many must answer (clevis sss "t";
+    /// default 1)
+    #[argh(option)]
+    pub threshold: Option<usize>,
+    /// with --tang: add the TPM as a clevis tpm2 pin (sealed to --pcrs/--bank)
+    /// inside the sss, e.g. --tpm2 --tang URL --threshold 2 for TPM and Tang
+    #[argh(switch)]
+    pub tpm2: bool,
     /// LUKS2 device (path or UUID=...), as systemd-cryptenroll takes it
     #[argh(positional, arg_name = "device")]
     pub device_arg: Option<String>,

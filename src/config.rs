@@ -50,6 +50,28 @@ pub struct Config {
     pub control: ControlConfig,
     pub audit: AuditConfig,
     pub metrics: MetricsConfig,
+    pub clevis: ClevisConfig,
+}
+
+/// clevis tokens (Tang, sss): `clevis.deadline`, `clevis.tang_thumbprints`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClevisConfig {
+    /// Seconds the boot unlock waits for the network pins (all at once) before
+    /// the passphrase prompt; `rd.vaultguard.clevis.deadline=`.
+    pub deadline: u64,
+    /// S256 thumbprints of Tang signing keys trusted in addition to those each
+    /// token recorded at bind time; `rd.vaultguard.clevis.tang_thumbprint=` adds one.
+    pub tang_thumbprints: Vec<String>,
+}
+
+impl Default for ClevisConfig {
+    fn default() -> Self {
+        ClevisConfig {
+            deadline: crate::clevis::DEFAULT_DEADLINE_SECS,
+            tang_thumbprints: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -654,6 +676,17 @@ impl Config {
                     u32::try_from(num(value)?).map_err(|_| bad("out of range".into()))?
             }
             "audit.path" => self.audit.path = value.into(),
+            "clevis.deadline" => self.clevis.deadline = num(value)?,
+            "clevis.tang_thumbprint" => {
+                if value.len() != 43
+                    || !value
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                {
+                    return Err(bad(format!("`{value}` is not an S256 JWK thumbprint")));
+                }
+                self.clevis.tang_thumbprints.push(value.into())
+            }
             _ => return Err(ConfigError::UnknownField { field: full }),
         }
         Ok(())
@@ -910,6 +943,25 @@ mod tests {
             );
         }
         assert!(Config::from_json(r#"{"vault":{"device":"UUID=1234"}}"#, "t").is_ok());
+    }
+
+    #[test]
+    fn clevis_deadline_and_tang_thumbprints_from_file_and_cmdline() {
+        let mut c = Config::default();
+        assert_eq!(c.clevis.deadline, 10);
+        let thp = "3kOpVDW0pw0OyRx2jGNO_JzATRAj0raqCk8jhG2bZFI";
+        let w = c.apply_cmdline(&format!(
+            "rd.vaultguard.clevis.deadline=4 rd.vaultguard.clevis.tang_thumbprint={thp} \
+             rd.vaultguard.clevis.tang_thumbprint=not-a-thumbprint"
+        ));
+        assert_eq!(c.clevis.deadline, 4);
+        assert_eq!(c.clevis.tang_thumbprints, vec![thp.to_string()]);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("not an S256 JWK thumbprint"), "{w:?}");
+        let c = Config::from_json(r#"{"clevis":{"deadline":3,"tang_thumbprints":["x"]}}"#, "t")
+            .unwrap();
+        assert_eq!(c.clevis.deadline, 3);
+        assert!(Config::from_json(r#"{"clevis":{"dead_line":3}}"#, "t").is_err());
     }
 
     #[test]

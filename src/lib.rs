@@ -8,6 +8,7 @@
 pub mod atomic_file;
 pub mod audit;
 pub mod boot;
+pub mod clevis;
 pub mod cli;
 pub mod config;
 pub mod control;

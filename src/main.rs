@@ -218,6 +218,24 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 c.unlock_passphrase_file.as_deref(),
             )?;
             let cfg = load_config(&args)?;
+            if !c.tang.is_empty() || c.threshold.is_some() {
+                if c.public_key.is_some() {
+                    return Err(Failure::usage(
+                        "--public-key (a signed TPM policy) and --tang (a clevis token) are separate enrolments: run enroll once for each",
+                    )
+                    .into());
+                }
+                let s = commands::run_enroll_clevis(
+                    &cfg,
+                    device,
+                    &c.tang,
+                    &c.tang_thumbprint,
+                    c.threshold,
+                    c.tpm2.then_some((c.pcrs.as_deref(), c.bank.as_deref())),
+                    unlock,
+                )?;
+                return Ok(summary(json, s));
+            }
             let pin = match c.tpm2_with_pin.as_deref() {
                 None => c.pin,
                 Some("yes" | "true" | "1" | "on") => true,

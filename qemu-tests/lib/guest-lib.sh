@@ -60,3 +60,18 @@ kernel_arg() {
 pcr() { tr 'A-F' 'a-f' < "/sys/class/tpm/tpm0/pcr-$1/$2"; }
 
 vg() { /usr/bin/vaultguard "$@"; }
+
+# net_up [IFACE]: lease an address by DHCP with busybox udhcpc and the image's
+# /usr/share/udhcpc/default.script (QEMU user networking leases 10.0.2.15, router
+# 10.0.2.2). Needs the NIC's driver in the image (boot(modules=["virtio_net"])).
+# Run it in the background (`net_up &`) to let vaultguard's own wait for a route
+# be what the unlock waits on.
+net_up() {
+    _if=${1:-eth0}
+    wait_for "/sys/class/net/$_if" 10 || { echo "VGT:FAIL net-up: no interface $_if"; return 1; }
+    udhcpc -i "$_if" -n -q -t 5 -T 1 -s /usr/share/udhcpc/default.script
+}
+
+# uptime_s: seconds since the guest kernel started (the console's clock for
+# measuring how long something took inside the guest).
+uptime_s() { cut -d' ' -f1 /proc/uptime; }

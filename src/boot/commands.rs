@@ -147,6 +147,7 @@ fn report_test(
         (Method::KeyFile, _) => "the key file",
         (Method::Passphrase, Some("systemd-recovery")) => "the recovery key",
         (Method::Passphrase, _) => "the passphrase",
+        (Method::Clevis, _) => "the clevis token",
     };
     println_unless_json(
         Priority::Info,
@@ -374,6 +375,7 @@ fn report_unlock(
         Method::Tpm2Pin => "with the TPM and PIN",
         Method::KeyFile => "with the key file",
         Method::Passphrase => "with the passphrase",
+        Method::Clevis => "with a clevis token",
     };
     let latch = if done.latched {
         ", phase PCR extended"
@@ -454,6 +456,10 @@ pub fn attach_options(
             keyfile_size: o.keyfile_size,
             header: o.header.clone(),
             prompt: o.prompt(),
+            network: super::NetworkUnlock {
+                deadline: Duration::from_secs(cfg.clevis.deadline),
+                tang_thumbprints: cfg.clevis.tang_thumbprints.clone(),
+            },
         },
     };
     Ok((opts, o.headless, o.warnings))
@@ -715,6 +721,83 @@ pub fn run_enroll(
     let mut events = AuditEvents::for_config(cfg);
     let report = enroll(&opts, prompter.as_mut(), &mut events)?;
     Ok(print_enrolment("enrolled", &report))
+}
+
+/// `vaultguard enroll --tang URL [--tang-thumbprint THP] [--threshold N]`.
+pub fn run_enroll_clevis(
+    cfg: &Config,
+    device_arg: Option<&str>,
+    tang: &[String],
+    thumbprints: &[String],
+    threshold: Option<usize>,
+    tpm2: Option<(Option<&str>, Option<&str>)>,
+    unlock: Option<Provisioned>,
+) -> Result<Summary, BootError> {
+    let tpm2 = match tpm2 {
+        Some((pcrs, bank)) => {
+            // The same PCR/bank choice as a systemd-tpm2 enrolment, minus the
+            // phase PCR (clevis' pin has no latch).
+            let e = enroll_options(cfg, device_arg, pcrs, bank, false, false)?;
+            Some((e.tpm, e.bank, e.pcrs))
+        }
+        None => None,
+    };
+    let opts = super::ClevisEnrollOptions {
+        device: device(cfg, device_arg)?,
+        name: cfg.vault.name.clone(),
+        tang: tang.to_vec(),
+        thumbprints: thumbprints.to_vec(),
+        threshold,
+        tpm2,
+        tries: if unlock.is_some() {
+            1
+        } else {
+            cfg.auth.boot_tries
+        },
+        timeout: Duration::from_secs(cfg.clevis.deadline.max(1)),
+    };
+    let mut prompter = with_answer(system_prompter(false), unlock);
+    let mut events = AuditEvents::for_config(cfg);
+    // clevis luks bind's question, asked only of a person at a terminal.
+    let mut confirm = |adv: &crate::clevis::enroll::Advertisement| -> bool {
+        use std::io::{BufRead, IsTerminal, Write};
+        if !std::io::stdin().is_terminal() {
+            return false;
+        }
+        let mut err = std::io::stderr();
+        let _ = writeln!(
+            err,
+            "The advertisement of {} contains the following signing keys:\n",
+            adv.url
+        );
+        for t in &adv.signing_thumbprints {
+            let _ = writeln!(err, "{t}");
+        }
+        let _ = write!(err, "\nDo you wish to trust these keys? [ynYN] ");
+        let _ = err.flush();
+        let mut line = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut line);
+        matches!(line.trim(), "y" | "Y")
+    };
+    let r = super::enroll_clevis(&opts, prompter.as_mut(), &mut events, &mut confirm)?;
+    println_unless_json(
+        Priority::Info,
+        &format!(
+            "vaultguard: bound {} to {} ({}): keyslot {}, clevis token {}",
+            opts.device,
+            opts.tang.join(", "),
+            r.pin,
+            r.keyslot,
+            r.token
+        ),
+    );
+    Ok(serde_json::json!({
+        "enrolled": "clevis",
+        "pin": r.pin,
+        "keyslot": r.keyslot,
+        "token": r.token,
+        "tang": opts.tang,
+    }))
 }
 
 /// `vaultguard reseal`.

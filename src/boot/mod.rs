@@ -16,6 +16,7 @@
 
 pub mod commands;
 pub mod explain;
+pub mod net;
 pub mod options;
 pub mod self_heal;
 
@@ -99,12 +100,15 @@ pub enum BootError {
         error: Box<BootError>,
         left: Option<String>,
     },
+    /// A clevis (Tang/sss) enrolment step failed.
+    Clevis(crate::clevis::ClevisError),
 }
 
 impl fmt::Display for BootError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BootError::Luks(e) => e.fmt(f),
+            BootError::Clevis(e) => write!(f, "clevis: {e}"),
             BootError::Tpm(e) => e.fmt(f),
             BootError::Prompt(e) => e.fmt(f),
             BootError::TriesExhausted { what, tries } => write!(f, "{what}: all {tries} tries failed"),
@@ -345,6 +349,25 @@ pub struct CrypttabUnlock {
     pub header: Option<PathBuf>,
     /// `timeout=`, `password-echo=`, `password-cache=`.
     pub prompt: options::PromptTuning,
+    /// clevis tokens (Tang, sss): the network wait and trusted Tang keys.
+    pub network: NetworkUnlock,
+}
+
+/// How long clevis pins may take and which Tang keys are trusted besides the
+/// tokens' own (`clevis.deadline`, `clevis.tang_thumbprints`).
+#[derive(Debug, Clone)]
+pub struct NetworkUnlock {
+    pub deadline: Duration,
+    pub tang_thumbprints: Vec<String>,
+}
+
+impl Default for NetworkUnlock {
+    fn default() -> Self {
+        NetworkUnlock {
+            deadline: Duration::from_secs(crate::clevis::DEFAULT_DEADLINE_SECS),
+            tang_thumbprints: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -353,6 +376,8 @@ pub enum Method {
     Tpm2Pin,
     KeyFile,
     Passphrase,
+    /// A clevis token (Tang, sss, tpm2 pins).
+    Clevis,
 }
 
 impl Method {
@@ -362,6 +387,7 @@ impl Method {
             Method::Tpm2Pin => "tpm2_pin",
             Method::KeyFile => "keyfile",
             Method::Passphrase => "passphrase",
+            Method::Clevis => "clevis",
         }
     }
 }
@@ -828,6 +854,17 @@ pub fn acquire_volume_key(
     }
     let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
     events.event("tpm_refused", &fields);
+    if let Some((vk, slot)) = volume_key_via_clevis(vault, opts, prompter, events) {
+        return Ok(Acquired {
+            vk,
+            method: Method::Clevis,
+            slot,
+            fallback_reason: Some(reason),
+            tpm,
+            tpm_seconds: None,
+            refusal_explained: explained,
+        });
+    }
     if opts.crypttab.token_only {
         return Err(BootError::TokenOnly(reason));
     }
@@ -883,6 +920,268 @@ pub fn acquire_volume_key(
             Err(e)
         }
     }
+}
+
+/// clevis tokens: every pin of every token at once, until one opens a keyslot or
+/// `clevis.deadline` passes; one line per pin says what happened (shown before
+/// any passphrase prompt). `None` when there are no clevis tokens or none opened.
+fn volume_key_via_clevis(
+    vault: &mut Vault,
+    opts: &UnlockOptions,
+    prompter: &mut dyn Prompter,
+    events: &mut dyn Events,
+) -> Option<(SecretBytes, u32)> {
+    use crate::clevis::{self, ClevisToken};
+    let name = opts.name.as_str();
+    let raw = match vault.tokens_of_type(clevis::TOKEN_TYPE) {
+        Ok(r) => r,
+        Err(e) => {
+            prompter.say_at(
+                Priority::Warning,
+                &format!("vaultguard: cannot read the clevis tokens of {name}: {e}"),
+            );
+            return None;
+        }
+    };
+    if raw.is_empty() {
+        return None;
+    }
+    let mut tokens = Vec::new();
+    for (id, v) in raw {
+        match ClevisToken::from_json(id, &v) {
+            Ok(t) => tokens.push(t),
+            Err(e) => prompter.say_at(
+                Priority::Warning,
+                &format!("vaultguard: clevis token {id} of {name} cannot be used: {e}"),
+            ),
+        }
+    }
+    if tokens.is_empty() {
+        return None;
+    }
+    let mut eopts = clevis::EngineOptions::new(opts.crypttab.network.deadline);
+    eopts.trusted_thumbprints = opts.crypttab.network.tang_thumbprints.clone();
+    // The network may still be coming up (a lease a moment after vaultguard starts):
+    // wait for a route within the same deadline, so the total stays bounded.
+    if let Some(why) = net::wait_before_clevis(&tokens, eopts.deadline) {
+        prompter.say_at(Priority::Warning, &format!("vaultguard: {name}: {why}"));
+    }
+    if let Some(t) = opts.tpm.clone() {
+        eopts.tpm = Some(std::sync::Arc::new(move |jwe: &clevis::jwe::Jwe| {
+            clevis_tpm2_pin(&t, jwe)
+        }));
+    }
+    let out = clevis::open_tokens(tokens, &eopts, |tok, pass| {
+        for &slot in &tok.keyslots {
+            match vault.volume_key(Some(slot), pass.as_bytes()) {
+                Ok(got) => return Ok(Some(got)),
+                Err(e) if e.is_wrong_passphrase() => continue,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(None)
+    });
+    for line in &out.lines {
+        let prio = if line.outcome.is_ok() || out.opened.is_some() {
+            Priority::Info
+        } else {
+            Priority::Warning
+        };
+        prompter.say_at(prio, &format!("vaultguard: {name}: {line}"));
+    }
+    match out.opened {
+        Some((id, got)) => {
+            events.event(
+                "clevis_unlocked",
+                &[
+                    ("name", name),
+                    ("token", &id.to_string()),
+                    ("seconds", &format!("{:.3}", out.elapsed.as_secs_f64())),
+                ],
+            );
+            Some(got)
+        }
+        None => {
+            let reasons: Vec<String> = out.lines.iter().map(|l| l.to_string()).collect();
+            events.event(
+                "clevis_failed",
+                &[("name", name), ("pins", &reasons.join("; "))],
+            );
+            None
+        }
+    }
+}
+
+/// A clevis `tpm2` pin: its sealed object under tpm2-tools' default primary (the
+/// template systemd < 254 used, which `tpm` derives for legacy tokens), unsealed
+/// through a salted PCR policy session on its own TPM connection.
+fn clevis_tpm2_pin(
+    t: &TpmOptions,
+    jwe: &crate::clevis::jwe::Jwe,
+) -> Result<SecretBytes, crate::clevis::ClevisError> {
+    use crate::clevis::{tpm2pin, ClevisError};
+    let cfg = tpm2pin::Tpm2PinConfig::from_jwe(jwe)?;
+    let bank = Bank::from_name(&cfg.pcr_bank)
+        .ok_or_else(|| ClevisError::Unsupported(format!("tpm2 pin PCR bank {:?}", cfg.pcr_bank)))?;
+    let mut pcrs = cfg.pcr_ids.clone();
+    pcrs.sort_unstable();
+    pcrs.dedup();
+    let sealed = SealedObject {
+        blob: cfg.blob,
+        pcrs,
+        bank,
+        primary_alg: if cfg.key == "rsa" {
+            PrimaryAlg::Rsa
+        } else {
+            PrimaryAlg::Ecc
+        },
+        policy_hash: Vec::new(),
+        pin: false,
+        salt: None,
+        srk: None,
+        pcr_values: None,
+        signed: None,
+    };
+    let mut tpm =
+        Tpm::open(&t.tcti, t.timeout).map_err(|e| ClevisError::Tpm(format!("TPM: {e}")))?;
+    let unsealed = tpm
+        .unseal(&sealed, None)
+        .map_err(|e| ClevisError::Tpm(format!("TPM refused: {e}")))?;
+    tpm2pin::finish(jwe, &unsealed)
+}
+
+/// `vaultguard enroll --tang URL …`: what to bind.
+#[derive(Debug, Clone)]
+pub struct ClevisEnrollOptions {
+    pub device: String,
+    pub name: String,
+    pub tang: Vec<String>,
+    /// Signing-key thumbprints the operator vouches for (`--tang-thumbprint`).
+    pub thumbprints: Vec<String>,
+    /// sss `t` over the pins (`--threshold`); `None`: 1.
+    pub threshold: Option<usize>,
+    /// Also a clevis `tpm2` pin (`--tpm2`), sealed to these PCRs of `bank`.
+    pub tpm2: Option<(TpmOptions, Bank, Vec<u32>)>,
+    pub tries: u32,
+    /// Per advertisement fetch.
+    pub timeout: Duration,
+}
+
+/// What `enroll --tang` wrote.
+#[derive(Debug)]
+pub struct ClevisEnrolled {
+    pub keyslot: u32,
+    pub token: u32,
+    /// "tang" or "sss t=N of M".
+    pub pin: String,
+}
+
+/// Bind the volume to Tang (one server: a `tang` pin; several or `--threshold`:
+/// `sss` over `tang` pins) as a clevis token with its own keyslot. Every server's
+/// signing keys must be trusted — by `--tang-thumbprint`, or by `confirm` (the
+/// operator's yes after seeing the thumbprints, as `clevis luks bind` asks) —
+/// before the existing passphrase is even asked for.
+pub fn enroll_clevis(
+    opts: &ClevisEnrollOptions,
+    prompter: &mut dyn Prompter,
+    events: &mut dyn Events,
+    confirm: &mut dyn FnMut(&crate::clevis::enroll::Advertisement) -> bool,
+) -> Result<ClevisEnrolled, BootError> {
+    use crate::clevis::{enroll as ce, ClevisError};
+    if opts.tang.is_empty() && opts.tpm2.is_none() {
+        return Err(BootError::Clevis(ClevisError::Malformed(
+            "no --tang server (or --tpm2) given".into(),
+        )));
+    }
+    let mut advs = Vec::new();
+    for url in &opts.tang {
+        let adv = ce::fetch_advertisement(url, std::time::Instant::now() + opts.timeout)
+            .map_err(BootError::Clevis)?;
+        if !adv.trusted_by(&opts.thumbprints) && !confirm(&adv) {
+            return Err(BootError::Clevis(ClevisError::Untrusted(format!(
+                "{url}: its signing keys ({}) were not confirmed: check them on the server (`tang-show-keys`) and pass --tang-thumbprint",
+                adv.signing_thumbprints.join(", ")
+            ))));
+        }
+        advs.push(adv);
+    }
+    let t = opts.threshold.unwrap_or(1);
+    let mut vault = Vault::open(&opts.device)?;
+    let vk = volume_key_via_passphrase(&mut vault, &opts.name, opts.tries, prompter, events)?;
+    // What clevis luks bind makes: 32 random bytes, base64url, as the passphrase.
+    let mut raw = SecretBytes::zeroed(32);
+    crate::secret::fill_random(raw.as_mut_bytes())
+        .map_err(|e| BootError::Clevis(ClevisError::Crypto(format!("no randomness: {e}"))))?;
+    let pass = SecretBytes::from_vec(crate::clevis::b64::encode(raw.as_bytes()).into_bytes());
+    let mut tpm = match &opts.tpm2 {
+        Some((t, bank, pcrs)) => Some((Tpm::open(&t.tcti, t.timeout)?, *bank, pcrs.clone())),
+        None => None,
+    };
+    let n = advs.len() + usize::from(tpm.is_some());
+    let mut tpm2_pin = |pt: &[u8]| -> Result<ce::Encrypted, ClevisError> {
+        let Some((handle, bank, pcrs)) = tpm.as_mut() else {
+            return Err(ClevisError::Tpm("no TPM".into()));
+        };
+        ce::tpm2_encrypt(pt, bank.name(), pcrs, |jwk| {
+            handle
+                .seal_data_legacy_primary(*bank, pcrs, jwk)
+                .map_err(|e| ClevisError::Tpm(format!("sealing to the TPM: {e}")))
+        })
+    };
+    let (jwe, pin) = if n == 1 && t == 1 {
+        if advs.is_empty() {
+            (tpm2_pin(pass.as_bytes()), "tpm2".to_string())
+        } else {
+            (advs[0].encrypt(pass.as_bytes()), "tang".to_string())
+        }
+    } else {
+        (
+            ce::sss_encrypt(t, n, pass.as_bytes(), |i, pt| {
+                if i < advs.len() {
+                    Ok(advs[i].encrypt(pt)?.compact())
+                } else {
+                    Ok(tpm2_pin(pt)?.compact())
+                }
+            }),
+            format!("sss t={t} of {n}"),
+        )
+    };
+    let jwe = jwe.map_err(BootError::Clevis)?;
+    let keyslot = vault.add_keyslot(&vk, pass.as_bytes(), true)?;
+    let token = match vault.add_token(&serde_json::json!({
+        "type": crate::clevis::TOKEN_TYPE,
+        "keyslots": [keyslot.to_string()],
+        "jwe": jwe.flattened(),
+    })) {
+        Ok(t) => t,
+        Err(e) => {
+            // No keyslot without its token: nothing could ever open it.
+            let left = vault.destroy_keyslot(keyslot).err().map(|_| {
+                format!(
+                    "keyslot {keyslot}: cryptsetup luksKillSlot {} {keyslot}",
+                    opts.device
+                )
+            });
+            return Err(BootError::PartlyWritten {
+                error: Box::new(e.into()),
+                left,
+            });
+        }
+    };
+    events.event(
+        "clevis_enrolled",
+        &[
+            ("name", opts.name.as_str()),
+            ("keyslot", &keyslot.to_string()),
+            ("token", &token.to_string()),
+            ("pin", &pin),
+        ],
+    );
+    Ok(ClevisEnrolled {
+        keyslot,
+        token,
+        pin,
+    })
 }
 
 /// What `unlock --test` found: which keyslot the first key that works opens,

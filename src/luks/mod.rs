@@ -259,6 +259,25 @@ impl Vault {
             .map(str::to_string))
     }
 
+    /// The JSON of every token of type `kind` (e.g. `clevis`), by token id.
+    pub fn tokens_of_type(
+        &mut self,
+        kind: &str,
+    ) -> Result<Vec<(u32, serde_json::Value)>, LuksError> {
+        let json = self.header_json()?;
+        let mut out: Vec<(u32, serde_json::Value)> = json["tokens"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, t)| t["type"].as_str() == Some(kind))
+                    .filter_map(|(id, t)| Some((id.parse().ok()?, t.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by_key(|t| t.0);
+        Ok(out)
+    }
+
     /// Every token in the header, of any type, with the keyslots it refers to.
     pub fn token_refs(&mut self) -> Result<Vec<TokenRef>, LuksError> {
         let json = self.header_json()?;

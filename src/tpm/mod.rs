@@ -353,6 +353,53 @@ impl Tpm {
         })
     }
 
+    /// Seal `data` (not a fresh secret) to the PCR policy of `pcrs` under the
+    /// transient primary of the legacy template (the one `tpm2_createprimary -C o
+    /// -G ecc` derives), as clevis' `tpm2` pin does. Returns the TPM2B_PRIVATE and
+    /// TPM2B_PUBLIC of the sealed object.
+    pub fn seal_data_legacy_primary(
+        &mut self,
+        bank: Bank,
+        pcrs: &[u32],
+        data: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>), TpmError> {
+        let template = template::srk_template(PrimaryAlg::Ecc, false)?;
+        let primary = self
+            .ctx()?
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.create_primary(Hierarchy::Owner, template, None, None, None, None)
+            })
+            .map_err(cmd("CreatePrimary(legacy)"))?
+            .key_handle;
+        let result = (|| {
+            let mut values = self.read_pcrs(bank, pcrs)?;
+            values.sort_by_key(|(p, _)| *p);
+            let policy = policy::sealing_policy(bank, &values, false);
+            let sealed = sealed_template(&policy, false)?;
+            let data = SensitiveData::try_from(data.to_vec()).map_err(cmd("sensitive data"))?;
+            let enc = self.encryption_session(primary, None)?;
+            let created = self
+                .ctx()?
+                .execute_with_sessions((Some(enc), None, None), |c| {
+                    c.create(primary, sealed, None, Some(data), None, None)
+                })
+                .map_err(cmd("Create(sealed object)"));
+            self.flush_session(enc);
+            let created = created?;
+            Ok((
+                sized(created.out_private.value()),
+                sized(
+                    &created
+                        .out_public
+                        .marshall()
+                        .map_err(cmd("marshal public"))?,
+                ),
+            ))
+        })();
+        self.flush(primary.into());
+        result
+    }
+
     fn encryption_session(
         &mut self,
         salt_key: KeyHandle,
