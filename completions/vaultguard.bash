@@ -10,7 +10,7 @@ _vaultguard() {
         [unlock]="--device --no-tpm --headless --key-file --local --json --test --unlock-passphrase-file --help"
         [attach]="--test --json --help"
         [detach]="--json --help"
-        [enroll]="--device --pcrs --bank --pin --recovery-key --unlock-key-file --unlock-passphrase-file --json --help"
+        [enroll]="--device --pcrs --bank --pin --recovery-key --unlock-key-file --unlock-passphrase-file --json --tang --tang-thumbprint --threshold --tpm2 --help"
         [reseal]="--device --pcrs --bank --pin --unlock-key-file --unlock-passphrase-file --json --help"
         [supervise]="--auto-lock-seconds --help"
         [status]="--json --help"

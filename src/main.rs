@@ -203,7 +203,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 c.unlock_passphrase_file.as_deref(),
             )?;
             let cfg = load_config(&args)?;
-            if !c.tang.is_empty() || c.threshold.is_some() {
+            if !c.tang.is_empty() || c.threshold.is_some() || c.tpm2 {
                 let s = commands::run_enroll_clevis(
                     &cfg,
                     device,
