@@ -10,7 +10,7 @@ _vaultguard() {
         [unlock]="--device --no-tpm --headless --key-file --local --json --test --unlock-passphrase-file --help"
         [attach]="--test --json --help"
         [detach]="--json --help"
-        [enroll]="--device --pcrs --bank --pin --recovery-key --unlock-key-file --unlock-passphrase-file --json --public-key --public-key-pcrs --tpm2-pcrs --tpm2-with-pin --help"
+        [enroll]="--device --pcrs --bank --pin --recovery-key --unlock-key-file --unlock-passphrase-file --json --public-key --public-key-pcrs --tpm2-pcrs --tpm2-with-pin --tang --tang-thumbprint --threshold --tpm2 --help"
         [reseal]="--device --pcrs --bank --pin --confirm --unlock-key-file --unlock-passphrase-file --json --help"
         [supervise]="--auto-lock-seconds --help"
         [status]="--json --help"

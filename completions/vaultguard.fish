@@ -43,6 +43,10 @@ complete -c vaultguard -n '__fish_seen_subcommand_from enroll reseal' -l pcrs -x
 complete -c vaultguard -n '__fish_seen_subcommand_from enroll reseal' -l bank -x -a 'sha256 sha1' -d 'PCR bank'
 complete -c vaultguard -n '__fish_seen_subcommand_from enroll reseal' -l pin -d 'require a PIN'
 complete -c vaultguard -n '__fish_seen_subcommand_from enroll' -l recovery-key -d 'also add a recovery key'
+complete -c vaultguard -n '__fish_seen_subcommand_from enroll' -l tang -r -d 'bind to this Tang server (repeatable)'
+complete -c vaultguard -n '__fish_seen_subcommand_from enroll' -l tang-thumbprint -r -d 'trust this Tang signing key'
+complete -c vaultguard -n '__fish_seen_subcommand_from enroll' -l threshold -r -d 'how many pins must answer (sss t)'
+complete -c vaultguard -n '__fish_seen_subcommand_from enroll' -l tpm2 -d 'add the TPM as a clevis tpm2 pin'
 complete -c vaultguard -n '__fish_seen_subcommand_from supervise' -l auto-lock-seconds -x -d 'idle seconds'
 complete -c vaultguard -n '__fish_seen_subcommand_from config' -l get -x -d 'print one dotted key'
 

@@ -467,8 +467,9 @@ pub struct EnrollCmd {
     /// default 1)
     #[argh(option)]
     pub threshold: Option<usize>,
-    /// with --tang: add the TPM as a clevis tpm2 pin (sealed to --pcrs/--bank)
-    /// inside the sss, e.g. --tpm2 --tang URL --threshold 2 for TPM and Tang
+    /// add the TPM as a clevis tpm2 pin (sealed to --pcrs/--bank): with --tang
+    /// inside the sss (--tpm2 --tang URL --threshold 2: TPM and Tang), alone a
+    /// clevis tpm2 token
     #[argh(switch)]
     pub tpm2: bool,
     /// LUKS2 device (path or UUID=...), as systemd-cryptenroll takes it

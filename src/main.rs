@@ -218,7 +218,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 c.unlock_passphrase_file.as_deref(),
             )?;
             let cfg = load_config(&args)?;
-            if !c.tang.is_empty() || c.threshold.is_some() {
+            if !c.tang.is_empty() || c.threshold.is_some() || c.tpm2 {
                 if c.public_key.is_some() {
                     return Err(Failure::usage(
                         "--public-key (a signed TPM policy) and --tang (a clevis token) are separate enrolments: run enroll once for each",

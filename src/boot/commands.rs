@@ -785,7 +785,12 @@ pub fn run_enroll_clevis(
         &format!(
             "vaultguard: bound {} to {} ({}): keyslot {}, clevis token {}",
             opts.device,
-            opts.tang.join(", "),
+            opts.tang
+                .iter()
+                .cloned()
+                .chain(opts.tpm2.is_some().then(|| "the TPM".to_string()))
+                .collect::<Vec<_>>()
+                .join(", "),
             r.pin,
             r.keyslot,
             r.token

@@ -16,8 +16,6 @@ use super::jwk::EcJwk;
 use super::tang::{adv_keys, verify_advertisement};
 use super::{b64, ClevisError};
 use crate::secret::SecretBytes;
-use crypto_bigint::modular::runtime_mod::{DynResidue, DynResidueParams};
-use crypto_bigint::U256;
 use serde_json::{json, Value};
 use std::time::Instant;
 
@@ -189,26 +187,16 @@ fn seal(header: &Value, cek: &[u8], plaintext: &[u8]) -> Result<Encrypted, Clevi
     })
 }
 
-fn random_below_p(params: DynResidueParams<4>) -> Result<DynResidue<4>, ClevisError> {
-    let p = U256::from_be_slice(&SSS_PRIME);
+/// A random element of [1, p).
+fn random_in_field() -> Result<SecretBytes, ClevisError> {
     loop {
         let mut b = SecretBytes::zeroed(32);
         crate::secret::fill_random(b.as_mut_bytes())
             .map_err(|e| ClevisError::Crypto(format!("no randomness: {e}")))?;
-        let v = U256::from_be_slice(b.as_bytes());
-        if v < p && v != U256::ZERO {
-            return Ok(DynResidue::new(&v, params));
+        if gcry::in_field(&SSS_PRIME, b.as_bytes())? {
+            return Ok(b);
         }
     }
-}
-
-fn to_bytes(v: &DynResidue<4>) -> SecretBytes {
-    let r = v.retrieve();
-    let mut out = SecretBytes::zeroed(32);
-    for (i, w) in r.as_words().iter().enumerate() {
-        out.as_mut_bytes()[32 - 8 * (i + 1)..32 - 8 * i].copy_from_slice(&w.to_be_bytes());
-    }
-    out
 }
 
 /// sss over children: `child(point)` makes each child's compact JWE of its
@@ -224,32 +212,26 @@ pub fn sss_encrypt(
             "threshold {t} with {n} pins: it must be between 1 and {n}"
         )));
     }
-    let params = DynResidueParams::new(&U256::from_be_slice(&SSS_PRIME));
-    let coeffs: Vec<DynResidue<4>> = (0..t)
-        .map(|_| random_below_p(params))
+    let coeffs: Vec<SecretBytes> = (0..t)
+        .map(|_| random_in_field())
         .collect::<Result<_, _>>()?;
-    let mut xs: Vec<U256> = Vec::new();
+    let mut xs: Vec<SecretBytes> = Vec::new();
     let mut children = Vec::new();
     for i in 0..n {
         let x = loop {
-            let x = random_below_p(params)?;
-            if !xs.contains(&x.retrieve()) {
+            let x = random_in_field()?;
+            if !xs.iter().any(|o| o.as_bytes() == x.as_bytes()) {
                 break x;
             }
         };
-        xs.push(x.retrieve());
-        let mut y = DynResidue::zero(params);
-        let mut xp = DynResidue::one(params);
-        for c in &coeffs {
-            y += *c * xp;
-            xp *= x;
-        }
-        let mut point = to_bytes(&x).as_bytes().to_vec();
-        point.extend_from_slice(to_bytes(&y).as_bytes());
+        let y = gcry::poly_eval(&SSS_PRIME, &coeffs, x.as_bytes())?;
+        let mut point = x.as_bytes().to_vec();
+        point.extend_from_slice(y.as_bytes());
         let point = SecretBytes::from_vec(point);
+        xs.push(x);
         children.push(child(i, point.as_bytes())?);
     }
-    let key = to_bytes(&coeffs[0]);
+    let key = &coeffs[0];
     let header = json!({
         "alg": "dir",
         "enc": "A256GCM",

@@ -46,6 +46,10 @@ extern "C" {
     fn gcry_sexp_build(r: *mut Ptr, erroff: *mut usize, fmt: *const c_char, ...) -> c_uint;
     fn gcry_sexp_release(s: Ptr);
     fn gcry_pk_verify(sig: Ptr, data: Ptr, pkey: Ptr) -> c_uint;
+    fn gcry_mpi_addm(w: Ptr, u: Ptr, v: Ptr, m: Ptr);
+    fn gcry_mpi_subm(w: Ptr, u: Ptr, v: Ptr, m: Ptr);
+    fn gcry_mpi_mulm(w: Ptr, u: Ptr, v: Ptr, m: Ptr);
+    fn gcry_mpi_invm(x: Ptr, a: Ptr, m: Ptr) -> c_int;
     fn gcry_cipher_open(h: *mut Ptr, algo: c_int, mode: c_int, flags: c_uint) -> c_uint;
     fn gcry_cipher_close(h: Ptr);
     fn gcry_cipher_setkey(h: Ptr, key: *const u8, len: usize) -> c_uint;
@@ -449,4 +453,155 @@ pub fn ecdsa_verify(key: &Point, digest: &[u8], sig: &[u8]) -> Result<bool, Clev
         }
         r
     }
+}
+
+/// MPIs for the sss arithmetic, released together.
+struct Mpis(Vec<Ptr>);
+
+impl Mpis {
+    fn scan(&mut self, bytes: &[u8]) -> Result<Ptr, ClevisError> {
+        let mut m = std::ptr::null_mut();
+        // SAFETY: `bytes` is valid for its length; released in Drop.
+        let err = unsafe {
+            gcry_mpi_scan(
+                &mut m,
+                GCRYMPI_FMT_USG,
+                bytes.as_ptr(),
+                bytes.len(),
+                std::ptr::null_mut(),
+            )
+        };
+        if err != 0 || m.is_null() {
+            return Err(oom());
+        }
+        self.0.push(m);
+        Ok(m)
+    }
+
+    fn new_mpi(&mut self) -> Result<Ptr, ClevisError> {
+        // SAFETY: constructor; released in Drop.
+        let m = unsafe { gcry_mpi_new(0) };
+        if m.is_null() {
+            return Err(oom());
+        }
+        self.0.push(m);
+        Ok(m)
+    }
+
+    /// `m` as exactly `len` big-endian bytes.
+    fn out(&self, m: Ptr, len: usize) -> Result<SecretBytes, ClevisError> {
+        let mut buf = SecretBytes::zeroed(len);
+        let mut n = 0usize;
+        // SAFETY: the buffer holds `len` bytes; libgcrypt reports how many it wrote.
+        let err = unsafe {
+            gcry_mpi_print(
+                GCRYMPI_FMT_USG,
+                buf.as_mut_bytes().as_mut_ptr(),
+                len,
+                &mut n,
+                m,
+            )
+        };
+        if err != 0 || n > len {
+            return Err(ClevisError::Crypto("libgcrypt MPI encoding failed".into()));
+        }
+        buf.as_mut_bytes().rotate_right(len - n);
+        Ok(buf)
+    }
+}
+
+impl Drop for Mpis {
+    fn drop(&mut self) {
+        // SAFETY: each MPI was made here and is released once.
+        unsafe {
+            for m in self.0.drain(..) {
+                gcry_mpi_release(m);
+            }
+        }
+    }
+}
+
+/// Is `v` in [1, p)?
+pub fn in_field(p: &[u8], v: &[u8]) -> Result<bool, ClevisError> {
+    init();
+    let mut m = Mpis(Vec::new());
+    let (p, v) = (m.scan(p)?, m.scan(v)?);
+    // SAFETY: live MPIs.
+    Ok(unsafe { gcry_mpi_cmp_ui(v, 0) != 0 && gcry_mpi_cmp(v, p) < 0 })
+}
+
+/// Σ c_j·x^j mod p, as `len(p)` bytes.
+pub fn poly_eval(p: &[u8], coeffs: &[SecretBytes], x: &[u8]) -> Result<SecretBytes, ClevisError> {
+    init();
+    let mut m = Mpis(Vec::new());
+    let (pm, xm) = (m.scan(p)?, m.scan(x)?);
+    let (y, xp, t) = (m.new_mpi()?, m.new_mpi()?, m.new_mpi()?);
+    // SAFETY: live MPIs throughout.
+    unsafe {
+        gcry_mpi_set_ui(y, 0);
+        gcry_mpi_set_ui(xp, 1);
+    }
+    for c in coeffs {
+        let cm = m.scan(c.as_bytes())?;
+        // SAFETY: live MPIs: y += c·xp; xp *= x (all mod p).
+        unsafe {
+            gcry_mpi_mulm(t, cm, xp, pm);
+            gcry_mpi_addm(y, y, t, pm);
+            gcry_mpi_mulm(xp, xp, xm, pm);
+        }
+    }
+    m.out(y, p.len())
+}
+
+/// Lagrange interpolation at 0 over GF(p) of the points (x, y).
+pub fn lagrange_at_zero(p: &[u8], points: &[(&[u8], &[u8])]) -> Result<SecretBytes, ClevisError> {
+    init();
+    let mut m = Mpis(Vec::new());
+    let pm = m.scan(p)?;
+    let mut xs = Vec::new();
+    let mut ys = Vec::new();
+    for (x, y) in points {
+        let (xm, ym) = (m.scan(x)?, m.scan(y)?);
+        // SAFETY: live MPIs.
+        if unsafe { gcry_mpi_cmp(xm, pm) >= 0 || gcry_mpi_cmp(ym, pm) >= 0 } {
+            return Err(ClevisError::Malformed("sss share outside the field".into()));
+        }
+        xs.push(xm);
+        ys.push(ym);
+    }
+    let (k, acc, t, zero) = (m.new_mpi()?, m.new_mpi()?, m.new_mpi()?, m.new_mpi()?);
+    // SAFETY: live MPIs.
+    unsafe {
+        gcry_mpi_set_ui(k, 0);
+        gcry_mpi_set_ui(zero, 0);
+    }
+    for i in 0..xs.len() {
+        // SAFETY: live MPIs.
+        unsafe { gcry_mpi_set_ui(acc, 1) };
+        for j in 0..xs.len() {
+            if i == j {
+                continue;
+            }
+            // SAFETY: live MPIs: acc *= (0 − x_j) / (x_i − x_j).
+            let invertible = unsafe {
+                gcry_mpi_subm(t, zero, xs[j], pm);
+                gcry_mpi_mulm(acc, acc, t, pm);
+                gcry_mpi_subm(t, xs[i], xs[j], pm);
+                gcry_mpi_invm(t, t, pm) != 0
+            };
+            if !invertible {
+                return Err(ClevisError::Malformed(
+                    "two sss shares with the same x".into(),
+                ));
+            }
+            // SAFETY: as above.
+            unsafe { gcry_mpi_mulm(acc, acc, t, pm) };
+        }
+        // SAFETY: as above: k += acc·y_i.
+        unsafe {
+            gcry_mpi_mulm(acc, acc, ys[i], pm);
+            gcry_mpi_addm(k, k, acc, pm);
+        }
+    }
+    m.out(k, p.len())
 }

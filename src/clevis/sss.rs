@@ -12,8 +12,6 @@
 use super::jwe::Jwe;
 use super::{b64, ClevisError};
 use crate::secret::SecretBytes;
-use crypto_bigint::modular::runtime_mod::{DynResidue, DynResidueParams};
-use crypto_bigint::U256;
 use serde_json::Value;
 
 /// An sss pin's parameters.
@@ -82,21 +80,8 @@ impl SssPin {
     }
 }
 
-fn u256(bytes: &[u8]) -> U256 {
-    let mut b = [0u8; 32];
-    b[32 - bytes.len()..].copy_from_slice(bytes);
-    U256::from_be_slice(&b)
-}
-
-fn be_bytes(v: &U256, len: usize) -> SecretBytes {
-    let mut out = SecretBytes::zeroed(32);
-    for (i, w) in v.as_words().iter().enumerate() {
-        out.as_mut_bytes()[32 - 8 * (i + 1)..32 - 8 * i].copy_from_slice(&w.to_be_bytes());
-    }
-    SecretBytes::from_slice(&out.as_bytes()[32 - len..])
-}
-
-/// Lagrange interpolation at 0 of the points `x ‖ y` over GF(p).
+/// Lagrange interpolation at 0 of the points `x ‖ y` over GF(p) (libgcrypt's
+/// modular arithmetic, `gcry`).
 pub fn recover(p: &[u8], points: &[&SecretBytes]) -> Result<SecretBytes, ClevisError> {
     let len = p.len();
     if p.is_empty() || p.len() > 32 || p[p.len() - 1] & 1 == 0 {
@@ -104,10 +89,7 @@ pub fn recover(p: &[u8], points: &[&SecretBytes]) -> Result<SecretBytes, ClevisE
             "sss prime is not an odd number of ≤ 32 bytes".into(),
         ));
     }
-    let params = DynResidueParams::<4>::new(&u256(p));
-    let pv = u256(p);
-    let mut xs = Vec::with_capacity(points.len());
-    let mut ys = Vec::with_capacity(points.len());
+    let mut pts = Vec::with_capacity(points.len());
     for pt in points {
         if pt.len() != 2 * len {
             return Err(ClevisError::Malformed(format!(
@@ -116,32 +98,9 @@ pub fn recover(p: &[u8], points: &[&SecretBytes]) -> Result<SecretBytes, ClevisE
                 2 * len
             )));
         }
-        let (x, y) = (u256(&pt.as_bytes()[..len]), u256(&pt.as_bytes()[len..]));
-        if x >= pv || y >= pv {
-            return Err(ClevisError::Malformed("sss share outside the field".into()));
-        }
-        xs.push(DynResidue::new(&x, params));
-        ys.push(DynResidue::new(&y, params));
+        pts.push((&pt.as_bytes()[..len], &pt.as_bytes()[len..]));
     }
-    let zero = DynResidue::zero(params);
-    let mut k = zero;
-    for i in 0..xs.len() {
-        let mut acc = DynResidue::one(params);
-        for j in 0..xs.len() {
-            if i == j {
-                continue;
-            }
-            let (inv, ok) = (xs[i] - xs[j]).invert();
-            if !bool::from(ok) {
-                return Err(ClevisError::Malformed(
-                    "two sss shares with the same x".into(),
-                ));
-            }
-            acc = acc * (zero - xs[j]) * inv;
-        }
-        k += acc * ys[i];
-    }
-    Ok(be_bytes(&k.retrieve(), len))
+    super::gcry::lagrange_at_zero(p, &pts)
 }
 
 #[cfg(test)]
