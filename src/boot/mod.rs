@@ -966,6 +966,13 @@ fn volume_key_via_clevis(
     if let Some(why) = net::wait_before_clevis(&tokens, eopts.deadline) {
         prompter.say_at(Priority::Warning, &format!("vaultguard: {name}: {why}"));
     }
+    // With a tpm2 pin among them the engine starts at once (the TPM must not wait
+    // for the network): each tang pin then waits for its own route on its thread.
+    eopts.route_wait = Some(std::sync::Arc::new(|url: &str, deadline| {
+        net::wait_for_urls(&[url], deadline)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }));
     if let Some(t) = opts.tpm.clone() {
         eopts.tpm = Some(std::sync::Arc::new(move |jwe: &clevis::jwe::Jwe| {
             clevis_tpm2_pin(&t, jwe)

@@ -349,8 +349,8 @@ pub fn pin_needs(tokens: &[crate::clevis::ClevisToken]) -> PinNeeds {
 /// The boot path's one call before the clevis engine: wait, until `deadline` (the
 /// engine's own), for routes to the tokens' Tang servers. Only when no tpm2 pin is
 /// among them: a TPM pin must start at once, not after the network (the engine
-/// runs it on its own thread), so with one present the engine starts now and a Tang
-/// pin without a route says so on its line. Returns a line for the operator when
+/// runs it on its own thread), so with one present the engine starts now and each
+/// Tang pin waits for its own route on its thread (`EngineOptions::route_wait`). Returns a line for the operator when
 /// the wait ended without a route (the engine then runs and reports each pin).
 pub fn wait_before_clevis(
     tokens: &[crate::clevis::ClevisToken],

@@ -131,6 +131,12 @@ impl ClevisToken {
 /// the engine's TPM thread, one at a time.
 pub type TpmPin = Arc<dyn Fn(&Jwe) -> Result<SecretBytes, ClevisError> + Send + Sync>;
 
+/// Waits (until the deadline) for a route to a Tang server's URL; `Err` names
+/// what was missing. Called on each tang pin's thread before its request, so a
+/// lease that arrives after the engine started still reaches the server while
+/// a TPM pin beside it has already run (the caller owns the network code).
+pub type RouteWait = Arc<dyn Fn(&str, Instant) -> Result<(), String> + Send + Sync>;
+
 #[derive(Clone)]
 pub struct EngineOptions {
     /// When the engine stops waiting.
@@ -138,6 +144,7 @@ pub struct EngineOptions {
     /// S256 thumbprints of Tang signing keys trusted beyond those in the tokens.
     pub trusted_thumbprints: Vec<String>,
     pub tpm: Option<TpmPin>,
+    pub route_wait: Option<RouteWait>,
 }
 
 impl EngineOptions {
@@ -146,6 +153,7 @@ impl EngineOptions {
             deadline: Instant::now() + wait,
             trusted_thumbprints: Vec::new(),
             tpm: None,
+            route_wait: None,
         }
     }
 }
@@ -247,7 +255,14 @@ impl Engine {
                 let tx = self.tx.clone();
                 let trusted = self.opts.trusted_thumbprints.clone();
                 let deadline = self.opts.deadline;
+                let route_wait = self.opts.route_wait.clone();
                 std::thread::spawn(move || {
+                    if let Some(wait) = route_wait {
+                        if let Err(e) = wait(&tp.url, deadline) {
+                            let _ = tx.send((i, Err(e)));
+                            return;
+                        }
+                    }
                     let r = tp
                         .decrypt(&jwe, &trusted, deadline)
                         .map_err(|e| e.to_string());
@@ -511,6 +526,36 @@ mod tests {
         let l = out.lines[0].to_string();
         assert!(
             l.contains("clevis token 3 yubikey: unsupported: clevis pin \"yubikey\""),
+            "{l}"
+        );
+    }
+
+    #[test]
+    fn a_tang_pin_waits_for_its_route_first_and_reports_a_missing_one() {
+        // A real `clevis luks bind` tang token (src/boot/testdata): its pin must ask
+        // the route wait for its own URL before any request, and a wait that ends
+        // without a route is that pin's line; the engine does not hang on it.
+        let v: Value =
+            serde_json::from_str(include_str!("../boot/testdata/clevis-token-tang.json")).unwrap();
+        let tok = ClevisToken::from_json(1, &v).unwrap();
+        let asked = Arc::new(Mutex::new(Vec::<String>::new()));
+        let mut opts = EngineOptions::new(Duration::from_secs(5));
+        let seen = asked.clone();
+        opts.route_wait = Some(Arc::new(move |url: &str, _deadline| {
+            seen.lock().unwrap().push(url.to_string());
+            Err(format!("no route to {url} (the network is not up)"))
+        }));
+        let t0 = Instant::now();
+        let out = open_tokens::<()>(vec![tok], &opts, |_, _| Ok(Some(())));
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert!(out.opened.is_none());
+        let asked = asked.lock().unwrap().clone();
+        assert_eq!(asked.len(), 1, "{asked:?}");
+        assert!(asked[0].starts_with("http://"), "{asked:?}");
+        assert_eq!(out.lines.len(), 1);
+        let l = out.lines[0].to_string();
+        assert!(
+            l.contains("tang http://") && l.contains("no route to http://"),
             "{l}"
         );
     }
