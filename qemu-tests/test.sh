@@ -43,7 +43,11 @@ echo "$deb: $(stat -c %s "$deb") bytes, lintian clean"
 bash packaging/check-docs.sh "$bin"
 
 step "QEMU boot scenarios"
-VAULTGUARD_BIN=$bin bash qemu-tests/run.sh "$@"
+# Two QEMUs at a time where there are two CPUs (TCG runs a guest on one): the
+# appliance guests in one lane, the initramfs guests in the other.
+lanes=1
+[ "$(nproc)" -ge 2 ] && lanes=2
+VG_QEMU_LANES=${VG_QEMU_LANES:-$lanes} VAULTGUARD_BIN=$bin bash qemu-tests/run.sh "$@"
 
 if [ $# -eq 0 ]; then
     step "the README's demo (qemu-tests/demo.sh without its install and build steps)"

@@ -155,6 +155,29 @@ class _FileLock:
         self.release()
 
 
+# How many QEMUs may run at once on this machine (run.sh's lanes raise it; a
+# benchmark keeps 1 so that its figures are not shared with another guest).
+QEMU_SLOTS = max(1, int(os.environ.get("VG_QEMU_SLOTS", "1")))
+
+
+def _qemu_slot():
+    """One of QEMU_SLOTS flocks (.qemu.lock, .qemu.lock.1 ...), waiting for a free one."""
+    locks = [_FileLock(".qemu.lock" if i == 0 else f".qemu.lock.{i}") for i in range(QEMU_SLOTS)]
+    said = False
+    while True:
+        for lk in locks:
+            lk.f = open(lk.path, "w")
+            try:
+                fcntl.flock(lk.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return lk
+            except BlockingIOError:
+                lk.release()
+        if not said:
+            log(f"waiting for another QEMU to finish ({QEMU_SLOTS} at a time)")
+            said = True
+        time.sleep(0.2)
+
+
 # swtpm_setup options for a TPM as a machine leaves the factory: EK (RSA and ECC)
 # with certificates and a platform certificate in NV (locked); no SRK yet (the first
 # enrolment creates it at 0x81000001). The PCR banks are added per scenario.
@@ -232,7 +255,7 @@ class Boot:
         self.timed_out = False
         self.ended = False
         self.swtpm = None
-        self.lock = _FileLock(".qemu.lock").acquire("another QEMU to finish")
+        self.lock = _qemu_slot()
         try:
             self._start(cmd, swtpm_cmd, timeout)
         except BaseException:
@@ -934,7 +957,11 @@ def run_one(name):
 
 
 def main(argv=None):
-    """qemu-tests/run.sh [SCENARIO...]: run the named scenarios (all by default)."""
+    """qemu-tests/run.sh [SCENARIO...]: run the named scenarios (all by default).
+    With VG_QEMU_LANES=2 (test.sh sets it on a machine with 2 CPUs or more) the
+    scenarios run in two lanes, one QEMU each: the appliance guests (minutes each,
+    one cached root built by the first) in one, the rest in the other; each line is
+    prefixed with its lane."""
     argv = sys.argv[1:] if argv is None else argv
     names = scenario_names()
     wanted = [os.path.abspath(a) if a.endswith(".py") else a for a in argv]
@@ -944,7 +971,45 @@ def main(argv=None):
         return 2
     todo = wanted or names
     t = time.time()
-    failed = [os.path.basename(n).removesuffix(".py") for n in todo if not run_one(n)]
+    lanes = max(1, int(os.environ.get("VG_QEMU_LANES", "1")))
+    if lanes > 1 and len(todo) > 1:
+        failed = _run_lanes(todo, lanes)
+    else:
+        failed = [os.path.basename(n).removesuffix(".py") for n in todo if not run_one(n)]
     print(f"\n{len(todo) - len(failed)}/{len(todo)} scenarios passed in {time.time() - t:.0f} s"
           + (f"; FAILED: {' '.join(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0
+
+
+def _run_lanes(todo, lanes):
+    """Run `todo` in `lanes` child harnesses (one QEMU slot each); the appliance
+    scenarios share a lane. Returns the names of the scenarios that failed."""
+    heavy = [n for n in todo if os.path.basename(n).removesuffix(".py").startswith("appliance_")]
+    light = [n for n in todo if n not in heavy]
+    groups = [heavy, light] if heavy and light else [todo[i::lanes] for i in range(lanes)]
+    env = dict(os.environ, VG_QEMU_SLOTS=str(lanes), VG_QEMU_LANES="1", PYTHONUNBUFFERED="1")
+    here = os.path.dirname(os.path.abspath(__file__))
+    procs = []
+    for k, group in enumerate(g for g in groups if g):
+        p = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                              "import harness; sys.exit(harness.main(sys.argv[2:]))", here, *group],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        procs.append((chr(ord("A") + k), group, p))
+    failed = []
+
+    def pump(tag, p):
+        for line in p.stdout:
+            print(f"[{tag}] {line}", end="", flush=True)
+            m = re.match(r"FAIL (\S+) \(", line)
+            if m:
+                failed.append(m.group(1))
+
+    threads = [threading.Thread(target=pump, args=(tag, p)) for tag, _, p in procs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for tag, group, p in procs:
+        if p.wait() != 0 and not any(os.path.basename(n).removesuffix(".py") in failed for n in group):
+            failed.append(f"lane-{tag}")
+    return failed
