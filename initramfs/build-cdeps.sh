@@ -186,6 +186,7 @@ tar xf cryptsetup_*.orig.tar.gz
 (
     cd cryptsetup-*/
     patch -s -p1 <"$patches"/cryptsetup-gcrypt-hash-name-cache.patch
+    patch -s -p1 <"$patches"/cryptsetup-af-one-hash-context.patch
     [[ -x configure ]] || ./autogen.sh >/dev/null 2>&1
     ./configure -q --prefix="$prefix" --disable-shared --enable-static \
         --with-crypto_backend=gcrypt --with-libgcrypt-prefix="$prefix" --disable-ssh-token --disable-udev \
