@@ -55,7 +55,7 @@ CURRENT = None
 IDLE_WINDOW = int(os.environ.get("VG_BENCH_IDLE_SECONDS", "60"))
 FUZZ_SECONDS = int(os.environ.get("VG_BENCH_FUZZ_SECONDS", "60"))
 LOAD_SECONDS = 5
-UNLOCK_RUNS = int(os.environ.get("VG_BENCH_UNLOCK_RUNS", "7"))
+UNLOCK_RUNS = int(os.environ.get("VG_BENCH_UNLOCK_RUNS", "9"))  # issue 13: median of 9
 
 
 def begin(section):
@@ -598,8 +598,9 @@ def bench_guest(tools, previous):
     med = {k: statistics.median(v) for k, v in times.items()}
     RESULTS["unlock_ms"] = {k: {"median": med[k], "runs": v} for k, v in times.items()}
     header(f"unlock latency in the guest (TCG), median of {UNLOCK_RUNS}", "systemd-cryptsetup")
+    # Issue 13 raised the target from 0.5x to 0.4x.
     row("TPM path: start to mapping ready", f"{med['vg-tpm']:.0f} ms", f"{med['sd-tpm']:.0f} ms",
-        "<= 0.5x", med["vg-tpm"] <= 0.5 * med["sd-tpm"])
+        "<= 0.4x", med["vg-tpm"] <= 0.4 * med["sd-tpm"])
     row("  ratio", f"{med['vg-tpm'] / med['sd-tpm']:.2f}x", "1.00x", "", None)
     row("  vaultguard with tcti=device:/dev/tpm0 (no kernel resource manager)",
         f"{med['vg-tpm0']:.0f} ms", f"{med['sd-tpm']:.0f} ms", "report", None)

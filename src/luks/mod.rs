@@ -365,8 +365,37 @@ impl Vault {
                 let _ = LAST_LOG.lock().map(|mut l| l.take());
                 Err(LuksError::WrongPassphrase)
             }
-            Err(e) => Err(op("unlocking a keyslot")(e)),
+            // libcryptsetup says only "Keyslot open failed" (EINVAL) when its crypto
+            // library lacks the keyslot's hash: name the hash and what to do.
+            Err(e) => match self.unsupported_keyslot_hash(keyslot) {
+                Some((slot, hash)) => {
+                    let _ = LAST_LOG.lock().map(|mut l| l.take());
+                    Err(LuksError::Op {
+                        what: "unlocking a keyslot",
+                        msg: format!(
+                            "keyslot {slot} hashes with {hash}, which is not supported by \
+                             this vaultguard (its libgcrypt has SHA-1, SHA-2 and SHA-3 only); \
+                             add a keyslot with a supported hash using a full cryptsetup: \
+                             `cryptsetup luksAddKey --hash sha256 DEVICE`"
+                        ),
+                    })
+                }
+                None => Err(op("unlocking a keyslot")(e)),
+            },
         }
+    }
+
+    /// The first active keyslot (or `keyslot`) whose PBKDF2 hash the static
+    /// binary's libgcrypt lacks (initramfs/build-cdeps.sh), with that hash.
+    fn unsupported_keyslot_hash(&mut self, keyslot: Option<u32>) -> Option<(u32, String)> {
+        let slots = match keyslot {
+            Some(k) => vec![k],
+            None => self.active_keyslots(),
+        };
+        slots.into_iter().find_map(|s| {
+            let hash = self.dev.keyslot_handle().get_pbkdf(s).ok()?.hash?;
+            (!hash_supported(&hash)).then_some((s, hash))
+        })
     }
 
     /// Add a keyslot for `passphrase` holding `vk`. `minimal_kdf` is for
@@ -516,6 +545,25 @@ impl ActivateFlags {
     }
 }
 
+/// Whether the static binary's libgcrypt has this LUKS2 hash (gcrypt's names,
+/// case-insensitively, as libcryptsetup maps them): SHA-1, SHA-2, SHA-3.
+fn hash_supported(hash: &str) -> bool {
+    matches!(
+        hash.to_ascii_lowercase().as_str(),
+        "sha1"
+            | "sha224"
+            | "sha256"
+            | "sha384"
+            | "sha512"
+            | "sha512-224"
+            | "sha512-256"
+            | "sha3-224"
+            | "sha3-256"
+            | "sha3-384"
+            | "sha3-512"
+    )
+}
+
 fn libc_eperm() -> i32 {
     rustix::io::Errno::PERM.raw_os_error()
 }
@@ -612,6 +660,23 @@ fn find_by_uuid(uuid: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hashes_the_static_libgcrypt_has() {
+        for h in ["sha1", "SHA256", "sha512", "sha3-256", "sha384"] {
+            assert!(hash_supported(h), "{h}");
+        }
+        for h in [
+            "whirlpool",
+            "ripemd160",
+            "blake2b-512",
+            "sm3",
+            "stribog512",
+            "",
+        ] {
+            assert!(!hash_supported(h), "{h}");
+        }
+    }
 
     #[test]
     fn crypttab_flags_become_libcryptsetup_activation_flags() {
