@@ -782,3 +782,67 @@ fn vaultguard_sss_of_tpm2_and_tang_opens_with_clevis_and_tpm2_tools() {
     assert!(out.status.success(), "{t}");
     assert!(t.contains("clevis token 0 sss[1] tpm2: answered"), "{t}");
 }
+
+#[test]
+fn a_tang_token_opens_while_the_tpm_token_still_waits_for_its_device() {
+    // A volume with a systemd-tpm2 token (the TPM) and a clevis tang token: every
+    // token starts at once, so with the TPM device missing (here: a device node
+    // that never appears, tpm.timeout 40 s) Tang opens the volume in seconds and
+    // the TPM wait ends there, instead of Tang starting after 40 s.
+    let d = TempDir::new("clevis-beside-tpm");
+    let sw = common::Swtpm::start();
+    let tang = Tangd::start(d.path());
+    let img = luks_image(d.path(), PASS);
+    let pw = d.path().join("pw");
+    std::fs::write(&pw, PASS).unwrap();
+    let enrol_cfg = d.path().join("enrol.json");
+    std::fs::write(
+        &enrol_cfg,
+        format!("{{\"tpm\":{{\"tcti\":\"{}\",\"pcrs\":[7]}}}}", sw.tcti()),
+    )
+    .unwrap();
+    let out = Command::new(vaultguard_bin())
+        .arg("--config")
+        .arg(&enrol_cfg)
+        .args(["enroll", "--unlock-passphrase-file"])
+        .arg(&pw)
+        .arg(&img)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    clevis_bind(&img, "tang", &format!("{{\"url\":\"{}\"}}", tang.url()));
+    let missing = d.path().join("no-tpm-here");
+    let cfg = d.path().join("config.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{{\"tpm\":{{\"tcti\":\"device:{}\",\"timeout\":40}}}}",
+            missing.display()
+        ),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let out = Command::new(vaultguard_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .args(["unlock", "--test", "--headless", "--device"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let took = t0.elapsed();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains(&format!("tang {}: answered", tang.url())),
+        "the tang pin answered: {t}"
+    );
+    assert!(
+        t.contains("not waited for: another token opened the volume"),
+        "{t}"
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "Tang waited for the TPM device: {took:?}\n{t}"
+    );
+}

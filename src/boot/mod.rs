@@ -798,11 +798,23 @@ pub fn acquire_volume_key(
     let prompter: &mut dyn Prompter = &mut tuned;
     let mut tpm = None;
     let mut tpm_started = None;
+    let has_tpm_token = opts.tpm.is_some() && !vault.tpm2_tokens().is_empty();
+    // Clevis (Tang) tokens start now, beside the TPM token, not after it.
+    let early = if has_tpm_token {
+        clevis_start_early(vault, opts)
+    } else {
+        None
+    };
+    let clevis_opened = || {
+        early
+            .as_ref()
+            .is_some_and(|e| e.opened.load(std::sync::atomic::Ordering::SeqCst))
+    };
     let tpm_result = match &opts.tpm {
         None => Err(TpmRefusal::Disabled),
         // Nothing to unseal: do not wait for the TPM (the latch opens it later).
-        Some(_) if vault.tpm2_tokens().is_empty() => Err(TpmRefusal::NoEnrolment),
-        Some(t) => match Tpm::open(&t.tcti, t.timeout) {
+        Some(_) if !has_tpm_token => Err(TpmRefusal::NoEnrolment),
+        Some(t) => match Tpm::open_unless(&t.tcti, t.timeout, &clevis_opened) {
             Ok(mut handle) => {
                 // From the TPM device open (its wait, if it only now appeared,
                 // is not counted) to the keyslot opened with the unsealed key.
@@ -838,8 +850,14 @@ pub fn acquire_volume_key(
         }
         Err(reason) => reason,
     };
+    // A clevis token that opened the volume first is no failure of the boot.
+    let prio = if clevis_opened() {
+        Priority::Info
+    } else {
+        Priority::Warning
+    };
     prompter.say_at(
-        Priority::Warning,
+        prio,
         &format!("vaultguard: TPM unlock of {name} not possible: {reason}"),
     );
     // Which event-log records differ from enrolment, one line each.
@@ -854,7 +872,11 @@ pub fn acquire_volume_key(
     }
     let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
     events.event("tpm_refused", &fields);
-    if let Some((vk, slot)) = volume_key_via_clevis(vault, opts, prompter, events) {
+    let via_clevis = match early {
+        Some(e) => clevis_finish_early(e, opts, prompter, events),
+        None => volume_key_via_clevis(vault, opts, prompter, events),
+    };
+    if let Some((vk, slot)) = via_clevis {
         return Ok(Acquired {
             vk,
             method: Method::Clevis,
@@ -931,41 +953,60 @@ fn volume_key_via_clevis(
     prompter: &mut dyn Prompter,
     events: &mut dyn Events,
 ) -> Option<(SecretBytes, u32)> {
+    let (notes, plan) = clevis_plan(vault, opts);
+    for n in &notes {
+        prompter.say_at(Priority::Warning, n);
+    }
+    let mut plan = plan?;
+    // The network may still be coming up (a lease a moment after vaultguard starts):
+    // wait for a route within the same deadline, so the total stays bounded.
+    if let Some(why) = net::wait_before_clevis(&plan.tokens, plan.eopts.deadline) {
+        plan.notes.push(format!("vaultguard: {}: {why}", opts.name));
+    }
+    let out = crate::clevis::open_tokens(plan.tokens, &plan.eopts, |tok, pass| {
+        clevis_try_keyslots(vault, tok, pass)
+    });
+    clevis_report(&plan.notes, out, opts, prompter, events)
+}
+
+/// The volume's clevis tokens, parsed, and the engine's options for them.
+struct ClevisPlan {
+    tokens: Vec<crate::clevis::ClevisToken>,
+    eopts: crate::clevis::EngineOptions,
+    /// Lines for the operator from the engine's start (a route that never came).
+    notes: Vec<String>,
+}
+
+/// Read and parse the clevis tokens (warnings for those that cannot be used) and
+/// set the engine up: deadline from now, trusted thumbprints, the per-pin route
+/// wait and the TPM for tpm2 pins. `None` when there is no usable token.
+fn clevis_plan(vault: &mut Vault, opts: &UnlockOptions) -> (Vec<String>, Option<ClevisPlan>) {
     use crate::clevis::{self, ClevisToken};
     let name = opts.name.as_str();
+    let mut notes = Vec::new();
     let raw = match vault.tokens_of_type(clevis::TOKEN_TYPE) {
         Ok(r) => r,
         Err(e) => {
-            prompter.say_at(
-                Priority::Warning,
-                &format!("vaultguard: cannot read the clevis tokens of {name}: {e}"),
-            );
-            return None;
+            notes.push(format!(
+                "vaultguard: cannot read the clevis tokens of {name}: {e}"
+            ));
+            return (notes, None);
         }
     };
-    if raw.is_empty() {
-        return None;
-    }
     let mut tokens = Vec::new();
     for (id, v) in raw {
         match ClevisToken::from_json(id, &v) {
             Ok(t) => tokens.push(t),
-            Err(e) => prompter.say_at(
-                Priority::Warning,
-                &format!("vaultguard: clevis token {id} of {name} cannot be used: {e}"),
-            ),
+            Err(e) => notes.push(format!(
+                "vaultguard: clevis token {id} of {name} cannot be used: {e}"
+            )),
         }
     }
     if tokens.is_empty() {
-        return None;
+        return (notes, None);
     }
     let mut eopts = clevis::EngineOptions::new(opts.crypttab.network.deadline);
     eopts.trusted_thumbprints = opts.crypttab.network.tang_thumbprints.clone();
-    // The network may still be coming up (a lease a moment after vaultguard starts):
-    // wait for a route within the same deadline, so the total stays bounded.
-    if let Some(why) = net::wait_before_clevis(&tokens, eopts.deadline) {
-        prompter.say_at(Priority::Warning, &format!("vaultguard: {name}: {why}"));
-    }
     // With a tpm2 pin among them the engine starts at once (the TPM must not wait
     // for the network): each tang pin then waits for its own route on its thread.
     eopts.route_wait = Some(std::sync::Arc::new(|url: &str, deadline| {
@@ -978,16 +1019,115 @@ fn volume_key_via_clevis(
             clevis_tpm2_pin(&t, jwe)
         }));
     }
-    let out = clevis::open_tokens(tokens, &eopts, |tok, pass| {
-        for &slot in &tok.keyslots {
-            match vault.volume_key(Some(slot), pass.as_bytes()) {
-                Ok(got) => return Ok(Some(got)),
-                Err(e) if e.is_wrong_passphrase() => continue,
-                Err(e) => return Err(e.to_string()),
-            }
+    let plan = ClevisPlan {
+        tokens,
+        eopts,
+        notes: Vec::new(),
+    };
+    (notes, Some(plan))
+}
+
+/// The keyslots a clevis token names, tried with the passphrase its pins recovered.
+fn clevis_try_keyslots(
+    vault: &mut Vault,
+    tok: &crate::clevis::ClevisToken,
+    pass: &SecretBytes,
+) -> Result<Option<(SecretBytes, u32)>, String> {
+    for &slot in &tok.keyslots {
+        match vault.volume_key(Some(slot), pass.as_bytes()) {
+            Ok(got) => return Ok(Some(got)),
+            Err(e) if e.is_wrong_passphrase() => continue,
+            Err(e) => return Err(e.to_string()),
         }
-        Ok(None)
+    }
+    Ok(None)
+}
+
+/// The clevis engine, started before the systemd-tpm2 token is tried and run beside
+/// it: every token at once (issue 15), so a Tang answer does not wait for the TPM
+/// (nor for a TPM device that never appears). On its own thread with its own
+/// libcryptsetup context; `opened` is set as soon as a token opened a keyslot.
+struct EarlyClevis {
+    notes: Vec<String>,
+    opened: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<ClevisRun>,
+}
+
+type ClevisRun = Result<(Vec<String>, crate::clevis::Outcome<(SecretBytes, u32)>), String>;
+
+/// Start the engine early when the volume has clevis tokens without a tpm2 pin
+/// (those share the TPM with the systemd-tpm2 token and run after it, as before).
+fn clevis_start_early(vault: &mut Vault, opts: &UnlockOptions) -> Option<EarlyClevis> {
+    let (notes, plan) = clevis_plan(vault, opts);
+    let mut plan = plan?;
+    if net::pin_needs(&plan.tokens).has_tpm2 {
+        return None;
+    }
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = opened.clone();
+    let device = opts.device.clone();
+    let header = opts.crypttab.header.clone();
+    let name = opts.name.clone();
+    let handle = std::thread::spawn(move || {
+        let mut own = Vault::open_with_header(&device, header.as_deref())
+            .map_err(|e| format!("cannot open {device} for the clevis tokens: {e}"))?;
+        if let Some(why) = net::wait_before_clevis(&plan.tokens, plan.eopts.deadline) {
+            plan.notes.push(format!("vaultguard: {name}: {why}"));
+        }
+        let out = crate::clevis::open_tokens(plan.tokens, &plan.eopts, |tok, pass| {
+            let r = clevis_try_keyslots(&mut own, tok, pass);
+            if matches!(r, Ok(Some(_))) {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            r
+        });
+        Ok((plan.notes, out))
     });
+    Some(EarlyClevis {
+        notes,
+        opened,
+        handle,
+    })
+}
+
+/// Wait for the early engine and report it as [`volume_key_via_clevis`] does.
+fn clevis_finish_early(
+    early: EarlyClevis,
+    opts: &UnlockOptions,
+    prompter: &mut dyn Prompter,
+    events: &mut dyn Events,
+) -> Option<(SecretBytes, u32)> {
+    for n in &early.notes {
+        prompter.say_at(Priority::Warning, n);
+    }
+    match early.handle.join() {
+        Ok(Ok((notes, out))) => clevis_report(&notes, out, opts, prompter, events),
+        Ok(Err(e)) => {
+            prompter.say_at(Priority::Warning, &format!("vaultguard: {e}"));
+            None
+        }
+        Err(_) => {
+            prompter.say_at(
+                Priority::Error,
+                "vaultguard: the clevis engine stopped unexpectedly",
+            );
+            None
+        }
+    }
+}
+
+/// One line per pin (info when the volume opened, else warnings) and the audit.
+fn clevis_report(
+    notes: &[String],
+    out: crate::clevis::Outcome<(SecretBytes, u32)>,
+    opts: &UnlockOptions,
+    prompter: &mut dyn Prompter,
+    events: &mut dyn Events,
+) -> Option<(SecretBytes, u32)> {
+    let name = opts.name.as_str();
+    for n in notes {
+        prompter.say_at(Priority::Warning, n);
+    }
     for line in &out.lines {
         let prio = if line.outcome.is_ok() || out.opened.is_some() {
             Priority::Info

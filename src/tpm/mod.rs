@@ -138,6 +138,16 @@ impl Tpm {
     /// Connect to the TPM named by `tcti`, waiting up to `timeout` for a device node
     /// to appear (the TPM driver can probe after the initramfs starts).
     pub fn open(tcti: &str, timeout: Duration) -> Result<Tpm, TpmError> {
+        Tpm::open_unless(tcti, timeout, &|| false)
+    }
+
+    /// [`Tpm::open`], but the wait for a device node ends early once `done()` says
+    /// the caller no longer needs the TPM (another token opened the volume).
+    pub fn open_unless(
+        tcti: &str,
+        timeout: Duration,
+        done: &dyn Fn() -> bool,
+    ) -> Result<Tpm, TpmError> {
         let absent = |detail: String| TpmError::Absent {
             tcti: tcti.to_string(),
             detail,
@@ -149,6 +159,11 @@ impl Tpm {
                     return Err(absent(format!(
                         "{path} did not appear within {} s",
                         timeout.as_secs()
+                    )));
+                }
+                if done() {
+                    return Err(absent(format!(
+                        "{path} not waited for: another token opened the volume"
                     )));
                 }
                 std::thread::sleep(Duration::from_millis(100));
