@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{run_with_input, vaultguard_bin, TempDir};
+use common::{vaultguard_bin, TempDir};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -15,29 +15,7 @@ const PASS: &str = "correct horse battery staple";
 
 /// A LUKS2 image in a file, PBKDF2 with `hash` (cheap cost), AES-XTS.
 fn image(dir: &Path, name: &str, hash: &str) -> PathBuf {
-    let img = dir.join(name);
-    let f = std::fs::File::create(&img).unwrap();
-    f.set_len(32 << 20).unwrap();
-    run_with_input(
-        Command::new("cryptsetup")
-            .args([
-                "luksFormat",
-                "--batch-mode",
-                "--type",
-                "luks2",
-                "--pbkdf",
-                "pbkdf2",
-                "--pbkdf-force-iterations",
-                "1000",
-                "--hash",
-                hash,
-                "--key-file",
-                "-",
-            ])
-            .arg(&img),
-        PASS.as_bytes(),
-    );
-    img
+    common::luks_image_with(dir, name, PASS, &["--hash", hash])
 }
 
 fn config(dir: &Path) -> PathBuf {

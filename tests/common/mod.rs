@@ -323,7 +323,12 @@ pub fn run_with_input(cmd: &mut Command, input: &[u8]) -> Output {
 
 /// A LUKS2 image in a file with `passphrase` in keyslot 0 (cheap KDF for tests).
 pub fn luks_image(dir: &Path, passphrase: &str) -> PathBuf {
-    let img = dir.join("vault.img");
+    luks_image_with(dir, "vault.img", passphrase, &[])
+}
+
+/// [`luks_image`] named `name`, with `extra` luksFormat options (e.g. `--hash`).
+pub fn luks_image_with(dir: &Path, name: &str, passphrase: &str, extra: &[&str]) -> PathBuf {
+    let img = dir.join(name);
     let f = std::fs::File::create(&img).unwrap();
     f.set_len(32 << 20).unwrap();
     run_with_input(
@@ -337,9 +342,9 @@ pub fn luks_image(dir: &Path, passphrase: &str) -> PathBuf {
                 "pbkdf2",
                 "--pbkdf-force-iterations",
                 "1000",
-                "--key-file",
-                "-",
             ])
+            .args(extra)
+            .args(["--key-file", "-"])
             .arg(&img),
         passphrase.as_bytes(),
     );
