@@ -160,7 +160,7 @@ fn oom() -> ClevisError {
 /// The curve context and everything made in it, released together.
 struct Ctx {
     ctx: Ptr,
-    mpis: Vec<Ptr>,
+    mpis: Mpis,
     points: Vec<Ptr>,
 }
 
@@ -177,38 +177,17 @@ impl Ctx {
         }
         Ok(Ctx {
             ctx,
-            mpis: Vec::new(),
+            mpis: Mpis(Vec::new()),
             points: Vec::new(),
         })
     }
 
     fn mpi(&mut self, bytes: &[u8]) -> Result<Ptr, ClevisError> {
-        let mut m = std::ptr::null_mut();
-        // SAFETY: `bytes` is valid for its length; the MPI is released in Drop.
-        let err = unsafe {
-            gcry_mpi_scan(
-                &mut m,
-                GCRYMPI_FMT_USG,
-                bytes.as_ptr(),
-                bytes.len(),
-                std::ptr::null_mut(),
-            )
-        };
-        if err != 0 || m.is_null() {
-            return Err(oom());
-        }
-        self.mpis.push(m);
-        Ok(m)
+        self.mpis.scan(bytes)
     }
 
     fn empty_mpi(&mut self) -> Result<Ptr, ClevisError> {
-        // SAFETY: constructor; released in Drop.
-        let m = unsafe { gcry_mpi_new(0) };
-        if m.is_null() {
-            return Err(oom());
-        }
-        self.mpis.push(m);
-        Ok(m)
+        self.mpis.new_mpi()
     }
 
     fn point(&mut self) -> Result<Ptr, ClevisError> {
@@ -283,9 +262,8 @@ impl Drop for Ctx {
             for p in self.points.drain(..) {
                 gcry_mpi_point_release(p);
             }
-            for m in self.mpis.drain(..) {
-                gcry_mpi_release(m);
-            }
+            // The MPIs go before the context, as they always have.
+            drop(std::mem::replace(&mut self.mpis, Mpis(Vec::new())));
             gcry_ctx_release(self.ctx);
         }
     }
@@ -316,7 +294,7 @@ pub fn random_scalar() -> Result<SecretBytes, ClevisError> {
     if n.is_null() {
         return Err(oom());
     }
-    c.mpis.push(n);
+    c.mpis.0.push(n);
     for _ in 0..256 {
         let mut b = SecretBytes::zeroed(COORD);
         crate::secret::fill_random(b.as_mut_bytes())
@@ -379,7 +357,7 @@ pub fn compute(op: Op<'_>) -> Result<Point, ClevisError> {
             if prime.is_null() {
                 return Err(oom());
             }
-            c.mpis.push(prime);
+            c.mpis.0.push(prime);
             let ty = c.mpi(&tp.y)?;
             let ny = c.empty_mpi()?;
             // SAFETY: live MPIs.
