@@ -2,9 +2,10 @@
 //! serialized ESYS_TR that systemd stores in the token as `tpm2_srk`.
 //!
 //! `Esys_TR_Serialize` of a key is: TPM handle (u32), TPM2B_NAME, resource type
-//! (u32, 1 = key), TPM2B_PUBLIC. Parsing it here (rather than deserializing it
-//! into an ESYS context) lets unlock compare the recorded name with the live SRK's
-//! and say plainly that the TPM was swapped or cleared.
+//! (u32, 1 = key), TPM2B_PUBLIC. Unlock checks it here (the SRK handle, a name
+//! that is the digest of the public area) before deserializing it into the ESYS
+//! context, which costs no TPM command; when an unseal fails, the recorded name is
+//! compared with the live SRK's to say plainly that the TPM was swapped or cleared.
 
 use super::marshal::{Reader, Truncated};
 use std::fmt;

@@ -237,6 +237,34 @@ impl Tpm {
         }
     }
 
+    /// The parent to unseal under, without asking the TPM: the recorded SRK is
+    /// checked in software (the persistent SRK handle, a name that is the digest
+    /// of its public area, a storage key's attributes) and deserialized into the
+    /// ESYS context (no ReadPublic). Whether the TPM's SRK is that key is not asked
+    /// here: a salt encrypted to another key gives the TPM another session key and
+    /// the sealed object does not load under another parent, so nothing opens
+    /// under a swapped SRK; [`Tpm::unseal`] then explains the failure with
+    /// [`Tpm::parent_for`]'s full check. Returns the handle and whether it is a
+    /// transient primary (flush) rather than a deserialized record (close).
+    fn parent_recorded(&mut self, sealed: &SealedObject) -> Result<(KeyHandle, bool), TpmError> {
+        let Some(bytes) = &sealed.srk else {
+            return self.parent_for(sealed);
+        };
+        let recorded =
+            SerializedKey::parse_srk(bytes).map_err(|e| TpmError::Malformed(Malformed::Srk(e)))?;
+        if !recorded.name_matches_public() {
+            return Err(TpmError::Malformed(Malformed::SrkNameNotOfPublic));
+        }
+        let public = Public::unmarshall(&recorded.public)
+            .map_err(|_| TpmError::Malformed(Malformed::SrkPublicUnparsable))?;
+        check_storage_key(&public)?;
+        let handle = self
+            .ctx()?
+            .tr_deserialize(&recorded.to_bytes())
+            .map_err(cmd("TR_Deserialize(tpm2_srk)"))?;
+        Ok((KeyHandle::from(handle), false))
+    }
+
     /// Whether the sealed object's parent key is on this TPM (`tpm2_srk` matches the
     /// persistent SRK; a legacy enrolment's primary can always be derived).
     pub fn check_parent(&mut self, sealed: &SealedObject) -> Result<(), TpmError> {
@@ -256,12 +284,26 @@ impl Tpm {
         if sealed.pin && pin.is_none() {
             return Err(TpmError::PinRequired);
         }
-        let (parent, transient_parent) = self.parent_for(sealed)?;
+        let (parent, transient_parent) = self.parent_recorded(sealed)?;
         let result = self.unseal_under(parent, sealed, pin);
         if transient_parent {
             self.flush(parent.into());
+        } else if let Some(ctx) = self.ctx.as_mut() {
+            // Only the library's record of the persistent SRK; the key stays.
+            let mut h = ObjectHandle::from(parent);
+            let _ = ctx.tr_close(&mut h);
         }
-        result
+        match result {
+            // A failure that a missing or swapped SRK would also cause: if the
+            // TPM's SRK is not the recorded one, say that instead.
+            Err(e @ TpmError::Command { .. }) if sealed.srk.is_some() => {
+                match self.check_parent(sealed) {
+                    Err(why @ (TpmError::SrkMissing | TpmError::SrkMismatch)) => Err(why),
+                    _ => Err(e),
+                }
+            }
+            other => other,
+        }
     }
 
     /// The unseal sequence, ordered for the kernel's resource manager (which saves
