@@ -455,6 +455,11 @@ pub struct EnrollCmd {
     /// yes/no: also require a PIN (as --pin; systemd-cryptenroll's spelling)
     #[argh(option)]
     pub tpm2_with_pin: Option<String>,
+    /// with --public-key: bind the signatures to this TPM NV counter (e.g.
+    /// 0x013fa0d2; defined if absent) so that `policy revoke-older` withdraws
+    /// them; such an enrolment is vaultguard's only (systemd cannot open it)
+    #[argh(option)]
+    pub revocation_counter: Option<String>,
     /// bind to this Tang server instead of the TPM, as a clevis token
     /// (repeatable: sss over the servers)
     #[argh(option)]
@@ -490,6 +495,30 @@ pub struct PolicyCmd {
 pub enum PolicySub {
     Sign(PolicySignCmd),
     Predict(PolicyPredictCmd),
+    RevokeOlder(PolicyRevokeOlderCmd),
+}
+
+/// withdraw every signature of a revocable enrolment made so far: increment
+/// its TPM revocation counter (owner authorisation); sign the boots you still
+/// trust for the new value first
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "revoke-older")]
+pub struct PolicyRevokeOlderCmd {
+    /// the revocation counter (NV index, e.g. 0x013fa0d2); default: the one
+    /// the vault's enrolment names
+    #[argh(option)]
+    pub revocation_counter: Option<String>,
+    /// LUKS2 device (path or UUID=...) whose enrolment names the counter,
+    /// overrides vault.device
+    #[argh(option)]
+    pub device: Option<String>,
+    /// the signature file to check for a signature of the new value (default:
+    /// tpm.signature, else where systemd-cryptsetup looks)
+    #[argh(option)]
+    pub signature: Option<PathBuf>,
+    /// print one JSON object on standard output
+    #[argh(switch)]
+    pub json: bool,
 }
 
 /// sign the PolicyPCR digest of PCR values (predicted, or the live ones) and
@@ -516,6 +545,14 @@ pub struct PolicySignCmd {
     /// add to the signature file instead of replacing it
     #[argh(switch)]
     pub append: bool,
+    /// sign for a revocable enrolment (enroll --revocation-counter): its
+    /// revocation counter, e.g. 0x013fa0d2
+    #[argh(option)]
+    pub revocation_counter: Option<String>,
+    /// with --revocation-counter: the counter value to sign for (default: the
+    /// TPM's current value; give it when signing away from the appliance)
+    #[argh(option)]
+    pub counter_value: Option<u64>,
     /// print one JSON object on standard output
     #[argh(switch)]
     pub json: bool,

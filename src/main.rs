@@ -69,6 +69,7 @@ fn command_json(c: &Command) -> bool {
         Command::Policy(p) => match &p.command {
             vaultguard::cli::PolicySub::Predict(c) => c.json,
             vaultguard::cli::PolicySub::Sign(s) => s.json,
+            vaultguard::cli::PolicySub::RevokeOlder(r) => r.json,
         },
         // config prints JSON already; the others print no JSON of their own.
         _ => false,
@@ -252,6 +253,7 @@ fn run(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 public_key: c.public_key.clone(),
                 public_key_pcrs: c.public_key_pcrs.clone(),
                 tpm2_pcrs: c.tpm2_pcrs.clone(),
+                revocation_counter: c.revocation_counter.clone(),
             };
             // --tpm2-pcrs is the literal PCR list (systemd's name for --pcrs).
             let pcrs = match (&c.public_key, c.tpm2_pcrs.as_deref()) {

@@ -9,10 +9,11 @@
 //! --append`) or, for PCRs it lacks, from the TPM now. The private key is only
 //! read here; in production it stays on the machine that signs, not the appliance.
 
-use crate::cli::{PolicyCmd, PolicySignCmd, PolicySub};
+use crate::cli::{PolicyCmd, PolicyRevokeOlderCmd, PolicySignCmd, PolicySub};
 use crate::config::{parse_pcr_list, Config};
 use crate::encoding::{hex_decode, hex_encode};
 use crate::exit::Failure;
+use crate::tpm::counter;
 use crate::tpm::policy::Bank;
 use crate::tpm::signed::{self, PolicyKey, SignatureEntry, SignatureFile, SigningKey};
 use crate::tpm::Tpm;
@@ -33,6 +34,7 @@ pub fn run(cfg: &Config, cmd: &PolicyCmd, json: bool) -> Result<ExitCode> {
     match &cmd.command {
         PolicySub::Sign(c) => sign(cfg, c, json || c.json),
         PolicySub::Predict(c) => crate::predict_cli::run(cfg, c, json || c.json),
+        PolicySub::RevokeOlder(c) => revoke_older(cfg, c, json || c.json),
     }
 }
 
@@ -141,14 +143,44 @@ fn sign(cfg: &Config, c: &PolicySignCmd, json: bool) -> Result<ExitCode> {
         .iter()
         .filter_map(|p| predicted.get(p).map(|v| (*p, v.clone())))
         .collect();
+    let revocable = match &c.revocation_counter {
+        Some(h) => Some(
+            counter::parse_handle(h).map_err(|e| usage(format!("--revocation-counter: {e}")))?,
+        ),
+        None if c.counter_value.is_some() => {
+            return Err(usage(
+                "--counter-value needs --revocation-counter (the counter it is a value of)".into(),
+            ))
+        }
+        None => None,
+    };
+    // The TPM is opened only if something must be read from it (signing
+    // predicted values for a given counter value needs none).
+    let mut tpm_slot = None;
     if !missing.is_empty() {
-        let mut tpm = Tpm::open(&cfg.tpm.tcti, Duration::from_secs(cfg.tpm.timeout))?;
-        values.extend(tpm.read_pcrs(bank, &missing)?);
+        values.extend(tpm(&mut tpm_slot, cfg)?.read_pcrs(bank, &missing)?);
     }
     values.sort_by_key(|(p, _)| *p);
-    let pol = signed::approved_policy(bank, &values);
-    let sig = key.sign(&pol)?;
-    if !signed::verify(&public, &pol, &sig) {
+    let (pol, counter_value, message) = match revocable {
+        None => {
+            let pol = signed::approved_policy(bank, &values);
+            (pol.clone(), None, pol)
+        }
+        Some(h) => {
+            let v = match c.counter_value {
+                Some(v) => v,
+                None => tpm(&mut tpm_slot, cfg)?.read_revocation_counter(h)?.ok_or_else(|| {
+                    format!("the revocation counter {h:#010x} was never written; enrol with it first")
+                })?,
+            };
+            let name = counter::counter_name(h);
+            let pol = signed::approved_policy_revocable(bank, &values, &name, v);
+            let message = signed::signed_message(&pol, &name);
+            (pol, Some(v), message)
+        }
+    };
+    let sig = key.sign(&message)?;
+    if !signed::verify(&public, &message, &sig) {
         return Err("the signature just made does not verify with the key's public half".into());
     }
     let entry = SignatureEntry {
@@ -156,6 +188,7 @@ fn sign(cfg: &Config, c: &PolicySignCmd, json: bool) -> Result<ExitCode> {
         pkfp: public.fingerprint(),
         pol: pol.clone(),
         sig,
+        counter: counter_value,
     };
     let path = c
         .signature
@@ -192,11 +225,17 @@ fn sign(cfg: &Config, c: &PolicySignCmd, json: bool) -> Result<ExitCode> {
                 "pol": hex_encode(&pol),
                 "pkfp": hex_encode(&entry.pkfp),
                 "appended": c.append,
+                "revocation_counter": revocable,
+                "counter_value": counter_value,
             })
         );
     } else {
+        let for_counter = match (revocable, counter_value) {
+            (Some(h), Some(v)) => format!(" for revocation counter {h:#010x} = {v}"),
+            _ => String::new(),
+        };
         println!(
-            "vaultguard: signed {} PCRs {list} (policy {}) with key {} into {}",
+            "vaultguard: signed {} PCRs {list} (policy {}){for_counter} with key {} into {}",
             bank.name(),
             hex_encode(&pol),
             hex_encode(&entry.pkfp),
@@ -204,6 +243,113 @@ fn sign(cfg: &Config, c: &PolicySignCmd, json: bool) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `policy revoke-older`: increment the revocation counter, so that every
+/// signature made for an older value stops opening anything; audited. Says
+/// whether the signature file holds a signature of the current PCRs for the new
+/// value (without one, the next boot asks for the passphrase).
+fn revoke_older(cfg: &Config, c: &PolicyRevokeOlderCmd, json: bool) -> Result<ExitCode> {
+    let usage = |msg: String| -> Box<dyn Error> { Failure::usage(msg).into() };
+    let (handle, enrolment) = match &c.revocation_counter {
+        Some(h) => (
+            counter::parse_handle(h).map_err(|e| usage(format!("--revocation-counter: {e}")))?,
+            None,
+        ),
+        None => {
+            let dev = crate::boot::commands::device(cfg, c.device.as_deref())?;
+            let mut vault = crate::luks::Vault::open(&dev)?;
+            let found: Vec<_> = vault
+                .tpm2_tokens()
+                .into_iter()
+                .filter_map(|(_, t)| t.ok())
+                .filter_map(|t| t.revocation_counter.map(|h| (h, t)))
+                .collect();
+            match found.as_slice() {
+                [] => {
+                    return Err(usage(format!(
+                        "{dev} has no revocable signed enrolment (enroll --public-key … \
+                         --revocation-counter); give --revocation-counter to bump a counter anyway"
+                    )))
+                }
+                [(h, t), rest @ ..] => {
+                    if rest.iter().any(|(o, _)| o != h) {
+                        return Err(usage(format!(
+                            "{dev} has enrolments with different revocation counters; choose one \
+                             with --revocation-counter"
+                        )));
+                    }
+                    (*h, Some(t.clone()))
+                }
+            }
+        }
+    };
+    let mut tpm = Tpm::open(&cfg.tpm.tcti, Duration::from_secs(cfg.tpm.timeout))?;
+    let old = tpm.read_revocation_counter(handle)?;
+    let new = tpm.increment_revocation_counter(handle)?;
+    let mut audit = crate::boot::commands::AuditEvents::for_config(cfg);
+    let (old_s, new_s, handle_s) = (
+        old.map_or("unwritten".to_string(), |v| v.to_string()),
+        new.to_string(),
+        format!("{handle:#010x}"),
+    );
+    crate::boot::Events::event(
+        &mut audit,
+        "policy_revoke_older",
+        &[
+            ("counter", &handle_s),
+            ("old_value", &old_s),
+            ("new_value", &new_s),
+        ],
+    );
+    // Is the current boot signed for the new value? (Only when we know the
+    // enrolment's key and PCRs.)
+    let signed_now = match &enrolment {
+        Some(t) => {
+            let cfg_sig = c.signature.as_deref().or(cfg.tpm.signature.as_deref());
+            match crate::boot::sealed_object_with(t, cfg_sig) {
+                Ok(object) => Some(tpm.signed_approval(&object).is_ok()),
+                Err(_) => Some(false),
+            }
+        }
+        None => None,
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "success": true,
+                "revocation_counter": handle,
+                "old_value": old,
+                "new_value": new,
+                "current_boot_signed": signed_now,
+            })
+        );
+    } else {
+        println!(
+            "vaultguard: revocation counter {handle_s} is now {new_s} (was {old_s}): every \
+             signature made for an older value is withdrawn"
+        );
+        if signed_now == Some(false) {
+            println!(
+                "vaultguard: warning: no signature approves this boot for value {new_s}; the \
+                 next boot will ask for the passphrase unless you install one (policy sign \
+                 --revocation-counter {handle_s} --counter-value {new_s} --append)"
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tpm<'a>(slot: &'a mut Option<Tpm>, cfg: &Config) -> Result<&'a mut Tpm> {
+    if slot.is_none() {
+        *slot = Some(Tpm::open(
+            &cfg.tpm.tcti,
+            Duration::from_secs(cfg.tpm.timeout),
+        )?);
+    }
+    slot.as_mut()
+        .ok_or_else(|| "the TPM connection was just opened".into())
 }
 
 fn write_signature_file(path: &Path, file: &SignatureFile) -> Result<()> {

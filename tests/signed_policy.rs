@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{Swtpm, TempDir};
+use common::{openssl_key, Swtpm, TempDir};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -18,28 +18,6 @@ use vaultguard::tpm::{PrimaryAlg, SealRequest, SealedObject, SignedPolicy, Tpm, 
 
 fn open(sw: &Swtpm) -> Tpm {
     Tpm::open(&sw.tcti(), Duration::from_secs(5)).expect("connect to swtpm")
-}
-
-/// A fresh private key made by openssl (the tool operators use), as PEM.
-pub fn openssl_key(dir: &Path, kind: &str) -> Vec<u8> {
-    let path = dir.join(format!("{kind}.pem"));
-    let args: &[&str] = match kind {
-        "rsa" => &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
-        _ => &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
-    };
-    let out = Command::new("openssl")
-        .arg("genpkey")
-        .args(args)
-        .arg("-out")
-        .arg(&path)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::read(&path).unwrap()
 }
 
 fn sign_live(tpm: &mut Tpm, key: &SigningKey, pcrs: &[u32]) -> SignatureEntry {

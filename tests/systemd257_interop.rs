@@ -582,6 +582,7 @@ fn systemd_257_opens_a_vaultguard_signed_enrolment() {
     opts.signed = Some(vaultguard::boot::SignedEnrolment {
         public_key_pem: std::fs::read(&public).unwrap(),
         pcrs: vec![9],
+        revocation_counter: None,
     });
     let r = enroll(&opts, &mut Scripted::new(&[PASS]), &mut NoEvents).unwrap();
     assert!(

@@ -57,6 +57,7 @@ fn through_the_token(object: &SealedObject) -> SealedObject {
         eventlog: Default::default(),
         pubkey: None,
         pubkey_pcrs: Vec::new(),
+        revocation_counter: None,
     };
     vaultguard::boot::sealed_object(&Tpm2Token::from_json(&token.to_json()).unwrap()).unwrap()
 }

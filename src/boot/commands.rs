@@ -60,7 +60,7 @@ fn tpm_options(cfg: &Config) -> TpmOptions {
     }
 }
 
-fn device(cfg: &Config, arg: Option<&str>) -> Result<String, BootError> {
+pub fn device(cfg: &Config, arg: Option<&str>) -> Result<String, BootError> {
     let spec = arg
         .map(str::to_string)
         .or_else(|| cfg.vault.device.clone())
@@ -533,6 +533,8 @@ pub struct SignedArgs {
     pub public_key_pcrs: Option<String>,
     /// The literal PCRs beside the signed ones (default: none, as systemd).
     pub tpm2_pcrs: Option<String>,
+    /// `--revocation-counter HANDLE`: a revocable signed policy.
+    pub revocation_counter: Option<String>,
 }
 
 /// Apply `args` to `opts`: read and check the key, the PCR lists.
@@ -543,6 +545,11 @@ fn apply_signed(
 ) -> Result<(), BootError> {
     let bad = BootError::BadArgument;
     let Some(path) = &args.public_key else {
+        if args.revocation_counter.is_some() {
+            return Err(bad(ArgError::PublicKey(
+                "--revocation-counter needs --public-key (it revokes signed policies)".into(),
+            )));
+        }
         if args.public_key_pcrs.is_some() {
             return Err(bad(ArgError::PublicKey(
                 "--public-key-pcrs needs --public-key".into(),
@@ -569,10 +576,18 @@ fn apply_signed(
             pcr: cfg.tpm.phase_pcr,
         }));
     }
+    let revocation_counter = match &args.revocation_counter {
+        Some(h) => Some(
+            crate::tpm::counter::parse_handle(h)
+                .map_err(|e| bad(ArgError::PublicKey(format!("--revocation-counter: {e}"))))?,
+        ),
+        None => None,
+    };
     opts.pcrs = literal;
     opts.signed = Some(crate::boot::SignedEnrolment {
         public_key_pem: pem.to_vec(),
         pcrs,
+        revocation_counter,
     });
     Ok(())
 }

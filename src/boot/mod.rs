@@ -1505,6 +1505,9 @@ pub struct EnrollOptions {
 pub struct SignedEnrolment {
     pub public_key_pem: Vec<u8>,
     pub pcrs: Vec<u32>,
+    /// `--revocation-counter`: bind the signatures to this TPM NV counter
+    /// (defined at enrolment if absent), so `policy revoke-older` can withdraw them.
+    pub revocation_counter: Option<u32>,
 }
 
 /// What enrolment did about the audit log's TPM anchor (an NV extend index).
@@ -1742,6 +1745,7 @@ pub fn sealed_object_with(
                 pcrs: t.pubkey_pcrs.clone(),
                 signatures,
                 source,
+                counter: t.revocation_counter,
             })
         }
     };
@@ -1795,6 +1799,14 @@ fn seal_and_verify(
         ),
         None => None,
     };
+    let counter = opts.signed.as_ref().and_then(|s| s.revocation_counter);
+    if let Some(h) = counter {
+        // Defined (and written once) before sealing: its name is the policyRef.
+        tpm.define_revocation_counter(h)?;
+    }
+    let policy_ref = counter
+        .map(crate::tpm::counter::counter_name)
+        .unwrap_or_default();
     let sealed = tpm.seal_signed(
         &SealRequest {
             bank: opts.bank,
@@ -1803,6 +1815,7 @@ fn seal_and_verify(
             pin: pin.map(SecretBytes::as_bytes),
         },
         key.as_ref(),
+        &policy_ref,
     )?;
     let token = Tpm2Token {
         keyslots: vec![0], // set once the keyslot exists
@@ -1833,6 +1846,7 @@ fn seal_and_verify(
             .as_ref()
             .map(|s| s.pcrs.clone())
             .unwrap_or_default(),
+        revocation_counter: counter,
     };
     let object = sealed_object_with(&token, opts.tpm.signature.as_deref())
         .map_err(|e| BootError::BadArgument(ArgError::PublicKey(e.to_string())))?;

@@ -25,6 +25,11 @@ const KEYSLOT_MACS_FIELD: &str = "vaultguard_keyslot_macs";
 /// The firmware event log's records of each sealed PCR at enrolment, to name the
 /// records that changed when the TPM refuses (`{"9":[{"event":"…","digest":"hex"}]}`).
 const EVENTLOG_FIELD: &str = "vaultguard_eventlog";
+/// A revocable signed policy's revocation counter: the TPM NV index (a number)
+/// whose value its signatures name (`vaultguard policy revoke-older`). systemd
+/// ignores the key and cannot open such an enrolment (its PolicyAuthorize has
+/// the counter's name as policyRef).
+pub const REVOCATION_COUNTER_FIELD: &str = "vaultguard_revocation_counter";
 /// Bounds on what a header may make us keep: events per PCR, description length.
 const EVENTLOG_MAX_EVENTS: usize = 512;
 const EVENTLOG_MAX_TEXT: usize = 256;
@@ -109,6 +114,8 @@ pub struct Tpm2Token {
     pub pubkey: Option<Vec<u8>>,
     /// `tpm2_pubkey_pcrs`: the PCRs whose values the signatures approve.
     pub pubkey_pcrs: Vec<u32>,
+    /// The revocation counter of a revocable signed policy (NV index handle).
+    pub revocation_counter: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -417,6 +424,25 @@ impl Tpm2Token {
             }
         }
 
+        let revocation_counter = match obj.get(REVOCATION_COUNTER_FIELD) {
+            None => None,
+            Some(v) => {
+                let h = v
+                    .as_u64()
+                    .and_then(|h| u32::try_from(h).ok())
+                    .ok_or_else(|| field(REVOCATION_COUNTER_FIELD, "is not an NV index handle"))?;
+                crate::tpm::counter::check_handle(h)
+                    .map_err(|e| field(REVOCATION_COUNTER_FIELD, e))?;
+                if pubkey.is_none() {
+                    return Err(field(
+                        REVOCATION_COUNTER_FIELD,
+                        "present in an enrolment without a signed policy (`tpm2_pubkey`)",
+                    ));
+                }
+                Some(h)
+            }
+        };
+
         Ok(Tpm2Token {
             keyslots,
             blob,
@@ -432,6 +458,7 @@ impl Tpm2Token {
             eventlog,
             pubkey,
             pubkey_pcrs,
+            revocation_counter,
         })
     }
 
@@ -542,6 +569,9 @@ impl Tpm2Token {
                 Value::Array(self.pubkey_pcrs.iter().map(|&p| Value::from(p)).collect()),
             );
         }
+        if let Some(h) = self.revocation_counter {
+            m.insert(REVOCATION_COUNTER_FIELD.into(), h.into());
+        }
         Value::Object(m)
     }
 }
@@ -575,6 +605,7 @@ mod tests {
             .collect(),
             pubkey: None,
             pubkey_pcrs: Vec::new(),
+            revocation_counter: None,
         }
     }
 

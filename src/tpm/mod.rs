@@ -20,6 +20,7 @@
 //! headers and never logs a secret: errors carry PCR numbers, handles and TPM
 //! response kinds only.
 
+pub mod counter;
 mod da;
 mod error;
 pub mod eventlog;
@@ -37,7 +38,7 @@ pub use error::{Alteration, BlobDefect, LatchFailure, Malformed, SrkDefect, TpmE
 use marshal::sized;
 pub use template::srk_template;
 use template::{check_storage_key, sealed_template};
-pub use unseal::{check_sealed, split_blob};
+pub use unseal::{check_sealed, split_blob, Approval};
 
 use crate::secret::SecretBytes;
 use policy::Bank;
@@ -102,6 +103,17 @@ pub struct SignedPolicy {
     pub signatures: Result<signed::SignatureFile, String>,
     /// Where the signature file is (or was looked for), for messages.
     pub source: String,
+    /// A revocable enrolment's revocation counter (NV index handle), see
+    /// [`counter`].
+    pub counter: Option<u32>,
+}
+
+impl SignedPolicy {
+    /// The policyRef of the enrolment's PolicyAuthorize: the revocation
+    /// counter's name, or empty (systemd's).
+    pub fn policy_ref(&self) -> Vec<u8> {
+        self.counter.map(counter::counter_name).unwrap_or_default()
+    }
 }
 
 /// What `seal` produced: everything a `systemd-tpm2` token needs, plus the secret.
@@ -301,16 +313,18 @@ impl Tpm {
 
     /// Seal a fresh secret to the PCR policy described by `req`.
     pub fn seal(&mut self, req: &SealRequest<'_>) -> Result<Sealed, TpmError> {
-        self.seal_signed(req, None)
+        self.seal_signed(req, None, &[])
     }
 
     /// Seal a fresh secret; with `key`, to a signed policy (PolicyAuthorize by
     /// `key`, then the literal PCRs of `req` and the PIN), as systemd-cryptenroll
-    /// --tpm2-public-key does.
+    /// --tpm2-public-key does. `policy_ref` is empty, or a revocable
+    /// enrolment's counter name ([`SignedPolicy::policy_ref`]).
     pub fn seal_signed(
         &mut self,
         req: &SealRequest<'_>,
         key: Option<&signed::PolicyKey>,
+        policy_ref: &[u8],
     ) -> Result<Sealed, TpmError> {
         let (srk, srk_ser) = self.srk_get_or_create()?;
         let mut values = self.read_pcrs(req.bank, req.pcrs)?;
@@ -320,7 +334,9 @@ impl Tpm {
         }
         values.sort_by_key(|(p, _)| *p);
         let policy = match key {
-            Some(k) => signed::signed_sealing_policy(k, req.bank, &values, req.pin.is_some()),
+            Some(k) => {
+                signed::signed_sealing_policy(k, req.bank, &values, req.pin.is_some(), policy_ref)
+            }
             None => policy::sealing_policy(req.bank, &values, req.pin.is_some()),
         };
 

@@ -128,7 +128,7 @@ fn audit_public(handle: u32) -> Result<NvPublic, TpmError> {
         .map_err(cmd("NV public area"))
 }
 
-fn nv_tpm_handle(handle: u32) -> Result<NvIndexTpmHandle, TpmError> {
+pub(super) fn nv_tpm_handle(handle: u32) -> Result<NvIndexTpmHandle, TpmError> {
     if !OWNER_NV_RANGE.contains(&handle) {
         return Err(TpmError::NvHandleOutOfRange { handle });
     }
@@ -141,7 +141,7 @@ fn attr_bits(public: &NvPublic) -> u32 {
 }
 
 /// How `found` differs from `expected` (empty: the same definition).
-fn differences(found: &NvPublic, expected: &NvPublic) -> Vec<NvDifference> {
+pub(super) fn differences(found: &NvPublic, expected: &NvPublic) -> Vec<NvDifference> {
     let mut out = Vec::new();
     let (f, e) = (attr_bits(found), attr_bits(expected));
     if f & NT_MASK != e & NT_MASK {
@@ -266,7 +266,10 @@ impl Tpm {
 
     /// The public area of the NV index at `handle` and an ESYS handle for it (the
     /// caller closes it), or `None` when no index is defined there.
-    fn nv_public(&mut self, handle: u32) -> Result<Option<(NvPublic, NvIndexHandle)>, TpmError> {
+    pub(super) fn nv_public(
+        &mut self,
+        handle: u32,
+    ) -> Result<Option<(NvPublic, NvIndexHandle)>, TpmError> {
         let tpm_handle = TpmHandle::NvIndex(nv_tpm_handle(handle)?);
         let obj = match self
             .ctx()?

@@ -242,21 +242,41 @@ impl PolicyKey {
 }
 
 /// PolicyAuthorize's contribution: it resets the digest, then extends the key's
-/// name and (empty) policyRef.
-pub fn policy_authorize(key_name: &[u8]) -> Vec<u8> {
+/// name and the policyRef (empty in systemd's enrolments; the revocation
+/// counter's name in a revocable one, see [`super::counter`]).
+pub fn policy_authorize(key_name: &[u8], policy_ref: &[u8]) -> Vec<u8> {
     let d = Bank::Sha256.hash(&[&[0u8; 32], &TPM_CC_POLICY_AUTHORIZE.to_be_bytes(), key_name]);
-    Bank::Sha256.hash(&[&d])
+    Bank::Sha256.hash(&[&d, policy_ref])
+}
+
+pub const TPM_CC_POLICY_NV: u32 = 0x0000_0149;
+/// TPM_EO_EQ: PolicyNV passes when the index's data equals operandB.
+pub const TPM_EO_EQ: u16 = 0x0000;
+
+/// PolicyNV's contribution (TPM 2.0 Part 3, 23.9): SHA-256(digest ||
+/// TPM_CC_PolicyNV || SHA-256(operandB || offset || operation) || index name).
+pub fn extend_policy_nv(
+    digest: &[u8],
+    nv_name: &[u8],
+    operand_b: &[u8],
+    offset: u16,
+    operation: u16,
+) -> Vec<u8> {
+    let args = Bank::Sha256.hash(&[operand_b, &offset.to_be_bytes(), &operation.to_be_bytes()]);
+    Bank::Sha256.hash(&[digest, &TPM_CC_POLICY_NV.to_be_bytes(), &args, nv_name])
 }
 
 /// The sealing policy of a signed enrolment, in systemd's order (see the module
-/// header). `literal` are the `tpm2-pcrs` values (may be empty).
+/// header). `literal` are the `tpm2-pcrs` values (may be empty); `policy_ref`
+/// is empty except in a revocable enrolment (the counter's name).
 pub fn signed_sealing_policy(
     key: &PolicyKey,
     bank: Bank,
     literal: &[(u32, Vec<u8>)],
     pin: bool,
+    policy_ref: &[u8],
 ) -> Vec<u8> {
-    let mut d = policy_authorize(&key.name());
+    let mut d = policy_authorize(&key.name(), policy_ref);
     if !literal.is_empty() {
         let mut sorted: Vec<&(u32, Vec<u8>)> = literal.iter().collect();
         sorted.sort_by_key(|(p, _)| *p);
@@ -275,6 +295,33 @@ pub fn approved_policy(bank: Bank, values: &[(u32, Vec<u8>)]) -> Vec<u8> {
     policy::sealing_policy(bank, values, false)
 }
 
+/// The digest a signature for a revocable enrolment approves: PolicyPCR over
+/// `values`, then PolicyNV(the counter named `counter_name` == `value`).
+pub fn approved_policy_revocable(
+    bank: Bank,
+    values: &[(u32, Vec<u8>)],
+    counter_name: &[u8],
+    value: u64,
+) -> Vec<u8> {
+    extend_policy_nv(
+        &approved_policy(bank, values),
+        counter_name,
+        &value.to_be_bytes(),
+        0,
+        TPM_EO_EQ,
+    )
+}
+
+/// What the key signs: SHA-256 of this (aHash = H(approved || policyRef)).
+pub fn signed_message(pol: &[u8], policy_ref: &[u8]) -> Vec<u8> {
+    [pol, policy_ref].concat()
+}
+
+/// The signature-file key vaultguard adds to an entry signed for a revocation
+/// counter: the counter value the signature names (systemd ignores the key, and
+/// could not use the entry anyway: its `pol` includes PolicyNV).
+pub const COUNTER_VALUE_FIELD: &str = "vaultguard_counter_value";
+
 /// One signed policy in the signature file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignatureEntry {
@@ -285,6 +332,8 @@ pub struct SignatureEntry {
     pub pol: Vec<u8>,
     /// RSASSA-PKCS1-v1_5 signature, or DER ECDSA signature.
     pub sig: Vec<u8>,
+    /// For a revocable enrolment: the revocation counter value it was signed for.
+    pub counter: Option<u64>,
 }
 
 /// `tpm2-pcr-signature.json`: bank name → signed policies. Banks other than those
@@ -350,11 +399,19 @@ fn parse_entry(v: &Value, bank: &str, i: usize) -> Result<SignatureEntry, Signat
             "`sig` is empty or larger than any RSA-2048 or P-256 signature",
         ));
     }
+    let counter = match o.get(COUNTER_VALUE_FIELD) {
+        None => None,
+        Some(v) => Some(
+            v.as_u64()
+                .ok_or_else(|| at(&format!("`{COUNTER_VALUE_FIELD}` is not a counter value")))?,
+        ),
+    };
     Ok(SignatureEntry {
         pcrs,
         pkfp,
         pol,
         sig,
+        counter,
     })
 }
 
@@ -459,6 +516,9 @@ impl SignatureFile {
             o.insert("pkfp".into(), hex_encode(&entry.pkfp).into());
             o.insert("pol".into(), hex_encode(&entry.pol).into());
             o.insert("sig".into(), base64_encode(&entry.sig).into());
+            if let Some(v) = entry.counter {
+                o.insert(COUNTER_VALUE_FIELD.into(), v.into());
+            }
             a.push(Value::Object(o));
         }
     }
@@ -650,7 +710,8 @@ impl rsa::rand_core::RngCore for KernelRng {
 
 impl rsa::rand_core::CryptoRng for KernelRng {}
 
-/// Check a signature in software, as the TPM's VerifySignature will (used by
+/// Check a signature over `pol` (or, for a revocable enrolment,
+/// [`signed_message`]) in software, as the TPM's VerifySignature will (used by
 /// `policy sign` before writing, and by the tests).
 pub fn verify(key: &PolicyKey, pol: &[u8], sig: &[u8]) -> bool {
     use p256::pkcs8::DecodePublicKey;
@@ -701,16 +762,22 @@ mod tests {
         let zero7 = vec![(7u32, vec![0u8; 32])];
         let rsa = PolicyKey::from_pem(RSA_PUB.as_bytes()).unwrap();
         assert_eq!(
-            hex_encode(&signed_sealing_policy(&rsa, Bank::Sha256, &zero7, false)),
+            hex_encode(&signed_sealing_policy(
+                &rsa,
+                Bank::Sha256,
+                &zero7,
+                false,
+                &[]
+            )),
             "6610d2aac8327bf4778713459f9dd733980e58c408cd18e8bbcaa5367b2477d1"
         );
         let ec = PolicyKey::from_pem(EC_PUB.as_bytes()).unwrap();
         assert_eq!(
-            hex_encode(&signed_sealing_policy(&ec, Bank::Sha256, &[], false)),
+            hex_encode(&signed_sealing_policy(&ec, Bank::Sha256, &[], false, &[])),
             "7b9acf1f17c0e0856319518c91c2b5819d7cad8e903ed12500365865375f9827"
         );
         assert_eq!(
-            hex_encode(&signed_sealing_policy(&ec, Bank::Sha256, &zero7, true)),
+            hex_encode(&signed_sealing_policy(&ec, Bank::Sha256, &zero7, true, &[])),
             "70ab085157f4d2bc4589dbcf0e156a7e3a4fab5cef5ed54d89bc1b1a0445b9dd"
         );
     }
@@ -738,13 +805,32 @@ mod tests {
             pkfp: vec![1; 32],
             pol: vec![2; 32],
             sig: vec![3; 64],
+            counter: None,
         };
         let mut f = SignatureFile::default();
         f.add(Bank::Sha256, &e);
         f.add(Bank::Sha256, &e); // same entry: replaced, not doubled
         let text = f.to_json_string();
+        assert!(!text.contains(COUNTER_VALUE_FIELD), "{text}");
         let back = SignatureFile::parse(text.as_bytes()).unwrap();
         assert_eq!(back.entries(Bank::Sha256), vec![e.clone()]);
+        // A revocable entry keeps its counter value; a bad one is refused.
+        let mut r = SignatureFile::default();
+        let rev = SignatureEntry {
+            counter: Some(7),
+            ..e.clone()
+        };
+        r.add(Bank::Sha256, &rev);
+        let back_r = SignatureFile::parse(r.to_json_string().as_bytes()).unwrap();
+        assert_eq!(back_r.entries(Bank::Sha256), vec![rev]);
+        let bad = r.to_json_string().replace(
+            &format!("\"{COUNTER_VALUE_FIELD}\":7"),
+            &format!("\"{COUNTER_VALUE_FIELD}\":\"7\""),
+        );
+        let why = SignatureFile::parse(bad.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(why.contains(COUNTER_VALUE_FIELD), "{why}");
         assert!(back
             .find(Bank::Sha256, &[9, 11], &[1; 32], &[2; 32])
             .is_some());

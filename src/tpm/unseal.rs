@@ -73,13 +73,12 @@ impl Tpm {
         })
     }
 
-    /// The signature that approves the live values of the signed policy's PCRs:
-    /// (approved digest, signature). One PCR_Read; refuses with the reason no
-    /// signature fits (none found, other key, other PCRs, other values).
-    pub fn signed_approval(
-        &mut self,
-        sealed: &SealedObject,
-    ) -> Result<(Vec<u8>, Vec<u8>), TpmError> {
+    /// The signature that approves the live values of the signed policy's PCRs
+    /// (and, in a revocable enrolment, the live revocation counter). One
+    /// PCR_Read (and the counter's NV_ReadPublic + NV_Read); refuses with the
+    /// reason no signature fits (none found, other key, other PCRs, other
+    /// values, an older counter value).
+    pub fn signed_approval(&mut self, sealed: &SealedObject) -> Result<Approval, TpmError> {
         self.approval(sealed, true)
     }
 
@@ -88,11 +87,7 @@ impl Tpm {
     /// PCRs (one TPM command less per unlock): the TPM itself then refuses it at
     /// PolicyAuthorize if it does not fit, and the refusal is explained with the
     /// full check.
-    fn approval(
-        &mut self,
-        sealed: &SealedObject,
-        check_live: bool,
-    ) -> Result<(Vec<u8>, Vec<u8>), TpmError> {
+    fn approval(&mut self, sealed: &SealedObject, check_live: bool) -> Result<Approval, TpmError> {
         let Some(sp) = &sealed.signed else {
             return Err(TpmError::Signature(
                 "the enrolment has no signed policy".into(),
@@ -103,41 +98,126 @@ impl Tpm {
             Err(why) => return Err(TpmError::Signature(why.clone())),
         };
         let pkfp = sp.key.fingerprint();
+        // A revocable enrolment takes only entries signed for a counter value
+        // (the value tells PolicyNV what to compare); a plain one only others.
+        let revocable = sp.counter.is_some();
         if !check_live {
-            let mut candidates = file
-                .entries(sealed.bank)
-                .into_iter()
-                .filter(|e| e.pcrs == sp.pcrs && e.pkfp == pkfp);
+            let mut candidates = file.entries(sealed.bank).into_iter().filter(|e| {
+                e.pcrs == sp.pcrs && e.pkfp == pkfp && e.counter.is_some() == revocable
+            });
             if let (Some(only), None) = (candidates.next(), candidates.next()) {
-                return Ok((only.pol, only.sig));
+                return Ok(Approval {
+                    pol: only.pol,
+                    sig: only.sig,
+                    counter_value: only.counter,
+                });
             }
         }
         let live = self.read_pcrs(sealed.bank, &sp.pcrs)?;
-        let pol = signed::approved_policy(sealed.bank, &live);
-        match file.find(sealed.bank, &sp.pcrs, &pkfp, &pol) {
-            Some(e) => Ok((pol, e.sig)),
-            None => Err(TpmError::Signature(format!(
-                "{} does not approve this boot: {}",
+        let Some(h) = sp.counter else {
+            let pol = signed::approved_policy(sealed.bank, &live);
+            return match file.find(sealed.bank, &sp.pcrs, &pkfp, &pol) {
+                Some(e) => Ok(Approval {
+                    pol,
+                    sig: e.sig,
+                    counter_value: None,
+                }),
+                None => Err(TpmError::Signature(format!(
+                    "{} does not approve this boot: {}",
+                    sp.source,
+                    file.explain_miss(sealed.bank, &sp.pcrs, &pkfp)
+                ))),
+            };
+        };
+        let value = self.read_revocation_counter(h)?.ok_or_else(|| {
+            TpmError::Signature(format!(
+                "the revocation counter {h:#010x} was never written (defined by hand?)"
+            ))
+        })?;
+        let name = super::counter::counter_name(h);
+        let pol = signed::approved_policy_revocable(sealed.bank, &live, &name, value);
+        if let Some(e) = file.find(sealed.bank, &sp.pcrs, &pkfp, &pol) {
+            return Ok(Approval {
+                pol,
+                sig: e.sig,
+                counter_value: Some(value),
+            });
+        }
+        // Signed for these PCR values, but for an older counter value: revoked.
+        let revoked: Vec<u64> = file
+            .entries(sealed.bank)
+            .into_iter()
+            .filter(|e| e.pcrs == sp.pcrs && e.pkfp == pkfp)
+            .filter_map(|e| {
+                let v = e.counter?;
+                (v != value
+                    && e.pol == signed::approved_policy_revocable(sealed.bank, &live, &name, v))
+                .then_some(v)
+            })
+            .collect();
+        Err(TpmError::Signature(match revoked.iter().max() {
+            Some(v) => format!(
+                "{} approves this boot only for revocation counter {h:#010x} = {v}, and the \
+                 counter is at {value}: that signature was withdrawn (policy revoke-older)",
+                sp.source
+            ),
+            None if file
+                .entries(sealed.bank)
+                .iter()
+                .any(|e| e.pcrs == sp.pcrs && e.pkfp == pkfp && e.counter.is_none()) =>
+            {
+                format!(
+                    "{} does not approve this boot for revocation counter {h:#010x} = {value}: \
+                     the enrolment is revocable and takes only signatures made with \
+                     `policy sign --revocation-counter`",
+                    sp.source
+                )
+            }
+            None => format!(
+                "{} does not approve this boot for revocation counter {h:#010x} = {value}: {}",
                 sp.source,
                 file.explain_miss(sealed.bank, &sp.pcrs, &pkfp)
-            ))),
-        }
+            ),
+        }))
     }
 
-    /// PolicyPCR over the signed PCRs, then the key's approval of that digest:
-    /// LoadExternal + VerifySignature (a ticket), FlushContext, PolicyAuthorize.
+    /// PolicyPCR over the signed PCRs (then, in a revocable enrolment,
+    /// PolicyNV: the counter equals the signed value), then the key's approval
+    /// of that digest: LoadExternal + VerifySignature (a ticket), FlushContext,
+    /// PolicyAuthorize.
     fn policy_authorize_steps(
         &mut self,
         ps: PolicySession,
         sealed: &SealedObject,
         sp: &super::SignedPolicy,
-        pol: &[u8],
-        sig: &[u8],
+        approval: &Approval,
     ) -> Result<(), UnsealStep> {
+        let (pol, sig) = (&approval.pol, &approval.sig);
         let sel = pcr_selection(sealed.bank, &sp.pcrs).map_err(UnsealStep::Other)?;
         self.ctx()?
             .execute_without_session(|c| c.policy_pcr(ps, Digest::default(), sel))
             .map_err(UnsealStep::Tpm)?;
+        if let Some(h) = sp.counter {
+            let value = approval.counter_value.ok_or_else(|| {
+                UnsealStep::Other(TpmError::Signature(format!(
+                    "{}: the signature names no revocation counter value",
+                    sp.source
+                )))
+            })?;
+            let nv = self
+                .revocation_counter_handle(h)
+                .map_err(UnsealStep::Other)?;
+            let operand = Digest::try_from(value.to_be_bytes().to_vec())
+                .map_err(|e| UnsealStep::Other(cmd("PolicyNV operand")(e)))?;
+            let r = self
+                .ctx()?
+                .execute_with_session(Some(AuthSession::Password), |c| {
+                    c.policy_nv(ps, nv.into(), nv, operand, 0, signed::TPM_EO_EQ)
+                });
+            self.close_nv(nv);
+            r.map_err(UnsealStep::Tpm)?;
+        }
+        let policy_ref = sp.policy_ref();
         let bad =
             |what: &str| UnsealStep::Other(TpmError::Signature(format!("{}: {what}", sp.source)));
         let public = Public::unmarshall(&sp.key.tpmt_public())
@@ -160,10 +240,11 @@ impl Tpm {
                 .map_err(|_| bad("an unusable ECDSA signature"))?,
             )
         };
-        let ahash =
-            Digest::try_from(policy::Bank::Sha256.hash(&[pol])).map_err(|_| bad("digest size"))?;
+        let ahash = Digest::try_from(policy::Bank::Sha256.hash(&[pol, &policy_ref]))
+            .map_err(|_| bad("digest size"))?;
         let approved = Digest::try_from(pol.to_vec()).map_err(|_| bad("digest size"))?;
         let name = Name::try_from(sp.key.name()).map_err(|_| bad("key name size"))?;
+        let reference = Nonce::try_from(policy_ref).map_err(|_| bad("policyRef size"))?;
         let key = self
             .ctx()?
             .execute_without_session(|c| c.load_external_public(public, Hierarchy::Owner))
@@ -179,9 +260,7 @@ impl Tpm {
             )))
         })?;
         self.ctx()?
-            .execute_without_session(|c| {
-                c.policy_authorize(ps, approved, Nonce::default(), &name, ticket)
-            })
+            .execute_without_session(|c| c.policy_authorize(ps, approved, reference, &name, ticket))
             .map_err(UnsealStep::Tpm)?;
         Ok(())
     }
@@ -414,8 +493,8 @@ impl Tpm {
                 .tr_sess_set_attributes(session, attrs, mask)
                 .map_err(UnsealStep::Tpm)?;
             let ps = PolicySession::try_from(session).map_err(UnsealStep::Tpm)?;
-            if let (Some(sp), Some((pol, sig))) = (&sealed.signed, &approval) {
-                self.policy_authorize_steps(ps, sealed, sp, pol, sig)?;
+            if let (Some(sp), Some(approval)) = (&sealed.signed, &approval) {
+                self.policy_authorize_steps(ps, sealed, sp, approval)?;
             }
             // A signed enrolment may have no literal PCRs (then no PolicyPCR here).
             if !(sealed.signed.is_some() && sealed.pcrs.is_empty()) {
@@ -544,6 +623,16 @@ fn pcr_selection(
         .map_err(cmd("PCR selection"))
 }
 
+/// A signature that approves this boot, as the unseal presents it to the TPM.
+#[derive(Debug, Clone)]
+pub struct Approval {
+    /// The approved policy digest.
+    pub pol: Vec<u8>,
+    pub sig: Vec<u8>,
+    /// The revocation counter value it was signed for (revocable enrolments).
+    pub counter_value: Option<u64>,
+}
+
 pub(super) enum UnsealStep {
     Tpm(tss_esapi::Error),
     Load(tss_esapi::Error),
@@ -566,7 +655,9 @@ pub(super) fn rc_kind_of(step: &UnsealStep) -> Option<Tss2ResponseCodeKind> {
 /// The sealing policy `sealed` has with `literal` as its literal PCR values.
 fn expected_policy(sealed: &SealedObject, literal: &[(u32, Vec<u8>)]) -> Vec<u8> {
     match &sealed.signed {
-        Some(s) => signed::signed_sealing_policy(&s.key, sealed.bank, literal, sealed.pin),
+        Some(s) => {
+            signed::signed_sealing_policy(&s.key, sealed.bank, literal, sealed.pin, &s.policy_ref())
+        }
         None => policy::sealing_policy(sealed.bank, literal, sealed.pin),
     }
 }

@@ -461,3 +461,25 @@ pub fn closed_within(s: &mut std::os::unix::net::UnixStream, within: Duration) -
         }
     }
 }
+
+/// A fresh private key made by openssl (the tool operators use), as PEM.
+pub fn openssl_key(dir: &Path, kind: &str) -> Vec<u8> {
+    let path = dir.join(format!("{kind}.pem"));
+    let args: &[&str] = match kind {
+        "rsa" => &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+        _ => &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+    };
+    let out = Command::new("openssl")
+        .arg("genpkey")
+        .args(args)
+        .arg("-out")
+        .arg(&path)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read(&path).unwrap()
+}

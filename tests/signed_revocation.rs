@@ -1,0 +1,388 @@
+//! Revocable signed policies against swtpm: an enrolment bound to a TPM NV
+//! revocation counter opens with a signature made for the counter's current
+//! value; bumping the counter (`policy revoke-older`) withdraws every older
+//! signature, in the TPM (PolicyNV), not only in vaultguard's own check; a
+//! systemd-style signature without the counter never opens it; a deleted and
+//! re-created counter does not bring an old signature back.
+
+mod common;
+
+use common::{openssl_key, Swtpm, TempDir};
+use std::process::Command;
+use std::time::Duration;
+use vaultguard::tpm::counter::{counter_name, DEFAULT_REVOCATION_COUNTER};
+use vaultguard::tpm::policy::Bank;
+use vaultguard::tpm::signed::{
+    approved_policy, approved_policy_revocable, signed_message, SignatureEntry, SignatureFile,
+    SigningKey,
+};
+use vaultguard::tpm::{PrimaryAlg, SealRequest, SealedObject, SignedPolicy, Tpm};
+
+const H: u32 = DEFAULT_REVOCATION_COUNTER;
+
+fn open(tcti: &str) -> Tpm {
+    Tpm::open(tcti, Duration::from_secs(5)).expect("connect to swtpm")
+}
+
+/// A signature of the live PCR 9 for counter value `value` (as `policy sign
+/// --revocation-counter` makes it).
+fn sign_for(tpm: &mut Tpm, key: &SigningKey, value: u64) -> SignatureEntry {
+    let live = tpm.read_pcrs(Bank::Sha256, &[9]).unwrap();
+    let name = counter_name(H);
+    let pol = approved_policy_revocable(Bank::Sha256, &live, &name, value);
+    SignatureEntry {
+        pcrs: vec![9],
+        pkfp: key.public().fingerprint(),
+        sig: key.sign(&signed_message(&pol, &name)).unwrap(),
+        pol,
+        counter: Some(value),
+    }
+}
+
+fn file_of(entries: &[&SignatureEntry]) -> SignatureFile {
+    let mut f = SignatureFile::default();
+    for e in entries {
+        f.add(Bank::Sha256, e);
+    }
+    f
+}
+
+struct Enrolment {
+    object: SealedObject,
+    secret: Vec<u8>,
+}
+
+/// Define the counter, seal to the key over PCR 9 (signed, revocable) + PCR 7
+/// and the phase PCR 15 (literal).
+fn enrol(tpm: &mut Tpm, key: &SigningKey) -> (Enrolment, u64) {
+    let first = tpm
+        .define_revocation_counter(H)
+        .expect("define the counter");
+    let sealed = tpm
+        .seal_signed(
+            &SealRequest {
+                bank: Bank::Sha256,
+                pcrs: &[7],
+                phase_pcr: Some(15),
+                pin: None,
+            },
+            Some(&key.public()),
+            &counter_name(H),
+        )
+        .expect("seal to a revocable signed policy");
+    let e = Enrolment {
+        object: SealedObject {
+            blob: sealed.blob.clone(),
+            pcrs: vec![7, 15],
+            bank: Bank::Sha256,
+            primary_alg: PrimaryAlg::Ecc,
+            policy_hash: sealed.policy_hash.clone(),
+            pin: false,
+            salt: None,
+            srk: Some(sealed.srk.clone()),
+            pcr_values: Some(sealed.pcr_values.iter().cloned().collect()),
+            signed: Some(SignedPolicy {
+                key: key.public(),
+                pcrs: vec![9],
+                signatures: Ok(SignatureFile::default()),
+                source: "the test's signature file".into(),
+                counter: Some(H),
+            }),
+        },
+        secret: sealed.secret.as_bytes().to_vec(),
+    };
+    (e, first)
+}
+
+fn with_file(object: &SealedObject, file: SignatureFile) -> SealedObject {
+    let mut o = object.clone();
+    o.signed.as_mut().unwrap().signatures = Ok(file);
+    o
+}
+
+fn refusal(tpm: &mut Tpm, object: &SealedObject) -> String {
+    match tpm.unseal(object, None) {
+        Ok(_) => panic!("unsealed with a signature that must be refused"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn revoke_older_withdraws_signatures_in_the_tpm() {
+    let dir = TempDir::new("revocation");
+    let mut sw = Swtpm::start();
+    let key = SigningKey::from_pem(&openssl_key(dir.path(), "ec")).unwrap();
+    let mut tpm = open(&sw.tcti());
+    let (e, v0) = enrol(&mut tpm, &key);
+    assert_eq!(tpm.read_revocation_counter(H).unwrap(), Some(v0));
+    // Defining again keeps the counter (and its value).
+    assert_eq!(tpm.define_revocation_counter(H).unwrap(), v0);
+
+    // The TPM's name of the counter is the one computed in software.
+    let out = sw.tool("tpm2_nvreadpublic", &[&format!("{H:#010x}")]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let name_hex: String = counter_name(H).iter().map(|b| format!("{b:02x}")).collect();
+    assert!(text.contains(&name_hex), "{text}\nwanted name {name_hex}");
+
+    // Signed for the current value: opens, one session.
+    let s0 = sign_for(&mut tpm, &key, v0);
+    let o = with_file(&e.object, file_of(&[&s0]));
+    let secret = tpm
+        .unseal(&o, None)
+        .expect("unseal with a signature for v0");
+    assert_eq!(secret.as_bytes(), e.secret.as_slice());
+    drop(tpm);
+    let rec = sw.recorder();
+    let mut tpm = open(&rec.tcti());
+    rec.take(); // Startup
+    tpm.unseal(&o, None).expect("recorded unseal");
+    let names: Vec<String> = rec.take().iter().map(|c| c.name().to_string()).collect();
+    assert_eq!(
+        names,
+        [
+            "StartAuthSession",
+            "PolicyPCR",
+            "NV_ReadPublic",
+            "PolicyNV",
+            "LoadExternal",
+            "VerifySignature",
+            "FlushContext",
+            "PolicyAuthorize",
+            "PolicyPCR",
+            "Load",
+            "Unseal",
+            "FlushContext"
+        ]
+    );
+    drop(tpm);
+    let mut tpm = open(&sw.tcti());
+
+    // A systemd-measure style signature (no counter) for the same PCRs never
+    // opens it: vaultguard does not offer it...
+    let live = tpm.read_pcrs(Bank::Sha256, &[9]).unwrap();
+    let plain_pol = approved_policy(Bank::Sha256, &live);
+    let plain = SignatureEntry {
+        pcrs: vec![9],
+        pkfp: key.public().fingerprint(),
+        sig: key.sign(&plain_pol).unwrap(),
+        pol: plain_pol.clone(),
+        counter: None,
+    };
+    let why = refusal(&mut tpm, &with_file(&e.object, file_of(&[&plain])));
+    assert!(why.contains("--revocation-counter"), "{why}");
+    // ...and the TPM refuses it when it is presented as if it named the counter.
+    let forged = SignatureEntry {
+        counter: Some(v0),
+        ..plain.clone()
+    };
+    refusal(&mut tpm, &with_file(&e.object, file_of(&[&forged])));
+
+    // revoke-older: the counter moves on; the v0 signature is refused by the
+    // TPM (the single candidate goes straight to PolicyNV) and explained.
+    let v1 = tpm.increment_revocation_counter(H).unwrap();
+    assert_eq!(v1, v0 + 1);
+    let why = refusal(&mut tpm, &o);
+    assert!(
+        why.contains(&format!("= {v0}")) && why.contains("withdrawn"),
+        "{why}"
+    );
+    // A signature for the new value opens it, beside the withdrawn one.
+    let s1 = sign_for(&mut tpm, &key, v1);
+    let o1 = with_file(&e.object, file_of(&[&s0, &s1]));
+    let secret = tpm
+        .unseal(&o1, None)
+        .expect("unseal with a signature for v1");
+    assert_eq!(secret.as_bytes(), e.secret.as_slice());
+
+    // Deleted counter: one clear line, no unseal.
+    drop(tpm);
+    sw.tool("tpm2_nvundefine", &[&format!("{H:#010x}")]);
+    let mut tpm = open(&sw.tcti());
+    let why = refusal(&mut tpm, &o1);
+    assert!(why.contains("is not defined on this TPM"), "{why}");
+    // Re-created: it starts above every value it had, so neither old signature
+    // comes back.
+    let v2 = tpm.define_revocation_counter(H).unwrap();
+    assert!(v2 > v1, "re-created counter at {v2}, was {v1}");
+    let why = refusal(&mut tpm, &o1);
+    assert!(why.contains("withdrawn"), "{why}");
+    let s2 = sign_for(&mut tpm, &key, v2);
+    let secret = tpm
+        .unseal(&with_file(&e.object, file_of(&[&s2])), None)
+        .expect("unseal after re-signing for the re-created counter");
+    assert_eq!(secret.as_bytes(), e.secret.as_slice());
+}
+
+#[test]
+fn a_counter_with_other_attributes_is_refused_and_left_alone() {
+    let mut sw = Swtpm::start();
+    // An ordinary 8-byte index where the counter would go.
+    sw.tool(
+        "tpm2_nvdefine",
+        &[
+            &format!("{H:#010x}"),
+            "-s",
+            "8",
+            "-a",
+            "ownerwrite|authread|authwrite",
+        ],
+    );
+    let mut tpm = open(&sw.tcti());
+    let why = tpm.define_revocation_counter(H).unwrap_err().to_string();
+    assert!(why.contains("not a vaultguard revocation counter"), "{why}");
+    assert!(tpm.increment_revocation_counter(H).is_err());
+    drop(tpm);
+    let out = sw.tool("tpm2_nvreadpublic", &[&format!("{H:#010x}")]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("authwrite"),
+        "the index was changed"
+    );
+}
+
+#[test]
+fn policy_cli_signs_for_a_counter_and_revoke_older_bumps_it() {
+    let dir = TempDir::new("revocation-cli");
+    let sw = Swtpm::start();
+    let key_pem = openssl_key(dir.path(), "rsa");
+    let key_path = dir.path().join("rsa.pem");
+    std::fs::write(&key_path, &key_pem).unwrap();
+    let key = SigningKey::from_pem(&key_pem).unwrap();
+    let mut tpm = open(&sw.tcti());
+    let (e, v0) = enrol(&mut tpm, &key);
+    drop(tpm);
+    let sig = dir.path().join("sig.json");
+    let cfg = dir.path().join("config.json");
+    let audit = dir.path().join("audit.jsonl");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"tpm": {"tcti": sw.tcti(), "timeout": 5},
+                           "audit": {"path": audit}})
+        .to_string(),
+    )
+    .unwrap();
+    let vg = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vaultguard"))
+            .arg("-c")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let h = format!("{H:#010x}");
+    let sig_s = sig.to_str().unwrap();
+    let key_s = key_path.to_str().unwrap();
+    // Sign the live PCR 9 for the live counter value.
+    let (code, out, err) = vg(&[
+        "policy",
+        "sign",
+        "--private-key",
+        key_s,
+        "--public-key-pcrs",
+        "9",
+        "--revocation-counter",
+        &h,
+        "--signature",
+        sig_s,
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["counter_value"], v0);
+    let file = vaultguard::tpm::signed::read_signature_file(&sig).unwrap();
+    let mut tpm = open(&sw.tcti());
+    let o = with_file(&e.object, file);
+    assert_eq!(
+        tpm.unseal(&o, None)
+            .expect("CLI signature opens")
+            .as_bytes(),
+        e.secret.as_slice()
+    );
+    drop(tpm);
+    // Sign ahead for the next value (as on the signing machine), appended.
+    let next = (v0 + 1).to_string();
+    let (code, out, err) = vg(&[
+        "policy",
+        "sign",
+        "--private-key",
+        key_s,
+        "--public-key-pcrs",
+        "9",
+        "--revocation-counter",
+        &h,
+        "--counter-value",
+        &next,
+        "--signature",
+        sig_s,
+        "--append",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(&format!("{h} = {next}")), "{out}");
+    // --counter-value without the counter, a handle outside the owner range.
+    let (code, _, err) = vg(&[
+        "policy",
+        "sign",
+        "--private-key",
+        key_s,
+        "--counter-value",
+        "3",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--counter-value needs --revocation-counter"),
+        "{err}"
+    );
+    let (code, _, err) = vg(&[
+        "policy",
+        "revoke-older",
+        "--revocation-counter",
+        "0x01800400",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("outside the owner NV range"), "{err}");
+
+    // revoke-older: bumped, audited, and the v0 signature no longer opens.
+    let (code, out, err) = vg(&[
+        "policy",
+        "revoke-older",
+        "--revocation-counter",
+        &h,
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (j["old_value"].as_u64(), j["new_value"].as_u64()),
+        (Some(v0), Some(v0 + 1))
+    );
+    let log = std::fs::read_to_string(&audit).unwrap();
+    assert!(
+        log.contains("policy_revoke_older") && log.contains(&format!("\"new_value\":\"{next}\"")),
+        "{log}"
+    );
+    let mut tpm = open(&sw.tcti());
+    let only_v0 = {
+        let mut f = SignatureFile::default();
+        let all = vaultguard::tpm::signed::read_signature_file(&sig).unwrap();
+        for en in all.entries(Bank::Sha256) {
+            if en.counter == Some(v0) {
+                f.add(Bank::Sha256, &en);
+            }
+        }
+        f
+    };
+    let why = refusal(&mut tpm, &with_file(&e.object, only_v0));
+    assert!(why.contains("withdrawn"), "{why}");
+    // The signature made ahead for v0+1 opens it.
+    let all = vaultguard::tpm::signed::read_signature_file(&sig).unwrap();
+    assert_eq!(
+        tpm.unseal(&with_file(&e.object, all), None)
+            .expect("the signature made ahead opens after revoke-older")
+            .as_bytes(),
+        e.secret.as_slice()
+    );
+}
