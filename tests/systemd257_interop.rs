@@ -5,6 +5,9 @@
 //!  - systemd-cryptenroll --unlock-tpm2-device= unseals vaultguard's token, opens
 //!    its keyslot and adds a password keyslot that yields the same volume key;
 //!  - vaultguard opens what systemd-cryptenroll 257 enrolled (tpm2_srk, salted PIN).
+//!  - signed policies both ways, and a `tpm2-pcr-signature.json` written by the real
+//!    systemd-measure 257 over a UKI's PCR 11 (as systemd-stub measures it) opens a
+//!    vaultguard `--public-key` enrolment.
 //!
 //! systemd 252 (the host's) cannot do the first: it only knows the transient primary.
 //! The root is cached in $VG_TRIXIE_CACHE, else target/trixie-systemd (built on
@@ -611,4 +614,266 @@ fn systemd_257_opens_a_vaultguard_signed_enrolment() {
     let err = check("systemd-cryptenroll 257 --unlock-tpm2-device (signed)", out);
     assert!(err.contains("New password enrolled as key slot"), "{err}");
     assert_eq!(volume_key(&img, NEWPASS), volume_key(&img, PASS));
+}
+
+// ---- systemd-measure 257: the signature file of a UKI's PCR 11 ---------------
+
+/// The UKI sections measured here, in the canonical order of the UKI
+/// specification in which systemd-stub measures them and systemd-measure
+/// calculates: (systemd-measure option and file name, PE section name).
+const UKI_SECTIONS: [(&str, &str); 4] = [
+    ("linux", ".linux"),
+    ("osrel", ".osrel"),
+    ("cmdline", ".cmdline"),
+    ("initrd", ".initrd"),
+];
+
+/// A UKI's sections as small files in `dir` (created), `kernel` as its .linux;
+/// returns systemd-measure's section options for them.
+fn uki(dir: &Path, kernel: &str) -> Vec<String> {
+    std::fs::create_dir_all(dir).unwrap();
+    let contents = [
+        kernel,
+        "ID=debian\nVERSION_ID=13\n",
+        "root=/dev/mapper/vault ro quiet",
+        "initrd of the measure interop test\n",
+    ];
+    UKI_SECTIONS
+        .iter()
+        .zip(contents)
+        .map(|((opt, _), text)| {
+            let f = dir.join(opt);
+            std::fs::write(&f, text).unwrap();
+            format!("--{opt}={}", f.display())
+        })
+        .collect()
+}
+
+/// PCR 11 after booting the UKI in `dir` up to the initrd, extended as
+/// systemd-stub and systemd-pcrphase do it (docs/TPM2_PCR_MEASUREMENTS.md): per
+/// section its name in ASCII with the trailing NUL, then its contents; then the
+/// phase string "enter-initrd" without a NUL. Each through TPM2_PCR_Event
+/// (tpm2_pcrevent), so the TPM hashes it into every bank as the firmware's
+/// HashLogExtendEvent does.
+fn boot_uki(sw: &mut Swtpm, dir: &Path) {
+    for (opt, section) in UKI_SECTIONS {
+        let name = dir.join(format!("{opt}.name"));
+        std::fs::write(&name, format!("{section}\0")).unwrap();
+        for f in [name, dir.join(opt)] {
+            sw.tool("tpm2_pcrevent", &[f.to_str().unwrap(), "11"]);
+        }
+    }
+    let phase = dir.join("phase");
+    std::fs::write(&phase, "enter-initrd").unwrap();
+    sw.tool("tpm2_pcrevent", &[phase.to_str().unwrap(), "11"]);
+}
+
+/// The live sha256 PCR 11 of `sw`, in hex.
+fn pcr11(sw: &mut Swtpm, dir: &Path) -> String {
+    let out = dir.join("pcr11.bin");
+    sw.tool("tpm2_pcrread", &["sha256:11", "-o", out.to_str().unwrap()]);
+    let raw = std::fs::read(&out).unwrap();
+    assert_eq!(raw.len(), 32, "one sha256 PCR");
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn measure257() -> Command {
+    let mut c = Command::new(trixie());
+    c.arg("/usr/lib/systemd/systemd-measure");
+    c
+}
+
+/// `systemd-measure calculate --bank=sha256 --phase=enter-initrd --json=short`:
+/// the PCR 11 value it predicts for the UKI.
+fn measure_calculate(sections: &[String]) -> String {
+    let out = measure257()
+        .args([
+            "calculate",
+            "--bank=sha256",
+            "--phase=enter-initrd",
+            "--json=short",
+        ])
+        .args(sections)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    check("systemd-measure calculate", out);
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("calculate --json");
+    let e = &v["sha256"][0];
+    assert_eq!(e["pcr"], 11, "{stdout}");
+    assert_eq!(e["phase"], "enter-initrd", "{stdout}");
+    e["hash"].as_str().expect("hash").to_string()
+}
+
+/// `systemd-measure sign` for the UKI into `sig` (with `--append=` it when it
+/// exists). `phase`: one phase, or systemd-measure's default (the four phase
+/// paths from enter-initrd to ready, as ukify signs them).
+fn measure_sign(sections: &[String], keys: &(PathBuf, PathBuf), phase: Option<&str>, sig: &Path) {
+    let mut cmd = measure257();
+    cmd.args(["sign", "--bank=sha256", "--json=short"])
+        .arg(format!("--private-key={}", keys.0.display()))
+        .arg(format!("--public-key={}", keys.1.display()))
+        .args(sections);
+    if let Some(p) = phase {
+        cmd.arg(format!("--phase={p}"));
+    }
+    if sig.exists() {
+        cmd.arg(format!("--append={}", sig.display()));
+    }
+    let out = cmd.output().unwrap();
+    let json = out.stdout.clone();
+    check("systemd-measure sign", out);
+    // systemd-measure writes the whole (merged) file to stdout.
+    let tmp = sig.with_extension("new");
+    std::fs::write(&tmp, json).unwrap();
+    std::fs::rename(&tmp, sig).unwrap();
+}
+
+/// systemd-measure 257 signs a UKI's PCR 11 (RSA-2048 or P-256, one phase or
+/// its default four); vaultguard, enrolled with `--public-key` over PCR 11,
+/// unseals with that very file. A new kernel without a new signature is refused
+/// with the one-line reason and the passphrase opens; once systemd-measure signs
+/// it (`--append=`), the TPM opens both the new and the old UKI.
+fn systemd_measure_signature_opens_vaultguard(kind: &str, phase: Option<&str>) {
+    let mut sw = Swtpm::start();
+    let dir = TempDir::new(&format!("measure257-{kind}"));
+    let img = luks_image(dir.path(), PASS);
+    let keys = signing_key(dir.path(), kind);
+    // where systemd-cryptsetup looks (/run/systemd, bound over it below)
+    let runsd = dir.path().join("run-systemd");
+    std::fs::create_dir(&runsd).unwrap();
+    let sig = runsd.join("tpm2-pcr-signature.json");
+    let old = uki(&dir.path().join("uki1"), "vmlinuz 6.12.30-amd64");
+    let new = uki(&dir.path().join("uki2"), "vmlinuz 6.12.31-amd64");
+
+    // The boot as systemd-stub measures it is what systemd-measure predicts.
+    boot_uki(&mut sw, &dir.path().join("uki1"));
+    let predicted = measure_calculate(&old);
+    assert_eq!(
+        pcr11(&mut sw, dir.path()),
+        predicted,
+        "PCR 11 as measured is systemd-measure's calculation"
+    );
+    measure_sign(&old, &keys, phase, &sig);
+    let entries = |sig: &Path| {
+        vaultguard::tpm::signed::read_signature_file(sig)
+            .unwrap()
+            .entries(Bank::Sha256)
+    };
+    let per_uki = if phase.is_some() { 1 } else { 4 };
+    assert_eq!(entries(&sig).len(), per_uki);
+    assert!(entries(&sig).iter().all(|e| e.pcrs == [11]));
+
+    // vaultguard enrols over signed PCR 11 (+ literal PCR 7 and the phase PCR
+    // 15); its trial unseal at enrolment already opens with systemd-measure's file.
+    let mut opts = enroll_opts(&sw, &img, vec![7], false);
+    opts.tpm.signature = Some(sig.clone());
+    opts.signed = Some(vaultguard::boot::SignedEnrolment {
+        public_key_pem: std::fs::read(&keys.1).unwrap(),
+        pcrs: vec![11],
+    });
+    let r = enroll(&opts, &mut Scripted::new(&[PASS]), &mut NoEvents).unwrap();
+    assert!(
+        matches!(r.verification, Verification::Unsealed),
+        "{:?}",
+        r.verification
+    );
+    let t = {
+        let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+        v.tpm2_tokens().remove(0).1.unwrap()
+    };
+    assert_eq!(t.pubkey_pcrs, vec![11]);
+
+    let mut uopts_tpm = tpm_opts(&sw);
+    uopts_tpm.signature = Some(sig.clone());
+    let unlock = |sw: &Swtpm, answers: &[&str]| {
+        let mut t = uopts_tpm.clone();
+        t.tcti = sw.tcti();
+        let uopts = UnlockOptions {
+            name: "measure257".into(),
+            device: img.display().to_string(),
+            tpm: Some(t),
+            tries: 3,
+            keyfile: None,
+            flags: ActivateFlags::default(),
+            crypttab: Default::default(),
+        };
+        let mut p = Scripted::new(answers);
+        let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+        let got = acquire_volume_key(&mut v, &uopts, &mut p, &mut NoEvents).unwrap();
+        assert_eq!(got.vk.as_bytes(), volume_key(&img, PASS).as_slice());
+        (got.method, p.said)
+    };
+    let (method, said) = unlock(&sw, &[]);
+    assert_eq!(method, Method::Tpm2, "{said:?}");
+    if kind == "rsa" {
+        // systemd 257 itself unseals the enrolment with systemd-measure's file.
+        // RSA only: systemd-cryptenroll 257 hands the TPM systemd-measure's own
+        // P-256 signature as RSASSA too and gets TPM_RC_SCHEME (0x2d2) from
+        // VerifySignature (tried; vaultguard opens it, above).
+        let script = format!(
+            "mount --bind {} /run/systemd && exec {} systemd-cryptenroll \
+             --unlock-tpm2-device={} --password {}",
+            runsd.display(),
+            trixie().display(),
+            sw.tcti(),
+            img.display()
+        );
+        let out = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .env("NEWPASSWORD", NEWPASS)
+            .env_remove("PASSWORD")
+            .env_remove("PIN")
+            .output()
+            .unwrap();
+        let err = check(
+            "systemd-cryptenroll 257 --unlock-tpm2-device (measure)",
+            out,
+        );
+        assert!(err.contains("New password enrolled as key slot"), "{err}");
+        assert_eq!(volume_key(&img, NEWPASS), volume_key(&img, PASS));
+    }
+
+    // A new kernel, nobody signed it: refused, one line naming why, passphrase.
+    sw.restart();
+    boot_uki(&mut sw, &dir.path().join("uki2"));
+    let live = pcr11(&mut sw, dir.path());
+    assert_eq!(live, measure_calculate(&new));
+    assert_ne!(live, predicted);
+    let (method, said) = unlock(&sw, &[PASS]);
+    assert_eq!(method, Method::Passphrase, "{said:?}");
+    let why = said
+        .iter()
+        .find(|l| l.contains("does not approve this boot"))
+        .unwrap_or_else(|| panic!("no refusal reason in {said:?}"));
+    assert!(
+        why.contains(&format!("{} does not approve this boot", sig.display()))
+            && why.contains("none of its signatures approves the current values of PCRs 11"),
+        "{why}"
+    );
+    assert!(!why.trim_end().contains('\n'), "one line: {why:?}");
+
+    // systemd-measure signs the new UKI into the same file: both boots open.
+    measure_sign(&new, &keys, phase, &sig);
+    assert_eq!(
+        entries(&sig).len(),
+        2 * per_uki,
+        "--append= kept the old ones"
+    );
+    let (method, said) = unlock(&sw, &[]);
+    assert_eq!(method, Method::Tpm2, "{said:?}");
+    sw.restart();
+    boot_uki(&mut sw, &dir.path().join("uki1"));
+    let (method, said) = unlock(&sw, &[]);
+    assert_eq!(method, Method::Tpm2, "the old UKI still opens: {said:?}");
+}
+
+#[test]
+fn systemd_measure_257_signature_opens_a_vaultguard_enrolment_rsa_all_phases() {
+    systemd_measure_signature_opens_vaultguard("rsa", None);
+}
+
+#[test]
+fn systemd_measure_257_signature_opens_a_vaultguard_enrolment_ecc_enter_initrd() {
+    systemd_measure_signature_opens_vaultguard("ec", Some("enter-initrd"));
 }

@@ -3,12 +3,16 @@
 # 257 and everything they load (libsystemd-shared, libcryptsetup, tpm2-tss with the
 # device and swtpm TCTIs, glibc), run through trixie's own dynamic loader. systemd
 # 252 (Debian 12) cannot open a token sealed under the persistent SRK; 257 can.
+# Also systemd-measure 257 (48 KB; trixie ships it in the systemd package, of which
+# nothing else is taken), the writer of the tpm2-pcr-signature.json files that
+# signed TPM2 policies are opened with.
 #
 # Usage: qemu-tests/lib/trixie-systemd.sh CACHE_DIR
 #   CACHE_DIR/root   the extracted packages, pruned to the DT_NEEDED closure of the
 #                    programs, the TPM2 token plugin and the dlopen()ed libraries
 #   CACHE_DIR/run    wrapper: CACHE_DIR/run systemd-cryptenroll ARGS...
 #                                CACHE_DIR/run /usr/bin/systemd-cryptsetup attach ...
+#                                CACHE_DIR/run /usr/lib/systemd/systemd-measure sign ...
 #   CACHE_DIR/debs   the downloaded .debs; CACHE_DIR/packages.txt what they are
 #   CACHE_DIR/stamp  present when all of the above is complete for this script
 #
@@ -44,16 +48,16 @@ log() { printf 'trixie-systemd: %s\n' "$*" >&2; }
 # libtss2-tcti-swtpm.so.0 for swtpm on TCP). Their library dependencies are added
 # by following Depends between library packages below.
 seeds=(
-    systemd-cryptsetup libsystemd-shared libc6
+    systemd-cryptsetup libsystemd-shared libc6 systemd
     libcryptsetup12
     libtss2-esys-3.0.2-0t64 libtss2-rc0t64 libtss2-mu-4.0.1-0t64
     libtss2-tcti-device0t64 libtss2-tcti-swtpm0t64
 )
 # Library packages that appear in Depends but that nothing here loads: other TCTIs
 # (tss2-esys depends on all of them, but systemd loads the one it is given),
-# configuration-only packages.
+# configuration-only packages, what only the service manager loads.
 skip=" libtss2-tcti-cmd0t64 libtss2-tcti-mssim0t64 libtss2-tcti-spi-helper0t64 \
-libaudit-common "
+libaudit-common libapparmor1 libsystemd0 "
 
 apt_dir=$cache/apt
 mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial" "$cache/debs"
@@ -134,7 +138,12 @@ tmp=$cache/root.new
 rm -rf "$tmp"
 mkdir -p "$tmp"
 for f in "$cache"/debs/*.deb; do
-    dpkg-deb -x "$f" "$tmp"
+    case $(dpkg-deb -f "$f" Package) in
+    # the service manager's package: systemd-measure only (it links libcrypto and
+    # libsystemd-shared, both here already), none of its 200 other files
+    systemd) dpkg-deb --fsys-tarfile "$f" | tar -x -C "$tmp" ./usr/lib/systemd/systemd-measure ;;
+    *) dpkg-deb -x "$f" "$tmp" ;;
+    esac
 done
 # Nothing here is read at run time; gconv is glibc's iconv modules (unused).
 rm -rf "${tmp:?}/usr/share" "$tmp/usr/lib/x86_64-linux-gnu/gconv" "${tmp:?}/etc" \
@@ -147,9 +156,10 @@ command -v readelf >/dev/null || {
     log "readelf (binutils) is needed"
     exit 1
 }
-# The entry points: the two programs, the TPM2 token plugin libcryptsetup loads,
+# The entry points: the three programs, the TPM2 token plugin libcryptsetup loads,
 # and what systemd 257 and tpm2-tss dlopen() (by soname).
 entry_files=(usr/bin/systemd-cryptsetup usr/bin/systemd-cryptenroll
+    usr/lib/systemd/systemd-measure
     usr/lib/x86_64-linux-gnu/cryptsetup/libcryptsetup-token-systemd-tpm2.so)
 dlopen_sonames=(libcryptsetup.so.12 libtss2-esys.so.0 libtss2-rc.so.0 libtss2-mu.so.0
     libtss2-tcti-device.so.0 libtss2-tcti-swtpm.so.0 libgcc_s.so.1)
@@ -258,6 +268,7 @@ mv "$cache/run.new" "$cache/run"
 # Smoke test through the wrapper.
 ver=$("$cache/run" systemd-cryptenroll --version | head -n1)
 "$cache/run" systemd-cryptsetup --version >/dev/null
+"$cache/run" /usr/lib/systemd/systemd-measure --version >/dev/null
 
 debs_bytes=$(awk '{s+=$3} END {print s}' "$cache/packages.txt")
 log "$ver: $(wc -l <"$cache/packages.txt") packages, .debs $((debs_bytes / 1024)) KiB," \
