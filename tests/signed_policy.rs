@@ -7,7 +7,6 @@
 mod common;
 
 use common::{openssl_key, Swtpm, TempDir};
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use vaultguard::tpm::policy::Bank;
@@ -28,6 +27,7 @@ fn sign_live(tpm: &mut Tpm, key: &SigningKey, pcrs: &[u32]) -> SignatureEntry {
         pkfp: key.public().fingerprint(),
         sig: key.sign(&pol).unwrap(),
         pol,
+        counter: None,
     }
 }
 
@@ -47,6 +47,7 @@ fn enrol(tpm: &mut Tpm, key: &PolicyKey, pin: Option<&[u8]>, file: SignatureFile
                 pin,
             },
             Some(key),
+            &[],
         )
         .expect("seal to a signed policy");
     Enrolment {
@@ -65,6 +66,7 @@ fn enrol(tpm: &mut Tpm, key: &PolicyKey, pin: Option<&[u8]>, file: SignatureFile
                 pcrs: vec![9],
                 signatures: Ok(file),
                 source: "the test's signature file".into(),
+                counter: None,
             }),
         },
         secret: sealed.secret.as_bytes().to_vec(),

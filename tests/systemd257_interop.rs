@@ -771,6 +771,7 @@ fn systemd_measure_signature_opens_vaultguard(kind: &str, phase: Option<&str>) {
     opts.signed = Some(vaultguard::boot::SignedEnrolment {
         public_key_pem: std::fs::read(&keys.1).unwrap(),
         pcrs: vec![11],
+        revocation_counter: None,
     });
     let r = enroll(&opts, &mut Scripted::new(&[PASS]), &mut NoEvents).unwrap();
     assert!(
