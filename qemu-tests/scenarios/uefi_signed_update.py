@@ -10,8 +10,16 @@ where systemd-cryptsetup (and vaultguard) look.
 Boot 1 (A): enrol (--public-key, --public-key-pcrs 9, --tpm2-pcrs 7); sign this
 boot's PCR 9; `policy predict --initrd B --json | policy sign --predicted -
 --append`. Boot 2 (B): the TPM unlocks, no prompt. Boot 3 (C): refused, naming the
-initrd record of PCR 9 (A's and C's SHA-256), the passphrase opens."""
+initrd record of PCR 9 (A's and C's SHA-256), the passphrase opens.
+
+Revocation rides along on a second volume (`rvault`), enrolled in boot 1 with the
+same key and `--revocation-counter`, its signatures (made with the counter) in the
+same file: boot 2 opens it with the TPM too (attached first, without the phase
+latch), boot 3 refuses it and, once it is open with the passphrase, runs `policy
+revoke-older`. Boot 4 (B again, signed before): the plain volume still opens with
+the TPM, the revocable one is refused ("withdrawn") and asks for the passphrase."""
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +32,14 @@ CMDLINE = "rd.vaultguard.device=/dev/vda"
 KEY = "/etc/vaultguard/policy-key.pem"
 PUB = "/etc/vaultguard/policy-pub.pem"
 SIG = "/etc/systemd/tpm2-pcr-signature.json"
+RVAULT = "rvault"
+COUNTER = "0x013fa0d2"
+# Its own passphrase: with the vault's, the passphrase cache would open it after
+# the vault's prompt and the refusal would never ask.
+RPASS = "revocable volume passphrase"
+# The revocable volume is attached first, without the phase latch, so that the
+# plain one can still unseal in the same boot.
+ATTACH_R = f'vg attach {RVAULT} "$(disk {RVAULT})" - tpm2-measure-pcr=no'
 
 
 def sha(path):
@@ -47,6 +63,7 @@ def variant(s, a_path, label, text):
 
 def run(s):
     s.luks_disk("vault")  # /dev/vda, as rd.vaultguard.device says
+    s.luks_disk(RVAULT, size_mb=32, passphrase=RPASS)
     script = s.disk("script", size_mb=1)
     s.disk("sigs", size_mb=1)
     key = s.path("policy-key.pem")
@@ -85,6 +102,19 @@ def run(s):
                 --signature /tmp/sig.json --append
         value sign-staged-status $?
         check two-signatures 'test "$(grep -o "\\"pol\\"" /tmp/sig.json | wc -l)" = 2'
+        printf '%s' '{RPASS}' > /tmp/pass
+        vg enroll --device "$(disk {RVAULT})" --public-key {PUB} --public-key-pcrs 9 \
+            --tpm2-pcrs 7 --revocation-counter {COUNTER} --unlock-passphrase-file /tmp/pass
+        value enroll-r-status $?
+        rm -f /tmp/pass
+        vg policy sign --private-key {KEY} --public-key-pcrs 9 --signature /tmp/sig.json \
+            --append --revocation-counter {COUNTER}
+        value sign-r-now-status $?
+        vg policy predict --initrd /tmp/staged.img --pcrs 9 --json |
+            vg policy sign --private-key {KEY} --public-key-pcrs 9 --predicted - \
+                --signature /tmp/sig.json --append --revocation-counter {COUNTER}
+        value sign-r-staged-status $?
+        check four-signatures 'test "$(grep -o "\\"pol\\"" /tmp/sig.json | wc -l)" = 4'
         cat /tmp/sig.json > "$(disk sigs)"
         sync
     """)
@@ -95,19 +125,27 @@ def run(s):
         if b.value(v, 120) != "0":
             b.fail(f"{v} is not 0")
     b.expect_pass("two-signatures")
+    for v in ("enroll-r-status", "sign-r-now-status", "sign-r-staged-status"):
+        if b.value(v, 120) != "0":
+            b.fail(f"{v} is not 0")
+    b.expect_pass("four-signatures")
     b.expect_poweroff()
 
     # Boot 2 (B): signed before the reboot: the TPM opens the vault, no prompt.
-    step(f"""
+    staged_step = f"""
         check staged-is-booted 'grep -q "signed before the reboot" /etc/variant'
+        {ATTACH_R}
+        value attach-r-status $?
         vg unlock
         value unlock-status $?
-        check mapped 'test -b /dev/mapper/{NAME}'
-    """)
+        check mapped 'test -b /dev/mapper/{NAME} && test -b /dev/mapper/{RVAULT}'
+    """
+    step(staged_step)
     b = s.boot(initrd=b_path, cmdline=CMDLINE, ovmf=True, label="boot2-signed")
     b.expect_pass("staged-is-booted", 120)
+    b.expect(rf"vaultguard: {RVAULT} unlocked with the TPM\r?\n", 90)
     b.expect(rf"vaultguard: {NAME} unlocked with the TPM, phase PCR extended\r?\n", 90)
-    if b.value("unlock-status", 60) != "0":
+    if b.value("unlock-status", 60) != "0" or b.value("attach-r-status", 5) != "0":
         b.fail("TPM unlock of the signed staged initrd failed")
     b.expect_pass("mapped")
     b.assert_absent(r"Passphrase for", "the signed initrd should not prompt")
@@ -119,6 +157,11 @@ def run(s):
         vg unlock
         value unlock-status $?
         check mapped 'test -b /dev/mapper/{NAME}'
+        {ATTACH_R}
+        value attach-r-status $?
+        vg policy revoke-older --device "$(disk {RVAULT})" --json > /tmp/revoke.json
+        value revoke-status $?
+        value revoke "$(cat /tmp/revoke.json)"
     """)
     b = s.boot(initrd=c_path, cmdline=CMDLINE, ovmf=True, label="boot3-unsigned")
     b.expect_pass("tampered-is-booted", 120)
@@ -130,6 +173,29 @@ def run(s):
     b.sendline(harness.PASSPHRASE)
     if b.value("unlock-status", 90) != "0":
         b.fail("passphrase unlock failed")
+    b.expect_pass("mapped")
+    b.expect(rf"Passphrase for {RVAULT} \(/dev/vd[a-z]\): ", 90)
+    b.sendline(RPASS)
+    if b.value("attach-r-status", 90) != "0" or b.value("revoke-status", 60) != "0":
+        b.fail("passphrase attach or revoke-older of the revocable volume failed")
+    revoke = json.loads(b.value("revoke", 10))
+    if revoke.get("new_value") != revoke.get("old_value", -1) + 1 or \
+            revoke.get("current_boot_signed") is not False:
+        b.fail(f"revoke-older reported {revoke}")
+    b.expect_poweroff()
+
+    # Boot 4 (B again, signed before the revocation): the plain enrolment still
+    # opens with the TPM; the revocable one is refused as withdrawn, passphrase.
+    step(staged_step)
+    b = s.boot(initrd=b_path, cmdline=CMDLINE, ovmf=True, label="boot4-revoked")
+    b.expect_pass("staged-is-booted", 120)
+    b.expect(rf"TPM unlock of {RVAULT} not possible: .*revocation counter {COUNTER} = "
+             rf"{revoke['old_value']}.*is at {revoke['new_value']}.*withdrawn", 90)
+    b.expect(rf"Passphrase for {RVAULT} \(/dev/vd[a-z]\): ", 30)
+    b.sendline(RPASS)
+    b.expect(rf"vaultguard: {NAME} unlocked with the TPM, phase PCR extended\r?\n", 90)
+    if b.value("unlock-status", 60) != "0" or b.value("attach-r-status", 5) != "0":
+        b.fail("boot 4: unlock or attach failed")
     b.expect_pass("mapped")
     b.expect_poweroff()
 
