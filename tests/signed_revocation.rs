@@ -213,6 +213,60 @@ fn revoke_older_withdraws_signatures_in_the_tpm() {
     assert_eq!(secret.as_bytes(), e.secret.as_slice());
 }
 
+/// A header edit that drops the counter from the token, or points it at another
+/// index, changes nothing the TPM accepts: the sealed object's PolicyAuthorize
+/// names the enrolled counter (its policyRef), so the edited record is refused
+/// as inconsistent before the TPM, and the TPM refuses it too.
+#[test]
+fn an_edited_counter_field_opens_nothing() {
+    let dir = TempDir::new("revocation-edit");
+    let sw = Swtpm::start();
+    let key = SigningKey::from_pem(&openssl_key(dir.path(), "ec")).unwrap();
+    let mut tpm = open(&sw.tcti());
+    let (e, v0) = enrol(&mut tpm, &key);
+    let s0 = sign_for(&mut tpm, &key, v0);
+    // A plain signature too, so that a record without the counter has one to use.
+    let live = tpm.read_pcrs(Bank::Sha256, &[9]).unwrap();
+    let pol = approved_policy(Bank::Sha256, &live);
+    let plain = SignatureEntry {
+        pcrs: vec![9],
+        pkfp: key.public().fingerprint(),
+        sig: key.sign(&pol).unwrap(),
+        pol,
+        counter: None,
+    };
+    let good = with_file(&e.object, file_of(&[&s0, &plain]));
+    assert!(tpm.unseal(&good, None).is_ok());
+    // A second counter the attacker controls.
+    let other = H + 1;
+    let v_other = tpm.define_revocation_counter(other).unwrap();
+    for counter in [None, Some(other)] {
+        let mut o = good.clone();
+        o.signed.as_mut().unwrap().counter = counter;
+        let why = tpm
+            .check_policy(&o, Some(15))
+            .expect_err("an edited record must not pass the policy check")
+            .to_string();
+        assert!(why.contains("token was altered"), "{counter:?}: {why}");
+        assert!(tpm.unseal(&o, None).is_err(), "{counter:?} unsealed");
+    }
+    // Even with a signature made for the other counter (the attacker's key would
+    // be needed for that; here the real key signs it): the sealed object names
+    // the enrolled counter, so the TPM refuses.
+    let name = counter_name(other);
+    let pol = approved_policy_revocable(Bank::Sha256, &live, &name, v_other);
+    let for_other = SignatureEntry {
+        pcrs: vec![9],
+        pkfp: key.public().fingerprint(),
+        sig: key.sign(&signed_message(&pol, &name)).unwrap(),
+        pol,
+        counter: Some(v_other),
+    };
+    let mut o = with_file(&e.object, file_of(&[&for_other]));
+    o.signed.as_mut().unwrap().counter = Some(other);
+    assert!(tpm.unseal(&o, None).is_err(), "opened with another counter");
+}
+
 #[test]
 fn a_counter_with_other_attributes_is_refused_and_left_alone() {
     let mut sw = Swtpm::start();
