@@ -62,6 +62,10 @@ fn through_the_token(object: &SealedObject) -> SealedObject {
     vaultguard::boot::sealed_object(&Tpm2Token::from_json(&token.to_json()).unwrap()).unwrap()
 }
 
+fn sealed_srk(sealed: &vaultguard::tpm::Sealed) -> Option<&Vec<u8>> {
+    Some(&sealed.srk)
+}
+
 fn seal(tpm: &mut Tpm, pcrs: &[u32], pin: Option<&[u8]>) -> vaultguard::tpm::Sealed {
     tpm.seal(&SealRequest {
         bank: Bank::Sha256,
@@ -142,6 +146,9 @@ fn unseal_is_one_salted_session_and_five_commands() {
 
 /// With a PIN, the response is encrypted under a second salted session bound to
 /// the object; the policy session (where a wrong PIN must fail) stays unbound.
+/// The live SRK is read first (ReadPublic) and compared with the token's: the
+/// PIN's HMAC must never be keyed by a session salted to a key someone wrote
+/// into the header.
 #[test]
 fn unseal_with_a_pin_adds_a_session_bound_to_the_object() {
     let sent = recorded_unseal(Some(b"2468"));
@@ -152,6 +159,7 @@ fn unseal_with_a_pin_adds_a_session_bound_to_the_object() {
     assert_eq!(
         names,
         [
+            "ReadPublic",
             "StartAuthSession",
             "PolicyPCR",
             "PolicyAuthValue",
@@ -499,6 +507,76 @@ fn a_swapped_srk_is_refused() {
     assert!(err
         .to_string()
         .contains("not the TPM the vault was enrolled with"));
+}
+
+/// A header whose `tpm2_srk` was replaced by another storage key (one whose
+/// private half someone else holds, wanting the session salted to it): without
+/// a PIN nothing secret crosses in a form they can read (the TPM keys the
+/// encrypted answer with its own ECDH result) and the unseal is refused as a
+/// swapped SRK; with a PIN the live SRK is checked before anything else is sent, so
+/// no PIN HMAC is ever keyed by that session.
+#[test]
+fn a_replaced_srk_record_never_carries_a_pin() {
+    let dir = TempDir::new("foreign-srk");
+    let mut other = Swtpm::start();
+    let ctx = dir.path().join("other.ctx");
+    let (pub_path, name_path) = (dir.path().join("pub.bin"), dir.path().join("name.bin"));
+    other.tool(
+        "tpm2_createprimary",
+        &[
+            "-C",
+            "o",
+            "-g",
+            "sha256",
+            "-G",
+            "ecc256:aes128cfb",
+            "-u",
+            "/dev/null",
+            "-c",
+            ctx.to_str().unwrap(),
+        ],
+    );
+    other.tool(
+        "tpm2_readpublic",
+        &[
+            "-c",
+            ctx.to_str().unwrap(),
+            "-o",
+            pub_path.to_str().unwrap(),
+            "-n",
+            name_path.to_str().unwrap(),
+        ],
+    );
+    let public = std::fs::read(&pub_path).unwrap();
+    let foreign_srk = vaultguard::tpm::srk::SerializedKey {
+        handle: vaultguard::tpm::srk::SRK_HANDLE,
+        name: std::fs::read(&name_path).unwrap(),
+        public: public[2..].to_vec(), // TPM2B_PUBLIC → TPMT_PUBLIC
+    }
+    .to_bytes();
+
+    let sw = Swtpm::start();
+    let mut tpm = open(&sw);
+    for pin in [None, Some(&b"2468"[..])] {
+        let sealed = seal(&mut tpm, &[7], pin);
+        let mut token = token_from(&sealed, &[7], pin.is_some());
+        token.srk = Some(foreign_srk.clone());
+        assert_ne!(Some(&foreign_srk), sealed_srk(&sealed), "a different key");
+        if pin.is_none() {
+            // The answer's integrity fails in the library (its session key is
+            // not the TPM's), and the failure is explained by the live SRK.
+            let err = tpm.unseal(&token, None).unwrap_err();
+            assert!(matches!(err, TpmError::SrkMismatch), "{err}");
+            continue;
+        }
+        let rec = sw.recorder();
+        let mut t = open_at(&rec.tcti());
+        rec.take(); // Startup
+        let err = t.unseal(&token, pin).unwrap_err();
+        assert!(matches!(err, TpmError::SrkMismatch), "{err}");
+        let names: Vec<&str> = rec.take().iter().map(|c| c.name()).collect::<Vec<_>>();
+        assert_eq!(names, ["ReadPublic"], "nothing after the SRK check");
+    }
 }
 
 #[test]

@@ -325,6 +325,11 @@ impl Tpm {
     /// under a swapped SRK; [`Tpm::unseal`] then explains the failure with
     /// [`Tpm::parent_for`]'s full check. Returns the handle and whether it is a
     /// transient primary (flush) rather than a deserialized record (close).
+    ///
+    /// Only for unseals without a PIN: with one, the PIN's HMAC goes to the TPM
+    /// keyed with the session key, and a session salted to a key written into
+    /// the header by someone else would give that someone a key to try PINs
+    /// against offline; [`Tpm::unseal`] checks the live SRK first then.
     fn parent_recorded(&mut self, sealed: &SealedObject) -> Result<(KeyHandle, bool), TpmError> {
         let Some(bytes) = &sealed.srk else {
             return self.parent_for(sealed);
@@ -363,7 +368,11 @@ impl Tpm {
         if sealed.pin && pin.is_none() {
             return Err(TpmError::PinRequired);
         }
-        let (parent, transient_parent) = self.parent_recorded(sealed)?;
+        let (parent, transient_parent) = if sealed.pin {
+            self.parent_for(sealed)?
+        } else {
+            self.parent_recorded(sealed)?
+        };
         let result = self.unseal_under(parent, sealed, pin);
         if transient_parent {
             self.flush(parent.into());
