@@ -440,3 +440,85 @@ fn policy_cli_signs_for_a_counter_and_revoke_older_bumps_it() {
         e.secret.as_slice()
     );
 }
+
+/// `reseal` of a revocable signed enrolment (e.g. after a firmware update moved
+/// its literal PCR 7) keeps it signed and revocable: same key, signed PCRs and
+/// counter, so the same signature file opens it afterwards, and revoke-older
+/// still withdraws it.
+#[test]
+fn reseal_keeps_a_revocable_signed_enrolment_signed() {
+    use common::{enroll_opts, luks_image, unlock_opts};
+    use vaultguard::boot::{acquire_volume_key, enroll, reseal, Method, NoEvents};
+    use vaultguard::luks::Vault;
+    use vaultguard::prompt::Scripted;
+    const PASS: &str = "reseal-revocable";
+
+    let dir = TempDir::new("revocation-reseal");
+    let mut sw = Swtpm::start();
+    let img = luks_image(dir.path(), PASS);
+    let key_pem = openssl_key(dir.path(), "ec");
+    let key = SigningKey::from_pem(&key_pem).unwrap();
+    let public = dir.path().join("pub.pem");
+    let pub_out = Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(dir.path().join("ec.pem"))
+        .output()
+        .unwrap();
+    std::fs::write(&public, &pub_out.stdout).unwrap();
+    let sig = dir.path().join("sig.json");
+    let mut opts = enroll_opts(&sw, &img);
+    opts.pcrs = vec![7];
+    opts.tpm.signature = Some(sig.clone());
+    opts.signed = Some(vaultguard::boot::SignedEnrolment {
+        public_key_pem: std::fs::read(&public).unwrap(),
+        pcrs: vec![9],
+        revocation_counter: Some(H),
+    });
+    enroll(&opts, &mut Scripted::new(&[PASS]), &mut NoEvents).unwrap();
+    let mut tpm = open(&sw.tcti());
+    let v0 = tpm.read_revocation_counter(H).unwrap().unwrap();
+    let s0 = sign_for(&mut tpm, &key, v0);
+    drop(tpm);
+    std::fs::write(&sig, file_of(&[&s0]).to_json_string()).unwrap();
+
+    let open_with_tpm = |sw: &Swtpm| {
+        let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+        let mut uopts = unlock_opts(sw, &img);
+        uopts.tpm.as_mut().unwrap().signature = Some(sig.clone());
+        let mut p = Scripted::new(&[PASS]);
+        let got = acquire_volume_key(&mut v, &uopts, &mut p, &mut NoEvents).unwrap();
+        (got.method, p.said)
+    };
+    assert_eq!(open_with_tpm(&sw).0, Method::Tpm2);
+
+    // A firmware update moves PCR 7 (literal): the TPM refuses, reseal.
+    sw.tool(
+        "tpm2_pcrextend",
+        &[&format!("7:sha256={}", "0a".repeat(32))],
+    );
+    assert_eq!(open_with_tpm(&sw).0, Method::Passphrase);
+    let mut ropts = enroll_opts(&sw, &img);
+    ropts.tpm.signature = Some(sig.clone());
+    reseal(&ropts, &mut Scripted::new(&[PASS]), &mut NoEvents).unwrap();
+    let mut v = Vault::open(img.to_str().unwrap()).unwrap();
+    let tokens: Vec<_> = v
+        .tpm2_tokens()
+        .into_iter()
+        .filter_map(|(_, t)| t.ok())
+        .collect();
+    assert_eq!(tokens.len(), 1);
+    let t = &tokens[0];
+    assert!(t.pubkey.is_some(), "the reseal dropped the signed policy");
+    assert_eq!(
+        (t.pubkey_pcrs.clone(), t.pcrs.clone(), t.revocation_counter),
+        (vec![9], vec![7, 15], Some(H))
+    );
+    // The same signature file opens it; revoke-older still withdraws it.
+    assert_eq!(open_with_tpm(&sw).0, Method::Tpm2);
+    let mut tpm = open(&sw.tcti());
+    tpm.increment_revocation_counter(H).unwrap();
+    drop(tpm);
+    let (method, said) = open_with_tpm(&sw);
+    assert_eq!(method, Method::Passphrase);
+    assert!(said.iter().any(|l| l.contains("withdrawn")), "{said:?}");
+}

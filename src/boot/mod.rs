@@ -2176,6 +2176,29 @@ pub fn reseal(
     if old.is_empty() {
         return Err(BootError::NotEnrolled);
     }
+    // A signed enrolment stays signed: the same key, signed PCRs and revocation
+    // counter, and its literal PCRs (resealing it to literal values would undo
+    // what it is for: updates that need a signature, not a reseal).
+    let carried;
+    let opts = match (&opts.signed, old.iter().find(|(_, t)| t.pubkey.is_some())) {
+        (None, Some((_, t))) => {
+            let mut o = opts.clone();
+            o.signed = Some(SignedEnrolment {
+                public_key_pem: t.pubkey.clone().unwrap_or_default(),
+                pcrs: t.pubkey_pcrs.clone(),
+                revocation_counter: t.revocation_counter,
+            });
+            o.pcrs = t
+                .pcrs
+                .iter()
+                .copied()
+                .filter(|p| Some(*p) != opts.tpm.phase_pcr)
+                .collect();
+            carried = o;
+            &carried
+        }
+        _ => opts,
+    };
     let mut tpm = Tpm::open(&opts.tpm.tcti, opts.tpm.timeout)?;
     let mut trials = Trials::default();
     // The old enrolment may still open the vault (reseal from the initrd before the
