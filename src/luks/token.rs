@@ -826,6 +826,26 @@ mod tests {
             Some(&b"-----BEGIN PUBLIC KEY-----\n"[..])
         );
         assert_eq!(Tpm2Token::from_json(&t.to_json()).unwrap(), t);
+        // A revocation counter: a handle number, only beside a signed policy.
+        let mut revocable = signed.clone();
+        revocable[REVOCATION_COUNTER_FIELD] = json!(0x013f_a0d2u32);
+        let r = Tpm2Token::from_json(&revocable).unwrap();
+        assert_eq!(r.revocation_counter, Some(0x013f_a0d2));
+        assert_eq!(Tpm2Token::from_json(&r.to_json()).unwrap(), r);
+        for bad in [
+            json!("0x013fa0d2"),
+            json!(-1),
+            json!(1u64 << 33),
+            json!(null),
+        ] {
+            revocable[REVOCATION_COUNTER_FIELD] = bad.clone();
+            let e = Tpm2Token::from_json(&revocable).unwrap_err().to_string();
+            assert!(e.contains(REVOCATION_COUNTER_FIELD), "{bad}: {e}");
+        }
+        let mut unsigned = good.clone();
+        unsigned[REVOCATION_COUNTER_FIELD] = json!(0x013f_a0d2u32);
+        let e = Tpm2Token::from_json(&unsigned).unwrap_err().to_string();
+        assert!(e.contains("without a signed policy"), "{e}");
         let mut pcrlock = good;
         pcrlock["tpm2_pcrlock"] = json!(true);
         assert!(matches!(
