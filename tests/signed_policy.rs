@@ -6,14 +6,14 @@
 
 mod common;
 
-use common::{openssl_key, Swtpm, TempDir};
+use common::{openssl_key, signed_enrolment, Swtpm, TempDir};
 use std::process::Command;
 use std::time::Duration;
 use vaultguard::tpm::policy::Bank;
 use vaultguard::tpm::signed::{
     approved_policy, read_signature_file, PolicyKey, SignatureEntry, SignatureFile, SigningKey,
 };
-use vaultguard::tpm::{PrimaryAlg, SealRequest, SealedObject, SignedPolicy, Tpm, TpmError};
+use vaultguard::tpm::{SealedObject, Tpm, TpmError};
 
 fn open(sw: &Swtpm) -> Tpm {
     Tpm::open(&sw.tcti(), Duration::from_secs(5)).expect("connect to swtpm")
@@ -36,41 +36,9 @@ struct Enrolment {
     secret: Vec<u8>,
 }
 
-/// Seal to `key` over PCR 9 (signed) + PCR 7 and the phase PCR 15 (literal).
 fn enrol(tpm: &mut Tpm, key: &PolicyKey, pin: Option<&[u8]>, file: SignatureFile) -> Enrolment {
-    let sealed = tpm
-        .seal_signed(
-            &SealRequest {
-                bank: Bank::Sha256,
-                pcrs: &[7],
-                phase_pcr: Some(15),
-                pin,
-            },
-            Some(key),
-            &[],
-        )
-        .expect("seal to a signed policy");
-    Enrolment {
-        object: SealedObject {
-            blob: sealed.blob.clone(),
-            pcrs: vec![7, 15],
-            bank: Bank::Sha256,
-            primary_alg: PrimaryAlg::Ecc,
-            policy_hash: sealed.policy_hash.clone(),
-            pin: pin.is_some(),
-            salt: sealed.salt.clone(),
-            srk: Some(sealed.srk.clone()),
-            pcr_values: Some(sealed.pcr_values.iter().cloned().collect()),
-            signed: Some(SignedPolicy {
-                key: key.clone(),
-                pcrs: vec![9],
-                signatures: Ok(file),
-                source: "the test's signature file".into(),
-                counter: None,
-            }),
-        },
-        secret: sealed.secret.as_bytes().to_vec(),
-    }
+    let (object, secret) = signed_enrolment(tpm, key, pin, None, file);
+    Enrolment { object, secret }
 }
 
 fn with_file(object: &SealedObject, file: Result<SignatureFile, String>) -> SealedObject {

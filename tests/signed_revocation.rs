@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{openssl_key, Swtpm, TempDir};
+use common::{openssl_key, signed_enrolment, Swtpm, TempDir};
 use std::process::Command;
 use std::time::Duration;
 use vaultguard::tpm::counter::{counter_name, DEFAULT_REVOCATION_COUNTER};
@@ -16,7 +16,7 @@ use vaultguard::tpm::signed::{
     approved_policy, approved_policy_revocable, signed_message, SignatureEntry, SignatureFile,
     SigningKey,
 };
-use vaultguard::tpm::{PrimaryAlg, SealRequest, SealedObject, SignedPolicy, Tpm};
+use vaultguard::tpm::{SealedObject, Tpm};
 
 const H: u32 = DEFAULT_REVOCATION_COUNTER;
 
@@ -58,40 +58,9 @@ fn enrol(tpm: &mut Tpm, key: &SigningKey) -> (Enrolment, u64) {
     let first = tpm
         .define_revocation_counter(H)
         .expect("define the counter");
-    let sealed = tpm
-        .seal_signed(
-            &SealRequest {
-                bank: Bank::Sha256,
-                pcrs: &[7],
-                phase_pcr: Some(15),
-                pin: None,
-            },
-            Some(&key.public()),
-            &counter_name(H),
-        )
-        .expect("seal to a revocable signed policy");
-    let e = Enrolment {
-        object: SealedObject {
-            blob: sealed.blob.clone(),
-            pcrs: vec![7, 15],
-            bank: Bank::Sha256,
-            primary_alg: PrimaryAlg::Ecc,
-            policy_hash: sealed.policy_hash.clone(),
-            pin: false,
-            salt: None,
-            srk: Some(sealed.srk.clone()),
-            pcr_values: Some(sealed.pcr_values.iter().cloned().collect()),
-            signed: Some(SignedPolicy {
-                key: key.public(),
-                pcrs: vec![9],
-                signatures: Ok(SignatureFile::default()),
-                source: "the test's signature file".into(),
-                counter: Some(H),
-            }),
-        },
-        secret: sealed.secret.as_bytes().to_vec(),
-    };
-    (e, first)
+    let (object, secret) =
+        signed_enrolment(tpm, &key.public(), None, Some(H), SignatureFile::default());
+    (Enrolment { object, secret }, first)
 }
 
 fn with_file(object: &SealedObject, file: SignatureFile) -> SealedObject {

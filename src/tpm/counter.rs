@@ -158,31 +158,15 @@ impl Tpm {
             .execute_with_session(Some(AuthSession::Password), |c| {
                 c.nv_define_space(Provision::Owner, None, wanted)
             });
-        match defined {
-            Ok(nv) => self.close_nv(nv),
-            Err(e)
-                if matches!(
-                    rc_kind(&e),
-                    Some(Tss2ResponseCodeKind::AuthFail | Tss2ResponseCodeKind::BadAuth)
-                ) =>
-            {
-                return Err(TpmError::OwnerAuthSet)
-            }
-            Err(e) => return Err(cmd("NV_DefineSpace(revocation counter)")(e)),
-        }
+        let nv = defined.map_err(|e| owner_auth(e, "NV_DefineSpace(revocation counter)"))?;
+        self.close_nv(nv);
         self.increment_revocation_counter(handle)
     }
 
     /// The counter's value: `None` when it is defined but never written, an
     /// error naming it when it is missing or not a revocation counter.
     pub fn read_revocation_counter(&mut self, handle: u32) -> Result<Option<u64>, TpmError> {
-        let Some((public, nv)) = self.nv_public(handle)? else {
-            return Err(missing(handle));
-        };
-        if let Some(why) = not_ours(handle, &public) {
-            self.close_nv(nv);
-            return Err(refused(why));
-        }
+        let nv = self.our_counter(handle)?;
         let read = self
             .ctx()?
             .execute_with_session(Some(AuthSession::Password), |c| {
@@ -207,6 +191,24 @@ impl Tpm {
     /// Bump the counter (owner authorisation): every signature for an older
     /// value stops opening anything. Returns the new value.
     pub fn increment_revocation_counter(&mut self, handle: u32) -> Result<u64, TpmError> {
+        let nv = self.our_counter(handle)?;
+        let bumped = self
+            .ctx()?
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.nv_increment(NvAuth::Owner, nv)
+            });
+        self.close_nv(nv);
+        bumped.map_err(|e| owner_auth(e, "NV_Increment(revocation counter)"))?;
+        self.read_revocation_counter(handle)?.ok_or_else(|| {
+            refused(format!(
+                "the revocation counter {handle:#010x} reads as unwritten after an increment"
+            ))
+        })
+    }
+
+    /// An ESYS handle for the counter at `handle` (the caller closes it), once
+    /// its public area shows it is a revocation counter as vaultguard defines it.
+    fn our_counter(&mut self, handle: u32) -> Result<NvIndexHandle, TpmError> {
         let Some((public, nv)) = self.nv_public(handle)? else {
             return Err(missing(handle));
         };
@@ -214,29 +216,7 @@ impl Tpm {
             self.close_nv(nv);
             return Err(refused(why));
         }
-        let bumped = self
-            .ctx()?
-            .execute_with_session(Some(AuthSession::Password), |c| {
-                c.nv_increment(NvAuth::Owner, nv)
-            });
-        self.close_nv(nv);
-        match bumped {
-            Ok(()) => {}
-            Err(e)
-                if matches!(
-                    rc_kind(&e),
-                    Some(Tss2ResponseCodeKind::AuthFail | Tss2ResponseCodeKind::BadAuth)
-                ) =>
-            {
-                return Err(TpmError::OwnerAuthSet)
-            }
-            Err(e) => return Err(cmd("NV_Increment(revocation counter)")(e)),
-        }
-        self.read_revocation_counter(handle)?.ok_or_else(|| {
-            refused(format!(
-                "the revocation counter {handle:#010x} reads as unwritten after an increment"
-            ))
-        })
+        Ok(nv)
     }
 
     /// An ESYS handle for the counter for PolicyNV: one NV_ReadPublic (inside
@@ -264,6 +244,17 @@ impl Tpm {
         if let Some(ctx) = self.ctx.as_mut() {
             let _ = ctx.tr_close(&mut obj);
         }
+    }
+}
+
+/// An owner-authorised command's failure: a refused authorisation means an
+/// owner password is set (vaultguard uses the empty one).
+fn owner_auth(e: tss_esapi::Error, what: &'static str) -> TpmError {
+    match rc_kind(&e) {
+        Some(Tss2ResponseCodeKind::AuthFail | Tss2ResponseCodeKind::BadAuth) => {
+            TpmError::OwnerAuthSet
+        }
+        _ => cmd(what)(e),
     }
 }
 

@@ -483,3 +483,52 @@ pub fn openssl_key(dir: &Path, kind: &str) -> Vec<u8> {
     );
     std::fs::read(&path).unwrap()
 }
+
+/// A signed enrolment as the library makes it, for the swtpm tests: sealed to
+/// `key` over PCR 9 (signed) + PCR 7 and the phase PCR 15 (literal), with
+/// `policy_ref` (empty, or a revocable enrolment's counter name) and the record
+/// that unlock reads (`file` as its signature file). Returns it and the secret.
+pub fn signed_enrolment(
+    tpm: &mut vaultguard::tpm::Tpm,
+    key: &vaultguard::tpm::signed::PolicyKey,
+    pin: Option<&[u8]>,
+    counter: Option<u32>,
+    file: vaultguard::tpm::signed::SignatureFile,
+) -> (vaultguard::tpm::SealedObject, Vec<u8>) {
+    use vaultguard::tpm::policy::Bank;
+    use vaultguard::tpm::{PrimaryAlg, SealRequest, SealedObject, SignedPolicy};
+    let policy_ref = counter
+        .map(vaultguard::tpm::counter::counter_name)
+        .unwrap_or_default();
+    let sealed = tpm
+        .seal_signed(
+            &SealRequest {
+                bank: Bank::Sha256,
+                pcrs: &[7],
+                phase_pcr: Some(15),
+                pin,
+            },
+            Some(key),
+            &policy_ref,
+        )
+        .expect("seal to a signed policy");
+    let object = SealedObject {
+        blob: sealed.blob.clone(),
+        pcrs: vec![7, 15],
+        bank: Bank::Sha256,
+        primary_alg: PrimaryAlg::Ecc,
+        policy_hash: sealed.policy_hash.clone(),
+        pin: pin.is_some(),
+        salt: sealed.salt.clone(),
+        srk: Some(sealed.srk.clone()),
+        pcr_values: Some(sealed.pcr_values.iter().cloned().collect()),
+        signed: Some(SignedPolicy {
+            key: key.clone(),
+            pcrs: vec![9],
+            signatures: Ok(file),
+            source: "the test's signature file".into(),
+            counter,
+        }),
+    };
+    (object, sealed.secret.as_bytes().to_vec())
+}
