@@ -456,8 +456,9 @@ GUEST_BODY = r"""
     R=/opt/trixie/root
     L=$R/usr/lib/x86_64-linux-gnu
     export SYSTEMD_CRYPTSETUP_TOKEN_PATH=$L/cryptsetup
-    sdc() { "$R/usr/lib64/ld-linux-x86-64.so.2" --library-path "$L/systemd:$L" \
-        --argv0 systemd-cryptsetup "$R/usr/lib/systemd/systemd-cryptsetup" "$@"; }
+    # systemd-cryptsetup 257 through trixie's loader; SDC as words, for strace.
+    SDC="$R/usr/lib64/ld-linux-x86-64.so.2 --library-path $L/systemd:$L --argv0 systemd-cryptsetup $R/usr/lib/systemd/systemd-cryptsetup"
+    sdc() { $SDC "$@"; }
     # Kernel messages (an RCU stall warning under host load) are written to the
     # serial console at once, in the middle of a line being printed: only
     # emergencies (a panic) may interrupt the lines the host parses.
@@ -520,9 +521,9 @@ GUEST_BODY = r"""
     # Where the time goes: one run of each under strace (-T: time in each system
     # call; -y: the file behind each descriptor), parsed on the host.
     traced vg-tpm vaultguard attach bench /dev/vda - tpm2-measure-pcr=no,headless=true; vg detach bench
-    traced sd-tpm sdc attach bench /dev/vda - tpm2-device=auto,headless=true; sdc detach bench
+    traced sd-tpm $SDC attach bench /dev/vda - tpm2-device=auto,headless=true; sdc detach bench
     traced vg-signed vaultguard attach bench "$sig" - tpm2-measure-pcr=no,headless=true; vg detach bench
-    traced sd-signed sdc attach bench "$sig" - tpm2-device=auto,headless=true; sdc detach bench
+    traced sd-signed $SDC attach bench "$sig" - tpm2-device=auto,headless=true; sdc detach bench
     res=$(disk results) || exit 1
     { cat /tmp/vgt-times; for f in /tmp/strace.*; do echo "VGT:FILE ${f#/tmp/strace.}"; cat "$f"; done
       echo "VGT:END"; } > /tmp/results
@@ -691,11 +692,18 @@ def strace_breakdown(text):
     tpm_start, tpm_end = tpm[0][0], max(c[1] for c in tpm)
     in_tpm = sum(c[1] - c[0] for c in tpm)
     ms = lambda x: round(x * 1000, 1)  # noqa: E731
+    # strace stops the process at every system call (slow under TCG): how many
+    # each phase made says how much of its time is the tracing's.
+    n = lambda a, b: sum(a <= c[0] < b for c in calls)  # noqa: E731
     return {"total": ms(end - start), "startup": ms(tpm_start - start),
             "tpm_commands": sum(c[2] == "write" for c in tpm), "tpm": ms(in_tpm),
             "between_tpm": ms(tpm_end - tpm_start - in_tpm),
             "keyslot": ms(create[0] - tpm_end), "activation": ms(dm_end - create[0]),
-            "after": ms(end - dm_end), "syscalls": len(calls)}
+            "after": ms(end - dm_end), "syscalls": len(calls),
+            "calls": {"total": len(calls), "startup": n(start, tpm_start),
+                      "tpm": len(tpm), "between_tpm": n(tpm_start, tpm_end) - len(tpm),
+                      "keyslot": n(tpm_end, create[0]), "activation": n(create[0], dm_end),
+                      "after": n(dm_end, end + 1)}}
 
 
 def read_results(disk, where):
@@ -813,7 +821,8 @@ def bench_guest(tools, previous):
                             ("keyslot", "  keyslot: last TPM reply to DM_DEV_CREATE"),
                             ("activation", "  dm-crypt activation (device-mapper ioctls)"),
                             ("after", "  after activation to exit")):
-            row(f"{figure} [{what}]", f"{v[key]:.0f} ms", f"{d[key]:.0f} ms", "report", None)
+            row(f"{figure} [{what}]", f"{v[key]:.0f} ms / {v['calls'][key]} calls",
+                f"{d[key]:.0f} ms / {d['calls'][key]} calls", "report", None)
         row(f"  TPM commands sent [{what}]", str(v["tpm_commands"]), str(d["tpm_commands"]),
             "report", None)
     # Lateness: the lock's audit time against last activity + timeout.
