@@ -673,6 +673,60 @@ def strace_calls(text):
     return calls
 
 
+# TPM 2.0 command codes seen in the traces (TPM 2.0 Part 2, TPM_CC), to name them
+# in the timeline.
+TPM_CC = {0x120: "EvictControl", 0x131: "CreatePrimary", 0x143: "SelfTest", 0x144: "Startup",
+          0x149: "PolicyNV", 0x157: "Load", 0x15E: "Unseal", 0x161: "ContextLoad",
+          0x162: "ContextSave", 0x165: "FlushContext", 0x167: "LoadExternal",
+          0x16A: "PolicyAuthorize", 0x16B: "PolicyAuthValue", 0x16C: "PolicyCommandCode",
+          0x171: "PolicyOR", 0x173: "ReadPublic", 0x176: "StartAuthSession",
+          0x177: "VerifySignature", 0x17A: "GetCapability", 0x17B: "GetRandom",
+          0x17E: "PCR_Read", 0x17F: "PolicyPCR", 0x180: "PolicyRestart", 0x182: "PCR_Extend",
+          0x189: "PolicyGetDigest", 0x18A: "TestParms", 0x18C: "PolicyPassword"}
+
+
+def _strace_bytes(args):
+    """The first string argument of a traced call, as bytes (strace's C escapes)."""
+    m = re.search(r'"((?:[^"\\]|\\.)*)"', args)
+    if not m:
+        return b""
+    out, s, i = bytearray(), m.group(1), 0
+    while i < len(s):
+        if s[i] != "\\":
+            out += s[i].encode("latin1", "replace")
+            i += 1
+            continue
+        o = re.match(r"[0-7]{1,3}", s[i + 1:])
+        if o:
+            out.append(int(o.group(0), 8) & 0xFF)
+            i += 1 + len(o.group(0))
+        elif s[i + 1] == "x":
+            out.append(int(s[i + 2:i + 4], 16))
+            i += 4
+        else:
+            out += {"n": b"\n", "t": b"\t", "r": b"\r", "v": b"\v", "f": b"\f"}.get(
+                s[i + 1], s[i + 1].encode("latin1", "replace"))
+            i += 2
+    return bytes(out)
+
+
+def _timeline_label(name, args):
+    """A traced call as the timeline shows it: the call, the file behind its
+    descriptor, and for a TPM command its name, for device-mapper its ioctl."""
+    if not name:  # the process's exit, a signal
+        return args[:40]
+    f = re.match(r"\[?\{?(?:fd=)?\d+<([^>]*)>", args)
+    label = f"{name} {f.group(1)}" if f else name
+    if name == "write" and f and f.group(1).startswith("/dev/tpm"):
+        b = _strace_bytes(args)
+        cc = int.from_bytes(b[6:10], "big") if len(b) >= 10 else None
+        label += " " + TPM_CC.get(cc, f"cc {cc:#x}" if cc is not None else "?")
+    d = re.search(r"\b(DM_[A-Z_]+|BLK[A-Z0-9_]+)\b", args) if name == "ioctl" else None
+    if d:
+        label += " " + d.group(1)
+    return label
+
+
 def strace_breakdown(text):
     """Where one traced unlock spends its time (ms): start-up until the first TPM
     command; the TPM commands (time inside write/read/poll on the TPM device: the
@@ -708,7 +762,11 @@ def strace_breakdown(text):
             "calls": {"total": len(calls), "startup": n(start, tpm_start),
                       "tpm": len(tpm), "between_tpm": n(tpm_start, tpm_end) - len(tpm),
                       "keyslot": n(tpm_end, create[0]), "activation": n(create[0], dm_end),
-                      "after": n(dm_end, end + 1)}}
+                      "after": n(dm_end, end + 1)},
+            # Every traced call (ms from the start, ms inside it, what it was): where
+            # the phases' figures, and any gap the prose names, come from.
+            "timeline": [[round((c[0] - start) * 1000, 1), round((c[1] - c[0]) * 1000, 1),
+                          _timeline_label(c[2], c[3])] for c in calls]}
 
 
 def read_results(disk, where):
