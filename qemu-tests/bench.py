@@ -727,6 +727,22 @@ def _timeline_label(name, args):
     return label
 
 
+def _gaps_before_tpm_commands(calls):
+    """{command name (#2, #3 for repeats): ms between the previous traced call's
+    end and this command's write}."""
+    out, prev_end = {}, None
+    for c in calls:
+        label = _timeline_label(c[2], c[3])
+        if label.startswith("write /dev/tpm") and prev_end is not None:
+            name = label.split()[-1]
+            key, k = name, 2
+            while key in out:
+                key, k = f"{name}#{k}", k + 1
+            out[key] = round((c[0] - prev_end) * 1000, 1)
+        prev_end = c[1]
+    return out
+
+
 def strace_breakdown(text):
     """Where one traced unlock spends its time (ms): start-up until the first TPM
     command; the TPM commands (time inside write/read/poll on the TPM device: the
@@ -763,6 +779,9 @@ def strace_breakdown(text):
                       "tpm": len(tpm), "between_tpm": n(tpm_start, tpm_end) - len(tpm),
                       "keyslot": n(tpm_end, create[0]), "activation": n(create[0], dm_end),
                       "after": n(dm_end, end + 1)},
+            # Per TPM command, in order: the process's own work since the previous
+            # traced call ended (for StartAuthSession: the salted session's ECDH).
+            "before_tpm_command": _gaps_before_tpm_commands(calls),
             # Every traced call (ms from the start, ms inside it, what it was): where
             # the phases' figures, and any gap the prose names, come from.
             "timeline": [[round((c[0] - start) * 1000, 1), round((c[1] - c[0]) * 1000, 1),
