@@ -6,7 +6,9 @@ Run by qemu-tests/bench.sh (which installs and builds first). Sections:
   supervisor  host: idle RSS and wake-ups over 60 s, status throughput and latency
               with 1 and 32 clients, bad-input sweep; vs the Python watchdog
   guest       QEMU + swtpm: TPM and passphrase unlock latency, vaultguard vs
-              systemd-cryptsetup 257 on the same guest, TPM and volume; an argon2id
+              systemd-cryptsetup 257 on the same guest, TPM and volume; the same
+              for a signed PCR policy (one enrolment, signature made on the host);
+              one strace'd run of each TPM path cut into phases; an argon2id
               keyslot at cryptsetup's default cost, vaultguard vs `cryptsetup open`
               (a 1 GiB, 4-vCPU guest of its own); auto-lock
               lateness and the bad-input sweep against a supervisor guarding a
@@ -767,8 +769,8 @@ def strace_breakdown(text):
     tpm_start, tpm_end = tpm[0][0], max(c[1] for c in tpm)
     in_tpm = sum(c[1] - c[0] for c in tpm)
     ms = lambda x: round(x * 1000, 1)  # noqa: E731
-    # strace stops the process at every system call (slow under TCG): how many
-    # each phase made says how much of its time is the tracing's.
+    # strace stops the process at every traced system call (slow under TCG): how
+    # many each phase made says how much of its time may be the tracing's.
     n = lambda a, b: sum(a <= c[0] < b for c in calls)  # noqa: E731
     return {"total": ms(end - start), "startup": ms(tpm_start - start),
             "tpm_commands": sum(c[2] == "write" for c in tpm), "tpm": ms(in_tpm),
