@@ -551,8 +551,8 @@ GUEST_BODY = r"""
     check unmounted '! grep -q " /mnt/vault " /proc/mounts'
     echo "VGT:VALUE sweep2=$(/usr/bin/bad_input /run/vaultguard/control.sock 1000 SWEEP ATTACKER)"
     check audit-chain 'vg audit verify'
-    # The host acknowledges the last line before the guest powers off: `poweroff -f`
-    # does not wait for the serial port to send what is still in its buffer.
+    # The host acknowledges the last line before this shell exits: its exit hangs
+    # the console up, which drops what the serial driver has not sent yet.
     mark guest-done; read _
 """
 
@@ -584,10 +584,11 @@ ARGON2_BODY = r"""
     value argon2-runs "$i"
     value kernel-warnings "$(dmesg | grep -c -i -E 'stall|lockup|hung task')"
     # Twice before (2026-11-26 00:24 and 00:38) the host never saw this guest's
-    # last lines, though every run had finished. The likeliest cause: `poweroff -f`
-    # does not wait for the serial port's buffer to drain, and with 4 vCPUs on 2
-    # busy host CPUs the vCPU that sends it may not have run. The host now
-    # acknowledges the last line before the guest powers off.
+    # last lines, though every run had finished: when this shell (the session
+    # leader, the console its controlling terminal) exits, the kernel hangs the
+    # console up and drops what the serial driver has not sent yet; with 4 vCPUs
+    # that can be the last lines (BENCHMARKS.md says how it was reproduced). The
+    # host acknowledges the last line before the shell exits.
     mark argon2-done; read _
 """
 ARGON2_RUNS = int(os.environ.get("VG_BENCH_ARGON2_RUNS", "5"))
