@@ -494,7 +494,45 @@ fn activation_flags_and_the_measured_pcr_reach_the_unlock() {
         Some("tpm2-measure-pcr=no"),
     )
     .unwrap();
-    assert_eq!(opts.tpm.unwrap().phase_pcr, None);
+    // No extend after this unlock; the phase PCR the enrolment binds stays known.
+    assert!(opts.crypttab.no_measure);
+    assert_eq!(opts.tpm.unwrap().phase_pcr, Some(cfg.tpm.phase_pcr));
+}
+
+/// A second volume attached with `tpm2-measure-pcr=no` after another volume's
+/// unlock extended the phase PCR: refused, and told why (the phase PCR is
+/// already extended in this boot), not sent to `vaultguard reseal`.
+#[test]
+fn after_another_volumes_latch_the_refusal_names_the_phase_pcr() {
+    let mut sw = Swtpm::start();
+    let dir = TempDir::new("latched");
+    let img = luks_image(dir.path(), PASS);
+    let pass = pass_file(dir.path());
+    let cfg = named_config(dir.path(), "c.json", &sw.tcti(), 5);
+    enroll(&cfg, &img, &pass);
+    // What the first volume's unlock leaves behind.
+    sw.tool(
+        "tpm2_pcrextend",
+        &["15:sha256=0000000000000000000000000000000000000000000000000000000000000001"],
+    );
+    let o = attach_test(
+        &cfg,
+        &img,
+        pass.to_str().unwrap(),
+        "tpm2-measure-pcr=no,headless",
+    );
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    assert!(
+        both(&o).contains("PCR 15 (phase) is already extended"),
+        "{}",
+        both(&o)
+    );
+    assert!(!both(&o).contains("reseal"), "{}", both(&o));
+    assert!(
+        stdout(&o).contains("the key file opens keyslot 0"),
+        "{}",
+        both(&o)
+    );
 }
 
 /// `--test` checks and leaves nothing behind: the passphrase that opened the

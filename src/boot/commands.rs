@@ -425,8 +425,10 @@ pub fn attach_options(
     if let Some(t) = &o.tcti {
         tpm.tcti = t.clone();
     }
-    if let Some(p) = o.phase_pcr {
-        tpm.phase_pcr = p;
+    // `tpm2-measure-pcr=N` moves the phase PCR; `=no` only skips the extend
+    // (the enrolment still binds the configured one to zeros).
+    if let Some(Some(p)) = o.phase_pcr {
+        tpm.phase_pcr = Some(p);
     }
     if let Some(s) = &o.signature {
         tpm.signature = Some(s.clone());
@@ -460,6 +462,7 @@ pub fn attach_options(
                 deadline: Duration::from_secs(cfg.clevis.deadline),
                 tang_thumbprints: cfg.clevis.tang_thumbprints.clone(),
             },
+            no_measure: o.phase_pcr == Some(None),
         },
     };
     Ok((opts, o.headless, o.warnings))

@@ -351,6 +351,10 @@ pub struct CrypttabUnlock {
     pub prompt: options::PromptTuning,
     /// clevis tokens (Tang, sss): the network wait and trusted Tang keys.
     pub network: NetworkUnlock,
+    /// `tpm2-measure-pcr=no`: do not extend the phase PCR after this unlock. The
+    /// enrolment still binds it to zeros, so a refusal is still explained with it
+    /// (a phase PCR another volume's unlock already extended is not "run reseal").
+    pub no_measure: bool,
 }
 
 /// How long clevis pins may take and which Tang keys are trusted besides the
@@ -1427,12 +1431,12 @@ pub fn unlock(
     if let (None, Some(t)) = (&tpm, &opts.tpm) {
         // Unlocked without the TPM (no enrolment): the phase still ends here, if
         // there is a TPM now; no waiting for one to appear.
-        if t.phase_pcr.is_some() {
+        if t.phase_pcr.is_some() && !opts.crypttab.no_measure {
             tpm = Tpm::open(&t.tcti, std::time::Duration::ZERO).ok();
         }
     }
     if let (Some(handle), Some(t)) = (tpm.as_mut(), &opts.tpm) {
-        if let Some(pcr) = t.phase_pcr {
+        if let Some(pcr) = t.phase_pcr.filter(|_| !opts.crypttab.no_measure) {
             if let Err(e) = handle.latch(pcr, vk.as_bytes(), name, &uuid) {
                 let closed = luks::close(name).is_ok();
                 events.event("latch_failed", &[("name", name), ("error", &e.to_string())]);
