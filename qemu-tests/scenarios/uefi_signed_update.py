@@ -176,6 +176,8 @@ def run(s):
     if b.value("unlock-status", 90) != "0":
         b.fail("passphrase unlock failed")
     b.expect_pass("mapped")
+    # The vault's unlock extended the phase PCR: that is the reason given.
+    b.expect(rf"TPM unlock of {RVAULT} not possible: PCR 15 \(phase\) is already extended", 90)
     b.expect(rf"Passphrase for {RVAULT} \(/dev/vd[a-z]\): ", 90)
     b.sendline(RPASS)
     if b.value("attach-r-status", 90) != "0" or b.value("revoke-status", 60) != "0":
