@@ -19,17 +19,16 @@
 //! defined: an unwritten counter cannot be read, and its name changes when it
 //! is first written.
 
-use super::nv::{nv_tpm_handle, OWNER_NV_RANGE};
+use super::nv::{differences, nv_tpm_handle, owner_index_public, OWNER_NV_RANGE};
 use super::{cmd, rc_kind, Tpm, TpmError};
 use sha2::{Digest as _, Sha256};
 use tss_esapi::attributes::NvIndexAttributesBuilder;
 use tss_esapi::constants::response_code::Tss2ResponseCodeKind;
 use tss_esapi::constants::{NvIndexType, PropertyTag};
 use tss_esapi::handles::{NvIndexHandle, TpmHandle};
-use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::resource_handles::{NvAuth, Provision};
 use tss_esapi::interface_types::session_handles::AuthSession;
-use tss_esapi::structures::{NvPublic, NvPublicBuilder};
+use tss_esapi::structures::NvPublic;
 
 /// Where `enroll --revocation-counter` suggests defining it: beside the audit
 /// index (0x013FA0D1), in the owner range, for the same reasons.
@@ -43,8 +42,6 @@ const TPMA_NV_WRITTEN: u32 = 1 << 29;
 /// The attributes vaultguard defines the counter with.
 pub const COUNTER_ATTRIBUTES: u32 =
     TPMA_NV_OWNERWRITE | TPM_NT_COUNTER | TPMA_NV_AUTHREAD | TPMA_NV_NO_DA;
-/// Bits the TPM sets itself (WRITTEN, READLOCKED, WRITELOCKED): not compared.
-const TPM_MANAGED: u32 = (1 << 29) | (1 << 28) | (1 << 11);
 
 /// Check that `handle` is one a revocation counter may live at.
 pub fn check_handle(handle: u32) -> Result<(), String> {
@@ -102,13 +99,7 @@ fn counter_public(handle: u32) -> Result<NvPublic, TpmError> {
         .with_no_da(true)
         .build()
         .map_err(cmd("NV attributes"))?;
-    NvPublicBuilder::new()
-        .with_nv_index(nv_tpm_handle(handle)?)
-        .with_index_name_algorithm(HashingAlgorithm::Sha256)
-        .with_index_attributes(attrs)
-        .with_data_area_size(8)
-        .build()
-        .map_err(cmd("NV public area"))
+    owner_index_public(handle, attrs, 8)
 }
 
 fn refused(msg: String) -> TpmError {
@@ -116,21 +107,19 @@ fn refused(msg: String) -> TpmError {
 }
 
 /// Why the index at `handle` is not a revocation counter vaultguard defined, if
-/// it is not.
-fn not_ours(handle: u32, public: &NvPublic) -> Option<String> {
+/// it is not (compared as the audit index is with its definition: type,
+/// attributes but the TPM-managed ones, name algorithm, size, no policy).
+fn not_ours(handle: u32, public: &NvPublic) -> Result<Option<String>, TpmError> {
     let attrs = u32::try_from(public.attributes()).unwrap_or(0);
-    let ours = attrs & !TPM_MANAGED == COUNTER_ATTRIBUTES
-        && public.data_size() == 8
-        && public.name_algorithm() == HashingAlgorithm::Sha256
-        && public.authorization_policy().value().is_empty();
-    (!ours).then(|| {
+    let ours = differences(public, &counter_public(handle)?).is_empty();
+    Ok((!ours).then(|| {
         format!(
             "the NV index {handle:#010x} is not a vaultguard revocation counter (attributes \
              {attrs:#010x}, {} bytes; expected a counter with attributes {COUNTER_ATTRIBUTES:#010x}, \
              8 bytes): choose another index with --revocation-counter",
             public.data_size()
         )
-    })
+    }))
 }
 
 impl Tpm {
@@ -141,7 +130,7 @@ impl Tpm {
         check_handle(handle).map_err(refused)?;
         if let Some((public, nv)) = self.nv_public(handle)? {
             self.close_nv(nv);
-            if let Some(why) = not_ours(handle, &public) {
+            if let Some(why) = not_ours(handle, &public)? {
                 return Err(refused(why));
             }
             if let Some(v) = self.read_revocation_counter(handle)? {
@@ -212,11 +201,17 @@ impl Tpm {
         let Some((public, nv)) = self.nv_public(handle)? else {
             return Err(missing(handle));
         };
-        if let Some(why) = not_ours(handle, &public) {
-            self.close_nv(nv);
-            return Err(refused(why));
+        match not_ours(handle, &public) {
+            Ok(None) => Ok(nv),
+            Ok(Some(why)) => {
+                self.close_nv(nv);
+                Err(refused(why))
+            }
+            Err(e) => {
+                self.close_nv(nv);
+                Err(e)
+            }
         }
-        Ok(nv)
     }
 
     /// An ESYS handle for the counter for PolicyNV: one NV_ReadPublic (inside
@@ -288,6 +283,16 @@ mod tests {
         for bad in ["", "0x", "nv", "0x1_0000_0000", "0x01800400", "-1"] {
             assert!(parse_handle(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_software_name_uses_the_attributes_the_counter_is_defined_with() {
+        let public = counter_public(DEFAULT_REVOCATION_COUNTER).unwrap();
+        assert_eq!(
+            u32::try_from(public.attributes()).unwrap(),
+            COUNTER_ATTRIBUTES
+        );
+        assert_eq!(public.data_size(), 8);
     }
 
     #[test]

@@ -119,11 +119,21 @@ fn audit_public(handle: u32) -> Result<NvPublic, TpmError> {
         .with_no_da(true)
         .build()
         .map_err(cmd("NV attributes"))?;
+    owner_index_public(handle, attrs, AUDIT_NV_SIZE)
+}
+
+/// The public area of an owner-range index vaultguard defines: `attrs`, `size`
+/// bytes, SHA-256 name, no authorisation policy.
+pub(super) fn owner_index_public(
+    handle: u32,
+    attrs: tss_esapi::attributes::NvIndexAttributes,
+    size: usize,
+) -> Result<NvPublic, TpmError> {
     NvPublicBuilder::new()
         .with_nv_index(nv_tpm_handle(handle)?)
         .with_index_name_algorithm(HashingAlgorithm::Sha256)
         .with_index_attributes(attrs)
-        .with_data_area_size(AUDIT_NV_SIZE)
+        .with_data_area_size(size)
         .build()
         .map_err(cmd("NV public area"))
 }
