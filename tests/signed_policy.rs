@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{openssl_key, signed_enrolment, Swtpm, TempDir};
+use common::{openssl_key, sign_live, signed_enrolment, Swtpm, TempDir};
 use std::process::Command;
 use std::time::Duration;
 use vaultguard::tpm::policy::Bank;
@@ -17,18 +17,6 @@ use vaultguard::tpm::{SealedObject, Tpm, TpmError};
 
 fn open(sw: &Swtpm) -> Tpm {
     Tpm::open(&sw.tcti(), Duration::from_secs(5)).expect("connect to swtpm")
-}
-
-fn sign_live(tpm: &mut Tpm, key: &SigningKey, pcrs: &[u32]) -> SignatureEntry {
-    let live = tpm.read_pcrs(Bank::Sha256, pcrs).unwrap();
-    let pol = approved_policy(Bank::Sha256, &live);
-    SignatureEntry {
-        pcrs: pcrs.to_vec(),
-        pkfp: key.public().fingerprint(),
-        sig: key.sign(&pol).unwrap(),
-        pol,
-        counter: None,
-    }
 }
 
 struct Enrolment {

@@ -7,14 +7,13 @@
 
 mod common;
 
-use common::{openssl_key, signed_enrolment, Swtpm, TempDir};
+use common::{openssl_key, sign_live, signed_enrolment, Swtpm, TempDir};
 use std::process::Command;
 use std::time::Duration;
 use vaultguard::tpm::counter::{counter_name, DEFAULT_REVOCATION_COUNTER};
 use vaultguard::tpm::policy::Bank;
 use vaultguard::tpm::signed::{
-    approved_policy, approved_policy_revocable, signed_message, SignatureEntry, SignatureFile,
-    SigningKey,
+    approved_policy_revocable, signed_message, SignatureEntry, SignatureFile, SigningKey,
 };
 use vaultguard::tpm::{SealedObject, Tpm};
 
@@ -128,15 +127,7 @@ fn revoke_older_withdraws_signatures_in_the_tpm() {
 
     // A systemd-measure style signature (no counter) for the same PCRs never
     // opens it: vaultguard does not offer it...
-    let live = tpm.read_pcrs(Bank::Sha256, &[9]).unwrap();
-    let plain_pol = approved_policy(Bank::Sha256, &live);
-    let plain = SignatureEntry {
-        pcrs: vec![9],
-        pkfp: key.public().fingerprint(),
-        sig: key.sign(&plain_pol).unwrap(),
-        pol: plain_pol.clone(),
-        counter: None,
-    };
+    let plain = sign_live(&mut tpm, &key, &[9]);
     let why = refusal(&mut tpm, &with_file(&e.object, file_of(&[&plain])));
     assert!(why.contains("--revocation-counter"), "{why}");
     // ...and the TPM refuses it when it is presented as if it named the counter.
@@ -195,15 +186,7 @@ fn an_edited_counter_field_opens_nothing() {
     let (e, v0) = enrol(&mut tpm, &key);
     let s0 = sign_for(&mut tpm, &key, v0);
     // A plain signature too, so that a record without the counter has one to use.
-    let live = tpm.read_pcrs(Bank::Sha256, &[9]).unwrap();
-    let pol = approved_policy(Bank::Sha256, &live);
-    let plain = SignatureEntry {
-        pcrs: vec![9],
-        pkfp: key.public().fingerprint(),
-        sig: key.sign(&pol).unwrap(),
-        pol,
-        counter: None,
-    };
+    let plain = sign_live(&mut tpm, &key, &[9]);
     let good = with_file(&e.object, file_of(&[&s0, &plain]));
     assert!(tpm.unseal(&good, None).is_ok());
     // A second counter the attacker controls.
@@ -223,6 +206,7 @@ fn an_edited_counter_field_opens_nothing() {
     // be needed for that; here the real key signs it): the sealed object names
     // the enrolled counter, so the TPM refuses.
     let name = counter_name(other);
+    let live = tpm.read_pcrs(Bank::Sha256, &[9]).unwrap();
     let pol = approved_policy_revocable(Bank::Sha256, &live, &name, v_other);
     let for_other = SignatureEntry {
         pcrs: vec![9],

@@ -62,8 +62,24 @@ fn through_the_token(object: &SealedObject) -> SealedObject {
     vaultguard::boot::sealed_object(&Tpm2Token::from_json(&token.to_json()).unwrap()).unwrap()
 }
 
-fn sealed_srk(sealed: &vaultguard::tpm::Sealed) -> Option<&Vec<u8>> {
-    Some(&sealed.srk)
+/// Create, on `sw`, another ECC storage key than the SRK (other unique data,
+/// so another key), as a transient object saved in the context file `ctx`.
+fn create_other_storage_key(sw: &mut Swtpm, ctx: &std::path::Path) {
+    sw.tool(
+        "tpm2_createprimary",
+        &[
+            "-C",
+            "o",
+            "-g",
+            "sha256",
+            "-G",
+            "ecc256:aes128cfb",
+            "-u",
+            "/dev/null",
+            "-c",
+            ctx.to_str().unwrap(),
+        ],
+    );
 }
 
 fn seal(tpm: &mut Tpm, pcrs: &[u32], pin: Option<&[u8]>) -> vaultguard::tpm::Sealed {
@@ -482,21 +498,7 @@ fn a_swapped_srk_is_refused() {
     let ctx = dir.path().join("other.ctx");
     // Another storage key at the same handle (different unique data → different key).
     sw.tool("tpm2_evictcontrol", &["-C", "o", "-c", "0x81000001"]);
-    sw.tool(
-        "tpm2_createprimary",
-        &[
-            "-C",
-            "o",
-            "-g",
-            "sha256",
-            "-G",
-            "ecc256:aes128cfb",
-            "-u",
-            "/dev/null",
-            "-c",
-            ctx.to_str().unwrap(),
-        ],
-    );
+    create_other_storage_key(&mut sw, &ctx);
     sw.tool(
         "tpm2_evictcontrol",
         &["-C", "o", "-c", ctx.to_str().unwrap(), "0x81000001"],
@@ -521,21 +523,7 @@ fn a_replaced_srk_record_never_carries_a_pin() {
     let mut other = Swtpm::start();
     let ctx = dir.path().join("other.ctx");
     let (pub_path, name_path) = (dir.path().join("pub.bin"), dir.path().join("name.bin"));
-    other.tool(
-        "tpm2_createprimary",
-        &[
-            "-C",
-            "o",
-            "-g",
-            "sha256",
-            "-G",
-            "ecc256:aes128cfb",
-            "-u",
-            "/dev/null",
-            "-c",
-            ctx.to_str().unwrap(),
-        ],
-    );
+    create_other_storage_key(&mut other, &ctx);
     other.tool(
         "tpm2_readpublic",
         &[
@@ -561,7 +549,7 @@ fn a_replaced_srk_record_never_carries_a_pin() {
         let sealed = seal(&mut tpm, &[7], pin);
         let mut token = token_from(&sealed, &[7], pin.is_some());
         token.srk = Some(foreign_srk.clone());
-        assert_ne!(Some(&foreign_srk), sealed_srk(&sealed), "a different key");
+        assert_ne!(foreign_srk, sealed.srk, "a different key");
         if pin.is_none() {
             // The answer's integrity fails in the library (its session key is
             // not the TPM's), and the failure is explained by the live SRK.

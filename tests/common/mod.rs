@@ -532,3 +532,22 @@ pub fn signed_enrolment(
     };
     (object, sealed.secret.as_bytes().to_vec())
 }
+
+/// A systemd-measure style signature (no revocation counter) of the live values
+/// of `pcrs`, as `policy sign` makes it.
+pub fn sign_live(
+    tpm: &mut vaultguard::tpm::Tpm,
+    key: &vaultguard::tpm::signed::SigningKey,
+    pcrs: &[u32],
+) -> vaultguard::tpm::signed::SignatureEntry {
+    use vaultguard::tpm::policy::Bank;
+    let live = tpm.read_pcrs(Bank::Sha256, pcrs).unwrap();
+    let pol = vaultguard::tpm::signed::approved_policy(Bank::Sha256, &live);
+    vaultguard::tpm::signed::SignatureEntry {
+        pcrs: pcrs.to_vec(),
+        pkfp: key.public().fingerprint(),
+        sig: key.sign(&pol).unwrap(),
+        pol,
+        counter: None,
+    }
+}
