@@ -12,7 +12,7 @@ mod common;
 use common::{luks_image, run, run_with_input, vaultguard_bin, TempDir};
 use serde_json::Value;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -32,17 +32,28 @@ impl Tangd {
         let keys = dir.join("tang-keys");
         std::fs::create_dir_all(&keys).unwrap();
         run(Command::new("/usr/libexec/tangd-keygen").arg(&keys));
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Tangd::serve(keys, port)
+        for _ in 0..20 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if let Some(t) = Tangd::try_serve(keys.clone(), port) {
+                return t;
+            }
+        }
+        panic!("tangd did not start");
     }
 
     /// Serve `keys` on `port` (a restart keeps the URL the bindings recorded).
     fn serve(keys: PathBuf, port: u16) -> Tangd {
-        let child = Command::new("socat")
+        Tangd::try_serve(keys, port).unwrap_or_else(|| panic!("tangd did not start on {port}"))
+    }
+
+    /// The listening socket must be this socat's: a connection alone could reach
+    /// another test's server that took the port after it was chosen.
+    fn try_serve(keys: PathBuf, port: u16) -> Option<Tangd> {
+        let mut child = Command::new("socat")
             .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"))
             .arg(format!("EXEC:/usr/libexec/tangd {}", keys.display()))
             .stdout(Stdio::null())
@@ -50,14 +61,15 @@ impl Tangd {
             .spawn()
             .expect("socat (Debian package socat)");
         let t0 = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "tangd did not start"
-            );
+        while !common::listens_on(child.id(), port) {
+            if t0.elapsed() > Duration::from_secs(10) || !matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Tangd { keys, port, child }
+        Some(Tangd { keys, port, child })
     }
 
     fn url(&self) -> String {

@@ -89,6 +89,25 @@ fn free_port_pair() -> u16 {
     }
 }
 
+/// Whether process `pid` holds the socket listening on 127.0.0.1:`port`
+/// (/proc/net/tcp's inode for the port, among /proc/PID/fd's sockets).
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let local = format!("0100007F:{port:04X}");
+    let Some(inode) = table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| f[9].to_string())
+    }) else {
+        return false;
+    };
+    let want = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy() == want))
+}
+
 impl Swtpm {
     /// A fresh copy of the pristine TPM, listening on loopback.
     pub fn start() -> Swtpm {
@@ -112,7 +131,7 @@ impl Swtpm {
     }
 
     fn start_in(state: TempDir) -> Swtpm {
-        for _ in 0..5 {
+        for _ in 0..20 {
             let port = free_port_pair();
             let child = Command::new("swtpm")
                 .args(["socket", "--tpm2", "--flags", "not-need-init", "--tpmstate"])
@@ -126,8 +145,15 @@ impl Swtpm {
                 .spawn()
                 .expect("swtpm must be installed (qemu-tests/setup-host.sh)");
             let start = Instant::now();
+            let mut child = child;
+            // The port was free when chosen, but another test's swtpm may have
+            // taken it since (this one then fails to bind and exits): a connection
+            // is not proof enough, the listening socket must be our child's.
             while start.elapsed() < Duration::from_secs(5) {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                if listens_on(child.id(), port) && listens_on(child.id(), port + 1) {
                     let mut s = Swtpm { child, state, port };
                     s.tool("tpm2_startup", &["-c"]);
                     return s;
