@@ -283,20 +283,25 @@ fn policy_cli_signs_for_a_counter_and_revoke_older_bumps_it() {
     let h = format!("{H:#010x}");
     let sig_s = sig.to_str().unwrap();
     let key_s = key_path.to_str().unwrap();
+    // `policy sign` of PCR 9 for this counter into sig.json, plus `extra`.
+    let sign = |extra: &[&str]| {
+        let mut args = vec![
+            "policy",
+            "sign",
+            "--private-key",
+            key_s,
+            "--public-key-pcrs",
+            "9",
+            "--revocation-counter",
+            &h,
+            "--signature",
+            sig_s,
+        ];
+        args.extend_from_slice(extra);
+        vg(&args)
+    };
     // Sign the live PCR 9 for the live counter value.
-    let (code, out, err) = vg(&[
-        "policy",
-        "sign",
-        "--private-key",
-        key_s,
-        "--public-key-pcrs",
-        "9",
-        "--revocation-counter",
-        &h,
-        "--signature",
-        sig_s,
-        "--json",
-    ]);
+    let (code, out, err) = sign(&["--json"]);
     assert_eq!(code, Some(0), "{out}{err}");
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(j["counter_value"], v0);
@@ -312,21 +317,7 @@ fn policy_cli_signs_for_a_counter_and_revoke_older_bumps_it() {
     drop(tpm);
     // Sign ahead for the next value (as on the signing machine), appended.
     let next = (v0 + 1).to_string();
-    let (code, out, err) = vg(&[
-        "policy",
-        "sign",
-        "--private-key",
-        key_s,
-        "--public-key-pcrs",
-        "9",
-        "--revocation-counter",
-        &h,
-        "--counter-value",
-        &next,
-        "--signature",
-        sig_s,
-        "--append",
-    ]);
+    let (code, out, err) = sign(&["--counter-value", &next, "--append"]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains(&format!("{h} = {next}")), "{out}");
     // --counter-value without the counter, a handle outside the owner range.

@@ -595,12 +595,18 @@ fn systemd_257_opens_a_vaultguard_signed_enrolment() {
     );
     policy_sign(&sw, dir.path(), &private, &sig, false);
 
-    let run = trixie();
+    cryptenroll_unlocks_with_signature(&sw, &img, &runsd, "signed");
+}
+
+/// systemd-cryptenroll 257 unseals the signed token of `img` with the signature
+/// file in `runsd` (bound on /run/systemd in a private mount namespace, so the
+/// host's is untouched) and adds NEWPASS: its own proof that it opened it.
+fn cryptenroll_unlocks_with_signature(sw: &Swtpm, img: &Path, runsd: &Path, what: &str) {
     let script = format!(
         "mount --bind {} /run/systemd && exec {} systemd-cryptenroll \
          --unlock-tpm2-device={} --password {}",
         runsd.display(),
-        run.display(),
+        trixie().display(),
         sw.tcti(),
         img.display()
     );
@@ -611,9 +617,12 @@ fn systemd_257_opens_a_vaultguard_signed_enrolment() {
         .env_remove("PIN")
         .output()
         .unwrap();
-    let err = check("systemd-cryptenroll 257 --unlock-tpm2-device (signed)", out);
+    let err = check(
+        &format!("systemd-cryptenroll 257 --unlock-tpm2-device ({what})"),
+        out,
+    );
     assert!(err.contains("New password enrolled as key slot"), "{err}");
-    assert_eq!(volume_key(&img, NEWPASS), volume_key(&img, PASS));
+    assert_eq!(volume_key(img, NEWPASS), volume_key(img, PASS));
 }
 
 // ---- systemd-measure 257: the signature file of a UKI's PCR 11 ---------------
@@ -812,27 +821,7 @@ fn systemd_measure_signature_opens_vaultguard(kind: &str, phase: Option<&str>) {
         // RSA only: systemd-cryptenroll 257 hands the TPM systemd-measure's own
         // P-256 signature as RSASSA too and gets TPM_RC_SCHEME (0x2d2) from
         // VerifySignature (tried; vaultguard opens it, above).
-        let script = format!(
-            "mount --bind {} /run/systemd && exec {} systemd-cryptenroll \
-             --unlock-tpm2-device={} --password {}",
-            runsd.display(),
-            trixie().display(),
-            sw.tcti(),
-            img.display()
-        );
-        let out = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sh", "-c", &script])
-            .env("NEWPASSWORD", NEWPASS)
-            .env_remove("PASSWORD")
-            .env_remove("PIN")
-            .output()
-            .unwrap();
-        let err = check(
-            "systemd-cryptenroll 257 --unlock-tpm2-device (measure)",
-            out,
-        );
-        assert!(err.contains("New password enrolled as key slot"), "{err}");
-        assert_eq!(volume_key(&img, NEWPASS), volume_key(&img, PASS));
+        cryptenroll_unlocks_with_signature(&sw, &img, &runsd, "measure");
     }
 
     // A new kernel, nobody signed it: refused, one line naming why, passphrase.
