@@ -138,3 +138,190 @@ fn predict_with_a_fifo_or_device_for_the_log_initrd_or_kernel_fails_in_one_line(
         assert!(out.stdout.is_empty(), "{args:?}: no prediction: {out:?}");
     }
 }
+
+/// A signed enrolment (PCR 9 signed, PCR 7 literal) of a fresh LUKS2 image on
+/// `sw`, with `counter` as its revocation counter; returns the image, the
+/// signature file path (holding a signature of the live PCR 9 when not
+/// revocable) and the policy key.
+fn signed_vault(
+    sw: &common::Swtpm,
+    dir: &Path,
+    counter: Option<u32>,
+) -> (PathBuf, PathBuf, vaultguard::tpm::signed::SigningKey) {
+    use vaultguard::boot::{enroll, NoEvents, SignedEnrolment};
+    use vaultguard::prompt::Scripted;
+    use vaultguard::tpm::signed::{SignatureFile, SigningKey};
+    let img = common::luks_image(dir, PASS);
+    let key = SigningKey::from_pem(&common::openssl_key(dir, "ec")).unwrap();
+    let sig = dir.join("sig.json");
+    let mut opts = common::enroll_opts(sw, &img);
+    opts.pcrs = vec![7];
+    opts.tpm.signature = Some(sig.clone());
+    opts.signed = Some(SignedEnrolment {
+        public_key_pem: public_pem(dir, "ec"),
+        pcrs: vec![9],
+        revocation_counter: counter,
+    });
+    enroll(&opts, &mut Scripted::new(&[PASS]), &mut NoEvents).expect("signed enrolment");
+    let mut file = SignatureFile::default();
+    if counter.is_none() {
+        let mut tpm = vaultguard::tpm::Tpm::open(&sw.tcti(), Duration::from_secs(5)).unwrap();
+        file.add(
+            vaultguard::tpm::policy::Bank::Sha256,
+            &common::sign_live(&mut tpm, &key, &[9]),
+        );
+    }
+    std::fs::write(&sig, file.to_json_string()).unwrap();
+    (img, sig, key)
+}
+
+const PASS: &str = "attack13-passphrase";
+
+/// The public half of the key `common::openssl_key(dir, kind)` wrote, as PEM.
+fn public_pem(dir: &Path, kind: &str) -> Vec<u8> {
+    let out = Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(dir.join(format!("{kind}.pem")))
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "{out:?}");
+    out.stdout
+}
+
+/// The vaultguard token's id and JSON, as `cryptsetup token export` gives it.
+fn token(img: &Path) -> (u32, serde_json::Value) {
+    let mut v = vaultguard::luks::Vault::open(img.to_str().unwrap()).unwrap();
+    let ids: Vec<u32> = v.tpm2_tokens().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), 1, "one TPM2 token");
+    let out = Command::new("cryptsetup")
+        .args(["token", "export", "--token-id", &ids[0].to_string()])
+        .arg(img)
+        .output()
+        .expect("cryptsetup");
+    assert!(out.status.success(), "{out:?}");
+    (ids[0], serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// Replace token `id` with `json` offline, as an attacker with the disk would.
+fn replace_token(img: &Path, id: u32, json: &serde_json::Value) {
+    let out = common::run_with_input(
+        Command::new("cryptsetup")
+            .args([
+                "token",
+                "import",
+                "--token-replace",
+                "--token-id",
+                &id.to_string(),
+            ])
+            .arg(img),
+        json.to_string().as_bytes(),
+    );
+    assert!(out.status.success(), "{out:?}");
+}
+
+fn opened_by(sw: &common::Swtpm, img: &Path, sig: &Path) -> vaultguard::boot::Method {
+    use vaultguard::boot::{acquire_volume_key, NoEvents};
+    let mut v = vaultguard::luks::Vault::open(img.to_str().unwrap()).unwrap();
+    let mut u = common::unlock_opts(sw, img);
+    u.tpm.as_mut().unwrap().signature = Some(sig.to_path_buf());
+    acquire_volume_key(
+        &mut v,
+        &u,
+        &mut vaultguard::prompt::Scripted::new(&[PASS]),
+        &mut NoEvents,
+    )
+    .expect("the passphrase opens it at least")
+    .method
+}
+
+/// Attack: the header's `tpm2_pubkey` is swapped offline for the attacker's key.
+/// The TPM refuses the edited token, the operator types the passphrase into
+/// `reseal` (as after any update): the reseal carried the header's key into
+/// the new enrolment, so the attacker's signature opened the vault from then
+/// on. Now the key is carried only when proven (a TPM unseal through the
+/// token, or its keyslot MAC under the volume key plus its blob's authPolicy).
+#[test]
+fn reseal_after_a_passphrase_unlock_does_not_carry_a_swapped_public_key() {
+    use vaultguard::boot::{reseal, BootError, Method, NoEvents};
+    use vaultguard::encoding::base64_encode;
+    use vaultguard::prompt::Scripted;
+    use vaultguard::tpm::signed::SigningKey;
+    let dir = TempDir::new("attack13-reseal-key");
+    let sw = common::Swtpm::start();
+    let (img, sig, _key) = signed_vault(&sw, dir.path(), None);
+    assert_eq!(opened_by(&sw, &img, &sig), Method::Tpm2);
+
+    let evil = SigningKey::from_pem(&common::openssl_key(dir.path(), "rsa")).unwrap();
+    let (id, mut t) = token(&img);
+    t["tpm2_pubkey"] = base64_encode(&public_pem(dir.path(), "rsa")).into();
+    replace_token(&img, id, &t);
+
+    let mut ropts = common::enroll_opts(&sw, &img);
+    ropts.tpm.signature = Some(sig.clone());
+    match reseal(&ropts, &mut Scripted::new(&[PASS]), &mut NoEvents) {
+        Err(e @ BootError::UnprovenSignedPolicy { .. }) => {
+            let line = e.to_string();
+            assert!(
+                line.contains("not proven") && line.contains("enroll --public-key"),
+                "{line}"
+            );
+            assert!(!line.contains('\n'), "{line}");
+        }
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(r) => panic!("resealed to the header's (swapped) key: {r:?}"),
+    }
+    // Nothing was written: the header holds the edited token as it was, and the
+    // attacker's signature of this boot opens nothing.
+    assert_eq!(token(&img), (id, t));
+    let mut tpm = vaultguard::tpm::Tpm::open(&sw.tcti(), Duration::from_secs(5)).unwrap();
+    let mut file = vaultguard::tpm::signed::SignatureFile::default();
+    file.add(
+        vaultguard::tpm::policy::Bank::Sha256,
+        &common::sign_live(&mut tpm, &evil, &[9]),
+    );
+    drop(tpm);
+    std::fs::write(&sig, file.to_json_string()).unwrap();
+    assert_eq!(opened_by(&sw, &img, &sig), Method::Passphrase);
+}
+
+/// Attack: `vaultguard_revocation_counter` deleted from the header offline, so
+/// that a reseal would drop revocation (every withdrawn signature valid again
+/// for the new enrolment). Refused the same way; with the field restored the
+/// same passphrase reseal (after a literal PCR moved) keeps it revocable.
+#[test]
+fn reseal_does_not_drop_a_revocation_counter_removed_from_the_header() {
+    use vaultguard::boot::{reseal, BootError, NoEvents};
+    use vaultguard::prompt::Scripted;
+    use vaultguard::tpm::counter::DEFAULT_REVOCATION_COUNTER as H;
+    let dir = TempDir::new("attack13-reseal-counter");
+    let mut sw = common::Swtpm::start();
+    let (img, sig, _key) = signed_vault(&sw, dir.path(), Some(H));
+    let (id, original) = token(&img);
+    let mut t = original.clone();
+    t.as_object_mut()
+        .unwrap()
+        .remove("vaultguard_revocation_counter")
+        .expect("a revocable token");
+    replace_token(&img, id, &t);
+    let mut ropts = common::enroll_opts(&sw, &img);
+    ropts.tpm.signature = Some(sig.clone());
+    match reseal(&ropts, &mut Scripted::new(&[PASS]), &mut NoEvents) {
+        Err(BootError::UnprovenSignedPolicy { token, .. }) => assert_eq!(token, id),
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(r) => panic!("resealed without the revocation counter: {r:?}"),
+    }
+    assert_eq!(token(&img), (id, t));
+
+    // The genuine token, after a literal PCR moved: proven by its keyslot MAC,
+    // resealed, still revocable.
+    replace_token(&img, id, &original);
+    sw.tool(
+        "tpm2_pcrextend",
+        &[&format!("7:sha256={}", "0a".repeat(32))],
+    );
+    reseal(&ropts, &mut Scripted::new(&[PASS]), &mut NoEvents)
+        .expect("reseal of the genuine token");
+    let (_, after) = token(&img);
+    assert_eq!(after["vaultguard_revocation_counter"], serde_json::json!(H));
+    assert_eq!(after["tpm2_pubkey"], original["tpm2_pubkey"]);
+}

@@ -102,6 +102,13 @@ pub enum BootError {
     },
     /// A clevis (Tang/sss) enrolment step failed.
     Clevis(crate::clevis::ClevisError),
+    /// `reseal` after a passphrase unlock: the header's signed policy (public
+    /// key, revocation counter) is not proven to be the sealed object's, so it
+    /// is not carried into the new enrolment.
+    UnprovenSignedPolicy {
+        token: u32,
+        why: String,
+    },
 }
 
 impl fmt::Display for BootError {
@@ -115,6 +122,13 @@ impl fmt::Display for BootError {
             BootError::AlreadyEnrolled { token } => write!(
                 f,
                 "a TPM2 enrolment already exists (token {token}); use `vaultguard reseal` to replace it"
+            ),
+            BootError::UnprovenSignedPolicy { token, why } => write!(
+                f,
+                "LUKS2 token {token}'s signed policy (tpm2_pubkey, tpm2_pubkey_pcrs, \
+                 vaultguard_revocation_counter) is not proven to be the one its sealed object \
+                 was made for ({why}); nothing was resealed. If the header was not edited, \
+                 enrol again with `vaultguard enroll --public-key FILE --public-key-pcrs …`"
             ),
             BootError::NotEnrolled => write!(f, "no TPM2 enrolment in the LUKS header; run `vaultguard enroll` first"),
             BootError::BrokenToken { token, why } => write!(
@@ -2166,6 +2180,33 @@ pub fn define_audit_anchor(
 /// enrolments, never none. The old tokens all go; a keyslot one of them listed
 /// is destroyed only as [`keep_reasons`] allows, proven to be that token's by its
 /// unsealed secret opening it, or by the token's volume-key binding to it.
+/// Whether the signed policy token `t` names is, without the TPM, provably the
+/// one its sealed object was made for: one of its keyslot bindings verifies
+/// under `volume_key` (so the blob is the one vaultguard sealed for this
+/// volume), and the blob's authPolicy is the policy its public key, revocation
+/// counter and recorded literal PCR values give ([`crate::tpm::check_sealed`]).
+fn signed_policy_proven(vault: &mut Vault, volume_key: &[u8], t: &Tpm2Token) -> Result<(), String> {
+    let mut bound = false;
+    for &slot in &t.keyslots {
+        if let Some(salt) = vault.keyslot_salt(slot).map_err(|e| e.to_string())? {
+            bound |= t.binds_keyslot(volume_key, slot, &salt);
+        }
+    }
+    if !bound {
+        return Err(
+            "no keyslot binding of the token verifies under the volume key: \
+                    the token is not vaultguard's, or was edited"
+                .into(),
+        );
+    }
+    let object = sealed_object(t).map_err(|e| e.to_string())?;
+    match &object.pcr_values {
+        Some(v) if v.keys().copied().eq(object.pcrs.iter().copied()) => {}
+        _ => return Err("the token records no literal PCR values to check its policy by".into()),
+    }
+    crate::tpm::check_sealed(&object).map_err(|e| e.to_string())
+}
+
 pub fn reseal(
     opts: &EnrollOptions,
     prompter: &mut dyn Prompter,
@@ -2184,8 +2225,10 @@ pub fn reseal(
     // counter, and its literal PCRs (resealing it to literal values would undo
     // what it is for: updates that need a signature, not a reseal).
     let carried;
+    let mut carried_from = None;
     let opts = match (&opts.signed, old.iter().find(|(_, t)| t.pubkey.is_some())) {
-        (None, Some((_, t))) => {
+        (None, Some((id, t))) => {
+            carried_from = Some(*id);
             let mut o = opts.clone();
             o.signed = Some(SignedEnrolment {
                 public_key_pem: t.pubkey.clone().unwrap_or_default(),
@@ -2238,6 +2281,21 @@ pub fn reseal(
             let object = sealed_object_with(t, opts.tpm.signature.as_deref());
             if let Some(secret) = object.ok().and_then(|o| tpm.unseal(&o, None).ok()) {
                 secrets.push((*id, base64_encode_secret(secret.as_bytes())));
+            }
+        }
+    }
+    // The signed policy carried from the header must be the sealed object's: a
+    // TPM unseal through that token proves it; after a passphrase unlock only
+    // the token's keyslot binding (a MAC under the volume key, over the blob) and
+    // the blob's authPolicy recomputed from the key, counter and recorded PCR
+    // values do. Otherwise someone who edited the header offline would have the
+    // reseal seal the volume key to their own public key.
+    if carried_from.is_some() {
+        if let Some((id, t)) = old.iter().find(|(_, t)| t.pubkey.is_some()) {
+            // Every token in `secrets` was unsealed by the TPM just now.
+            if !secrets.iter().any(|(s, _)| s == id) {
+                signed_policy_proven(&mut vault, vk.as_bytes(), t)
+                    .map_err(|why| BootError::UnprovenSignedPolicy { token: *id, why })?;
             }
         }
     }
