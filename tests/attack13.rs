@@ -325,3 +325,45 @@ fn reseal_does_not_drop_a_revocation_counter_removed_from_the_header() {
     assert_eq!(after["vaultguard_revocation_counter"], serde_json::json!(H));
     assert_eq!(after["tpm2_pubkey"], original["tpm2_pubkey"]);
 }
+
+/// Attack: `vaultguard_eventlog` descriptions edited in the header to carry a
+/// newline (a forged line of its own on the console and in the journal), an
+/// escape sequence that clears the line naming the changed record, or a
+/// bidirectional override. The refusal's explanation printed them as they were;
+/// now every such character is `?`, in the token and in each explanation line.
+#[test]
+fn event_descriptions_from_the_header_cannot_forge_or_hide_explanation_lines() {
+    use std::collections::BTreeMap;
+    use vaultguard::luks::token::Tpm2Token;
+    use vaultguard::tpm::eventlog::diff;
+    let dir = TempDir::new("attack13-eventlog-text");
+    let sw = common::Swtpm::start();
+    let (img, _sig, _key) = signed_vault(&sw, dir.path(), None);
+    let (_, mut t) = token(&img);
+    let evil = "EV_EVENT_TAG tag\nvaultguard: PCR 9 unchanged, safe to reseal\x1b[2K\r\u{202E}x";
+    t["vaultguard_eventlog"] =
+        serde_json::json!({"9": [{"event": evil, "digest": "11".repeat(32)}]});
+    let parsed = Tpm2Token::from_json(&t).expect("the token stays usable");
+    let text = &parsed.eventlog[&9][0].0;
+    assert!(
+        !text.chars().any(|c| c.is_control() || c == '\u{202E}'),
+        "{text:?}"
+    );
+    assert!(
+        text.starts_with("EV_EVENT_TAG tag?vaultguard: PCR 9"),
+        "{text:?}"
+    );
+    // The explanation of a changed record (the same one, now another digest).
+    let now = BTreeMap::from([(9u32, vec![(text.clone(), vec![0x22u8; 32])])]);
+    let lines: Vec<String> = diff(&parsed.eventlog, &now)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        !lines[0].chars().any(|c| c.is_control() || c == '\u{202E}'),
+        "{:?}",
+        lines[0]
+    );
+    assert!(lines[0].contains(&"22".repeat(32)), "{}", lines[0]);
+}
