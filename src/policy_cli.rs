@@ -194,6 +194,15 @@ fn sign(cfg: &Config, c: &PolicySignCmd, json: bool) -> Result<ExitCode> {
         .signature
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SIGNATURE_FILE));
+    // --append is a read-modify-write: concurrent runs (two kernels' hooks) each
+    // renamed their own copy over the file and all but the last signature were
+    // lost. An exclusive flock on the directory (the file itself is replaced by
+    // rename, so it cannot carry the lock) serialises them; it goes with the fd.
+    let _lock = if c.append {
+        Some(lock_directory_of(&path)?)
+    } else {
+        None
+    };
     let mut file = if c.append && path.exists() {
         signed::read_signature_file(&path).map_err(|e| {
             format!("cannot extend the signature file: {e}; sign without --append to replace it")
@@ -350,6 +359,27 @@ fn tpm<'a>(slot: &'a mut Option<Tpm>, cfg: &Config) -> Result<&'a mut Tpm> {
     }
     slot.as_mut()
         .ok_or_else(|| "the TPM connection was just opened".into())
+}
+
+/// An exclusive flock on `path`'s directory, held until the returned file is
+/// dropped. A missing directory has nothing to extend: no lock is needed.
+fn lock_directory_of(path: &Path) -> Result<Option<std::fs::File>> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let held = match std::fs::File::open(dir) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot open {} to lock it: {e}", dir.display()).into()),
+    };
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::LockExclusive).map_err(|e| {
+        format!(
+            "cannot lock {} against a concurrent `policy sign --append`: {e}",
+            dir.display()
+        )
+    })?;
+    Ok(Some(held))
 }
 
 fn write_signature_file(path: &Path, file: &SignatureFile) -> Result<()> {

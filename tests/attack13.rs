@@ -367,3 +367,77 @@ fn event_descriptions_from_the_header_cannot_forge_or_hide_explanation_lines() {
     );
     assert!(lines[0].contains(&"22".repeat(32)), "{}", lines[0]);
 }
+
+/// Concurrent `policy sign --append` runs (two kernels' postinst hooks, an
+/// operator and a hook): each read the file, added its entry and renamed its
+/// own copy over it, so all but the last signature were lost and the boot they
+/// approved fell back to the passphrase. The read-modify-write now holds an
+/// exclusive lock on the signature file's directory: every signature is kept.
+#[test]
+fn concurrent_policy_sign_append_runs_keep_every_signature() {
+    use std::io::Write;
+    let dir = TempDir::new("attack13-sign-race");
+    let key = dir.path().join("ec.pem");
+    std::fs::write(&key, common::openssl_key(dir.path(), "ec")).unwrap();
+    let sigdir = dir.path().join("systemd");
+    std::fs::create_dir(&sigdir).unwrap();
+    let sig = sigdir.join("tpm2-pcr-signature.json");
+    let cfg = dir.path().join("config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"tpm":{"tcti":"swtpm:host=127.0.0.1,port=9","timeout":0}}"#,
+    )
+    .unwrap();
+    const RUNS: usize = 12;
+    let children: Vec<_> = (0..RUNS)
+        .map(|i| {
+            let mut child = Command::new(vaultguard_bin())
+                .arg("-c")
+                .arg(&cfg)
+                .args(["policy", "sign", "--private-key"])
+                .arg(&key)
+                .args(["--public-key-pcrs", "9", "--predicted", "-", "--append"])
+                .arg("--signature")
+                .arg(&sig)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let v = format!("{:02x}", i + 1).repeat(32);
+            let mut stdin = child.stdin.take().unwrap();
+            stdin
+                .write_all(format!(r#"{{"bank":"sha256","pcrs":{{"9":"{v}"}}}}"#).as_bytes())
+                .unwrap();
+            (child, stdin)
+        })
+        .collect();
+    // All are started before any has its whole input: they run as one burst.
+    let children: Vec<_> = children
+        .into_iter()
+        .map(|(child, stdin)| {
+            drop(stdin);
+            child
+        })
+        .collect();
+    let outs: Vec<Output> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    for o in &outs {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let file = read_signature_file(&sig).unwrap();
+    let entries = file.entries(vaultguard::tpm::policy::Bank::Sha256);
+    assert_eq!(
+        entries.len(),
+        RUNS,
+        "signatures lost to concurrent --append runs"
+    );
+    // And no temporary or lock file is left beside it.
+    let names: Vec<String> = std::fs::read_dir(&sigdir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["tpm2-pcr-signature.json"]);
+}
