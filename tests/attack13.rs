@@ -441,3 +441,33 @@ fn concurrent_policy_sign_append_runs_keep_every_signature() {
         .collect();
     assert_eq!(names, ["tpm2-pcr-signature.json"]);
 }
+
+/// Attack: the token's `vaultguard_eventlog` filled (512 records per PCR, what
+/// the parser allows) so that every record differs: the explanation printed one
+/// line each above the passphrase prompt and into the journal and the audit.
+/// Now at most `MAX_EXPLAINED` lines, the last counting the rest.
+#[test]
+fn a_stuffed_event_record_list_gives_a_bounded_explanation() {
+    use std::collections::BTreeMap;
+    use vaultguard::boot::explain::{lines, MAX_EXPLAINED};
+    use vaultguard::tpm::eventlog;
+    use vaultguard::tpm::policy::Bank;
+    let log = eventlog::parse(include_bytes!(
+        "../src/tpm/testdata/ovmf-direct-boot.eventlog"
+    ))
+    .unwrap();
+    let stuffed: Vec<(String, Vec<u8>)> = (0..512u32)
+        .map(|i| (format!("EV_EFI_ACTION \"forged {i}\""), vec![0x33; 32]))
+        .collect();
+    let enrolled = BTreeMap::from([(9u32, stuffed)]);
+    let out = lines(&enrolled, &log, Bank::Sha256, &[9]);
+    assert_eq!(out.len(), MAX_EXPLAINED, "{}", out.len());
+    assert!(out[0].starts_with("PCR 9: "), "{}", out[0]);
+    assert_eq!(
+        out[MAX_EXPLAINED - 1],
+        format!(
+            "… and {} more event-log records differ",
+            512 - (MAX_EXPLAINED - 1)
+        )
+    );
+}

@@ -136,10 +136,28 @@ fn explain_signed(vault: &mut Vault, tpm: Option<&mut Tpm>) -> Vec<String> {
         .iter()
         .map(|&p| (p, log.digest_list(bank, p)))
         .collect();
-    eventlog::diff(&before, &now)
-        .iter()
-        .map(ToString::to_string)
-        .collect()
+    capped(
+        eventlog::diff(&before, &now)
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+    )
+}
+
+/// At most this many lines explain a refusal; the rest are counted in one more.
+pub const MAX_EXPLAINED: usize = 16;
+
+/// The explanation goes to the console above the passphrase prompt, into the
+/// journal and the audit, one line per record: the records kept in the token
+/// are the header's (512 per PCR may be written there), so a header edit must
+/// not bury the prompt or the log under thousands of lines.
+fn capped(mut out: Vec<String>) -> Vec<String> {
+    if out.len() > MAX_EXPLAINED {
+        let more = out.len() - (MAX_EXPLAINED - 1);
+        out.truncate(MAX_EXPLAINED - 1);
+        out.push(format!("… and {more} more event-log records differ"));
+    }
+    out
 }
 
 /// The records that differ from enrolment for the PCRs whose live value differs
@@ -197,7 +215,7 @@ pub fn lines(enrolled: &EventDigests, log: &EventLog, bank: Bank, changed: &[u32
             ));
         }
     }
-    out
+    capped(out)
 }
 
 #[cfg(test)]
