@@ -294,6 +294,24 @@ fn revoke_older(cfg: &Config, c: &PolicyRevokeOlderCmd, json: bool) -> Result<Ex
         }
     };
     let mut tpm = Tpm::open(&cfg.tpm.tcti, Duration::from_secs(cfg.tpm.timeout))?;
+    // The handle came from the (unauthenticated) header: bump it only if it is
+    // the counter the sealed object was made for. Otherwise an offline edit of
+    // `vaultguard_revocation_counter` had the operator bump some other counter
+    // while every signature they meant to withdraw stayed valid.
+    if let Some(t) = &enrolment {
+        let proven = crate::boot::signed_claims_match_blob(t).and_then(|object| {
+            tpm.check_made_here(&object)
+                .map_err(|e| format!("its sealed object was not made by this TPM: {e}"))
+        });
+        if let Err(why) = proven {
+            return Err(format!(
+                "the header's revocation counter {handle:#010x} is not proven to be the one \
+                 its enrolment was sealed for ({why}); nothing was bumped. Check the header, \
+                 or name the counter with --revocation-counter"
+            )
+            .into());
+        }
+    }
     let old = tpm.read_revocation_counter(handle)?;
     let new = tpm.increment_revocation_counter(handle)?;
     let mut audit = crate::boot::commands::AuditEvents::for_config(cfg);

@@ -471,3 +471,97 @@ fn a_stuffed_event_record_list_gives_a_bounded_explanation() {
         )
     );
 }
+
+/// Attack: `vaultguard_revocation_counter` pointed offline at another counter
+/// (one with vaultguard's attributes, defined by anyone with the TPM's empty
+/// owner password): `policy revoke-older` bumped that one, said so, and every
+/// signature the operator meant to withdraw stayed valid. Likewise a whole
+/// token whose claims agree with a blob made by another TPM. Now the header's
+/// counter is bumped only when its claims give the blob's authPolicy and this
+/// TPM made the blob; the genuine header still bumps its counter.
+#[test]
+fn revoke_older_does_not_bump_a_counter_the_header_was_edited_to_name() {
+    use vaultguard::tpm::counter::DEFAULT_REVOCATION_COUNTER as H;
+    let h2 = H + 1;
+    let dir = TempDir::new("attack13-revoke");
+    let sw = common::Swtpm::start();
+    let (img, _sig, _key) = signed_vault(&sw, dir.path(), Some(H));
+    let mut tpm = vaultguard::tpm::Tpm::open(&sw.tcti(), Duration::from_secs(5)).unwrap();
+    tpm.define_revocation_counter(h2).unwrap();
+    let counters = |tpm: &mut vaultguard::tpm::Tpm| {
+        (
+            tpm.read_revocation_counter(H).unwrap(),
+            tpm.read_revocation_counter(h2).unwrap(),
+        )
+    };
+    let before = counters(&mut tpm);
+    drop(tpm);
+    let cfg = dir.path().join("config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"tpm": {"tcti": sw.tcti(), "timeout": 5},
+                           "audit": {"path": dir.path().join("audit.jsonl")}})
+        .to_string(),
+    )
+    .unwrap();
+    let revoke = || {
+        run_bounded(
+            "revoke-older",
+            Command::new(vaultguard_bin())
+                .arg("-c")
+                .arg(&cfg)
+                .args(["policy", "revoke-older", "--device"])
+                .arg(&img),
+        )
+    };
+    let refused = |what: &str, why: &str| {
+        let out = revoke();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {out:?}");
+        assert!(
+            err.contains("not proven") && err.contains("nothing was bumped") && err.contains(why),
+            "{what}: {err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "{what}: {err}");
+        let mut tpm = vaultguard::tpm::Tpm::open(&sw.tcti(), Duration::from_secs(5)).unwrap();
+        assert_eq!(counters(&mut tpm), before, "{what}: a counter was bumped");
+    };
+
+    let (id, original) = token(&img);
+    let mut t = original.clone();
+    t["vaultguard_revocation_counter"] = serde_json::json!(h2);
+    replace_token(&img, id, &t);
+    refused("counter field edited", "recorded PCR");
+
+    // A consistent token for h2, sealed by another TPM (same PCR values), with
+    // this header's SRK and keyslot: its claims agree with its blob.
+    let other_dir = TempDir::new("attack13-revoke-other");
+    let mut other = common::Swtpm::start();
+    // The test TPMs are copies of one pristine state: TPM2_Clear gives this one
+    // its own storage seed, as another machine's TPM has.
+    other.tool("tpm2_clear", &[]);
+    let mut tpm = vaultguard::tpm::Tpm::open(&other.tcti(), Duration::from_secs(5)).unwrap();
+    tpm.define_revocation_counter(h2).unwrap();
+    drop(tpm);
+    let (other_img, _, _) = signed_vault(&other, other_dir.path(), Some(h2));
+    let (_, mut forged) = token(&other_img);
+    for k in ["tpm2_srk", "keyslots", "vaultguard_keyslot_macs"] {
+        match original.get(k) {
+            Some(v) => forged[k] = v.clone(),
+            None => {
+                forged.as_object_mut().unwrap().remove(k);
+            }
+        }
+    }
+    replace_token(&img, id, &forged);
+    refused("a token made on another TPM", "not made by this TPM");
+
+    // The genuine header: its counter is bumped.
+    replace_token(&img, id, &original);
+    let out = revoke();
+    assert!(out.status.success(), "{out:?}");
+    let mut tpm = vaultguard::tpm::Tpm::open(&sw.tcti(), Duration::from_secs(5)).unwrap();
+    let after = counters(&mut tpm);
+    assert_eq!(after.0, before.0.map(|v| v + 1));
+    assert_eq!(after.1, before.1);
+}

@@ -2199,12 +2199,27 @@ fn signed_policy_proven(vault: &mut Vault, volume_key: &[u8], t: &Tpm2Token) -> 
                 .into(),
         );
     }
-    let object = sealed_object(t).map_err(|e| e.to_string())?;
+    signed_claims_match_blob(t).map(|_| ())
+}
+
+/// Whether the signed policy `t` names (public key, revocation counter) gives
+/// the authPolicy of its own sealed object, with its recorded literal PCR
+/// values ([`crate::tpm::check_sealed`], strictly: every literal PCR recorded).
+/// This ties the claims to the blob; whether the blob is genuine is for the
+/// caller to prove (keyslot MAC, or [`Tpm::check_made_here`]). Returns the
+/// sealed object.
+pub fn signed_claims_match_blob(t: &Tpm2Token) -> Result<SealedObject, String> {
+    let mut object = sealed_object(t).map_err(|e| e.to_string())?;
+    if object.pcrs.is_empty() {
+        // No literal PCRs: nothing to record, and the policy is still checked.
+        object.pcr_values.get_or_insert_with(Default::default);
+    }
     match &object.pcr_values {
         Some(v) if v.keys().copied().eq(object.pcrs.iter().copied()) => {}
         _ => return Err("the token records no literal PCR values to check its policy by".into()),
     }
-    crate::tpm::check_sealed(&object).map_err(|e| e.to_string())
+    crate::tpm::check_sealed(&object).map_err(|e| e.to_string())?;
+    Ok(object)
 }
 
 pub fn reseal(
