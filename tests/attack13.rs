@@ -565,3 +565,84 @@ fn revoke_older_does_not_bump_a_counter_the_header_was_edited_to_name() {
     assert_eq!(after.0, before.0.map(|v| v + 1));
     assert_eq!(after.1, before.1);
 }
+
+/// Signature files an attacker can write (no fix needed; kept as evidence):
+/// each is refused with one line, or (many entries) read quickly.
+#[test]
+fn hostile_signature_file_contents_are_one_line_refusals_or_cheap() {
+    use vaultguard::tpm::policy::Bank;
+    use vaultguard::tpm::signed::{SignatureFile, MAX_SIGNATURE_FILE};
+    let entry = |extra: &str| {
+        format!(
+            r#"{{"sha256":[{{"pcrs":[9],"pkfp":"{}","pol":"{}","sig":"AAAA"{extra}}}]}}"#,
+            "11".repeat(32),
+            "22".repeat(32)
+        )
+    };
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    for (what, text, want) in [
+        ("deeply nested", deep, "is not JSON"),
+        (
+            "negative counter",
+            entry(r#","vaultguard_counter_value":-1"#),
+            "vaultguard_counter_value",
+        ),
+        (
+            "float counter",
+            entry(r#","vaultguard_counter_value":1.5"#),
+            "vaultguard_counter_value",
+        ),
+        (
+            "2^64 counter",
+            entry(r#","vaultguard_counter_value":18446744073709551616"#),
+            "vaultguard_counter_value",
+        ),
+        ("PCR 24", entry("").replace("[9]", "[24]"), "PCR number"),
+        (
+            "negative PCR",
+            entry("").replace("[9]", "[-1]"),
+            "PCR number",
+        ),
+        (
+            "short pol",
+            entry("").replace(&"22".repeat(32), "22"),
+            "32-byte",
+        ),
+        (
+            "huge sig",
+            entry("").replace("AAAA", &"A".repeat(4000)),
+            "larger than any",
+        ),
+    ] {
+        let e = SignatureFile::parse(text.as_bytes())
+            .expect_err(what)
+            .to_string();
+        assert!(e.contains(want), "{what}: {e}");
+        assert!(!e.contains('\n'), "{what}: {e}");
+    }
+    // Duplicate keys: serde_json keeps the last; the entry is still checked whole.
+    let dup = entry("").replace(r#""pcrs":[9]"#, r#""pcrs":[9],"pcrs":[99]"#);
+    assert!(SignatureFile::parse(dup.as_bytes()).is_err());
+    // As many well-formed entries as fit in the size cap: every lookup stays cheap.
+    let one = format!(
+        r#"{{"pcrs":[9],"pkfp":"{}","pol":"{}","sig":"{}"}}"#,
+        "11".repeat(32),
+        "22".repeat(32),
+        "A".repeat(96)
+    );
+    let n = (MAX_SIGNATURE_FILE as usize - 64) / (one.len() + 1);
+    let big = format!(r#"{{"sha256":[{}]}}"#, vec![one; n].join(","));
+    assert!(big.len() as u64 <= MAX_SIGNATURE_FILE);
+    let t = Instant::now();
+    let f = SignatureFile::parse(big.as_bytes()).unwrap();
+    assert!(f
+        .find(Bank::Sha256, &[9], &[0x11; 32], &[0x33; 32])
+        .is_none());
+    let why = f.explain_miss(Bank::Sha256, &[9], &[0x11; 32]);
+    assert!(why.contains("current values"), "{why}");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "{n} entries: {:?}",
+        t.elapsed()
+    );
+}
