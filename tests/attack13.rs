@@ -646,3 +646,39 @@ fn hostile_signature_file_contents_are_one_line_refusals_or_cheap() {
         t.elapsed()
     );
 }
+
+/// `enroll --revocation-counter` naming the audit anchor's NV index (the
+/// default 0x013fa0d1, one digit from the counter's default): on a TPM without
+/// the anchor yet, the counter was defined there and the enrolment then failed
+/// to define the audit anchor ("never a failed enrolment"), so the audit log
+/// lost its TPM anchor for good. Now refused before anything is defined.
+#[test]
+fn enroll_refuses_the_audit_index_as_revocation_counter() {
+    use vaultguard::boot::{enroll, BootError, NoEvents, SignedEnrolment};
+    use vaultguard::prompt::Scripted;
+    use vaultguard::tpm::nv::DEFAULT_AUDIT_NV_INDEX;
+    let dir = TempDir::new("attack13-counter-audit");
+    let sw = common::Swtpm::start();
+    let img = common::luks_image(dir.path(), PASS);
+    common::openssl_key(dir.path(), "ec");
+    let mut opts = common::enroll_opts(&sw, &img);
+    opts.pcrs = vec![7];
+    opts.signed = Some(SignedEnrolment {
+        public_key_pem: public_pem(dir.path(), "ec"),
+        pcrs: vec![9],
+        revocation_counter: Some(DEFAULT_AUDIT_NV_INDEX),
+    });
+    match enroll(&opts, &mut Scripted::new(&[PASS]), &mut NoEvents) {
+        Err(e @ BootError::BadArgument(_)) => {
+            let line = e.to_string();
+            assert!(line.contains("audit"), "{line}");
+        }
+        Err(other) => panic!("refused for another reason: {other}"),
+        Ok(r) => panic!("enrolled with the audit index as its counter: {r:?}"),
+    }
+    // Nothing is defined at the audit index, and the header has no token.
+    let mut tpm = vaultguard::tpm::Tpm::open(&sw.tcti(), Duration::from_secs(5)).unwrap();
+    assert!(tpm.read_revocation_counter(DEFAULT_AUDIT_NV_INDEX).is_err());
+    let mut v = vaultguard::luks::Vault::open(img.to_str().unwrap()).unwrap();
+    assert!(v.tpm2_tokens().is_empty());
+}

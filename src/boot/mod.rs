@@ -220,6 +220,10 @@ pub enum ArgError {
     },
     /// `--public-key` is not a usable policy key (the key parser's line).
     PublicKey(String),
+    /// `--revocation-counter` names the audit anchor's NV index.
+    CounterIsAuditIndex {
+        handle: u32,
+    },
 }
 
 impl fmt::Display for ArgError {
@@ -232,6 +236,12 @@ impl fmt::Display for ArgError {
             ),
             ArgError::UnknownBank { name } => write!(f, "unknown PCR bank `{name}`"),
             ArgError::PublicKey(why) => write!(f, "--public-key: {why}"),
+            ArgError::CounterIsAuditIndex { handle } => write!(
+                f,
+                "--revocation-counter {handle:#010x} is the audit log's TPM anchor \
+                 (audit.tpm_nv_index); choose another index (suggested: {:#010x})",
+                crate::tpm::counter::DEFAULT_REVOCATION_COUNTER
+            ),
         }
     }
 }
@@ -1818,6 +1828,12 @@ fn seal_and_verify(
         None => None,
     };
     let counter = opts.signed.as_ref().and_then(|s| s.revocation_counter);
+    if let Some(h) = counter.filter(|h| Some(*h) == opts.audit_nv_index) {
+        // Defined first, the counter would take the anchor's place for good.
+        return Err(BootError::BadArgument(ArgError::CounterIsAuditIndex {
+            handle: h,
+        }));
+    }
     if let Some(h) = counter {
         // Defined (and written once) before sealing: its name is the policyRef.
         tpm.define_revocation_counter(h)?;
