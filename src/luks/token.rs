@@ -31,8 +31,8 @@ const EVENTLOG_FIELD: &str = "vaultguard_eventlog";
 /// the counter's name as policyRef).
 pub const REVOCATION_COUNTER_FIELD: &str = "vaultguard_revocation_counter";
 /// Bounds on what a header may make us keep: events per PCR, description length.
-const EVENTLOG_MAX_EVENTS: usize = 512;
-const EVENTLOG_MAX_TEXT: usize = 256;
+pub const EVENTLOG_MAX_EVENTS: usize = 512;
+pub const EVENTLOG_MAX_TEXT: usize = 256;
 
 /// PCR → (event description, digest) in log order; see [`Tpm2Token::eventlog`].
 pub type EventDigests = BTreeMap<u32, Vec<(String, Vec<u8>)>>;
