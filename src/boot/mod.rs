@@ -127,8 +127,10 @@ impl fmt::Display for BootError {
                 f,
                 "LUKS2 token {token}'s signed policy (tpm2_pubkey, tpm2_pubkey_pcrs, \
                  vaultguard_revocation_counter) is not proven to be the one its sealed object \
-                 was made for ({why}); nothing was resealed. If the header was not edited, \
-                 enrol again with `vaultguard enroll --public-key FILE --public-key-pcrs …`"
+                 was made for ({why}); nothing was resealed. If the header was not edited \
+                 (or the token is systemd-cryptenroll's, which has no binding), remove it \
+                 (`cryptsetup token remove --token-id {token}`) and enrol again with \
+                 `vaultguard enroll --public-key FILE --public-key-pcrs …`"
             ),
             BootError::NotEnrolled => write!(f, "no TPM2 enrolment in the LUKS header; run `vaultguard enroll` first"),
             BootError::BrokenToken { token, why } => write!(

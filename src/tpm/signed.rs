@@ -534,12 +534,13 @@ impl SignatureFile {
 /// event log, a staged initrd or kernel) for reading, refusing anything but a
 /// regular file. O_NONBLOCK: a FIFO planted under the name must not block
 /// open(2) (and with it the boot unlock) until someone writes to it; a device
-/// such as /dev/zero would be read without end. Returns the file and its size.
+/// such as /dev/zero would be read without end, and a terminal must not become
+/// our controlling one (O_NOCTTY). Returns the file and its size.
 pub fn open_regular(path: &Path) -> std::io::Result<(std::fs::File, u64)> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC | nix::libc::O_NOCTTY)
         .open(path)?;
     let meta = f.metadata()?;
     let t = meta.file_type();
