@@ -52,13 +52,16 @@ pub fn enrolment_eventlog(
         return EventDigests::new();
     };
     let in_log = log.pcrs();
-    let lists: Vec<(u32, Vec<(String, Vec<u8>)>)> = pcrs
+    let lists: Vec<(u32, Records)> = pcrs
         .into_iter()
         .filter(|p| in_log.contains(p))
         .map(|p| (p, fit_descriptions(log.digest_list(bank, p))))
         .collect();
     within_budget(lists)
 }
+
+/// One PCR's records as the token keeps them: (description, digest).
+type Records = Vec<(String, Vec<u8>)>;
 
 /// At most this many bytes of the token's JSON go to the event-log record: the
 /// LUKS2 header's JSON area is ~12 KiB by default and holds the keyslots and,
@@ -69,7 +72,7 @@ pub const EVENTLOG_BUDGET: usize = 2048;
 /// ([`token::EVENTLOG_MAX_TEXT`] bytes, on a character boundary, `…` marking
 /// the cut): a longer one made a token that could not be read back, and with it
 /// no TPM unlock at all.
-fn fit_descriptions(list: Vec<(String, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
+fn fit_descriptions(list: Records) -> Records {
     list.into_iter()
         .map(|(mut text, digest)| {
             if text.len() > token::EVENTLOG_MAX_TEXT {
@@ -90,7 +93,7 @@ fn fit_descriptions(list: Vec<(String, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
 /// firmware PCR with a long key-database history is the one left out), each
 /// whole or not at all and never more records than the parser takes. A PCR left
 /// out is explained as "no event-log record at enrolment".
-fn within_budget(mut lists: Vec<(u32, Vec<(String, Vec<u8>)>)>) -> EventDigests {
+fn within_budget(mut lists: Vec<(u32, Records)>) -> EventDigests {
     // The JSON each record costs: {"event":"…","digest":"<hex>"}, with the
     // escapes of `"` and `\` (the only ones left after the parser's cleaning).
     let cost = |l: &[(String, Vec<u8>)]| -> usize {
