@@ -682,3 +682,47 @@ fn enroll_refuses_the_audit_index_as_revocation_counter() {
     let mut v = vaultguard::luks::Vault::open(img.to_str().unwrap()).unwrap();
     assert!(v.tpm2_tokens().is_empty());
 }
+
+/// `policy revoke-older` on a TPM whose owner password was set after enrolment
+/// (as the README advises for the audit anchor): the refusal said vaultguard
+/// "cannot define its audit NV index", which is not what failed. It now names
+/// the revocation counter and the command that bumps it with the password; the
+/// counter is unchanged.
+#[test]
+fn revoke_older_with_an_owner_password_names_the_counter_not_the_audit_index() {
+    use vaultguard::tpm::counter::DEFAULT_REVOCATION_COUNTER as H;
+    let dir = TempDir::new("attack13-revoke-owner");
+    let mut sw = common::Swtpm::start();
+    let (_img, _sig, _key) = signed_vault(&sw, dir.path(), Some(H));
+    let mut tpm = vaultguard::tpm::Tpm::open(&sw.tcti(), Duration::from_secs(5)).unwrap();
+    let before = tpm.read_revocation_counter(H).unwrap();
+    drop(tpm);
+    sw.tool("tpm2_changeauth", &["-c", "owner", "ownerpass"]);
+    let cfg = dir.path().join("config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"tpm": {"tcti": sw.tcti(), "timeout": 5},
+                           "audit": {"path": dir.path().join("audit.jsonl")}})
+        .to_string(),
+    )
+    .unwrap();
+    let out = run_bounded(
+        "revoke-older",
+        Command::new(vaultguard_bin()).arg("-c").arg(&cfg).args([
+            "policy",
+            "revoke-older",
+            "--revocation-counter",
+            "0x013fa0d2",
+        ]),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        err.contains("revocation counter 0x013fa0d2") && !err.contains("audit NV index"),
+        "{err}"
+    );
+    assert!(err.contains("tpm2_nvincrement -C o -P"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let mut tpm = vaultguard::tpm::Tpm::open(&sw.tcti(), Duration::from_secs(5)).unwrap();
+    assert_eq!(tpm.read_revocation_counter(H).unwrap(), before);
+}
