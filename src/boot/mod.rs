@@ -2193,11 +2193,6 @@ pub fn define_audit_anchor(
     outcome
 }
 
-/// Seal to the current PCR values. The new token and keyslot are written first;
-/// only then are the old ones removed, so a crash in between leaves two working
-/// enrolments, never none. The old tokens all go; a keyslot one of them listed
-/// is destroyed only as [`keep_reasons`] allows, proven to be that token's by its
-/// unsealed secret opening it, or by the token's volume-key binding to it.
 /// Whether the signed policy token `t` names is, without the TPM, provably the
 /// one its sealed object was made for: one of its keyslot bindings verifies
 /// under `volume_key` (so the blob is the one vaultguard sealed for this
@@ -2240,6 +2235,11 @@ pub fn signed_claims_match_blob(t: &Tpm2Token) -> Result<SealedObject, String> {
     Ok(object)
 }
 
+/// Seal to the current PCR values. The new token and keyslot are written first;
+/// only then are the old ones removed, so a crash in between leaves two working
+/// enrolments, never none. The old tokens all go; a keyslot one of them listed
+/// is destroyed only as [`keep_reasons`] allows, proven to be that token's by its
+/// unsealed secret opening it, or by the token's volume-key binding to it.
 pub fn reseal(
     opts: &EnrollOptions,
     prompter: &mut dyn Prompter,
@@ -2323,13 +2323,11 @@ pub fn reseal(
     // the blob's authPolicy recomputed from the key, counter and recorded PCR
     // values do. Otherwise someone who edited the header offline would have the
     // reseal seal the volume key to their own public key.
-    if carried_from.is_some() {
-        if let Some((id, t)) = old.iter().find(|(_, t)| t.pubkey.is_some()) {
-            // Every token in `secrets` was unsealed by the TPM just now.
-            if !secrets.iter().any(|(s, _)| s == id) {
-                signed_policy_proven(&mut vault, vk.as_bytes(), t)
-                    .map_err(|why| BootError::UnprovenSignedPolicy { token: *id, why })?;
-            }
+    // Every token in `secrets` was unsealed by the TPM just now.
+    if let Some(id) = carried_from.filter(|id| !secrets.iter().any(|(s, _)| s == id)) {
+        if let Some((_, t)) = old.iter().find(|(i, _)| *i == id) {
+            signed_policy_proven(&mut vault, vk.as_bytes(), t)
+                .map_err(|why| BootError::UnprovenSignedPolicy { token: id, why })?;
         }
     }
     let pin = if opts.pin || old.iter().any(|(_, t)| t.pin) {
