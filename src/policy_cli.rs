@@ -313,13 +313,20 @@ fn revoke_older(cfg: &Config, c: &PolicyRevokeOlderCmd, json: bool) -> Result<Ex
         }
     }
     let old = tpm.read_revocation_counter(handle)?;
-    let new = tpm.increment_revocation_counter(handle)?;
     let mut audit = crate::boot::commands::AuditEvents::for_config(cfg);
-    let (old_s, new_s, handle_s) = (
+    let (old_s, handle_s) = (
         old.map_or("unwritten".to_string(), |v| v.to_string()),
-        new.to_string(),
         format!("{handle:#010x}"),
     );
+    // Audited before the increment too: a run killed between the TPM's bump and
+    // the outcome's entry must still leave a trace of a withdrawal.
+    crate::boot::Events::event(
+        &mut audit,
+        "policy_revoke_older_started",
+        &[("counter", &handle_s), ("old_value", &old_s)],
+    );
+    let new = tpm.increment_revocation_counter(handle)?;
+    let new_s = new.to_string();
     crate::boot::Events::event(
         &mut audit,
         "policy_revoke_older",

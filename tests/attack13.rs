@@ -726,3 +726,142 @@ fn revoke_older_with_an_owner_password_names_the_counter_not_the_audit_index() {
     let mut tpm = vaultguard::tpm::Tpm::open(&sw.tcti(), Duration::from_secs(5)).unwrap();
     assert_eq!(tpm.read_revocation_counter(H).unwrap(), before);
 }
+
+/// A relay to `sw` that forwards every TPM command but, once an NV_Increment
+/// has gone through, no more responses: the client waits (here, to be killed)
+/// after the TPM has done the increment. Returns the relay's TCTI and a flag
+/// set when the NV_Increment was forwarded.
+fn swallowing_relay(sw: &common::Swtpm) -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let tpm_port: u16 = sw
+        .tcti()
+        .rsplit("port=")
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("swtpm tcti port");
+    let data = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = data.local_addr().unwrap().port();
+    let ctrl = TcpListener::bind(("127.0.0.1", port + 1)).expect("the control port beside it");
+    let seen = Arc::new(AtomicBool::new(false));
+    std::thread::spawn(move || {
+        for c in ctrl.incoming().flatten() {
+            let s = TcpStream::connect(("127.0.0.1", tpm_port + 1)).unwrap();
+            let (mut c2, mut s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+            std::thread::spawn(move || drop(std::io::copy(&mut s2, &mut c2)));
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut &c, &mut &s);
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    let flag = seen.clone();
+    std::thread::spawn(move || {
+        for mut client in data.incoming().flatten() {
+            let server = TcpStream::connect(("127.0.0.1", tpm_port)).unwrap();
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let f = flag.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s2.read(&mut buf) {
+                    if n == 0 || f.load(Ordering::SeqCst) {
+                        return; // swallowed: the client waits
+                    }
+                    if c2.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+            let f = flag.clone();
+            let mut server = server;
+            std::thread::spawn(move || {
+                let mut head = [0u8; 10];
+                while client.read_exact(&mut head).is_ok() {
+                    let size = u32::from_be_bytes(head[2..6].try_into().unwrap()) as usize;
+                    let mut cmd = head.to_vec();
+                    cmd.resize(size.max(10), 0);
+                    if client.read_exact(&mut cmd[10..]).is_err() {
+                        return;
+                    }
+                    let code = u32::from_be_bytes(head[6..10].try_into().unwrap());
+                    if code == 0x134 {
+                        f.store(true, Ordering::SeqCst);
+                    }
+                    if server.write_all(&cmd).is_err() {
+                        return;
+                    }
+                }
+                // The client is gone: free swtpm (one connection at a time)
+                // for its next one.
+                let _ = server.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (format!("swtpm:host=127.0.0.1,port={port}"), seen)
+}
+
+/// kill -9 of `policy revoke-older` after the TPM bumped the counter and before
+/// the audit entry was written: the bump, a security act, was in no audit log.
+/// Now the intent (`policy_revoke_older_started`, counter and old value) is
+/// audited before the increment, so a killed run still leaves its trace.
+#[test]
+fn revoke_older_killed_after_the_increment_has_left_an_audit_entry() {
+    use std::sync::atomic::Ordering;
+    use vaultguard::tpm::counter::DEFAULT_REVOCATION_COUNTER as H;
+    let dir = TempDir::new("attack13-revoke-kill");
+    let sw = common::Swtpm::start();
+    let (_img, _sig, _key) = signed_vault(&sw, dir.path(), Some(H));
+    let mut tpm = vaultguard::tpm::Tpm::open(&sw.tcti(), Duration::from_secs(5)).unwrap();
+    let before = tpm.read_revocation_counter(H).unwrap().unwrap();
+    drop(tpm);
+    let (tcti, incremented) = swallowing_relay(&sw);
+    let audit = dir.path().join("audit.jsonl");
+    let cfg = dir.path().join("config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"tpm": {"tcti": tcti, "timeout": 30}, "audit": {"path": audit}})
+            .to_string(),
+    )
+    .unwrap();
+    let mut child = Command::new(vaultguard_bin())
+        .arg("-c")
+        .arg(&cfg)
+        .args([
+            "policy",
+            "revoke-older",
+            "--revocation-counter",
+            "0x013fa0d2",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !incremented.load(Ordering::SeqCst) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no NV_Increment sent"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "exited before the increment"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(300)); // swtpm executes it
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let mut tpm = vaultguard::tpm::Tpm::open(&sw.tcti(), Duration::from_secs(5)).unwrap();
+    assert_eq!(tpm.read_revocation_counter(H).unwrap(), Some(before + 1));
+    let log = std::fs::read_to_string(&audit).unwrap_or_default();
+    let entry = log
+        .lines()
+        .find(|l| l.contains("policy_revoke_older"))
+        .unwrap_or_else(|| panic!("the bump left no audit entry: {log:?}"));
+    assert!(
+        entry.contains("0x013fa0d2") && entry.contains(&format!("\"old_value\":\"{before}\"")),
+        "{entry}"
+    );
+}
