@@ -194,6 +194,15 @@ fn sign(cfg: &Config, c: &PolicySignCmd, json: bool) -> Result<ExitCode> {
         .signature
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SIGNATURE_FILE));
+    // --append is a read-modify-write: concurrent runs (two kernels' hooks) each
+    // renamed their own copy over the file and all but the last signature were
+    // lost. An exclusive flock on the directory (the file itself is replaced by
+    // rename, so it cannot carry the lock) serialises them; it goes with the fd.
+    let _lock = if c.append {
+        Some(lock_directory_of(&path)?)
+    } else {
+        None
+    };
     let mut file = if c.append && path.exists() {
         signed::read_signature_file(&path).map_err(|e| {
             format!("cannot extend the signature file: {e}; sign without --append to replace it")
@@ -285,14 +294,39 @@ fn revoke_older(cfg: &Config, c: &PolicyRevokeOlderCmd, json: bool) -> Result<Ex
         }
     };
     let mut tpm = Tpm::open(&cfg.tpm.tcti, Duration::from_secs(cfg.tpm.timeout))?;
+    // The handle came from the (unauthenticated) header: bump it only if it is
+    // the counter the sealed object was made for. Otherwise an offline edit of
+    // `vaultguard_revocation_counter` had the operator bump some other counter
+    // while every signature they meant to withdraw stayed valid.
+    if let Some(t) = &enrolment {
+        let proven = crate::boot::signed_claims_match_blob(t).and_then(|object| {
+            tpm.check_made_here(&object)
+                .map_err(|e| format!("its sealed object was not made by this TPM: {e}"))
+        });
+        if let Err(why) = proven {
+            return Err(format!(
+                "the header's revocation counter {handle:#010x} is not proven to be the one \
+                 its enrolment was sealed for ({why}); nothing was bumped. Check the header, \
+                 or name the counter with --revocation-counter"
+            )
+            .into());
+        }
+    }
     let old = tpm.read_revocation_counter(handle)?;
-    let new = tpm.increment_revocation_counter(handle)?;
     let mut audit = crate::boot::commands::AuditEvents::for_config(cfg);
-    let (old_s, new_s, handle_s) = (
+    let (old_s, handle_s) = (
         old.map_or("unwritten".to_string(), |v| v.to_string()),
-        new.to_string(),
         format!("{handle:#010x}"),
     );
+    // Audited before the increment too: a run killed between the TPM's bump and
+    // the outcome's entry must still leave a trace of a withdrawal.
+    crate::boot::Events::event(
+        &mut audit,
+        "policy_revoke_older_started",
+        &[("counter", &handle_s), ("old_value", &old_s)],
+    );
+    let new = tpm.increment_revocation_counter(handle)?;
+    let new_s = new.to_string();
     crate::boot::Events::event(
         &mut audit,
         "policy_revoke_older",
@@ -350,6 +384,27 @@ fn tpm<'a>(slot: &'a mut Option<Tpm>, cfg: &Config) -> Result<&'a mut Tpm> {
     }
     slot.as_mut()
         .ok_or_else(|| "the TPM connection was just opened".into())
+}
+
+/// An exclusive flock on `path`'s directory, held until the returned file is
+/// dropped. A missing directory has nothing to extend: no lock is needed.
+fn lock_directory_of(path: &Path) -> Result<Option<std::fs::File>> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let held = match std::fs::File::open(dir) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot open {} to lock it: {e}", dir.display()).into()),
+    };
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::LockExclusive).map_err(|e| {
+        format!(
+            "cannot lock {} against a concurrent `policy sign --append`: {e}",
+            dir.display()
+        )
+    })?;
+    Ok(Some(held))
 }
 
 fn write_signature_file(path: &Path, file: &SignatureFile) -> Result<()> {

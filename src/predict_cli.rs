@@ -21,8 +21,28 @@ use std::time::Duration;
 /// PCRs predicted when `--pcrs` is not given, as far as the log has events for them.
 pub const DEFAULT_PCRS: [u32; 4] = [4, 7, 9, 11];
 
+/// A staged initrd or kernel larger than this is refused before it is read (a
+/// Debian initrd with all firmware is ~100-200 MiB; the image is held in memory).
+pub const MAX_STAGED_BYTES: u64 = 1 << 30;
+
+/// Read a staged component: a regular file of at most [`MAX_STAGED_BYTES`] (a
+/// FIFO would block, /dev/zero would be read until memory runs out).
 fn read_file(what: &str, p: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(p).map_err(|e| format!("cannot read the staged {what} {}: {e}", p.display()))
+    use std::io::Read;
+    let fail = |e: String| format!("cannot read the staged {what} {}: {e}", p.display());
+    let (f, len) = crate::tpm::signed::open_regular(p).map_err(|e| fail(e.to_string()))?;
+    let too_big = || fail(format!("larger than {MAX_STAGED_BYTES} bytes"));
+    if len > MAX_STAGED_BYTES {
+        return Err(too_big());
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    f.take(MAX_STAGED_BYTES + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| fail(e.to_string()))?;
+    if buf.len() as u64 > MAX_STAGED_BYTES {
+        return Err(too_big());
+    }
+    Ok(buf)
 }
 
 pub fn run(

@@ -9,7 +9,7 @@
 //! refusal say so) rather than fail.
 
 use super::{tpm_bank, TpmRefusal};
-use crate::luks::token::EventDigests;
+use crate::luks::token::{self, EventDigests};
 use crate::luks::Vault;
 use crate::tpm::eventlog::{self, EventLog};
 use crate::tpm::policy::Bank;
@@ -52,10 +52,68 @@ pub fn enrolment_eventlog(
         return EventDigests::new();
     };
     let in_log = log.pcrs();
-    pcrs.into_iter()
+    let lists: Vec<(u32, Records)> = pcrs
+        .into_iter()
         .filter(|p| in_log.contains(p))
-        .map(|p| (p, log.digest_list(bank, p)))
+        .map(|p| (p, fit_descriptions(log.digest_list(bank, p))))
+        .collect();
+    within_budget(lists)
+}
+
+/// One PCR's records as the token keeps them: (description, digest).
+type Records = Vec<(String, Vec<u8>)>;
+
+/// At most this many bytes of the token's JSON go to the event-log record: the
+/// LUKS2 header's JSON area is ~12 KiB by default and holds the keyslots and,
+/// during a reseal, the old and the new token side by side.
+pub const EVENTLOG_BUDGET: usize = 2048;
+
+/// Each description cut to what the token parser takes
+/// ([`token::EVENTLOG_MAX_TEXT`] bytes, on a character boundary, `…` marking
+/// the cut): a longer one made a token that could not be read back, and with it
+/// no TPM unlock at all.
+fn fit_descriptions(list: Records) -> Records {
+    list.into_iter()
+        .map(|(mut text, digest)| {
+            if text.len() > token::EVENTLOG_MAX_TEXT {
+                let mut cut = token::EVENTLOG_MAX_TEXT - '…'.len_utf8();
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
+                text.push('…');
+            }
+            (text, digest)
+        })
         .collect()
+}
+
+/// The PCRs' record lists that fit [`EVENTLOG_BUDGET`] together, smallest
+/// first (the kernel/initrd PCRs, which updates change, have few records; a
+/// firmware PCR with a long key-database history is the one left out), each
+/// whole or not at all and never more records than the parser takes. A PCR left
+/// out is explained as "no event-log record at enrolment".
+fn within_budget(mut lists: Vec<(u32, Records)>) -> EventDigests {
+    // The JSON each record costs: {"event":"…","digest":"<hex>"}, with the
+    // escapes of `"` and `\` (the only ones left after the parser's cleaning).
+    let cost = |l: &[(String, Vec<u8>)]| -> usize {
+        l.iter()
+            .map(|(t, d)| t.len() + t.matches(['"', '\\']).count() + 2 * d.len() + 26)
+            .sum::<usize>()
+            + 8
+    };
+    lists.retain(|(_, l)| l.len() <= token::EVENTLOG_MAX_EVENTS);
+    lists.sort_by_key(|(p, l)| (cost(l), *p));
+    let mut used = 0;
+    let mut out = EventDigests::new();
+    for (p, l) in lists {
+        let c = cost(&l);
+        if used + c <= EVENTLOG_BUDGET {
+            used += c;
+            out.insert(p, l);
+        }
+    }
+    out
 }
 
 /// The records that differ from enrolment, one line each, when `reason` is a PCR
@@ -136,10 +194,28 @@ fn explain_signed(vault: &mut Vault, tpm: Option<&mut Tpm>) -> Vec<String> {
         .iter()
         .map(|&p| (p, log.digest_list(bank, p)))
         .collect();
-    eventlog::diff(&before, &now)
-        .iter()
-        .map(ToString::to_string)
-        .collect()
+    capped(
+        eventlog::diff(&before, &now)
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+    )
+}
+
+/// At most this many lines explain a refusal; the rest are counted in one more.
+pub const MAX_EXPLAINED: usize = 16;
+
+/// The explanation goes to the console above the passphrase prompt, into the
+/// journal and the audit, one line per record: the records kept in the token
+/// are the header's (512 per PCR may be written there), so a header edit must
+/// not bury the prompt or the log under thousands of lines.
+fn capped(mut out: Vec<String>) -> Vec<String> {
+    if out.len() > MAX_EXPLAINED {
+        let more = out.len() - (MAX_EXPLAINED - 1);
+        out.truncate(MAX_EXPLAINED - 1);
+        out.push(format!("… and {more} more event-log records differ"));
+    }
+    out
 }
 
 /// The records that differ from enrolment for the PCRs whose live value differs
@@ -197,7 +273,7 @@ pub fn lines(enrolled: &EventDigests, log: &EventLog, bank: Bank, changed: &[u32
             ));
         }
     }
-    out
+    capped(out)
 }
 
 #[cfg(test)]

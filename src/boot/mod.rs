@@ -102,6 +102,13 @@ pub enum BootError {
     },
     /// A clevis (Tang/sss) enrolment step failed.
     Clevis(crate::clevis::ClevisError),
+    /// `reseal` after a passphrase unlock: the header's signed policy (public
+    /// key, revocation counter) is not proven to be the sealed object's, so it
+    /// is not carried into the new enrolment.
+    UnprovenSignedPolicy {
+        token: u32,
+        why: String,
+    },
 }
 
 impl fmt::Display for BootError {
@@ -115,6 +122,15 @@ impl fmt::Display for BootError {
             BootError::AlreadyEnrolled { token } => write!(
                 f,
                 "a TPM2 enrolment already exists (token {token}); use `vaultguard reseal` to replace it"
+            ),
+            BootError::UnprovenSignedPolicy { token, why } => write!(
+                f,
+                "LUKS2 token {token}'s signed policy (tpm2_pubkey, tpm2_pubkey_pcrs, \
+                 vaultguard_revocation_counter) is not proven to be the one its sealed object \
+                 was made for ({why}); nothing was resealed. If the header was not edited \
+                 (or the token is systemd-cryptenroll's, which has no binding), remove it \
+                 (`cryptsetup token remove --token-id {token}`) and enrol again with \
+                 `vaultguard enroll --public-key FILE --public-key-pcrs …`"
             ),
             BootError::NotEnrolled => write!(f, "no TPM2 enrolment in the LUKS header; run `vaultguard enroll` first"),
             BootError::BrokenToken { token, why } => write!(
@@ -206,6 +222,10 @@ pub enum ArgError {
     },
     /// `--public-key` is not a usable policy key (the key parser's line).
     PublicKey(String),
+    /// `--revocation-counter` names the audit anchor's NV index.
+    CounterIsAuditIndex {
+        handle: u32,
+    },
 }
 
 impl fmt::Display for ArgError {
@@ -218,6 +238,12 @@ impl fmt::Display for ArgError {
             ),
             ArgError::UnknownBank { name } => write!(f, "unknown PCR bank `{name}`"),
             ArgError::PublicKey(why) => write!(f, "--public-key: {why}"),
+            ArgError::CounterIsAuditIndex { handle } => write!(
+                f,
+                "--revocation-counter {handle:#010x} is the audit log's TPM anchor \
+                 (audit.tpm_nv_index); choose another index (suggested: {:#010x})",
+                crate::tpm::counter::DEFAULT_REVOCATION_COUNTER
+            ),
         }
     }
 }
@@ -1804,6 +1830,12 @@ fn seal_and_verify(
         None => None,
     };
     let counter = opts.signed.as_ref().and_then(|s| s.revocation_counter);
+    if let Some(h) = counter.filter(|h| Some(*h) == opts.audit_nv_index) {
+        // Defined first, the counter would take the anchor's place for good.
+        return Err(BootError::BadArgument(ArgError::CounterIsAuditIndex {
+            handle: h,
+        }));
+    }
     if let Some(h) = counter {
         // Defined (and written once) before sealing: its name is the policyRef.
         tpm.define_revocation_counter(h)?;
@@ -2161,6 +2193,48 @@ pub fn define_audit_anchor(
     outcome
 }
 
+/// Whether the signed policy token `t` names is, without the TPM, provably the
+/// one its sealed object was made for: one of its keyslot bindings verifies
+/// under `volume_key` (so the blob is the one vaultguard sealed for this
+/// volume), and the blob's authPolicy is the policy its public key, revocation
+/// counter and recorded literal PCR values give ([`crate::tpm::check_sealed`]).
+fn signed_policy_proven(vault: &mut Vault, volume_key: &[u8], t: &Tpm2Token) -> Result<(), String> {
+    let mut bound = false;
+    for &slot in &t.keyslots {
+        if let Some(salt) = vault.keyslot_salt(slot).map_err(|e| e.to_string())? {
+            bound |= t.binds_keyslot(volume_key, slot, &salt);
+        }
+    }
+    if !bound {
+        return Err(
+            "no keyslot binding of the token verifies under the volume key: \
+                    the token is not vaultguard's, or was edited"
+                .into(),
+        );
+    }
+    signed_claims_match_blob(t).map(|_| ())
+}
+
+/// Whether the signed policy `t` names (public key, revocation counter) gives
+/// the authPolicy of its own sealed object, with its recorded literal PCR
+/// values ([`crate::tpm::check_sealed`], strictly: every literal PCR recorded).
+/// This ties the claims to the blob; whether the blob is genuine is for the
+/// caller to prove (keyslot MAC, or [`Tpm::check_made_here`]). Returns the
+/// sealed object.
+pub fn signed_claims_match_blob(t: &Tpm2Token) -> Result<SealedObject, String> {
+    let mut object = sealed_object(t).map_err(|e| e.to_string())?;
+    if object.pcrs.is_empty() {
+        // No literal PCRs: nothing to record, and the policy is still checked.
+        object.pcr_values.get_or_insert_with(Default::default);
+    }
+    match &object.pcr_values {
+        Some(v) if v.keys().copied().eq(object.pcrs.iter().copied()) => {}
+        _ => return Err("the token records no literal PCR values to check its policy by".into()),
+    }
+    crate::tpm::check_sealed(&object).map_err(|e| e.to_string())?;
+    Ok(object)
+}
+
 /// Seal to the current PCR values. The new token and keyslot are written first;
 /// only then are the old ones removed, so a crash in between leaves two working
 /// enrolments, never none. The old tokens all go; a keyslot one of them listed
@@ -2184,8 +2258,10 @@ pub fn reseal(
     // counter, and its literal PCRs (resealing it to literal values would undo
     // what it is for: updates that need a signature, not a reseal).
     let carried;
+    let mut carried_from = None;
     let opts = match (&opts.signed, old.iter().find(|(_, t)| t.pubkey.is_some())) {
-        (None, Some((_, t))) => {
+        (None, Some((id, t))) => {
+            carried_from = Some(*id);
             let mut o = opts.clone();
             o.signed = Some(SignedEnrolment {
                 public_key_pem: t.pubkey.clone().unwrap_or_default(),
@@ -2239,6 +2315,19 @@ pub fn reseal(
             if let Some(secret) = object.ok().and_then(|o| tpm.unseal(&o, None).ok()) {
                 secrets.push((*id, base64_encode_secret(secret.as_bytes())));
             }
+        }
+    }
+    // The signed policy carried from the header must be the sealed object's: a
+    // TPM unseal through that token proves it; after a passphrase unlock only
+    // the token's keyslot binding (a MAC under the volume key, over the blob) and
+    // the blob's authPolicy recomputed from the key, counter and recorded PCR
+    // values do. Otherwise someone who edited the header offline would have the
+    // reseal seal the volume key to their own public key.
+    // Every token in `secrets` was unsealed by the TPM just now.
+    if let Some(id) = carried_from.filter(|id| !secrets.iter().any(|(s, _)| s == id)) {
+        if let Some((_, t)) = old.iter().find(|(i, _)| *i == id) {
+            signed_policy_proven(&mut vault, vk.as_bytes(), t)
+                .map_err(|why| BootError::UnprovenSignedPolicy { token: id, why })?;
         }
     }
     let pin = if opts.pin || old.iter().any(|(_, t)| t.pin) {

@@ -31,8 +31,8 @@ const EVENTLOG_FIELD: &str = "vaultguard_eventlog";
 /// the counter's name as policyRef).
 pub const REVOCATION_COUNTER_FIELD: &str = "vaultguard_revocation_counter";
 /// Bounds on what a header may make us keep: events per PCR, description length.
-const EVENTLOG_MAX_EVENTS: usize = 512;
-const EVENTLOG_MAX_TEXT: usize = 256;
+pub const EVENTLOG_MAX_EVENTS: usize = 512;
+pub const EVENTLOG_MAX_TEXT: usize = 256;
 
 /// PCR → (event description, digest) in log order; see [`Tpm2Token::eventlog`].
 pub type EventDigests = BTreeMap<u32, Vec<(String, Vec<u8>)>>;
@@ -212,6 +212,23 @@ fn parse_keyslots(v: &Value) -> Result<Vec<u32>, TokenError> {
     Ok(out)
 }
 
+/// An event description from the header, made safe to print: it reaches the
+/// console, `status` and the journal in a refusal's explanation, and the header
+/// is not authenticated, so control characters (a newline forging a line of its
+/// own, an escape sequence clearing the line that names the changed record) and
+/// bidirectional overrides become `?`, as the event-log parser does for the log.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            let bidi = matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+            if c.is_control() || bidi {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
 impl Tpm2Token {
     pub fn from_json(v: &Value) -> Result<Tpm2Token, TokenError> {
         let obj = v.as_object().ok_or(TokenError::NotTpm2)?;
@@ -418,7 +435,7 @@ impl Tpm2Token {
                     if digest.len() != bank.digest_len() {
                         return Err(field(EVENTLOG_FIELD, "a digest has the wrong length"));
                     }
-                    events.push((text.to_string(), digest));
+                    events.push((printable(text), digest));
                 }
                 eventlog.insert(p, events);
             }

@@ -139,7 +139,7 @@ impl Tpm {
             return self.increment_revocation_counter(handle);
         }
         if self.property(PropertyTag::Permanent)?.unwrap_or(0) & 1 != 0 {
-            return Err(TpmError::OwnerAuthSet);
+            return Err(TpmError::OwnerAuthSetForCounter { handle });
         }
         let wanted = counter_public(handle)?;
         let defined = self
@@ -147,7 +147,8 @@ impl Tpm {
             .execute_with_session(Some(AuthSession::Password), |c| {
                 c.nv_define_space(Provision::Owner, None, wanted)
             });
-        let nv = defined.map_err(|e| owner_auth(e, "NV_DefineSpace(revocation counter)"))?;
+        let nv =
+            defined.map_err(|e| owner_auth(e, handle, "NV_DefineSpace(revocation counter)"))?;
         self.close_nv(nv);
         self.increment_revocation_counter(handle)
     }
@@ -187,7 +188,7 @@ impl Tpm {
                 c.nv_increment(NvAuth::Owner, nv)
             });
         self.close_nv(nv);
-        bumped.map_err(|e| owner_auth(e, "NV_Increment(revocation counter)"))?;
+        bumped.map_err(|e| owner_auth(e, handle, "NV_Increment(revocation counter)"))?;
         self.read_revocation_counter(handle)?.ok_or_else(|| {
             refused(format!(
                 "the revocation counter {handle:#010x} reads as unwritten after an increment"
@@ -242,12 +243,12 @@ impl Tpm {
     }
 }
 
-/// An owner-authorised command's failure: a refused authorisation means an
-/// owner password is set (vaultguard uses the empty one).
-fn owner_auth(e: tss_esapi::Error, what: &'static str) -> TpmError {
+/// An owner-authorised command on the counter at `handle` failed: a refused
+/// authorisation means an owner password is set (vaultguard uses the empty one).
+fn owner_auth(e: tss_esapi::Error, handle: u32, what: &'static str) -> TpmError {
     match rc_kind(&e) {
         Some(Tss2ResponseCodeKind::AuthFail | Tss2ResponseCodeKind::BadAuth) => {
-            TpmError::OwnerAuthSet
+            TpmError::OwnerAuthSetForCounter { handle }
         }
         _ => cmd(what)(e),
     }

@@ -66,6 +66,9 @@ pub enum TpmError {
     /// The owner hierarchy has an authorisation value; vaultguard defines NV
     /// indexes only with the empty owner authorisation.
     OwnerAuthSet,
+    /// The same, for the revocation counter at `handle` (defined or incremented
+    /// with the empty owner authorisation).
+    OwnerAuthSetForCounter { handle: u32 },
     /// A signed PCR policy cannot be satisfied: no usable signature for the
     /// current PCR values, or the signature file is unusable (the line says which).
     Signature(String),
@@ -183,6 +186,14 @@ impl fmt::Display for TpmError {
                  vaultguard cannot define its audit NV index without it; clear the owner \
                  password (tpm2_changeauth -c owner) or define the index yourself with the \
                  attributes in `vaultguard::tpm::nv`"
+            ),
+            TpmError::OwnerAuthSetForCounter { handle } => write!(
+                f,
+                "the TPM's owner hierarchy has an authorisation value (owner password) set: \
+                 vaultguard cannot define or increment the revocation counter {handle:#010x} \
+                 with the empty one; increment it with the password \
+                 (tpm2_nvincrement -C o -P PASSWORD {handle:#010x}) or clear the password \
+                 (tpm2_changeauth -c owner -p PASSWORD)"
             ),
         }
     }

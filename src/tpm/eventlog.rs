@@ -226,7 +226,9 @@ fn read_u64(b: &[u8], at: usize) -> Option<u64> {
 /// Read and parse the log at `path` (normally [`SYSFS_LOG`]).
 pub fn read(path: &std::path::Path) -> Result<EventLog, EventLogError> {
     use std::io::Read;
-    let f = std::fs::File::open(path).map_err(|e| EventLogError::Read {
+    // Regular files only (securityfs' log is one): a FIFO or a device given as
+    // `--event-log` must not block or be read without end.
+    let (f, _) = super::signed::open_regular(path).map_err(|e| EventLogError::Read {
         path: path.display().to_string(),
         err: e.to_string(),
     })?;

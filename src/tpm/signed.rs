@@ -530,12 +530,46 @@ impl SignatureFile {
     }
 }
 
+/// Open a file whose name outside input may control (the signature file, the
+/// event log, a staged initrd or kernel) for reading, refusing anything but a
+/// regular file. O_NONBLOCK: a FIFO planted under the name must not block
+/// open(2) (and with it the boot unlock) until someone writes to it; a device
+/// such as /dev/zero would be read without end, and a terminal must not become
+/// our controlling one (O_NOCTTY). Returns the file and its size.
+pub fn open_regular(path: &Path) -> std::io::Result<(std::fs::File, u64)> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC | nix::libc::O_NOCTTY)
+        .open(path)?;
+    let meta = f.metadata()?;
+    let t = meta.file_type();
+    if !t.is_file() {
+        let kind = if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_char_device() || t.is_block_device() {
+            "a device"
+        } else {
+            "something else"
+        };
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("is {kind}, not a regular file"),
+        ));
+    }
+    Ok((f, meta.len()))
+}
+
 /// Read a signature file, refusing one larger than [`MAX_SIGNATURE_FILE`] before
-/// reading it (by its size, and by reading at most one byte more than allowed).
+/// reading it (by its size, and by reading at most one byte more than allowed),
+/// and anything but a regular file (see [`open_regular`]).
 pub fn read_signature_file(path: &Path) -> Result<SignatureFile, SignatureFileError> {
     let name = path.display();
-    let f = std::fs::File::open(path).map_err(|e| sig_err(format!("{name}: {e}")))?;
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let (f, len) = open_regular(path).map_err(|e| sig_err(format!("{name}: {e}")))?;
     if len > MAX_SIGNATURE_FILE {
         return Err(sig_err(format!(
             "{name} is {len} bytes, more than the {MAX_SIGNATURE_FILE} a signature file may have"

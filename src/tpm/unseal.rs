@@ -359,6 +359,30 @@ impl Tpm {
         Ok(())
     }
 
+    /// Whether this TPM made `sealed`'s object: TPM2_Load checks the private
+    /// part's integrity against the public area (its authPolicy included), which
+    /// only the TPM that sealed it, under the recorded parent, can have produced.
+    /// Needs no policy and unseals nothing: it tells a blob written into the
+    /// header offline from one this TPM made.
+    pub fn check_made_here(&mut self, sealed: &SealedObject) -> Result<(), TpmError> {
+        let (private, public) = split_blob(&sealed.blob)?;
+        let (parent, transient) = self.parent_for(sealed)?;
+        let loaded = self
+            .ctx()?
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.load(parent, private, public)
+            });
+        if transient {
+            self.flush(parent.into());
+        } else if let Some(ctx) = self.ctx.as_mut() {
+            let mut h = ObjectHandle::from(parent);
+            let _ = ctx.tr_close(&mut h);
+        }
+        let object = loaded.map_err(cmd("Load(sealed object)"))?;
+        self.flush(object.into());
+        Ok(())
+    }
+
     /// Unseal the secret. `pin` is required when the record says so.
     pub fn unseal(
         &mut self,
