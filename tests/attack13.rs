@@ -733,7 +733,7 @@ fn revoke_older_with_an_owner_password_names_the_counter_not_the_audit_index() {
 /// set when the NV_Increment was forwarded.
 fn swallowing_relay(sw: &common::Swtpm) -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
     use std::io::{Read, Write};
-    use std::net::{TcpListener, TcpStream};
+    use std::net::TcpStream;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     let tpm_port: u16 = sw
@@ -742,9 +742,7 @@ fn swallowing_relay(sw: &common::Swtpm) -> (String, std::sync::Arc<std::sync::at
         .next()
         .and_then(|p| p.parse().ok())
         .expect("swtpm tcti port");
-    let data = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = data.local_addr().unwrap().port();
-    let ctrl = TcpListener::bind(("127.0.0.1", port + 1)).expect("the control port beside it");
+    let (data, ctrl, port) = common::port_pair();
     let seen = Arc::new(AtomicBool::new(false));
     std::thread::spawn(move || {
         for c in ctrl.incoming().flatten() {

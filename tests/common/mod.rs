@@ -78,15 +78,24 @@ pub struct Swtpm {
     pub port: u16,
 }
 
-fn free_port_pair() -> u16 {
+/// Listeners on two adjacent loopback ports (the swtpm TCTI's data and control
+/// channels), and the first port.
+pub fn port_pair() -> (TcpListener, TcpListener, u16) {
     loop {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let p = l.local_addr().unwrap().port();
-        drop(l);
-        if p < 65000 && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            return p;
+        if p < 65000 {
+            if let Ok(c) = TcpListener::bind(("127.0.0.1", p + 1)) {
+                return (l, c, p);
+            }
         }
     }
+}
+
+/// A port pair that was free a moment ago (swtpm binds it itself; its caller
+/// checks that swtpm got it).
+fn free_port_pair() -> u16 {
+    port_pair().2
 }
 
 /// Whether process `pid` holds the socket listening on 127.0.0.1:`port`
@@ -305,18 +314,10 @@ fn forward_commands(
 impl Swtpm {
     /// A recording relay to this TPM (see `TpmRecorder`).
     pub fn recorder(&self) -> TpmRecorder {
-        let port = free_port_pair();
+        let (data, ctrl, port) = port_pair();
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        relay(
-            TcpListener::bind(("127.0.0.1", port)).unwrap(),
-            self.port,
-            Some(log.clone()),
-        );
-        relay(
-            TcpListener::bind(("127.0.0.1", port + 1)).unwrap(),
-            self.port + 1,
-            None,
-        );
+        relay(data, self.port, Some(log.clone()));
+        relay(ctrl, self.port + 1, None);
         TpmRecorder { port, log }
     }
 }
