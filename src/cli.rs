@@ -496,6 +496,26 @@ pub enum PolicySub {
     Sign(PolicySignCmd),
     Predict(PolicyPredictCmd),
     RevokeOlder(PolicyRevokeOlderCmd),
+    Ticket(PolicyTicketCmd),
+}
+
+/// on the appliance: have this TPM verify the signature file's signatures for
+/// the vault's signed enrolments once and keep its tickets in the file, so that
+/// each unlock sends PolicyAuthorize with the ticket instead of verifying again
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "ticket")]
+pub struct PolicyTicketCmd {
+    /// LUKS2 device (path or UUID=...) whose signed enrolments' signatures get
+    /// tickets, overrides vault.device
+    #[argh(option)]
+    pub device: Option<String>,
+    /// the signature file (default: tpm.signature, else the first that exists
+    /// where systemd-cryptsetup looks)
+    #[argh(option)]
+    pub signature: Option<PathBuf>,
+    /// print one JSON object on standard output
+    #[argh(switch)]
+    pub json: bool,
 }
 
 /// withdraw every signature of a revocable enrolment made so far: increment

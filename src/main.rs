@@ -70,6 +70,7 @@ fn command_json(c: &Command) -> bool {
             vaultguard::cli::PolicySub::Predict(c) => c.json,
             vaultguard::cli::PolicySub::Sign(s) => s.json,
             vaultguard::cli::PolicySub::RevokeOlder(r) => r.json,
+            vaultguard::cli::PolicySub::Ticket(t) => t.json,
         },
         // config prints JSON already; the others print no JSON of their own.
         _ => false,

@@ -9,7 +9,7 @@
 //! --append`) or, for PCRs it lacks, from the TPM now. The private key is only
 //! read here; in production it stays on the machine that signs, not the appliance.
 
-use crate::cli::{PolicyCmd, PolicyRevokeOlderCmd, PolicySignCmd, PolicySub};
+use crate::cli::{PolicyCmd, PolicyRevokeOlderCmd, PolicySignCmd, PolicySub, PolicyTicketCmd};
 use crate::config::{parse_pcr_list, Config};
 use crate::encoding::{hex_decode, hex_encode};
 use crate::exit::Failure;
@@ -35,7 +35,90 @@ pub fn run(cfg: &Config, cmd: &PolicyCmd, json: bool) -> Result<ExitCode> {
         PolicySub::Sign(c) => sign(cfg, c, json || c.json),
         PolicySub::Predict(c) => crate::predict_cli::run(cfg, c, json || c.json),
         PolicySub::RevokeOlder(c) => revoke_older(cfg, c, json || c.json),
+        PolicySub::Ticket(c) => ticket(cfg, c, json || c.json),
     }
+}
+
+/// `policy ticket`: for every entry of the signature file that one of the
+/// vault's signed enrolments would use (its key, its signed PCRs, its counter
+/// or none), this TPM's verification ticket replaces the entry's old one. A
+/// signature the TPM rejects gets none and is reported (exit 1).
+fn ticket(cfg: &Config, c: &PolicyTicketCmd, json: bool) -> Result<ExitCode> {
+    let usage = |msg: String| -> Box<dyn Error> { Failure::usage(msg).into() };
+    let dev = crate::boot::commands::device(cfg, c.device.as_deref())?;
+    let mut vault = crate::luks::Vault::open(&dev)?;
+    let mut enrolments = Vec::new();
+    for (_, t) in vault.tpm2_tokens() {
+        let Ok(t) = t else { continue };
+        let Some(pem) = &t.pubkey else { continue };
+        let key = PolicyKey::from_pem(pem).map_err(|e| format!("{dev}: tpm2_pubkey: {e}"))?;
+        let policy_ref = t.revocation_counter.map(counter::counter_name);
+        let bank = crate::boot::tpm_bank(t.bank);
+        enrolments.push((key, t.pubkey_pcrs.clone(), policy_ref, bank));
+    }
+    if enrolments.is_empty() {
+        return Err(usage(format!(
+            "{dev} has no signed enrolment (enroll --public-key …): nothing to make tickets for"
+        )));
+    }
+    let explicit = c.signature.as_deref().or(cfg.tpm.signature.as_deref());
+    let path = signed::locate_signature_file(explicit, false)
+        .filter(|p| p.exists())
+        .ok_or_else(|| {
+            usage(match explicit {
+                Some(p) => format!("the signature file {} does not exist", p.display()),
+                None => "no signature file where systemd-cryptsetup looks; give --signature".into(),
+            })
+        })?;
+    let _lock = lock_directory_of(&path)?;
+    let mut file = signed::read_signature_file(&path)?;
+    let mut tpm = Tpm::open(&cfg.tpm.tcti, Duration::from_secs(cfg.tpm.timeout))?;
+    let (mut made, mut refused) = (0usize, Vec::new());
+    for (key, pcrs, policy_ref, bank) in &enrolments {
+        let pkfp = key.fingerprint();
+        for mut e in file.entries(*bank) {
+            if e.pkfp != pkfp || &e.pcrs != pcrs || e.counter.is_some() != policy_ref.is_some() {
+                continue;
+            }
+            let r = policy_ref.as_deref().unwrap_or_default();
+            match tpm.signature_ticket(key, &e, r) {
+                Ok(t) => {
+                    e.ticket = Some(t);
+                    file.add(*bank, &e);
+                    made += 1;
+                }
+                Err(why) => refused.push(format!("{} {}: {why}", bank.name(), hex_encode(&e.pol))),
+            }
+        }
+    }
+    drop(tpm);
+    if made > 0 {
+        write_signature_file(&path, &file)?;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "success": refused.is_empty(),
+                "signature_file": path.display().to_string(),
+                "tickets": made,
+                "refused": refused,
+            })
+        );
+    } else {
+        println!(
+            "{}: {made} signature(s) verified by this TPM, tickets kept",
+            path.display()
+        );
+        for r in &refused {
+            eprintln!("vaultguard: no ticket for {r}");
+        }
+    }
+    Ok(if refused.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Predicted PCR values: `{"bank":"sha256","pcrs":{"9":"<hex>",…}}`.
@@ -189,6 +272,7 @@ fn sign(cfg: &Config, c: &PolicySignCmd, json: bool) -> Result<ExitCode> {
         pol: pol.clone(),
         sig,
         counter: counter_value,
+        ticket: None,
     };
     let path = c
         .signature

@@ -316,3 +316,129 @@ fn policy_sign_cli_signs_predicted_values_and_refuses_bad_keys() {
         assert!(!dir.path().join("never.json").exists());
     }
 }
+
+/// The entry with this TPM's verification ticket for its signature.
+fn ticketed(tpm: &mut Tpm, key: &SigningKey, entry: &SignatureEntry) -> SignatureEntry {
+    let ticket = tpm
+        .signature_ticket(&key.public(), entry, &[])
+        .expect("the TPM verifies the signature and gives a ticket");
+    SignatureEntry {
+        ticket: Some(ticket),
+        ..entry.clone()
+    }
+}
+
+/// With a ticket from `policy ticket` in the entry, PolicyAuthorize takes it and
+/// LoadExternal + VerifySignature + FlushContext are not sent: seven commands,
+/// still one salted session. The ticket outlives a power cycle (made in the
+/// owner hierarchy: valid until TPM2_Clear).
+#[test]
+fn a_ticket_takes_the_signed_unseal_to_seven_commands_across_reboots() {
+    let dir = TempDir::new("signed-ticket");
+    for kind in ["ec", "rsa"] {
+        let mut sw = Swtpm::start();
+        let mut tpm = open(&sw);
+        let key = SigningKey::from_pem(&openssl_key(dir.path(), kind)).unwrap();
+        let entry = sign_live(&mut tpm, &key, &[9]);
+        let entry = ticketed(&mut tpm, &key, &entry);
+        let mut file = SignatureFile::default();
+        file.add(Bank::Sha256, &entry);
+        let text = file.to_json_string();
+        assert!(text.contains("\"vaultguard_ticket\""), "{text}");
+        let file = SignatureFile::parse(text.as_bytes()).unwrap();
+        let e = enrol(&mut tpm, &key.public(), None, file);
+        drop(tpm);
+        sw.restart(); // a reboot: PCRs reset (PCR 9 as signed), owner proof kept
+        let rec = sw.recorder();
+        let mut tpm = Tpm::open(&rec.tcti(), Duration::from_secs(5)).unwrap();
+        rec.take(); // Startup
+        let secret = tpm
+            .unseal(&e.object, None)
+            .expect("signed unseal with a ticket");
+        assert_eq!(secret.as_bytes(), e.secret.as_slice(), "{kind}");
+        let sent = rec.take();
+        let names: Vec<&str> = sent.iter().map(|c| c.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "StartAuthSession",
+                "PolicyPCR",
+                "PolicyAuthorize",
+                "PolicyPCR",
+                "Load",
+                "Unseal",
+                "FlushContext"
+            ],
+            "{kind}"
+        );
+        assert_eq!(sent[0].handle, Some(0x8100_0001));
+    }
+}
+
+/// A ticket another TPM made, or one made for another entry, is refused by the
+/// TPM (its HMAC is under this TPM's owner proof, over this approval): the
+/// session is unchanged, the signature is verified as without a ticket and the
+/// volume opens. A ticket never stands in for PCR values it was not made for.
+#[test]
+fn a_foreign_or_misplaced_ticket_falls_back_to_the_signature() {
+    let dir = TempDir::new("signed-ticket-bad");
+    let key = SigningKey::from_pem(&openssl_key(dir.path(), "ec")).unwrap();
+    let sw = Swtpm::start();
+    // Another TPM: a copy of the same pristine state would share the owner
+    // proof, so clear it (new owner seed and proof, as any other chip has).
+    let mut other = Swtpm::start();
+    other.tool("tpm2_clear", &["-c", "p"]);
+    let mut tpm = open(&sw);
+    let mut elsewhere = open(&other);
+    let entry = sign_live(&mut tpm, &key, &[9]);
+    // Made by another TPM for the same signature.
+    let foreign = ticketed(&mut elsewhere, &key, &entry);
+    // Made by this TPM, for a signature of other PCR 9 values.
+    tpm.latch(9, b"another initrd", "x", "y").unwrap();
+    let later = sign_live(&mut tpm, &key, &[9]);
+    let later = ticketed(&mut tpm, &key, &later);
+    drop(tpm);
+    let mut sw = sw;
+    sw.restart(); // PCR 9 back to the value `entry` signs
+    let mut tpm = open(&sw);
+    let e = enrol(&mut tpm, &key.public(), None, SignatureFile::default());
+    drop(tpm);
+    let misplaced = SignatureEntry {
+        ticket: later.ticket.clone(),
+        ..entry.clone()
+    };
+    for (what, bad) in [("foreign", &foreign), ("misplaced", &misplaced)] {
+        let mut file = SignatureFile::default();
+        file.add(Bank::Sha256, bad);
+        let object = with_file(&e.object, Ok(file));
+        let rec = sw.recorder();
+        let mut tpm = Tpm::open(&rec.tcti(), Duration::from_secs(5)).unwrap();
+        rec.take();
+        let secret = tpm.unseal(&object, None).expect(what);
+        assert_eq!(secret.as_bytes(), e.secret.as_slice(), "{what}");
+        let names: Vec<&str> = rec.take().iter().map(|c| c.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "StartAuthSession",
+                "PolicyPCR",
+                "PolicyAuthorize", // the ticket, refused
+                "LoadExternal",
+                "VerifySignature",
+                "FlushContext",
+                "PolicyAuthorize",
+                "PolicyPCR",
+                "Load",
+                "Unseal",
+                "FlushContext"
+            ],
+            "{what}"
+        );
+    }
+    // `later`'s own entry (ticket and all) approves other PCR 9 values: refused.
+    let mut file = SignatureFile::default();
+    file.add(Bank::Sha256, &later);
+    let mut tpm = open(&sw);
+    let why = refusal(&mut tpm, &with_file(&e.object, Ok(file)));
+    assert!(why.contains("does not approve this boot"), "{why}");
+}

@@ -35,6 +35,7 @@ fn sign_for(tpm: &mut Tpm, key: &SigningKey, value: u64) -> SignatureEntry {
         sig: key.sign(&signed_message(&pol, &name)).unwrap(),
         pol,
         counter: Some(value),
+        ticket: None,
     }
 }
 
@@ -133,6 +134,7 @@ fn revoke_older_withdraws_signatures_in_the_tpm() {
     // ...and the TPM refuses it when it is presented as if it named the counter.
     let forged = SignatureEntry {
         counter: Some(v0),
+        ticket: None,
         ..plain.clone()
     };
     refusal(&mut tpm, &with_file(&e.object, file_of(&[&forged])));
@@ -214,6 +216,7 @@ fn an_edited_counter_field_opens_nothing() {
         sig: key.sign(&signed_message(&pol, &name)).unwrap(),
         pol,
         counter: Some(v_other),
+        ticket: None,
     };
     let mut o = with_file(&e.object, file_of(&[&for_other]));
     o.signed.as_mut().unwrap().counter = Some(other);
@@ -465,4 +468,47 @@ fn reseal_keeps_a_revocable_signed_enrolment_signed() {
     let (method, said) = open_with_tpm(&sw);
     assert_eq!(method, Method::Passphrase);
     assert!(said.iter().any(|l| l.contains("withdrawn")), "{said:?}");
+}
+
+/// A verification ticket (`policy ticket`) saves the revocable unseal the same
+/// three commands as a plain one, and withdraws nothing from revocation: the
+/// TPM checks PolicyNV before it looks at the ticket, so after revoke-older the
+/// ticketed v0 signature opens nothing.
+#[test]
+fn a_ticket_does_not_outlive_revocation() {
+    let dir = TempDir::new("revocation-ticket");
+    let sw = Swtpm::start();
+    let key = SigningKey::from_pem(&openssl_key(dir.path(), "ec")).unwrap();
+    let mut tpm = open(&sw.tcti());
+    let (e, v0) = enrol(&mut tpm, &key);
+    let mut s0 = sign_for(&mut tpm, &key, v0);
+    s0.ticket = Some(
+        tpm.signature_ticket(&key.public(), &s0, &counter_name(H))
+            .expect("a ticket for the v0 signature"),
+    );
+    let o = with_file(&e.object, file_of(&[&s0]));
+    drop(tpm);
+    let rec = sw.recorder();
+    let mut tpm = open(&rec.tcti());
+    rec.take(); // Startup
+    let secret = tpm.unseal(&o, None).expect("unseal with the ticket");
+    assert_eq!(secret.as_bytes(), e.secret.as_slice());
+    let names: Vec<String> = rec.take().iter().map(|c| c.name().to_string()).collect();
+    assert_eq!(
+        names,
+        [
+            "StartAuthSession",
+            "PolicyPCR",
+            "NV_ReadPublic",
+            "PolicyNV",
+            "PolicyAuthorize",
+            "PolicyPCR",
+            "Load",
+            "Unseal",
+            "FlushContext"
+        ]
+    );
+    tpm.increment_revocation_counter(H).unwrap();
+    let why = refusal(&mut tpm, &o);
+    assert!(why.contains("withdrawn"), "{why}");
 }

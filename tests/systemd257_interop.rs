@@ -594,6 +594,47 @@ fn systemd_257_opens_a_vaultguard_signed_enrolment() {
         r.verification
     );
     policy_sign(&sw, dir.path(), &private, &sig, false);
+    // `policy ticket` adds this TPM's verification ticket to the entry
+    // (vaultguard_ticket): systemd ignores the key and still opens the volume.
+    let out = Command::new(env!("CARGO_BIN_EXE_vaultguard"))
+        .arg("-c")
+        .arg(dir.path().join("config.json"))
+        .args(["policy", "ticket", "--json", "--device"])
+        .arg(&img)
+        .arg("--signature")
+        .arg(&sig)
+        .output()
+        .unwrap();
+    check("vaultguard policy ticket", out.clone());
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (j["success"].as_bool(), j["tickets"].as_u64()),
+        (Some(true), Some(1)),
+        "{j}"
+    );
+    let text = std::fs::read_to_string(&sig).unwrap();
+    assert!(text.contains("\"vaultguard_ticket\""), "{text}");
+    // A signature the enrolled key did not make gets no ticket: exit 1, a line.
+    let mut forged: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let other = vaultguard::encoding::base64_encode(&[7u8; 256]);
+    forged["sha256"][0]["sig"] = serde_json::Value::String(other);
+    let forged_path = dir.path().join("forged.json");
+    std::fs::write(&forged_path, forged.to_string()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vaultguard"))
+        .arg("-c")
+        .arg(dir.path().join("config.json"))
+        .args(["policy", "ticket", "--device"])
+        .arg(&img)
+        .arg("--signature")
+        .arg(&forged_path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no ticket for sha256") && err.contains("rejected"),
+        "{err}"
+    );
 
     cryptenroll_unlocks_with_signature(&sw, &img, &runsd, "signed");
 }

@@ -9,7 +9,9 @@ bytes PCR 9 measures) and is restored to /etc/systemd/tpm2-pcr-signature.json,
 where systemd-cryptsetup (and vaultguard) look.
 Boot 1 (A): enrol (--public-key, --public-key-pcrs 9, --tpm2-pcrs 7); sign this
 boot's PCR 9; `policy predict --initrd B --json | policy sign --predicted -
---append`. Boot 2 (B): the TPM unlocks, no prompt. Boot 3 (C): refused, naming the
+--append`; `policy ticket` keeps the TPM's verification tickets in the file (the
+unlocks below send PolicyAuthorize with them; boot 4 shows one does not outlive
+revocation). Boot 2 (B): the TPM unlocks, no prompt. Boot 3 (C): refused, naming the
 initrd record of PCR 9 (A's and C's SHA-256), the passphrase opens.
 
 Revocation rides along on a second volume (`rvault`), enrolled in boot 1 with the
@@ -115,6 +117,12 @@ def run(s):
                 --signature /tmp/sig.json --append --revocation-counter {COUNTER}
         value sign-r-staged-status $?
         check four-signatures 'test "$(grep -o "\\"pol\\"" /tmp/sig.json | wc -l)" = 4'
+        vg policy ticket --signature /tmp/sig.json --json > /tmp/ticket.json
+        value ticket-status $?
+        vg policy ticket --device "$(disk {RVAULT})" --signature /tmp/sig.json
+        value ticket-r-status $?
+        check four-tickets 'grep -q "\\"tickets\\":2" /tmp/ticket.json &&
+            test "$(grep -o "\\"vaultguard_ticket\\"" /tmp/sig.json | wc -l)" = 4'
         cat /tmp/sig.json > "$(disk sigs)"
         sync
     """)
@@ -129,6 +137,10 @@ def run(s):
         if b.value(v, 120) != "0":
             b.fail(f"{v} is not 0")
     b.expect_pass("four-signatures")
+    for v in ("ticket-status", "ticket-r-status"):
+        if b.value(v, 60) != "0":
+            b.fail(f"{v} is not 0")
+    b.expect_pass("four-tickets")
     b.expect_poweroff()
 
     # Boot 2 (B): signed before the reboot: the TPM opens the vault, no prompt.

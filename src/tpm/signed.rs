@@ -322,6 +322,19 @@ pub fn signed_message(pol: &[u8], policy_ref: &[u8]) -> Vec<u8> {
 /// could not use the entry anyway: its `pol` includes PolicyNV).
 pub const COUNTER_VALUE_FIELD: &str = "vaultguard_counter_value";
 
+/// The signature-file key vaultguard adds to an entry on the appliance (`policy
+/// ticket`): the TPM's verification ticket for the entry's signature
+/// (TPMT_TK_VERIFIED, base64), which PolicyAuthorize takes in place of
+/// LoadExternal + VerifySignature + FlushContext at every unlock. Made by a key
+/// loaded in the owner hierarchy, it stays valid until TPM2_Clear; only this TPM
+/// can make one (an HMAC under its owner proof), and a stale or foreign one is
+/// refused by the TPM, after which the signature is verified as without it.
+/// systemd ignores the key.
+pub const TICKET_FIELD: &str = "vaultguard_ticket";
+
+/// A marshalled TPMT_TK_VERIFIED: tag, hierarchy, TPM2B digest (at most 64 bytes).
+const MAX_TICKET: usize = 2 + 4 + 2 + 64;
+
 /// One signed policy in the signature file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignatureEntry {
@@ -334,6 +347,8 @@ pub struct SignatureEntry {
     pub sig: Vec<u8>,
     /// For a revocable enrolment: the revocation counter value it was signed for.
     pub counter: Option<u64>,
+    /// This TPM's verification ticket for `sig` ([`TICKET_FIELD`]).
+    pub ticket: Option<Vec<u8>>,
 }
 
 /// `tpm2-pcr-signature.json`: bank name → signed policies. Banks other than those
@@ -406,12 +421,28 @@ fn parse_entry(v: &Value, bank: &str, i: usize) -> Result<SignatureEntry, Signat
                 .ok_or_else(|| at(&format!("`{COUNTER_VALUE_FIELD}` is not a counter value")))?,
         ),
     };
+    let ticket = match o.get(TICKET_FIELD) {
+        None => None,
+        Some(v) => {
+            let t = v
+                .as_str()
+                .ok_or_else(|| at(&format!("`{TICKET_FIELD}` is not a string")))?;
+            let t = base64_decode(t).map_err(|e| at(&format!("`{TICKET_FIELD}`: {e}")))?;
+            if t.len() < 8 || t.len() > MAX_TICKET {
+                return Err(at(&format!(
+                    "`{TICKET_FIELD}` is not a TPM verification ticket (its size)"
+                )));
+            }
+            Some(t)
+        }
+    };
     Ok(SignatureEntry {
         pcrs,
         pkfp,
         pol,
         sig,
         counter,
+        ticket,
     })
 }
 
@@ -518,6 +549,9 @@ impl SignatureFile {
             o.insert("sig".into(), base64_encode(&entry.sig).into());
             if let Some(v) = entry.counter {
                 o.insert(COUNTER_VALUE_FIELD.into(), v.into());
+            }
+            if let Some(t) = &entry.ticket {
+                o.insert(TICKET_FIELD.into(), base64_encode(t).into());
             }
             a.push(Value::Object(o));
         }
@@ -840,6 +874,7 @@ mod tests {
             pol: vec![2; 32],
             sig: vec![3; 64],
             counter: None,
+            ticket: None,
         };
         let mut f = SignatureFile::default();
         f.add(Bank::Sha256, &e);
@@ -865,6 +900,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(why.contains(COUNTER_VALUE_FIELD), "{why}");
+        // A ticket is kept (replacing the entry it was made for); one of a size
+        // no TPMT_TK_VERIFIED has is refused.
+        let ticketed = SignatureEntry {
+            ticket: Some(vec![0x80, 0x22, 0x40, 0, 0, 1, 0, 2, 5, 6]),
+            ..e.clone()
+        };
+        let mut t = back.clone();
+        t.add(Bank::Sha256, &ticketed);
+        let back_t = SignatureFile::parse(t.to_json_string().as_bytes()).unwrap();
+        assert_eq!(back_t.entries(Bank::Sha256), vec![ticketed]);
+        let short = t.to_json_string().replace(
+            &base64_encode(&[0x80, 0x22, 0x40, 0, 0, 1, 0, 2, 5, 6]),
+            "AAAA",
+        );
+        let why = SignatureFile::parse(short.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(why.contains(TICKET_FIELD), "{why}");
         assert!(back
             .find(Bank::Sha256, &[9, 11], &[1; 32], &[2; 32])
             .is_some());

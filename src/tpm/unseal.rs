@@ -21,9 +21,10 @@ use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
     Auth, Digest, EccParameter, EccSignature, Name, Nonce, PcrSelectionListBuilder, PcrSlot,
-    Private, Public, PublicKeyRsa, RsaSignature, Signature, SymmetricDefinition,
+    Private, Public, PublicKeyRsa, RsaSignature, Signature, SymmetricDefinition, VerifiedTicket,
 };
 use tss_esapi::traits::UnMarshall;
+use tss_esapi::tss2_esys::{TPM2B_DIGEST, TPMT_TK_VERIFIED};
 
 impl Tpm {
     /// Compute the policy digest that the live PCRs would produce for `sealed`.
@@ -110,6 +111,7 @@ impl Tpm {
                     pol: only.pol,
                     sig: only.sig,
                     counter_value: only.counter,
+                    ticket: only.ticket,
                 });
             }
         }
@@ -121,6 +123,7 @@ impl Tpm {
                     pol,
                     sig: e.sig,
                     counter_value: None,
+                    ticket: e.ticket,
                 }),
                 None => Err(TpmError::Signature(format!(
                     "{} does not approve this boot: {}",
@@ -141,6 +144,7 @@ impl Tpm {
                 pol,
                 sig: e.sig,
                 counter_value: Some(value),
+                ticket: e.ticket,
             });
         }
         // Signed for these PCR values, but for an older counter value: revoked.
@@ -220,9 +224,53 @@ impl Tpm {
         let policy_ref = sp.policy_ref();
         let bad =
             |what: &str| UnsealStep::Other(TpmError::Signature(format!("{}: {what}", sp.source)));
-        let public = Public::unmarshall(&sp.key.tpmt_public())
+        let approved = Digest::try_from(pol.to_vec()).map_err(|_| bad("digest size"))?;
+        let name = Name::try_from(sp.key.name()).map_err(|_| bad("key name size"))?;
+        let reference = Nonce::try_from(policy_ref.clone()).map_err(|_| bad("policyRef size"))?;
+        // This TPM's ticket from an earlier VerifySignature (`policy ticket`): one
+        // command instead of four. A stale (TPM cleared) or foreign ticket is
+        // refused by the TPM, which leaves the session as it was; the signature
+        // is then verified as without one.
+        if let Some(ticket) = approval.ticket.as_deref().and_then(unmarshal_ticket) {
+            let (a, r) = (approved.clone(), reference.clone());
+            if self
+                .ctx()?
+                .execute_without_session(|c| c.policy_authorize(ps, a, r, &name, ticket))
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+        let ticket = self
+            .verify_policy_signature(&sp.key, pol, &policy_ref, sig)
+            .map_err(|e| match e {
+                TicketError::Unusable(what) => bad(&what),
+                TicketError::Tpm(e) => UnsealStep::Tpm(e),
+                TicketError::Rejected(e) => UnsealStep::Other(TpmError::Signature(format!(
+                    "the TPM rejected the signature in {} for PCRs {:?} ({e}): it was not made by the enrolled key",
+                    sp.source, sp.pcrs
+                ))),
+            })?;
+        self.ctx()?
+            .execute_without_session(|c| c.policy_authorize(ps, approved, reference, &name, ticket))
+            .map_err(UnsealStep::Tpm)?;
+        Ok(())
+    }
+
+    /// The TPM's verification of `sig` over SHA-256(`pol` ‖ `policy_ref`) by
+    /// `key`: LoadExternal (owner hierarchy, so that the ticket outlives this
+    /// boot), VerifySignature, FlushContext.
+    fn verify_policy_signature(
+        &mut self,
+        key: &signed::PolicyKey,
+        pol: &[u8],
+        policy_ref: &[u8],
+        sig: &[u8],
+    ) -> Result<VerifiedTicket, TicketError> {
+        let bad = |what: &str| TicketError::Unusable(what.to_string());
+        let public = Public::unmarshall(&key.tpmt_public())
             .map_err(|_| bad("the enrolled public key cannot be loaded"))?;
-        let signature = if sp.key.is_rsa() {
+        let signature = if key.is_rsa() {
             let s = PublicKeyRsa::try_from(sig.to_vec())
                 .map_err(|_| bad("an RSA signature of the wrong size"))?;
             Signature::RsaSsa(
@@ -240,29 +288,34 @@ impl Tpm {
                 .map_err(|_| bad("an unusable ECDSA signature"))?,
             )
         };
-        let ahash = Digest::try_from(policy::Bank::Sha256.hash(&[pol, &policy_ref]))
+        let ahash = Digest::try_from(policy::Bank::Sha256.hash(&[pol, policy_ref]))
             .map_err(|_| bad("digest size"))?;
-        let approved = Digest::try_from(pol.to_vec()).map_err(|_| bad("digest size"))?;
-        let name = Name::try_from(sp.key.name()).map_err(|_| bad("key name size"))?;
-        let reference = Nonce::try_from(policy_ref).map_err(|_| bad("policyRef size"))?;
-        let key = self
-            .ctx()?
+        let ctx = self.ctx().map_err(|e| bad(&e.to_string()))?;
+        let key = ctx
             .execute_without_session(|c| c.load_external_public(public, Hierarchy::Owner))
-            .map_err(UnsealStep::Tpm)?;
-        let ticket = self
-            .ctx()?
-            .execute_without_session(|c| c.verify_signature(key, ahash, signature));
+            .map_err(TicketError::Tpm)?;
+        let ticket = ctx.execute_without_session(|c| c.verify_signature(key, ahash, signature));
         self.flush(key.into());
-        let ticket = ticket.map_err(|e| {
-            UnsealStep::Other(TpmError::Signature(format!(
-                "the TPM rejected the signature in {} for PCRs {:?} ({e}): it was not made by the enrolled key",
-                sp.source, sp.pcrs
-            )))
-        })?;
-        self.ctx()?
-            .execute_without_session(|c| c.policy_authorize(ps, approved, reference, &name, ticket))
-            .map_err(UnsealStep::Tpm)?;
-        Ok(())
+        ticket.map_err(TicketError::Rejected)
+    }
+
+    /// This TPM's verification ticket for a signature-file entry (marshalled
+    /// TPMT_TK_VERIFIED, for the file's [`signed::TICKET_FIELD`]). `policy_ref`
+    /// is the enrolment's (the revocation counter's name, or empty).
+    pub fn signature_ticket(
+        &mut self,
+        key: &signed::PolicyKey,
+        entry: &signed::SignatureEntry,
+        policy_ref: &[u8],
+    ) -> Result<Vec<u8>, TpmError> {
+        match self.verify_policy_signature(key, &entry.pol, policy_ref, &entry.sig) {
+            Ok(t) => marshal_ticket(t),
+            Err(TicketError::Unusable(what)) => Err(TpmError::Signature(what)),
+            Err(TicketError::Tpm(e)) => Err(cmd("LoadExternal(policy key)")(e)),
+            Err(TicketError::Rejected(e)) => Err(TpmError::Signature(format!(
+                "the TPM rejected the signature ({e}): it was not made by the enrolled key"
+            ))),
+        }
     }
 
     /// Check the recorded SRK against the TPM and return the parent to load under.
@@ -664,6 +717,50 @@ pub struct Approval {
     pub sig: Vec<u8>,
     /// The revocation counter value it was signed for (revocable enrolments).
     pub counter_value: Option<u64>,
+    /// A verification ticket for `sig` from this TPM (`policy ticket`), if any.
+    pub ticket: Option<Vec<u8>>,
+}
+
+/// Why the TPM gave no verification ticket.
+enum TicketError {
+    /// The key or signature cannot be put to the TPM (the line says which).
+    Unusable(String),
+    /// LoadExternal failed.
+    Tpm(tss_esapi::Error),
+    /// VerifySignature refused the signature.
+    Rejected(tss_esapi::Error),
+}
+
+/// TPMT_TK_VERIFIED as the TPM marshals it: tag, hierarchy, TPM2B digest.
+fn marshal_ticket(t: VerifiedTicket) -> Result<Vec<u8>, TpmError> {
+    let raw = TPMT_TK_VERIFIED::try_from(t).map_err(cmd("verification ticket"))?;
+    let len = usize::from(raw.digest.size).min(raw.digest.buffer.len());
+    let mut out = Vec::with_capacity(8 + len);
+    out.extend_from_slice(&raw.tag.to_be_bytes());
+    out.extend_from_slice(&raw.hierarchy.to_be_bytes());
+    out.extend_from_slice(&raw.digest.size.to_be_bytes());
+    out.extend_from_slice(&raw.digest.buffer[..len]);
+    Ok(out)
+}
+
+/// A ticket from the signature file, if it is a TPMT_TK_VERIFIED at all (one
+/// that is not is ignored: the signature is verified instead).
+fn unmarshal_ticket(b: &[u8]) -> Option<VerifiedTicket> {
+    let tag = u16::from_be_bytes(b.get(0..2)?.try_into().ok()?);
+    let hierarchy = u32::from_be_bytes(b.get(2..6)?.try_into().ok()?);
+    let size = u16::from_be_bytes(b.get(6..8)?.try_into().ok()?);
+    let digest = b.get(8..)?;
+    if digest.len() != usize::from(size) || digest.len() > 64 {
+        return None;
+    }
+    let mut buffer = [0u8; 64];
+    buffer[..digest.len()].copy_from_slice(digest);
+    VerifiedTicket::try_from(TPMT_TK_VERIFIED {
+        tag,
+        hierarchy,
+        digest: TPM2B_DIGEST { size, buffer },
+    })
+    .ok()
 }
 
 pub(super) enum UnsealStep {
@@ -718,4 +815,26 @@ pub fn split_blob(blob: &[u8]) -> Result<(Private, Public), TpmError> {
         return Err(bad(BlobDefect::NotSealedData));
     }
     Ok((private, public))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_round_trip_and_garbage_is_no_ticket() {
+        // TPM_ST_VERIFIED (0x8022), TPM_RH_OWNER, a 32-byte HMAC.
+        let mut bytes = vec![0x80, 0x22, 0x40, 0, 0, 1, 0, 32];
+        bytes.extend(1..=32u8);
+        let t = unmarshal_ticket(&bytes).expect("a TPMT_TK_VERIFIED");
+        assert_eq!(marshal_ticket(t).unwrap(), bytes);
+        // Another tag (TPM_ST_HASHCHECK), a size that lies, truncated, empty.
+        let mut other_tag = bytes.clone();
+        other_tag[1] = 0x24;
+        let mut lying = bytes.clone();
+        lying[7] = 31;
+        for bad in [&other_tag[..], &lying[..], &bytes[..7], &[][..]] {
+            assert!(unmarshal_ticket(bad).is_none(), "{bad:?}");
+        }
+    }
 }

@@ -576,5 +576,6 @@ pub fn sign_live(
         sig: key.sign(&pol).unwrap(),
         pol,
         counter: None,
+        ticket: None,
     }
 }
