@@ -202,23 +202,6 @@ fn token(img: &Path) -> (u32, serde_json::Value) {
     (ids[0], serde_json::from_slice(&out.stdout).unwrap())
 }
 
-/// Replace token `id` with `json` offline, as an attacker with the disk would.
-fn replace_token(img: &Path, id: u32, json: &serde_json::Value) {
-    let out = common::run_with_input(
-        Command::new("cryptsetup")
-            .args([
-                "token",
-                "import",
-                "--token-replace",
-                "--token-id",
-                &id.to_string(),
-            ])
-            .arg(img),
-        json.to_string().as_bytes(),
-    );
-    assert!(out.status.success(), "{out:?}");
-}
-
 fn opened_by(sw: &common::Swtpm, img: &Path, sig: &Path) -> vaultguard::boot::Method {
     use vaultguard::boot::{acquire_volume_key, NoEvents};
     let mut v = vaultguard::luks::Vault::open(img.to_str().unwrap()).unwrap();
@@ -254,7 +237,7 @@ fn reseal_after_a_passphrase_unlock_does_not_carry_a_swapped_public_key() {
     let evil = SigningKey::from_pem(&common::openssl_key(dir.path(), "rsa")).unwrap();
     let (id, mut t) = token(&img);
     t["tpm2_pubkey"] = base64_encode(&public_pem(dir.path(), "rsa")).into();
-    replace_token(&img, id, &t);
+    common::import_token(&img, id, &t);
 
     let mut ropts = common::enroll_opts(&sw, &img);
     ropts.tpm.signature = Some(sig.clone());
@@ -302,7 +285,7 @@ fn reseal_does_not_drop_a_revocation_counter_removed_from_the_header() {
         .unwrap()
         .remove("vaultguard_revocation_counter")
         .expect("a revocable token");
-    replace_token(&img, id, &t);
+    common::import_token(&img, id, &t);
     let mut ropts = common::enroll_opts(&sw, &img);
     ropts.tpm.signature = Some(sig.clone());
     match reseal(&ropts, &mut Scripted::new(&[PASS]), &mut NoEvents) {
@@ -314,7 +297,7 @@ fn reseal_does_not_drop_a_revocation_counter_removed_from_the_header() {
 
     // The genuine token, after a literal PCR moved: proven by its keyslot MAC,
     // resealed, still revocable.
-    replace_token(&img, id, &original);
+    common::import_token(&img, id, &original);
     sw.tool(
         "tpm2_pcrextend",
         &[&format!("7:sha256={}", "0a".repeat(32))],
@@ -530,7 +513,7 @@ fn revoke_older_does_not_bump_a_counter_the_header_was_edited_to_name() {
     let (id, original) = token(&img);
     let mut t = original.clone();
     t["vaultguard_revocation_counter"] = serde_json::json!(h2);
-    replace_token(&img, id, &t);
+    common::import_token(&img, id, &t);
     refused("counter field edited", "recorded PCR");
 
     // A consistent token for h2, sealed by another TPM (same PCR values), with
@@ -553,11 +536,11 @@ fn revoke_older_does_not_bump_a_counter_the_header_was_edited_to_name() {
             }
         }
     }
-    replace_token(&img, id, &forged);
+    common::import_token(&img, id, &forged);
     refused("a token made on another TPM", "not made by this TPM");
 
     // The genuine header: its counter is bumped.
-    replace_token(&img, id, &original);
+    common::import_token(&img, id, &original);
     let out = revoke();
     assert!(out.status.success(), "{out:?}");
     let mut tpm = vaultguard::tpm::Tpm::open(&sw.tcti(), Duration::from_secs(5)).unwrap();

@@ -11,7 +11,6 @@ mod common;
 
 use common::{enroll_opts, luks_image, unlock_opts, Swtpm, TempDir};
 use vaultguard::boot::{acquire_volume_key, enroll, Method, NoEvents};
-use vaultguard::encoding::hex_encode;
 use vaultguard::luks::Vault;
 use vaultguard::prompt::Scripted;
 use vaultguard::tpm::eventlog::{self, EV_EFI_VARIABLE_DRIVER_CONFIG};
@@ -49,17 +48,6 @@ fn variable_event(algs: &[(u16, u16)], pcr: u32, name: &str) -> Vec<u8> {
     e
 }
 
-fn boot(sw: &mut Swtpm, log: &[u8]) {
-    let log = eventlog::parse(log).unwrap();
-    for e in log.events.iter().filter(|e| e.extends()) {
-        let d = e.digest(Bank::Sha256).unwrap();
-        sw.tool(
-            "tpm2_pcrextend",
-            &[&format!("{}:sha256={}", e.pcr, hex_encode(d))],
-        );
-    }
-}
-
 #[test]
 fn long_or_many_records_give_a_token_that_reads_back_and_opens() {
     let mut sw = Swtpm::start();
@@ -81,7 +69,7 @@ fn long_or_many_records_give_a_token_that_reads_back_and_opens() {
     let log_file = dir.path().join("binary_bios_measurements");
     std::fs::write(&log_file, &log).unwrap();
     std::env::set_var("VAULTGUARD_EVENT_LOG", &log_file);
-    boot(&mut sw, &log);
+    common::replay_eventlog(&mut sw, &log);
 
     let mut o = enroll_opts(&sw, &img);
     o.pcrs = vec![7, 9];

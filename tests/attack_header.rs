@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{enroll_opts, luks_image, run, run_with_input, unlock_opts, Swtpm, TempDir};
+use common::{enroll_opts, import_token, luks_image, run, unlock_opts, Swtpm, TempDir};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
@@ -31,22 +31,6 @@ fn export_token(img: &Path, id: u32) -> Value {
         .args(["token", "export", "--token-id", &id.to_string()])
         .arg(img));
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Write `token` as token `id`, replacing what is there (an offline edit).
-fn import_token(img: &Path, id: u32, token: &Value) {
-    run_with_input(
-        Command::new("cryptsetup")
-            .args([
-                "token",
-                "import",
-                "--token-replace",
-                "--token-id",
-                &id.to_string(),
-            ])
-            .arg(img),
-        token.to_string().as_bytes(),
-    );
 }
 
 fn edit_token(img: &Path, id: u32, edit: impl FnOnce(&mut Value)) {

@@ -19,17 +19,6 @@ use vaultguard::tpm::policy::Bank;
 const PASS: &str = "correct horse battery staple";
 const LOG: &[u8] = include_bytes!("../src/tpm/testdata/ovmf-direct-boot.eventlog");
 
-fn boot(sw: &mut Swtpm, log: &[u8]) {
-    let log = eventlog::parse(log).unwrap();
-    for e in log.events.iter().filter(|e| e.extends()) {
-        let d = e.digest(Bank::Sha256).unwrap();
-        sw.tool(
-            "tpm2_pcrextend",
-            &[&format!("{}:sha256={}", e.pcr, hex_encode(d))],
-        );
-    }
-}
-
 #[derive(Default)]
 struct Recorded(Vec<(String, Vec<(String, String)>)>);
 
@@ -53,7 +42,7 @@ fn a_tampered_initrd_is_named_with_pcr_9_and_its_digests_and_the_passphrase_open
     let log_file = dir.path().join("binary_bios_measurements");
     std::fs::write(&log_file, LOG).unwrap();
     std::env::set_var("VAULTGUARD_EVENT_LOG", &log_file);
-    boot(&mut sw, LOG);
+    common::replay_eventlog(&mut sw, LOG);
 
     let mut o = enroll_opts(&sw, &img);
     o.pcrs = vec![7, 9];
@@ -83,7 +72,7 @@ fn a_tampered_initrd_is_named_with_pcr_9_and_its_digests_and_the_passphrase_open
     tampered[at..at + 32].copy_from_slice(&new);
     std::fs::write(&log_file, &tampered).unwrap();
     sw.restart();
-    boot(&mut sw, &tampered);
+    common::replay_eventlog(&mut sw, &tampered);
 
     let mut p = Scripted::new(&[PASS]);
     let mut events = Recorded::default();

@@ -579,3 +579,37 @@ pub fn sign_live(
         ticket: None,
     }
 }
+
+/// Boot a TCG event log into swtpm: every record that extends a PCR extends its
+/// SHA-256 digest, as firmware and the EFI stub did when they wrote it.
+pub fn replay_eventlog(sw: &mut Swtpm, log: &[u8]) {
+    let log = vaultguard::tpm::eventlog::parse(log).unwrap();
+    for e in log.events.iter().filter(|e| e.extends()) {
+        let d = e.digest(vaultguard::tpm::policy::Bank::Sha256).unwrap();
+        sw.tool(
+            "tpm2_pcrextend",
+            &[&format!(
+                "{}:sha256={}",
+                e.pcr,
+                vaultguard::encoding::hex_encode(d)
+            )],
+        );
+    }
+}
+
+/// Write `token` as LUKS2 token `id` of `img`, replacing what is there: an
+/// offline header edit, as an attacker with the disk would make it.
+pub fn import_token(img: &Path, id: u32, token: &serde_json::Value) {
+    run_with_input(
+        Command::new("cryptsetup")
+            .args([
+                "token",
+                "import",
+                "--token-replace",
+                "--token-id",
+                &id.to_string(),
+            ])
+            .arg(img),
+        token.to_string().as_bytes(),
+    );
+}
