@@ -479,14 +479,7 @@ fn revoke_older_does_not_bump_a_counter_the_header_was_edited_to_name() {
     };
     let before = counters(&mut tpm);
     drop(tpm);
-    let cfg = dir.path().join("config.json");
-    std::fs::write(
-        &cfg,
-        serde_json::json!({"tpm": {"tcti": sw.tcti(), "timeout": 5},
-                           "audit": {"path": dir.path().join("audit.jsonl")}})
-        .to_string(),
-    )
-    .unwrap();
+    let cfg = tpm_and_audit_config(&sw, dir.path());
     let revoke = || {
         run_bounded(
             "revoke-older",
@@ -681,14 +674,7 @@ fn revoke_older_with_an_owner_password_names_the_counter_not_the_audit_index() {
     let before = tpm.read_revocation_counter(H).unwrap();
     drop(tpm);
     sw.tool("tpm2_changeauth", &["-c", "owner", "ownerpass"]);
-    let cfg = dir.path().join("config.json");
-    std::fs::write(
-        &cfg,
-        serde_json::json!({"tpm": {"tcti": sw.tcti(), "timeout": 5},
-                           "audit": {"path": dir.path().join("audit.jsonl")}})
-        .to_string(),
-    )
-    .unwrap();
+    let cfg = tpm_and_audit_config(&sw, dir.path());
     let out = run_bounded(
         "revoke-older",
         Command::new(vaultguard_bin()).arg("-c").arg(&cfg).args([
@@ -708,6 +694,19 @@ fn revoke_older_with_an_owner_password_names_the_counter_not_the_audit_index() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     let mut tpm = vaultguard::tpm::Tpm::open(&sw.tcti(), Duration::from_secs(5)).unwrap();
     assert_eq!(tpm.read_revocation_counter(H).unwrap(), before);
+}
+
+/// A config.json in `dir` naming `sw` and an audit log beside it.
+fn tpm_and_audit_config(sw: &common::Swtpm, dir: &Path) -> PathBuf {
+    let cfg = dir.join("config.json");
+    std::fs::write(
+        &cfg,
+        serde_json::json!({"tpm": {"tcti": sw.tcti(), "timeout": 5},
+                           "audit": {"path": dir.join("audit.jsonl")}})
+        .to_string(),
+    )
+    .unwrap();
+    cfg
 }
 
 /// A relay to `sw` that forwards every TPM command but, once an NV_Increment
