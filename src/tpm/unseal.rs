@@ -245,6 +245,7 @@ impl Tpm {
             .verify_policy_signature(&sp.key, pol, &policy_ref, sig)
             .map_err(|e| match e {
                 TicketError::Unusable(what) => bad(&what),
+                TicketError::NoTpm(e) => UnsealStep::Other(e),
                 TicketError::Tpm(e) => UnsealStep::Tpm(e),
                 TicketError::Rejected(e) => UnsealStep::Other(TpmError::Signature(format!(
                     "the TPM rejected the signature in {} for PCRs {:?} ({e}): it was not made by the enrolled key",
@@ -290,7 +291,7 @@ impl Tpm {
         };
         let ahash = Digest::try_from(policy::Bank::Sha256.hash(&[pol, policy_ref]))
             .map_err(|_| bad("digest size"))?;
-        let ctx = self.ctx().map_err(|e| bad(&e.to_string()))?;
+        let ctx = self.ctx().map_err(TicketError::NoTpm)?;
         let key = ctx
             .execute_without_session(|c| c.load_external_public(public, Hierarchy::Owner))
             .map_err(TicketError::Tpm)?;
@@ -311,6 +312,7 @@ impl Tpm {
         match self.verify_policy_signature(key, &entry.pol, policy_ref, &entry.sig) {
             Ok(t) => marshal_ticket(t),
             Err(TicketError::Unusable(what)) => Err(TpmError::Signature(what)),
+            Err(TicketError::NoTpm(e)) => Err(e),
             Err(TicketError::Tpm(e)) => Err(cmd("LoadExternal(policy key)")(e)),
             Err(TicketError::Rejected(e)) => Err(TpmError::Signature(format!(
                 "the TPM rejected the signature ({e}): it was not made by the enrolled key"
@@ -412,6 +414,18 @@ impl Tpm {
         Ok(())
     }
 
+    /// Done with a parent from [`Tpm::parent_for`] / `parent_recorded`: a
+    /// transient primary is flushed; for the persistent SRK only the library's
+    /// record of it is closed (the key stays).
+    fn release_parent(&mut self, parent: KeyHandle, transient: bool) {
+        if transient {
+            self.flush(parent.into());
+        } else if let Some(ctx) = self.ctx.as_mut() {
+            let mut h = ObjectHandle::from(parent);
+            let _ = ctx.tr_close(&mut h);
+        }
+    }
+
     /// Whether this TPM made `sealed`'s object: TPM2_Load checks the private
     /// part's integrity against the public area (its authPolicy included), which
     /// only the TPM that sealed it, under the recorded parent, can have produced.
@@ -425,12 +439,7 @@ impl Tpm {
             .execute_with_session(Some(AuthSession::Password), |c| {
                 c.load(parent, private, public)
             });
-        if transient {
-            self.flush(parent.into());
-        } else if let Some(ctx) = self.ctx.as_mut() {
-            let mut h = ObjectHandle::from(parent);
-            let _ = ctx.tr_close(&mut h);
-        }
+        self.release_parent(parent, transient);
         let object = loaded.map_err(cmd("Load(sealed object)"))?;
         self.flush(object.into());
         Ok(())
@@ -451,13 +460,7 @@ impl Tpm {
             self.parent_recorded(sealed)?
         };
         let result = self.unseal_under(parent, sealed, pin);
-        if transient_parent {
-            self.flush(parent.into());
-        } else if let Some(ctx) = self.ctx.as_mut() {
-            // Only the library's record of the persistent SRK; the key stays.
-            let mut h = ObjectHandle::from(parent);
-            let _ = ctx.tr_close(&mut h);
-        }
+        self.release_parent(parent, transient_parent);
         match result {
             // A failure that a missing or swapped SRK would also cause: if the
             // TPM's SRK is not the recorded one, say that instead.
@@ -725,6 +728,8 @@ pub struct Approval {
 enum TicketError {
     /// The key or signature cannot be put to the TPM (the line says which).
     Unusable(String),
+    /// The TPM connection is gone.
+    NoTpm(TpmError),
     /// LoadExternal failed.
     Tpm(tss_esapi::Error),
     /// VerifySignature refused the signature.
